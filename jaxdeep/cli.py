@@ -1,0 +1,114 @@
+"""`jaxdeep` command line: train, eval, mesh."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from jaxdeep.config import ConfigError, ExperimentConfig, load_config
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jaxdeep", description="Train and evaluate models on named device meshes.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add_common(p: argparse.ArgumentParser, what: str) -> None:
+        p.add_argument("config", help=f"experiment YAML (e.g. experiments/quickstart.yaml){what}")
+        p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.steps=100 mesh.data=-1")
+        dist = p.add_argument_group("several hosts (jax.distributed)")
+        dist.add_argument("--coordinator", help="host:port of process 0; enables multi-process mode")
+        dist.add_argument("--num-processes", type=int, help="processes in the job")
+        dist.add_argument("--process-id", type=int, help="this process's index")
+
+    train = sub.add_parser("train", help="train an experiment")
+    add_common(train, "")
+    train.add_argument("--run-dir", help="where checkpoints, metrics and the resolved config go (default runs/NAME)")
+    mode = train.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true", help="require a checkpoint in the run dir and continue it")
+    mode.add_argument("--fresh", action="store_true", help="refuse to start if the run dir already has a checkpoint")
+
+    ev = sub.add_parser("eval", help="held-out loss of a run's checkpoint")
+    add_common(ev, ", or a run directory holding config.yaml")
+    ev.add_argument("--run-dir", help="run directory with checkpoints (default: CONFIG if it is a directory)")
+    ev.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+    ev.add_argument("--batches", type=int, help="held-out batches (default: train.eval_batches)")
+
+    mesh = sub.add_parser("mesh", help="print the mesh: axes, tiers crossed, device placement")
+    add_common(mesh, "")
+    return parser
+
+
+def _load(path: str, overrides: list[str]) -> tuple[ExperimentConfig, Path | None]:
+    p = Path(path)
+    if p.is_dir():
+        return load_config(p / "config.yaml", overrides), p
+    return load_config(p, overrides), None
+
+
+def _start_jax(cfg: ExperimentConfig, args: argparse.Namespace) -> None:
+    """Device set-up that must happen before jax is first imported."""
+    if cfg.mesh.cpu_devices:
+        flags = os.environ.get("XLA_FLAGS", "")
+        if "xla_force_host_platform_device_count" not in flags:
+            os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={cfg.mesh.cpu_devices}".strip()
+        os.environ["JAX_PLATFORMS"] = "cpu"
+    import jax
+
+    if args.coordinator or args.num_processes:
+        if cfg.mesh.cpu_devices:
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(
+            coordinator_address=args.coordinator, num_processes=args.num_processes, process_id=args.process_id
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    # Overrides may come after options (`train CONFIG --run-dir D a.b=1`): argparse leaves those over.
+    args, extra = parser.parse_known_args(argv)
+    unknown = [x for x in extra if x.startswith("-")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.overrides = [*args.overrides, *extra]
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every save step at INFO
+    try:
+        cfg, cfg_dir = _load(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"jaxdeep: config error: {e}", file=sys.stderr)
+        return 2
+    _start_jax(cfg, args)
+
+    import meshes
+    from jaxdeep.train import loop
+
+    try:
+        if args.command == "mesh":
+            mesh, topology = loop.mesh_from_config(cfg)
+            print(meshes.describe_mesh(mesh, topology))
+        elif args.command == "train":
+            run_dir = Path(args.run_dir or Path("runs") / cfg.name)
+            resume = True if args.resume else False if args.fresh else None
+            result = loop.train(cfg, run_dir, resume=resume)
+            print(
+                f"done: step {int(result.state['step'])}, first logged loss {result.first_loss:.4f}, "
+                f"last {result.last_loss:.4f}, eval {result.eval_loss:.4f}; run dir {run_dir}"
+            )
+        elif args.command == "eval":
+            run_dir = args.run_dir or cfg_dir
+            if run_dir is None:
+                print("jaxdeep eval: pass --run-dir or a run directory as CONFIG", file=sys.stderr)
+                return 2
+            print(json.dumps(loop.evaluate_checkpoint(cfg, run_dir, args.batches, args.step)))
+    except (ConfigError, meshes.MeshError, FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"jaxdeep: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,365 @@
+"""Experiment configuration: typed dataclasses loaded from YAML, overridable as `section.key=value`.
+
+This module must not import jax: the CLI reads the config before jax starts (to set up simulated
+CPU devices), and errors in a config should appear before any device work begins.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+MESH_AXES = ("data", "pipeline", "fsdp", "expert", "tensor")
+
+
+class ConfigError(ValueError):
+    """A config file, override or value is wrong; the message names the key and the fix."""
+
+
+@dataclass(slots=True)
+class MeshConfig:
+    data: int = 1  # data-parallel replicas; -1 fills with the devices left over
+    fsdp: int = 1  # parameters and optimizer state sharded over this axis (ZeRO-3 style)
+    expert: int = 1  # expert parallelism for MoE layers; dense layers treat it as data parallel
+    tensor: int = 1  # Megatron-style tensor parallelism (heads and MLP columns split)
+    pipeline: int = 1  # pipeline stages; 1 = no pipeline
+    topology: str = "auto"  # preset in meshes/topologies (cpu_host, h100_host, ...), a YAML path, or auto
+    cpu_devices: int = 0  # >0: run on this many simulated CPU devices (laptops, CI); 0 = real devices
+
+
+@dataclass(slots=True)
+class ModelConfig:
+    vocab_size: int = 256  # byte-level tokenizer by default
+    d_model: int = 256  # residual stream width
+    n_layers: int = 4  # transformer blocks
+    n_heads: int = 4  # attention heads
+    head_dim: int = 64  # width of one head
+    d_ff: int = 1024  # hidden width of the GELU MLP
+    rope_theta: float = 10000.0  # rotary position base
+    tie_embeddings: bool = True  # output head reuses the input embedding
+    norm_eps: float = 1e-5  # LayerNorm epsilon
+    init_std: float = 0.02  # std of the normal initialiser (output projections scaled by 1/sqrt(2L))
+    dtype: Literal["float32", "bfloat16"] = "bfloat16"  # compute dtype of activations and matmuls
+    param_dtype: Literal["float32", "bfloat16"] = "float32"  # storage dtype of parameters
+    remat: Literal["none", "full", "save_matmuls"] = "none"  # activation rematerialisation per block
+    attention: Literal["auto", "xla", "cudnn"] = "auto"  # jax.nn.dot_product_attention implementation
+
+
+@dataclass(slots=True)
+class DataConfig:
+    source: str = "stdlib"  # "stdlib" (Python's own sources), a text file, or a .npy token file
+    max_bytes: int | None = None  # cap the corpus size (quick runs); None = everything
+    seq_len: int = 256  # tokens per training sequence
+    global_batch_size: int = 32  # sequences per optimizer step, across all devices
+    eval_fraction: float = 0.02  # share of the corpus held out for evaluation
+    seed: int = 0  # shuffling seed of the data order
+
+
+@dataclass(slots=True)
+class OptimConfig:
+    lr: float = 3e-4  # peak learning rate of AdamW
+    min_lr_ratio: float = 0.1  # final learning rate as a fraction of the peak (cosine decay)
+    warmup_steps: int = 100  # linear warm-up steps from 0 to the peak
+    weight_decay: float = 0.1  # decoupled weight decay (not applied to norms)
+    b1: float = 0.9  # Adam first-moment decay
+    b2: float = 0.95  # Adam second-moment decay
+    eps: float = 1e-8  # Adam epsilon
+    clip_norm: float = 1.0  # global gradient-norm clipping; 0 = off
+    grad_accum_steps: int = 1  # microbatches per optimizer step (global batch split evenly)
+
+
+@dataclass(slots=True)
+class TrainConfig:
+    steps: int = 1000  # optimizer steps in the run
+    seed: int = 0  # parameter initialisation seed
+    log_every: int = 10  # write a metrics line every N steps
+    eval_every: int = 100  # evaluate on held-out data every N steps; 0 = only at the end
+    eval_batches: int = 4  # held-out batches per evaluation
+    checkpoint_every: int = 500  # save every N steps (and at the end); 0 = only at the end
+    keep_checkpoints: int = 3  # most recent checkpoints kept on disk
+    async_checkpoint: bool = True  # write checkpoints in the background while training continues
+    progress: bool = True  # show a progress bar
+    peak_tflops: float = 0.0  # device peak for MFU; 0 = look it up from the device kind
+
+
+@dataclass(slots=True)
+class KernelsConfig:
+    norm: Literal["reference", "fused"] = "reference"  # fused Pallas/Triton norm kernels or pure JAX
+
+
+def default_rules() -> dict[str, list[str]]:
+    # Logical axis name -> mesh axes it is split over. Parameters use `embed`, `heads`, ...;
+    # activations use the `act_*` names so that a parameter's fsdp split never leaks into them.
+    return {
+        "batch": ["data", "fsdp", "expert"],
+        "vocab": ["tensor"],
+        "embed": ["fsdp"],
+        "heads": ["tensor"],
+        "head_dim": [],
+        "mlp": ["tensor"],
+        "norm": [],
+        "layers": [],
+        "act_seq": [],
+        "act_embed": [],
+        "act_heads": ["tensor"],
+        "act_mlp": ["tensor"],
+        "act_vocab": ["tensor"],
+    }
+
+
+@dataclass(slots=True)
+class ShardingConfig:
+    rules: dict[str, list[str]] = field(default_factory=default_rules)  # logical name -> mesh axes
+
+
+@dataclass(slots=True)
+class ExperimentConfig:
+    name: str = "experiment"  # run name, used for the default run directory
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sharding: ShardingConfig = field(default_factory=ShardingConfig)
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
+
+
+# ----------------------------------------------------------------------------- typed parsing
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if isinstance(tp, type):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; return it (ints widen to float)."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {', '.join(map(repr, allowed))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{key}: {value!r} is not a {_type_name(tp)}")
+    if origin is dict:
+        key_tp, val_tp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+        return {_coerce(k, key_tp, key): _coerce(v, val_tp, f"{key}.{k}") for k, v in value.items()}
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if value is None:
+            return []
+        if isinstance(value, str):
+            value = [value]  # `rules.embed=fsdp` is shorthand for [fsdp]
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping of keys, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(
+            f"unknown key {where}{unknown[0]}; allowed keys{' in ' + prefix if prefix else ''}: {', '.join(names)}"
+        )
+    kwargs = {}
+    for name in names:
+        if name not in data:
+            continue
+        key = f"{prefix}.{name}" if prefix else name
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, data[name] or {}, key)
+        else:
+            kwargs[name] = _coerce(data[name], tp, key)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted}: {part} is not a section")
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`section.key=value` with the value read as YAML (so 3, 1e-4, true, [data, fsdp] work)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected section.key=value, e.g. train.steps=100")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {key}: cannot parse value {raw!r}: {e}") from None
+    return key, value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    """Read a YAML experiment file (or the defaults) and apply `section.key=value` overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist; pass a YAML file such as experiments/quickstart.yaml")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path}: expected a mapping of sections at the top level")
+    base = to_dict(ExperimentConfig())
+    # Rules are replaced key by key, so a YAML file lists only the rules it changes.
+    merged = _merge(base, data)
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(merged, key, value)
+    cfg = _build(ExperimentConfig, merged, "")
+    validate(cfg)
+    return cfg
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def save_config(cfg: ExperimentConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _positive(cfg: Any, section: str, names: list[str]) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        if value is not None and value <= 0:
+            raise ConfigError(f"{section}.{name}: must be positive, got {value}")
+
+
+def validate(cfg: ExperimentConfig) -> None:
+    """Checks that need no devices. Mesh sizes against the device count are checked by the mesh builder."""
+    m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.train
+    _positive(m, "model", ["vocab_size", "d_model", "n_layers", "n_heads", "head_dim", "d_ff", "norm_eps"])
+    _positive(d, "data", ["seq_len", "global_batch_size", "max_bytes"])
+    _positive(o, "optim", ["lr", "grad_accum_steps"])
+    _positive(t, "train", ["steps", "log_every", "eval_batches", "keep_checkpoints"])
+    if not 0.0 < d.eval_fraction < 0.5:
+        raise ConfigError(f"data.eval_fraction: must be in (0, 0.5), got {d.eval_fraction}")
+    if not 0.0 <= o.min_lr_ratio <= 1.0:
+        raise ConfigError(f"optim.min_lr_ratio: must be in [0, 1], got {o.min_lr_ratio}")
+    if o.warmup_steps < 0 or o.clip_norm < 0 or o.weight_decay < 0:
+        raise ConfigError("optim.warmup_steps, optim.clip_norm and optim.weight_decay must be >= 0")
+    if m.head_dim % 2:
+        raise ConfigError(f"model.head_dim: rotary embeddings need an even head_dim, got {m.head_dim}")
+    if d.global_batch_size % o.grad_accum_steps:
+        raise ConfigError(
+            f"optim.grad_accum_steps={o.grad_accum_steps} must divide data.global_batch_size={d.global_batch_size}"
+        )
+    if t.eval_every < 0 or t.checkpoint_every < 0:
+        raise ConfigError("train.eval_every and train.checkpoint_every must be >= 0 (0 = only at the end)")
+    mesh = cfg.mesh
+    sizes = {a: getattr(mesh, a) for a in MESH_AXES}
+    fills = [a for a, s in sizes.items() if s == -1]
+    for axis, size in sizes.items():
+        if size == 0 or size < -1:
+            raise ConfigError(f"mesh.{axis}: must be a positive integer or -1 (fill), got {size}")
+    if len(fills) > 1:
+        raise ConfigError(f"mesh: only one axis may be -1 (fill), got {', '.join('mesh.' + a for a in fills)}")
+    if mesh.cpu_devices < 0:
+        raise ConfigError(f"mesh.cpu_devices: must be >= 0, got {mesh.cpu_devices}")
+    if mesh.pipeline != 1:
+        raise ConfigError("mesh.pipeline: pipeline parallelism is not available in this version; set it to 1")
+    for logical, axes in cfg.sharding.rules.items():
+        for axis in axes:
+            if axis not in MESH_AXES:
+                raise ConfigError(
+                    f"sharding.rules.{logical}: unknown mesh axis {axis!r}; mesh axes are {', '.join(MESH_AXES)}"
+                )
+        if len(set(axes)) != len(axes):
+            raise ConfigError(f"sharding.rules.{logical}: a mesh axis appears twice in {axes}")
+    check_splits(cfg, sizes)
+
+
+def check_splits(cfg: ExperimentConfig, sizes: dict[str, int]) -> None:
+    """Every dimension split over mesh axes must divide evenly (axes of size -1 are not known yet)."""
+    m, d, o = cfg.model, cfg.data, cfg.optim
+    splits = {
+        "model.n_heads": (m.n_heads, "heads"),
+        "model.d_ff": (m.d_ff, "mlp"),
+        "model.vocab_size": (m.vocab_size, "vocab"),
+        "model.d_model": (m.d_model, "embed"),
+        "data.global_batch_size // optim.grad_accum_steps": (d.global_batch_size // o.grad_accum_steps, "batch"),
+    }
+    for key, (dim, logical) in splits.items():
+        axes = cfg.sharding.rules.get(logical, [])
+        if any(sizes[a] == -1 for a in axes):
+            continue
+        shards = 1
+        for a in axes:
+            shards *= sizes[a]
+        if dim % shards:
+            names = " × ".join(f"mesh.{a}={sizes[a]}" for a in axes)
+            raise ConfigError(
+                f"{key}={dim} is split over {names} = {shards} shards (sharding.rules.{logical}) and must divide "
+                f"evenly; change the size or the mesh"
+            )

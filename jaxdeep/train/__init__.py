@@ -1,0 +1,1 @@
+"""Training: state and shardings, jitted steps, the run loop, checkpoints and metrics."""

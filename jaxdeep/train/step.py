@@ -1,0 +1,97 @@
+"""The jitted train and eval steps, with explicit input and output shardings."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding, PartitionSpec
+
+from jaxdeep.sharding import logical_to_spec, use_rules
+from jaxdeep.train.state import ModelSetup, TrainState
+
+
+def batch_sharding(setup: ModelSetup) -> NamedSharding:
+    """Token batches [batch, seq+1] are split over the mesh axes of the logical `batch` name."""
+    return NamedSharding(setup.mesh, logical_to_spec(("batch", None), setup.cfg.sharding.rules, setup.mesh))
+
+
+def cross_entropy(setup: ModelSetup, params, tokens_bs: jax.Array) -> jax.Array:
+    """Mean next-token cross-entropy of a [batch, seq+1] token block."""
+    inputs, targets = tokens_bs[:, :-1], tokens_bs[:, 1:]
+    logits = setup.apply(params, inputs)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+
+
+def make_train_step(setup: ModelSetup) -> Callable[[TrainState, jax.Array], tuple[TrainState, dict]]:
+    cfg = setup.cfg
+    accum = cfg.optim.grad_accum_steps
+    rules, mesh = cfg.sharding.rules, setup.mesh
+    micro_sharding = NamedSharding(mesh, logical_to_spec((None, "batch", None), rules, mesh))
+
+    def loss_and_grads(params, tokens_bs):
+        return jax.value_and_grad(lambda p: cross_entropy(setup, p, tokens_bs))(params)
+
+    def step(state: TrainState, tokens_bs: jax.Array):
+        with use_rules(rules, mesh):
+            params = state["params"]
+            if accum == 1:
+                loss, grads = loss_and_grads(params, tokens_bs)
+            else:
+                # Microbatch k takes rows k, k+accum, ...: every microbatch stays spread over all data shards.
+                micro_kbs = tokens_bs.reshape(-1, accum, tokens_bs.shape[-1]).swapaxes(0, 1)
+                micro_kbs = jax.lax.with_sharding_constraint(micro_kbs, micro_sharding)
+
+                def body(carry, tokens):
+                    loss_sum, grad_sum = carry
+                    loss, grads = loss_and_grads(params, tokens)
+                    return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
+
+                zeros = jax.tree.map(jnp.zeros_like, params)
+                (loss, grads), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros), micro_kbs)
+                loss, grads = loss / accum, jax.tree.map(lambda g: g / accum, grads)
+            updates, opt_state = setup.optimizer.update(grads, state["opt_state"], params)
+            new_state = {
+                "step": state["step"] + 1,
+                "params": optax.apply_updates(params, updates),
+                "opt_state": opt_state,
+                "rng": state["rng"],
+            }
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+        return new_state, metrics
+
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return jax.jit(
+        step,
+        in_shardings=(setup.state_shardings, batch_sharding(setup)),
+        out_shardings=(setup.state_shardings, replicated),
+        donate_argnums=0,
+    )
+
+
+def make_eval_step(setup: ModelSetup) -> Callable[[dict, jax.Array], jax.Array]:
+    rules, mesh = setup.cfg.sharding.rules, setup.mesh
+
+    def step(params, tokens_bs):
+        with use_rules(rules, mesh):
+            return cross_entropy(setup, params, tokens_bs)
+
+    return jax.jit(
+        step,
+        in_shardings=(setup.state_shardings["params"], batch_sharding(setup)),
+        out_shardings=NamedSharding(mesh, PartitionSpec()),
+    )
+
+
+def make_forward(setup: ModelSetup) -> Callable[[dict, jax.Array], jax.Array]:
+    """Logits of token ids [batch, seq] (used by tests and evaluation tools)."""
+    rules, mesh = setup.cfg.sharding.rules, setup.mesh
+    tokens_sharding = NamedSharding(mesh, logical_to_spec(("batch", None), rules, mesh))
+
+    def forward(params, tokens_bt):
+        with use_rules(rules, mesh):
+            return setup.apply(params, tokens_bt)
+
+    return jax.jit(forward, in_shardings=(setup.state_shardings["params"], tokens_sharding))
