@@ -8,14 +8,17 @@ from jaxdeep.config import OptimConfig
 
 
 def learning_rate_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
+    """Learning rate of the update made at step index i (0-based): warm-up reaches the peak at
+    i = warmup_steps - 1, so the first update already moves the weights."""
     decay_steps = max(total_steps - cfg.warmup_steps, 1)
-    return optax.warmup_cosine_decay_schedule(
+    base = optax.warmup_cosine_decay_schedule(
         init_value=0.0,
         peak_value=cfg.lr,
         warmup_steps=cfg.warmup_steps,
         decay_steps=cfg.warmup_steps + decay_steps,
         end_value=cfg.lr * cfg.min_lr_ratio,
     )
+    return lambda step: base(step + 1)
 
 
 def make_optimizer(cfg: OptimConfig, total_steps: int, decay_mask) -> optax.GradientTransformation:

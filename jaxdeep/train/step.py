@@ -59,7 +59,8 @@ def make_train_step(setup: ModelSetup) -> Callable[[TrainState, jax.Array], tupl
                 "opt_state": opt_state,
                 "rng": state["rng"],
             }
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+        grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
+        metrics = {"loss": loss, "grad_norm": grad_norm}
         return new_state, metrics
 
     replicated = NamedSharding(mesh, PartitionSpec())
