@@ -1,0 +1,331 @@
+"""Benchmark the fused normalisation kernels against XLA and against a plain copy of the same bytes.
+
+For each op and shape, in one run: XLA reference (jitted), the Triton kernel, and `x * 2` over a
+buffer holding the op's byte count (half read, half written), forward; then backward (kernel only:
+XLA fuses its backward with the forward) and forward+backward. Times are per op: each timed call runs
+the op over K distinct input sets (K large enough that one call moves >= ~8 GB, so launch overhead
+and the L2 cache drop out), median of several calls after warm-up.
+
+Effective bytes (the fewest any implementation must move):
+  forward:  read x (+ residual) + params, write y (+ new residual)
+  backward: read x (or the new residual), dy (+ its cotangent), params, write dx + parameter grads
+Per-row statistics (8 bytes a row) are not counted.
+
+  python experiments/benchmarks/bench_norms.py                       # the issue's table, bf16
+  python experiments/benchmarks/bench_norms.py --shapes 16384x8192 --markdown out.md
+  python experiments/benchmarks/bench_norms.py --sweep               # launch-parameter sweep
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from kernels.norms import launch, reference  # noqa: E402
+
+OPS = ("layer_norm_gelu", "rms_norm", "add_rms_norm")
+ISSUE_SHAPES = [(r, h) for r in (4096, 16384, 65536) for h in (1024, 2048, 4096, 7168, 8192)]
+TARGET_BYTES_PER_CALL = 8e9
+MAX_RESIDENT_BYTES = 24e9
+
+
+@dataclasses.dataclass
+class Row:
+    op: str
+    shape: tuple[int, int]
+    dtype: str
+    direction: str  # fwd | bwd | fwd+bwd
+    bytes: float
+    copy_us: float
+    xla_us: float | None
+    kernel_us: float
+
+    def tbps(self, us: float | None) -> float | None:
+        return None if us is None else self.bytes / (us * 1e-6) / 1e12
+
+
+def effective_bytes(op: str, m: int, n: int, itemsize: int, param_itemsize: int = 4) -> dict[str, float]:
+    act = m * n * itemsize
+    if op.startswith("layer_norm"):
+        fwd = 2 * act + 2 * n * param_itemsize
+        bwd = 3 * act + 4 * n * param_itemsize
+    elif op == "rms_norm":
+        fwd = 2 * act + n * param_itemsize
+        bwd = 3 * act + 2 * n * param_itemsize
+    else:  # add_rms_norm
+        fwd = 4 * act + n * param_itemsize
+        bwd = 4 * act + 2 * n * param_itemsize
+    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}
+
+
+def time_per_op(fn, sets, reps: int = 10, warmup: int = 2) -> float:
+    """Median seconds per op of jitted fn mapped over the K input sets in one call."""
+    multi = jax.jit(lambda sets: [fn(*s) for s in sets])
+    for _ in range(warmup):
+        jax.block_until_ready(multi(sets))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(multi(sets))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) / len(sets)
+
+
+def n_sets(bytes_per_op: float, resident_per_set: float) -> int:
+    k = math.ceil(TARGET_BYTES_PER_CALL / bytes_per_op)
+    k = min(k, int(MAX_RESIDENT_BYTES // max(resident_per_set, 1)))
+    return max(2, min(32, k))
+
+
+def make_sets(op, m, n, dtype, k, seed=0):
+    keys = jax.random.split(jax.random.PRNGKey(seed), k)
+    with_residual = op == "add_rms_norm"
+
+    @jax.jit
+    def one(key):
+        kx, kr, kw, kb, kd, ke = jax.random.split(key, 6)
+        d = dict(
+            x=(jax.random.normal(kx, (m, n), jnp.float32) + 0.5).astype(dtype),
+            scale=1.0 + 0.1 * jax.random.normal(kw, (n,), jnp.float32),
+            bias=0.1 * jax.random.normal(kb, (n,), jnp.float32),
+            dy=jax.random.normal(kd, (m, n), dtype),
+        )
+        if with_residual:
+            d["residual"] = jax.random.normal(kr, (m, n), dtype)
+            d["dres"] = jax.random.normal(ke, (m, n), dtype)
+        return d
+
+    return [one(key) for key in keys]
+
+
+def resident_per_set(op: str, act_bytes: int) -> int:
+    """Device bytes one input set ties up while timed (inputs, saved outputs, outputs of the call)."""
+    return (9 if op == "add_rms_norm" else 6) * act_bytes
+
+
+# op -> (reference fwd, kernel fwd (returns outputs and residuals), kernel bwd from residuals)
+def _ln_fwd_kernel(x, w, b, act, cfg=None):
+    y, mean, rstd = launch.layer_norm_fwd(x, w, b, eps=1e-5, activation=act, config=cfg)
+    return y, (mean, rstd)
+
+
+def _ln_bwd_kernel(x, w, b, dy, mean, rstd, act, cfg=None):
+    dx, dw, db = launch.layer_norm_bwd(x, w, b, dy, mean, rstd, activation=act, config=cfg)
+    return dx, dw.sum(0), db.sum(0)
+
+
+def _rms_bwd_kernel(x, w, dy, dres, rstd, cfg=None):
+    dx, dw = launch.rms_norm_bwd(x, w, dy, dres, rstd, config=cfg)
+    return dx, dw.sum(0)
+
+
+def op_functions(op):
+    """(reference fwd, kernel fwd, kernel bwd, fused public op, arg names of the public op)."""
+    from kernels import norms
+
+    if op == "layer_norm_gelu":
+        ref = lambda d: reference.layer_norm(d["x"], d["scale"], d["bias"], activation="gelu")
+        fwd = lambda d, cfg=None: launch.layer_norm_fwd(
+            d["x"], d["scale"], d["bias"], eps=1e-5, activation="gelu", config=cfg
+        )
+        bwd = lambda d, st, cfg=None: _ln_bwd_kernel(
+            d["x"], d["scale"], d["bias"], d["dy"], st[1], st[2], "gelu", cfg
+        )
+        pub = lambda impl: lambda x, s, b: norms.layer_norm_gelu(x, s, b, impl=impl)
+        return ref, fwd, bwd, pub, ("x", "scale", "bias")
+    if op == "rms_norm":
+        ref = lambda d: reference.rms_norm(d["x"], d["scale"])
+        fwd = lambda d, cfg=None: launch.rms_norm_fwd(d["x"], None, d["scale"], eps=1e-6, config=cfg)
+        bwd = lambda d, st, cfg=None: _rms_bwd_kernel(d["x"], d["scale"], d["dy"], None, st[2], cfg)
+        pub = lambda impl: lambda x, s: norms.rms_norm(x, s, impl=impl)
+        return ref, fwd, bwd, pub, ("x", "scale")
+    ref = lambda d: reference.add_rms_norm(d["x"], d["residual"], d["scale"])
+    fwd = lambda d, cfg=None: launch.rms_norm_fwd(d["x"], d["residual"], d["scale"], eps=1e-6, config=cfg)
+    bwd = lambda d, st, cfg=None: _rms_bwd_kernel(st[1], d["scale"], d["dy"], d["dres"], st[2], cfg)
+    pub = lambda impl: lambda x, r, s: norms.add_rms_norm(x, r, s, impl=impl)
+    return ref, fwd, bwd, pub, ("x", "residual", "scale")
+
+
+def _cotangents(op, d):
+    return (d["dy"], d["dres"]) if op == "add_rms_norm" else d["dy"]
+
+
+def bench_shape(op, m, n, dtype, *, fwd_cfg=None, bwd_cfg=None, directions=("fwd", "bwd", "fwd+bwd")):
+    itemsize = jnp.dtype(dtype).itemsize
+    nbytes = effective_bytes(op, m, n, itemsize)
+    ref, fwd, bwd, pub, names = op_functions(op)
+    act_bytes = m * n * itemsize
+    k = n_sets(nbytes["fwd"], resident_per_set(op, act_bytes))
+    sets = make_sets(op, m, n, dtype, k)
+    rows = []
+
+    def copy_time(total):
+        elems = int(total / 2 / itemsize)
+        bufs = [
+            jax.random.normal(jax.random.PRNGKey(i), (elems,), jnp.float32).astype(dtype) for i in range(k)
+        ]
+        t = time_per_op(lambda b: b * 2, [(b,) for b in bufs])
+        del bufs
+        return t
+
+    if "fwd" in directions:
+        t_copy = copy_time(nbytes["fwd"])
+        t_ref = time_per_op(lambda d: ref(d), [(d,) for d in sets])
+        t_ker = time_per_op(lambda d: fwd(d, fwd_cfg), [(d,) for d in sets])
+        rows.append(Row(op, (m, n), jnp.dtype(dtype).name, "fwd", nbytes["fwd"], t_copy, t_ref, t_ker))
+    if "bwd" in directions:
+        stats = [jax.jit(lambda d: fwd(d))(d) for d in sets]
+        t_copy = copy_time(nbytes["bwd"])
+        t_ker = time_per_op(lambda d, st: bwd(d, st, bwd_cfg), list(zip(sets, stats, strict=True)))
+        rows.append(Row(op, (m, n), jnp.dtype(dtype).name, "bwd", nbytes["bwd"], t_copy, None, t_ker))
+        del stats
+    if "fwd+bwd" in directions:
+
+        def fwd_bwd(impl):
+            f = pub(impl)
+
+            def run(d):
+                out, vjp = jax.vjp(f, *[d[a] for a in names])
+                return out, vjp(_cotangents(op, d))
+
+            return run
+
+        t_copy = copy_time(nbytes["fwd+bwd"])
+        t_ref = time_per_op(fwd_bwd("reference"), [(d,) for d in sets])
+        t_ker = time_per_op(fwd_bwd("fused"), [(d,) for d in sets])
+        rows.append(
+            Row(op, (m, n), jnp.dtype(dtype).name, "fwd+bwd", nbytes["fwd+bwd"], t_copy, t_ref, t_ker)
+        )
+    del sets
+    return rows
+
+
+def fmt_rows(rows: list[Row], markdown: bool) -> str:
+    head = ["op", "rows x hidden", "dtype", "pass", "MB", "copy µs (TB/s)", "XLA µs (TB/s)",
+            "kernel µs (TB/s)", "XLA / kernel", "kernel / copy"]  # fmt: skip
+
+    def cell(us, tb):
+        return "—" if us is None else f"{us:8.1f} ({tb:4.2f})"
+
+    lines = []
+    for r in rows:
+        lines.append([
+            r.op, f"{r.shape[0]}x{r.shape[1]}", r.dtype, r.direction, f"{r.bytes / 1e6:.0f}",
+            cell(r.copy_us, r.tbps(r.copy_us)), cell(r.xla_us, r.tbps(r.xla_us)),
+            cell(r.kernel_us, r.tbps(r.kernel_us)),
+            "—" if r.xla_us is None else f"{r.xla_us / r.kernel_us:.2f}x",
+            f"{r.kernel_us / r.copy_us:.2f}",
+        ])  # fmt: skip
+    if markdown:
+        out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        out += ["| " + " | ".join(c.strip() for c in line) + " |" for line in lines]
+        return "\n".join(out)
+    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(head)]
+    out = ["  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True))]
+    out += ["  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)) for line in lines]
+    return "\n".join(out)
+
+
+def sweep(dtype, m=16384, n=8192):
+    """Time launch-parameter variants of each kernel at one shape (forward and backward separately)."""
+    results = []
+    sms = launch.num_sms()
+    for op in OPS:
+        _, fwd, bwd, _, _ = op_functions(op)
+        nbytes = effective_bytes(op, m, n, jnp.dtype(dtype).itemsize)
+        k = n_sets(nbytes["fwd"], resident_per_set(op, m * n * jnp.dtype(dtype).itemsize))
+        sets = make_sets(op, m, n, dtype, k)
+        base = launch.forward_config(n)
+        for warps in (4, 8, 16, 32):
+            cfg = dataclasses.replace(base, num_warps=warps)
+            t = time_per_op(lambda d, cfg=cfg, f=fwd: f(d, cfg), [(d,) for d in sets])
+            results.append((op, "fwd", f"warps={warps} block_m={cfg.block_m}", t, nbytes["fwd"]))
+        stats = [jax.jit(lambda d, f=fwd: f(d))(d) for d in sets]
+        variants = [(w, st, 1) for w in (8, 16, 32) for st in (1, 2)] + [(16, 1, 2)]
+        for warps, stages, per_sm in variants:
+            cfg = launch.backward_config(
+                m, n, sms, num_warps=warps, num_stages=stages, programs_per_sm=per_sm
+            )
+            t = time_per_op(lambda d, st, cfg=cfg, f=bwd: f(d, st, cfg), list(zip(sets, stats, strict=True)))
+            desc = f"warps={warps} stages={stages} block_m={cfg.block_m} programs={cfg.programs}"
+            results.append((op, "bwd", desc, t, nbytes["bwd"]))
+        del sets, stats
+    lines = [f"sweep at {m}x{n} {jnp.dtype(dtype).name} ({sms} SMs)"]
+    for op, d, desc, t, b in results:
+        lines.append(f"{op:16s} {d:4s} {desc:44s} {t * 1e6:8.1f} µs  {b / t / 1e12:5.2f} TB/s")
+    return "\n".join(lines)
+
+
+def check() -> bool:
+    """One small call of each fused op against the reference; prints the errors."""
+
+    ok = True
+    for dtype, tol in ((jnp.float32, 1e-5), (jnp.bfloat16, 1e-2)):
+        for op in OPS:
+            d = make_sets(op, 100, 1000, dtype, 1)[0]
+            _, _, _, pub, names = op_functions(op)
+            args = [d[a] for a in names]
+            got = pub("fused")(*args)
+            want = pub("reference")(*args)
+            for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+                g, w = g.astype(jnp.float32), w.astype(jnp.float32)
+                err = float(jnp.linalg.norm(g - w) / jnp.linalg.norm(w))
+                ok &= err < tol
+                print(f"check {op:16s} {jnp.dtype(dtype).name:8s} rel err {err:.2e}", flush=True)
+    return ok
+
+
+def parse_shapes(text: str) -> list[tuple[int, int]]:
+    return [tuple(int(v) for v in s.split("x")) for s in text.split(",") if s]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ops", default=",".join(OPS), help="comma-separated: " + ", ".join(OPS))
+    p.add_argument("--shapes", default=None, help="comma-separated ROWSxHIDDEN (default: the issue's table)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--directions", default="fwd,bwd,fwd+bwd")
+    p.add_argument("--markdown", type=Path, default=None, help="also write the table as markdown here")
+    p.add_argument("--sweep", action="store_true", help="time launch-parameter variants at 16384x8192")
+    p.add_argument("--check", action="store_true", help="only check each fused op against the reference")
+    args = p.parse_args(argv)
+
+    dev = jax.devices()[0]
+    print(f"device: {dev.device_kind} ({jax.default_backend()}), jax {jax.__version__}", flush=True)
+    if jax.default_backend() != "gpu":
+        print("no GPU: nothing to time", file=sys.stderr)
+        return 1
+    dtype = jnp.dtype(args.dtype)
+    if args.check:
+        return 0 if check() else 1
+    if args.sweep:
+        print(sweep(dtype), flush=True)
+        return 0
+    shapes = parse_shapes(args.shapes) if args.shapes else ISSUE_SHAPES
+    rows: list[Row] = []
+    for op in args.ops.split(","):
+        for m, n in shapes:
+            new = bench_shape(op, m, n, dtype, directions=tuple(args.directions.split(",")))
+            for r in new:
+                print(fmt_rows([r], markdown=False).splitlines()[1], flush=True)
+            rows += new
+    table = fmt_rows(rows, markdown=False)
+    print("\n" + table)
+    if args.markdown:
+        header = f"device: {dev.device_kind}, jax {jax.__version__}, dtype {dtype.name}\n\n"
+        args.markdown.write_text(header + fmt_rows(rows, markdown=True) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
