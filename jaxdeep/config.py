@@ -254,7 +254,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist; pass a YAML file such as experiments/quickstart.yaml")
+            raise ConfigError(
+                f"config file {path} does not exist; pass a YAML file such as experiments/quickstart.yaml"
+            )
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
@@ -348,7 +350,10 @@ def check_splits(cfg: ExperimentConfig, sizes: dict[str, int]) -> None:
         "model.d_ff": (m.d_ff, "mlp"),
         "model.vocab_size": (m.vocab_size, "vocab"),
         "model.d_model": (m.d_model, "embed"),
-        "data.global_batch_size // optim.grad_accum_steps": (d.global_batch_size // o.grad_accum_steps, "batch"),
+        "data.global_batch_size // optim.grad_accum_steps": (
+            d.global_batch_size // o.grad_accum_steps,
+            "batch",
+        ),
     }
     for key, (dim, logical) in splits.items():
         axes = cfg.sharding.rules.get(logical, [])

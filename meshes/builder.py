@@ -41,9 +41,7 @@ def _describe_product(sizes: Mapping[str, int]) -> tuple[str, int]:
 def resolve_axis_sizes(sizes: Mapping[str, int], n_devices: int) -> dict[str, int]:
     """All five axis sizes in `AXES` order: missing axes are 1, one axis may be -1 to take what is left."""
     if not isinstance(sizes, Mapping):
-        raise MeshError(
-            f"mesh: axis sizes must be a mapping such as {{'data': -1, 'tensor': 2}}, got {sizes!r}"
-        )
+        raise MeshError(f"mesh: axis sizes must be a mapping such as {{'data': -1, 'tensor': 2}}, got {sizes!r}")
     if not isinstance(n_devices, int) or isinstance(n_devices, bool) or n_devices < 1:
         raise MeshError(f"mesh: the number of devices must be a positive integer, got {n_devices!r}")
     unknown = [str(axis) for axis in sizes if axis not in AXES]
@@ -105,8 +103,7 @@ def _tiers_over(names: Sequence[str], sizes: Mapping[str, int], topology: Topolo
     # of s*n (see tests/test_meshes.py for the brute-force check).
     strides = axis_strides(sizes, names)
     return {
-        axis: None if sizes[axis] == 1 else topology.tier_for_block(strides[axis] * sizes[axis]).name
-        for axis in names
+        axis: None if sizes[axis] == 1 else topology.tier_for_block(strides[axis] * sizes[axis]).name for axis in names
     }
 
 
@@ -198,9 +195,7 @@ def build_mesh(
 
 def _table(rows: list[list[str]]) -> list[str]:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return [
-        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows
-    ]
+    return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows]
 
 
 def describe_mesh(mesh: Mesh, topology: Topology | None = None) -> str:
@@ -221,9 +216,7 @@ def describe_mesh(mesh: Mesh, topology: Topology | None = None) -> str:
         f"mesh: {len(flat)} devices, {len({d.process_index for d in flat})} process(es), "
         f"topology {topology.name!r} ({topology.description or topology.source})",
         "tiers, fastest first: "
-        + ", ".join(
-            f"{t.name} (groups of {t.devices_per_group}, {t.bandwidth_gbps:g} GB/s)" for t in topology.tiers
-        ),
+        + ", ".join(f"{t.name} (groups of {t.devices_per_group}, {t.bandwidth_gbps:g} GB/s)" for t in topology.tiers),
         "",
     ]
     rows = [["axis", "size", "stride", "tier crossed", "GB/s per device", "latency us"]]

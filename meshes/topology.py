@@ -207,9 +207,7 @@ def _reject_unknown(raw: dict, allowed: dict[str, str], where: str) -> None:
 
 def _is_positive_number(value: Any) -> bool:
     # bool is an int subclass; `true` in YAML is not a bandwidth.
-    return (
-        isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
-    )
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
 def _validate(topology: Topology) -> None:
@@ -229,15 +227,12 @@ def _validate(topology: Topology) -> None:
         seen.add(tier.name)
         size = tier.devices_per_group
         if not isinstance(size, int) or isinstance(size, bool) or size < 1:
-            raise TopologyError(
-                f"{tier_where}: field 'devices_per_group' is {size!r}; it must be a positive integer"
-            )
+            raise TopologyError(f"{tier_where}: field 'devices_per_group' is {size!r}; it must be a positive integer")
         for field in ("bandwidth_gbps", "latency_us"):
             value = getattr(tier, field)
             if not _is_positive_number(value):
                 raise TopologyError(
-                    f"{tier_where}: field '{field}' is {value!r}; it must be a positive number "
-                    f"({_TIER_KEYS[field]})"
+                    f"{tier_where}: field '{field}' is {value!r}; it must be a positive number ({_TIER_KEYS[field]})"
                 )
         if previous is not None:
             if size <= previous.devices_per_group:

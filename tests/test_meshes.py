@@ -34,9 +34,7 @@ from meshes import (
 
 def fake_devices(n_processes: int, per_process: int, platform: str = "gpu") -> list[SimpleNamespace]:
     return [
-        SimpleNamespace(
-            id=p * 1000 + i, process_index=p, platform=platform, device_kind="NVIDIA H100 80GB HBM3"
-        )
+        SimpleNamespace(id=p * 1000 + i, process_index=p, platform=platform, device_kind="NVIDIA H100 80GB HBM3")
         for p in range(n_processes)
         for i in range(per_process)
     ]
@@ -230,9 +228,7 @@ def test_multi_rack_tiers(sizes, expected):
     assert got == brute_force_tiers(resolve_axis_sizes(sizes, 512), topology)
 
 
-@pytest.mark.parametrize(
-    "group_sizes", [(8,), (2, 8), (4, 8), (2, 4, 8), (2, 6, 12), (3, 12), (4, 12), (6, 24)]
-)
+@pytest.mark.parametrize("group_sizes", [(8,), (2, 8), (4, 8), (2, 4, 8), (2, 6, 12), (3, 12), (4, 12), (6, 24)])
 def test_axis_tiers_match_brute_force_on_every_layout(group_sizes):
     topology = tiers_of(*group_sizes)
     layouts = list(all_layouts(topology.n_devices))
@@ -272,9 +268,7 @@ def test_tier_split_matches_brute_force_or_refuses_uneven(group_sizes):
         for axis in AXES:
             counts = brute_force_members(sizes, topology, axis)
             expected = [
-                (t.name, c // p)
-                for t, c, p in zip(topology.tiers, counts, [1, *counts[:-1]], strict=True)
-                if c > p
+                (t.name, c // p) for t, c, p in zip(topology.tiers, counts, [1, *counts[:-1]], strict=True) if c > p
             ]
             assert split[axis] == expected, (sizes, axis)
             assert math.prod(f for _, f in split[axis]) == sizes[axis]

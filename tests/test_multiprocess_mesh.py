@@ -5,8 +5,7 @@ import json
 import numpy as np
 import pytest
 
-# tests/ is on sys.path under pytest (rootdir conftest, no __init__.py), so this is tests/multiprocess.py.
-from multiprocess import MultiprocessError, run_processes
+from tests.multihost import MultiprocessError, run_processes
 
 MESH_SNIPPET = """
 import json
@@ -98,9 +97,7 @@ def test_launcher_retries_when_the_coordinator_port_is_taken(monkeypatch):
             return chosen[-1]
 
         monkeypatch.setattr(multiprocess, "free_port", first_taken_then_free)
-        outputs = run_processes(
-            "print(jax.process_index())", n_processes=2, devices_per_process=1, timeout=60
-        )
+        outputs = run_processes("print(jax.process_index())", n_processes=2, devices_per_process=1, timeout=60)
         assert outputs == ["0\n", "1\n"]
         assert len(chosen) == 2 and chosen[0] == taken.getsockname()[1]
         ports.append(taken.getsockname()[1])

@@ -24,10 +24,17 @@ def _tokens():
     return np.random.default_rng(123).integers(1, 256, (16, 17)).astype(np.int32)
 
 
-def _run(sizes):
+@pytest.fixture(scope="module")
+def initial_state():
+    cfg, mesh = layout(*OVERRIDES)
+    return jax.device_get(init_train_state(build_setup(cfg, mesh)))
+
+
+def _run(sizes, initial_state):
     cfg, mesh = layout(*OVERRIDES, **sizes)
     setup = build_setup(cfg, mesh)
-    state = init_train_state(setup)
+    # Same starting point everywhere (sharded initialisation is checked on its own below).
+    state = jax.device_put(initial_state, setup.state_shardings)
     tokens = _tokens()
     logits = make_forward(setup)(state["params"], tokens[:, :-1])
     grad_fn = jax.jit(
@@ -40,25 +47,25 @@ def _run(sizes):
 
 
 @pytest.fixture(scope="module")
-def single_device():
-    return _run({})
+def single_device(initial_state):
+    return _run({}, initial_state)
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
-def test_layout_matches_single_device(name, single_device):
-    sharded = _run(LAYOUTS[name])
+def test_layout_matches_single_device(name, single_device, initial_state):
+    sharded = _run(LAYOUTS[name], initial_state)
     labels = ["logits", "loss", "grads", "updated params", "step loss", "optimizer state"]
     for label, got, want in zip(labels, sharded, single_device, strict=True):
         err = max_rel_error(got, want)
         assert err <= 1e-5, f"{name}: {label} differ from one device by {err:.2e}"
     # Guard against a vacuous comparison: the step must have moved the parameters.
-    moved = max_rel_error(sharded[3], jax.device_get(_initial_params()))
-    assert moved > 1e-4
+    assert max_rel_error(sharded[3], initial_state["params"]) > 1e-4
 
 
-def _initial_params():
-    cfg, mesh = layout(*OVERRIDES)
-    return init_train_state(build_setup(cfg, mesh))["params"]
+def test_sharded_initialisation_matches_single_device(initial_state):
+    cfg, mesh = layout(*OVERRIDES, data=2, fsdp=2, tensor=2)
+    state = jax.device_get(init_train_state(build_setup(cfg, mesh)))
+    assert max_rel_error(state, initial_state) == 0.0
 
 
 def test_parameters_are_actually_sharded():

@@ -46,8 +46,7 @@ class TokenBatches(Iterator[np.ndarray]):
             tokens = np.asarray(tokens)
         if tokens.ndim != 1 or tokens.dtype.kind not in "iu":
             raise ValueError(
-                f"{name} data: tokens must be a 1-D integer array, "
-                f"got shape {tokens.shape} dtype {tokens.dtype}"
+                f"{name} data: tokens must be a 1-D integer array, got shape {tokens.shape} dtype {tokens.dtype}"
             )
         self.name = name
         self.seq_len = _check_count(f"{name} data: seq_len", seq_len, 1)
@@ -149,9 +148,7 @@ class TokenBatches(Iterator[np.ndarray]):
             raise ValueError(f"{where}: state lacks {', '.join(missing)}")
         current = self.state()
         differences = [
-            f"{key} saved {state[key]!r}, now {current[key]!r}"
-            for key in _MATCHED_FIELDS
-            if state[key] != current[key]
+            f"{key} saved {state[key]!r}, now {current[key]!r}" for key in _MATCHED_FIELDS if state[key] != current[key]
         ]
         if differences:
             raise ValueError(

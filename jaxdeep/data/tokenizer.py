@@ -41,9 +41,7 @@ class ByteTokenizer:
         if array.dtype.kind not in "iu":
             raise ValueError(f"token ids must be integers, got dtype {array.dtype}")
         if array.min() < 0 or array.max() >= self.vocab_size:
-            raise ValueError(
-                f"token ids must lie in [0, {self.vocab_size}), got min {array.min()}, max {array.max()}"
-            )
+            raise ValueError(f"token ids must lie in [0, {self.vocab_size}), got min {array.min()}, max {array.max()}")
         data = array.astype(np.uint8).tobytes()
         # Decode document by document so a multi-byte character is never glued across an eos.
         separator = EOS_MARKER if show_eos else ""

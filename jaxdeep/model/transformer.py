@@ -80,7 +80,12 @@ class Transformer(nnx.Module):
         # Blocks are stacked along a leading `layers` axis and run with a scan: one compiled block,
         # whatever the depth.
         @nnx.split_rngs(splits=cfg.n_layers)
-        @nnx.vmap(in_axes=(0,), out_axes=0, axis_size=cfg.n_layers, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        @nnx.vmap(
+            in_axes=(0,),
+            out_axes=0,
+            axis_size=cfg.n_layers,
+            transform_metadata={nnx.PARTITION_NAME: "layers"},
+        )
         def make_blocks(rngs: nnx.Rngs) -> Block:
             return Block(cfg, rngs)
 

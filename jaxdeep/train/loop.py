@@ -104,7 +104,9 @@ def train(
     if resume is True and latest is None:
         raise FileNotFoundError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}")
     if resume is False and latest is not None:
-        raise FileExistsError(f"{run_dir} already holds a checkpoint (step {latest}); resume it or pick another run dir")
+        raise FileExistsError(
+            f"{run_dir} already holds a checkpoint (step {latest}); resume it or pick another run dir"
+        )
     if latest is not None:
         state, data_state = ckpt.restore(setup.abstract_train_state)
         data.train.restore(data_state)
@@ -202,4 +204,9 @@ def evaluate_checkpoint(cfg: ExperimentConfig, run_dir: str | Path, n_batches: i
         ckpt.close()
     n = n_batches or cfg.train.eval_batches
     loss = evaluate(setup, make_eval_step(setup), state["params"], data.eval, n)
-    return {"step": int(state["step"]), "eval_loss": loss, "eval_batches": n, "perplexity": float(np.exp(loss))}
+    return {
+        "step": int(state["step"]),
+        "eval_loss": loss,
+        "eval_batches": n,
+        "perplexity": float(np.exp(loss)),
+    }

@@ -66,9 +66,7 @@ jax.distributed.shutdown()
 """
 
 # Messages that mean another program took the coordinator port between choosing it and binding it.
-_PORT_CLASH = re.compile(
-    r"address already in use|failed to bind|failed to add port|no address added", re.IGNORECASE
-)
+_PORT_CLASH = re.compile(r"address already in use|failed to bind|failed to add port|no address added", re.IGNORECASE)
 
 
 class MultiprocessError(RuntimeError):
@@ -85,9 +83,7 @@ def free_port() -> int:
 def _xla_flags(devices_per_process: int) -> str:
     # Drop any device count inherited from the parent (tests/conftest.py sets 8) before adding ours.
     inherited = os.environ.get("XLA_FLAGS", "")
-    kept = [
-        flag for flag in inherited.split() if not flag.startswith("--xla_force_host_platform_device_count")
-    ]
+    kept = [flag for flag in inherited.split() if not flag.startswith("--xla_force_host_platform_device_count")]
     return " ".join([*kept, f"--xla_force_host_platform_device_count={devices_per_process}"])
 
 
