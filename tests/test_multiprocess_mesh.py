@@ -83,20 +83,20 @@ def test_launcher_gives_each_process_its_own_device_count():
 def test_launcher_retries_when_the_coordinator_port_is_taken(monkeypatch):
     import socket
 
-    import multiprocess
+    from tests import multihost
 
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         ports = [taken.getsockname()[1]]
-        real_free_port = multiprocess.free_port
+        real_free_port = multihost.free_port
         chosen = []
 
         def first_taken_then_free() -> int:
             chosen.append(ports.pop() if ports else real_free_port())
             return chosen[-1]
 
-        monkeypatch.setattr(multiprocess, "free_port", first_taken_then_free)
+        monkeypatch.setattr(multihost, "free_port", first_taken_then_free)
         outputs = run_processes("print(jax.process_index())", n_processes=2, devices_per_process=1, timeout=60)
         assert outputs == ["0\n", "1\n"]
         assert len(chosen) == 2 and chosen[0] == taken.getsockname()[1]

@@ -98,7 +98,10 @@ class Transformer(nnx.Module):
         """Token ids [batch, seq] -> fp32 logits [batch, seq, vocab]."""
         cfg, dt = self.cfg, DTYPES[self.cfg.dtype]
         positions_bt = jnp.broadcast_to(jnp.arange(tokens_bt.shape[1]), tokens_bt.shape)
-        x_btd = jnp.take(self.embed[...], tokens_bt, axis=0).astype(dt)
+        # Gather from a table whose embed dim is whole: a gather out of an fsdp-split table would make the
+        # partitioner replicate the whole lookup.
+        table_vd = constrain(self.embed[...], ("vocab", None))
+        x_btd = jnp.take(table_vd, tokens_bt, axis=0).astype(dt)
         x_btd = constrain(x_btd, ("batch", "act_seq", "act_embed"))
 
         block_def, block_state = nnx.split(self.blocks)
