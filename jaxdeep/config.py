@@ -90,7 +90,8 @@ class TrainConfig:
 
 @dataclass(slots=True)
 class KernelsConfig:
-    norm: Literal["reference", "fused"] = "reference"  # fused Pallas/Triton norm kernels or pure JAX
+    # LayerNorm: "fused" Triton kernel (GPU only; an error elsewhere), "auto" (fused where it can run), or pure JAX
+    norm: Literal["reference", "fused", "auto"] = "reference"
 
 
 def default_rules() -> dict[str, list[str]]:

@@ -67,3 +67,12 @@ def constrain(x: jax.Array, axes: LogicalAxes) -> jax.Array:
         return x
     rules, mesh = active
     return jax.lax.with_sharding_constraint(x, named_sharding(axes, rules, mesh))
+
+
+def active_spec(axes: LogicalAxes) -> tuple[Mesh, PartitionSpec] | None:
+    """(mesh, spec) for logical `axes` under `use_rules` on a mesh of several devices; else None."""
+    active = _ACTIVE.get()
+    if active is None or active[1].devices.size == 1:
+        return None
+    rules, mesh = active
+    return mesh, logical_to_spec(axes, rules, mesh)

@@ -3,7 +3,7 @@
 For each op and shape, in one run: XLA reference (jitted), the Triton kernel, and `x * 2` over a
 buffer holding the op's byte count (half read, half written), forward; then backward (kernel only:
 XLA fuses its backward with the forward) and forward+backward. Times are per op: each timed call runs
-the op over K distinct input sets (K large enough that one call moves >= ~8 GB, so launch overhead
+the op over K distinct input sets (K large enough that one call moves >= ~4 GB, so launch overhead
 and the L2 cache drop out), median of several calls after warm-up.
 
 Effective bytes (the fewest any implementation must move):
@@ -13,7 +13,7 @@ Per-row statistics (8 bytes a row) are not counted.
 
   python experiments/benchmarks/bench_norms.py                       # the issue's table, bf16
   python experiments/benchmarks/bench_norms.py --shapes 16384x8192 --markdown out.md
-  python experiments/benchmarks/bench_norms.py --sweep               # launch-parameter sweep
+  python experiments/benchmarks/bench_norms.py --tune --markdown t.md  # pick launch variants first
 """
 
 from __future__ import annotations
@@ -34,8 +34,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from kernels.norms import launch, reference  # noqa: E402
 
 OPS = ("layer_norm_gelu", "rms_norm", "add_rms_norm")
-ISSUE_SHAPES = [(r, h) for r in (4096, 16384, 65536) for h in (1024, 2048, 4096, 7168, 8192)]
-TARGET_BYTES_PER_CALL = 8e9
+ISSUE_SHAPES = [(16384, 8192)] + [
+    (r, h) for r in (4096, 16384, 65536) for h in (1024, 2048, 4096, 7168, 8192) if (r, h) != (16384, 8192)
+]
+TARGET_BYTES_PER_CALL = 4e9
 MAX_RESIDENT_BYTES = 24e9
 
 
@@ -68,7 +70,7 @@ def effective_bytes(op: str, m: int, n: int, itemsize: int, param_itemsize: int 
     return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}
 
 
-def time_per_op(fn, sets, reps: int = 10, warmup: int = 2) -> float:
+def time_per_op(fn, sets, reps: int = 7, warmup: int = 1) -> float:
     """Median seconds per op of jitted fn mapped over the K input sets in one call."""
     multi = jax.jit(lambda sets: [fn(*s) for s in sets])
     for _ in range(warmup):
@@ -84,7 +86,7 @@ def time_per_op(fn, sets, reps: int = 10, warmup: int = 2) -> float:
 def n_sets(bytes_per_op: float, resident_per_set: float) -> int:
     k = math.ceil(TARGET_BYTES_PER_CALL / bytes_per_op)
     k = min(k, int(MAX_RESIDENT_BYTES // max(resident_per_set, 1)))
-    return max(2, min(32, k))
+    return max(2, min(16, k))
 
 
 def make_sets(op, m, n, dtype, k, seed=0):
@@ -138,9 +140,7 @@ def op_functions(op):
         fwd = lambda d, cfg=None: launch.layer_norm_fwd(
             d["x"], d["scale"], d["bias"], eps=1e-5, activation="gelu", config=cfg
         )
-        bwd = lambda d, st, cfg=None: _ln_bwd_kernel(
-            d["x"], d["scale"], d["bias"], d["dy"], st[1], st[2], "gelu", cfg
-        )
+        bwd = lambda d, st, cfg=None: _ln_bwd_kernel(d["x"], d["scale"], d["bias"], d["dy"], st[1], st[2], "gelu", cfg)
         pub = lambda impl: lambda x, s, b: norms.layer_norm_gelu(x, s, b, impl=impl)
         return ref, fwd, bwd, pub, ("x", "scale", "bias")
     if op == "rms_norm":
@@ -171,9 +171,7 @@ def bench_shape(op, m, n, dtype, *, fwd_cfg=None, bwd_cfg=None, directions=("fwd
 
     def copy_time(total):
         elems = int(total / 2 / itemsize)
-        bufs = [
-            jax.random.normal(jax.random.PRNGKey(i), (elems,), jnp.float32).astype(dtype) for i in range(k)
-        ]
+        bufs = [jax.random.normal(jax.random.PRNGKey(i), (elems,), jnp.float32).astype(dtype) for i in range(k)]
         t = time_per_op(lambda b: b * 2, [(b,) for b in bufs])
         del bufs
         return t
@@ -182,12 +180,12 @@ def bench_shape(op, m, n, dtype, *, fwd_cfg=None, bwd_cfg=None, directions=("fwd
         t_copy = copy_time(nbytes["fwd"])
         t_ref = time_per_op(lambda d: ref(d), [(d,) for d in sets])
         t_ker = time_per_op(lambda d: fwd(d, fwd_cfg), [(d,) for d in sets])
-        rows.append(Row(op, (m, n), jnp.dtype(dtype).name, "fwd", nbytes["fwd"], t_copy, t_ref, t_ker))
+        rows.append(Row(op, (m, n), jnp.dtype(dtype).name, "fwd", nbytes["fwd"], *us(t_copy, t_ref, t_ker)))
     if "bwd" in directions:
         stats = [jax.jit(lambda d: fwd(d))(d) for d in sets]
         t_copy = copy_time(nbytes["bwd"])
         t_ker = time_per_op(lambda d, st: bwd(d, st, bwd_cfg), list(zip(sets, stats, strict=True)))
-        rows.append(Row(op, (m, n), jnp.dtype(dtype).name, "bwd", nbytes["bwd"], t_copy, None, t_ker))
+        rows.append(Row(op, (m, n), jnp.dtype(dtype).name, "bwd", nbytes["bwd"], *us(t_copy, None, t_ker)))
         del stats
     if "fwd+bwd" in directions:
 
@@ -203,11 +201,13 @@ def bench_shape(op, m, n, dtype, *, fwd_cfg=None, bwd_cfg=None, directions=("fwd
         t_copy = copy_time(nbytes["fwd+bwd"])
         t_ref = time_per_op(fwd_bwd("reference"), [(d,) for d in sets])
         t_ker = time_per_op(fwd_bwd("fused"), [(d,) for d in sets])
-        rows.append(
-            Row(op, (m, n), jnp.dtype(dtype).name, "fwd+bwd", nbytes["fwd+bwd"], t_copy, t_ref, t_ker)
-        )
+        rows.append(Row(op, (m, n), jnp.dtype(dtype).name, "fwd+bwd", nbytes["fwd+bwd"], *us(t_copy, t_ref, t_ker)))
     del sets
     return rows
+
+
+def us(*seconds):
+    return [None if t is None else t * 1e6 for t in seconds]
 
 
 def fmt_rows(rows: list[Row], markdown: bool) -> str:
@@ -236,33 +236,45 @@ def fmt_rows(rows: list[Row], markdown: bool) -> str:
     return "\n".join(out)
 
 
-def sweep(dtype, m=16384, n=8192):
-    """Time launch-parameter variants of each kernel at one shape (forward and backward separately)."""
-    results = []
-    sms = launch.num_sms()
-    for op in OPS:
-        _, fwd, bwd, _, _ = op_functions(op)
-        nbytes = effective_bytes(op, m, n, jnp.dtype(dtype).itemsize)
-        k = n_sets(nbytes["fwd"], resident_per_set(op, m * n * jnp.dtype(dtype).itemsize))
-        sets = make_sets(op, m, n, dtype, k)
-        base = launch.forward_config(n)
-        for warps in (4, 8, 16, 32):
-            cfg = dataclasses.replace(base, num_warps=warps)
-            t = time_per_op(lambda d, cfg=cfg, f=fwd: f(d, cfg), [(d,) for d in sets])
-            results.append((op, "fwd", f"warps={warps} block_m={cfg.block_m}", t, nbytes["fwd"]))
-        stats = [jax.jit(lambda d, f=fwd: f(d))(d) for d in sets]
-        variants = [(w, st, 1) for w in (8, 16, 32) for st in (1, 2)] + [(16, 1, 2)]
-        for warps, stages, per_sm in variants:
-            cfg = launch.backward_config(
-                m, n, sms, num_warps=warps, num_stages=stages, programs_per_sm=per_sm
-            )
-            t = time_per_op(lambda d, st, cfg=cfg, f=bwd: f(d, st, cfg), list(zip(sets, stats, strict=True)))
-            desc = f"warps={warps} stages={stages} block_m={cfg.block_m} programs={cfg.programs}"
-            results.append((op, "bwd", desc, t, nbytes["bwd"]))
-        del sets, stats
-    lines = [f"sweep at {m}x{n} {jnp.dtype(dtype).name} ({sms} SMs)"]
-    for op, d, desc, t, b in results:
-        lines.append(f"{op:16s} {d:4s} {desc:44s} {t * 1e6:8.1f} µs  {b / t / 1e12:5.2f} TB/s")
+TUNE_FWD = (8, 16, 32)  # elements per thread
+TUNE_BWD = ((16, 1), (16, 2), (8, 1), (8, 2), (32, 2))  # (elements per thread, pipeline stages)
+TUNE_OPS = {"layer_norm": ("layer_norm_gelu",), "rms_norm": ("rms_norm", "add_rms_norm")}
+
+
+def _rate_line(op: str, label: str, seconds: float, nbytes: float) -> str:
+    return f"{op:16s} {label:32s} {seconds * 1e6:8.1f} µs  {nbytes / seconds / 1e12:5.2f} TB/s"
+
+
+def tune(dtype, m=16384, n=8192) -> str:
+    """Time launch variants at one shape, set the fastest as launch.TUNING (per kernel family)."""
+    lines = [f"tuning at {m}x{n} {jnp.dtype(dtype).name} ({launch.num_sms()} SMs)"]
+    for kind, ops in TUNE_OPS.items():
+        base = launch.TUNING[kind]
+        fwd_t = {e: 0.0 for e in TUNE_FWD}
+        bwd_t = {v: 0.0 for v in TUNE_BWD}
+        for op in ops:
+            _, fwd, bwd, _, _ = op_functions(op)
+            nbytes = effective_bytes(op, m, n, jnp.dtype(dtype).itemsize)
+            k = n_sets(nbytes["fwd"], resident_per_set(op, m * n * jnp.dtype(dtype).itemsize))
+            sets = make_sets(op, m, n, dtype, k)
+            stats = [jax.jit(lambda d, f=fwd: f(d))(d) for d in sets]
+            for e in TUNE_FWD:
+                launch.TUNING[kind] = dataclasses.replace(base, fwd_elems_per_thread=e)
+                t = time_per_op(lambda d, f=fwd: f(d), [(d,) for d in sets])
+                fwd_t[e] += t
+                lines.append(_rate_line(op, f"fwd elems/thread={e}", t, nbytes["fwd"]))
+            for e, st in TUNE_BWD:
+                launch.TUNING[kind] = dataclasses.replace(base, bwd_elems_per_thread=e, bwd_stages=st)
+                t = time_per_op(lambda d, s_, f=bwd: f(d, s_), list(zip(sets, stats, strict=True)))
+                bwd_t[(e, st)] += t
+                lines.append(_rate_line(op, f"bwd elems/thread={e} stages={st}", t, nbytes["bwd"]))
+            del sets, stats
+        best_f = min(fwd_t, key=fwd_t.get)
+        best_b = min(bwd_t, key=bwd_t.get)
+        launch.TUNING[kind] = dataclasses.replace(
+            base, fwd_elems_per_thread=best_f, bwd_elems_per_thread=best_b[0], bwd_stages=best_b[1]
+        )
+        lines.append(f"-> {kind}: {launch.TUNING[kind]}")
     return "\n".join(lines)
 
 
@@ -294,9 +306,9 @@ def main(argv=None) -> int:
     p.add_argument("--ops", default=",".join(OPS), help="comma-separated: " + ", ".join(OPS))
     p.add_argument("--shapes", default=None, help="comma-separated ROWSxHIDDEN (default: the issue's table)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    p.add_argument("--directions", default="fwd,bwd,fwd+bwd")
     p.add_argument("--markdown", type=Path, default=None, help="also write the table as markdown here")
-    p.add_argument("--sweep", action="store_true", help="time launch-parameter variants at 16384x8192")
+    p.add_argument("--tune", action="store_true", help="first time launch variants at 16384x8192, keep the best")
+    p.add_argument("--fwdbwd-shapes", default="16384x8192", help="shapes also timed forward+backward")
     p.add_argument("--check", action="store_true", help="only check each fused op against the reference")
     args = p.parse_args(argv)
 
@@ -308,22 +320,23 @@ def main(argv=None) -> int:
     dtype = jnp.dtype(args.dtype)
     if args.check:
         return 0 if check() else 1
-    if args.sweep:
-        print(sweep(dtype), flush=True)
-        return 0
+    if args.tune:
+        print(tune(dtype), flush=True)
     shapes = parse_shapes(args.shapes) if args.shapes else ISSUE_SHAPES
+    fwdbwd = parse_shapes(args.fwdbwd_shapes)
+    tuning = ", ".join(f"{k}: {v}" for k, v in launch.TUNING.items())
+    header = f"device: {dev.device_kind}, jax {jax.__version__}, dtype {dtype.name}\n\nlaunch tuning: {tuning}\n\n"
+    print(header, flush=True)
     rows: list[Row] = []
     for op in args.ops.split(","):
         for m, n in shapes:
-            new = bench_shape(op, m, n, dtype, directions=tuple(args.directions.split(",")))
-            for r in new:
-                print(fmt_rows([r], markdown=False).splitlines()[1], flush=True)
+            directions = ("fwd", "bwd", "fwd+bwd") if (m, n) in fwdbwd else ("fwd", "bwd")
+            new = bench_shape(op, m, n, dtype, directions=directions)
             rows += new
-    table = fmt_rows(rows, markdown=False)
-    print("\n" + table)
-    if args.markdown:
-        header = f"device: {dev.device_kind}, jax {jax.__version__}, dtype {dtype.name}\n\n"
-        args.markdown.write_text(header + fmt_rows(rows, markdown=True) + "\n")
+            print(fmt_rows(rows, markdown=False).splitlines()[-len(new) :], sep="\n", flush=True)
+            if args.markdown:  # rewritten after every shape, so a cut-short run still leaves its rows
+                args.markdown.write_text(header + fmt_rows(rows, markdown=True) + "\n")
+    print("\n" + fmt_rows(rows, markdown=False))
     return 0
 
 

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec
 
+from jaxdeep import sharding
 from jaxdeep.sharding import LogicalAxes
+from kernels import norms
 
 
 class Param(nnx.Param):
@@ -50,19 +54,32 @@ def logical_axes_of(state: nnx.State):
 
 
 class LayerNorm(nnx.Module):
-    def __init__(self, dim: int, eps: float, param_dtype):
+    """LayerNorm over the last axis of a residual-stream activation [batch, seq, embed].
+
+    `impl` is the `kernels.norm` switch: "reference" (pure JAX), "fused" (the fused GPU kernel, an error
+    where it cannot run) or "auto". Statistics are fp32 either way, with the two-pass variance.
+    """
+
+    def __init__(self, dim: int, eps: float, param_dtype, impl: str = "reference"):
         self.scale = constant_param((dim,), ("norm",), 1.0, param_dtype)
         self.bias = constant_param((dim,), ("norm",), 0.0, param_dtype)
         self.eps = eps
+        self.impl = impl
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        # Statistics in fp32 whatever the compute dtype; two-pass variance is stable for large means.
-        x32 = x.astype(jnp.float32)
-        mean = x32.mean(-1, keepdims=True)
-        var = jnp.square(x32 - mean).mean(-1, keepdims=True)
-        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
-        y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
-        return y.astype(x.dtype)
+    def __call__(self, x_btd: jax.Array) -> jax.Array:
+        scale, bias = self.scale[...], self.bias[...]
+        norm = functools.partial(norms.layer_norm, eps=self.eps, impl=self.impl)
+        if self.impl == "reference":
+            return norm(x_btd, scale, bias)
+        # A kernel is opaque to the SPMD partitioner: run it per shard. Rows are independent and the
+        # normalised (embed) axis is never split in the residual stream, so no communication is needed.
+        spec = sharding.active_spec(("batch", "act_seq", "act_embed"))
+        if spec is None:
+            return norm(x_btd, scale, bias)
+        mesh, x_spec = spec
+        return jax.shard_map(
+            norm, mesh=mesh, in_specs=(x_spec, PartitionSpec(), PartitionSpec()), out_specs=x_spec, check_vma=False
+        )(x_btd, scale, bias)
 
 
 def rotary(x_btnh: jax.Array, positions_bt: jax.Array, theta: float) -> jax.Array:

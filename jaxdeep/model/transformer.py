@@ -58,11 +58,11 @@ class Mlp(nnx.Module):
 
 
 class Block(nnx.Module):
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, norm_impl: str = "reference"):
         pdt = DTYPES[cfg.param_dtype]
-        self.attn_norm = LayerNorm(cfg.d_model, cfg.norm_eps, pdt)
+        self.attn_norm = LayerNorm(cfg.d_model, cfg.norm_eps, pdt, norm_impl)
         self.attn = Attention(cfg, rngs)
-        self.mlp_norm = LayerNorm(cfg.d_model, cfg.norm_eps, pdt)
+        self.mlp_norm = LayerNorm(cfg.d_model, cfg.norm_eps, pdt, norm_impl)
         self.mlp = Mlp(cfg, rngs)
 
     def __call__(self, x_btd: jax.Array, positions_bt: jax.Array) -> jax.Array:
@@ -72,7 +72,7 @@ class Block(nnx.Module):
 
 
 class Transformer(nnx.Module):
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, norm_impl: str = "reference"):
         pdt = DTYPES[cfg.param_dtype]
         self.cfg = cfg
         self.embed = normal_param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.init_std, pdt)
@@ -87,10 +87,10 @@ class Transformer(nnx.Module):
             transform_metadata={nnx.PARTITION_NAME: "layers"},
         )
         def make_blocks(rngs: nnx.Rngs) -> Block:
-            return Block(cfg, rngs)
+            return Block(cfg, rngs, norm_impl)
 
         self.blocks = make_blocks(rngs)
-        self.final_norm = LayerNorm(cfg.d_model, cfg.norm_eps, pdt)
+        self.final_norm = LayerNorm(cfg.d_model, cfg.norm_eps, pdt, norm_impl)
         if not cfg.tie_embeddings:
             self.head = normal_param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.init_std, pdt)
 

@@ -38,7 +38,7 @@ class ModelSetup:
 
 
 def build_setup(cfg: ExperimentConfig, mesh: Mesh) -> ModelSetup:
-    abstract_model = nnx.eval_shape(lambda: Transformer(cfg.model, nnx.Rngs(0)))
+    abstract_model = nnx.eval_shape(lambda: Transformer(cfg.model, nnx.Rngs(0), cfg.kernels.norm))
     graphdef, abstract_state = nnx.split(abstract_model, nnx.Param)
     logical = logical_axes_of(abstract_state)
     decay_mask = jax.tree.map(lambda axes: "norm" not in axes, logical, is_leaf=lambda x: isinstance(x, tuple))
@@ -80,7 +80,7 @@ def init_train_state(setup: ModelSetup) -> TrainState:
     cfg = setup.cfg
 
     def init() -> TrainState:
-        model = Transformer(cfg.model, nnx.Rngs(params=cfg.train.seed))
+        model = Transformer(cfg.model, nnx.Rngs(params=cfg.train.seed), cfg.kernels.norm)
         params = nnx.to_pure_dict(nnx.split(model, nnx.Param)[1])
         return {
             "step": jnp.zeros((), jnp.int32),

@@ -1,0 +1,264 @@
+"""Launching the Triton kernels: block shapes, grids, and two runners.
+
+- runner "triton": `jax_triton.triton_call` (GPU; traceable under jit).
+- runner "interpret": Triton's interpreter on the host through `jax.pure_callback` (CPU; slow, for
+  tests). It runs the same kernel source with the same argument order and launch parameters, and
+  allocates every output filled with NaN (0x7FFF.. for integers), so unwritten elements show.
+
+Each op function takes and returns 2-D [rows, hidden] arrays and float32 per-row statistics; backward
+functions return per-program partial sums of the parameter gradients, shape [programs, hidden].
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import importlib.util
+import os
+import pathlib
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+MAX_HIDDEN = 16384  # widest row held in registers by one program
+DEFAULT_NUM_SMS = 132  # H100 SXM; used when the device does not report its multiprocessor count
+
+ACTIVATIONS = {None: 0, "gelu": 1, "gelu_tanh": 2}
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchConfig:
+    """How one kernel is launched; `programs` is set for the persistent backward kernels only."""
+
+    block_m: int  # rows per tile
+    block_n: int  # columns per tile: next power of two >= hidden
+    num_warps: int
+    num_stages: int = 1
+    programs: int | None = None
+
+
+@dataclasses.dataclass
+class Tuning:
+    """Launch heuristics of one kernel family, as elements per thread so they carry across widths."""
+
+    fwd_elems_per_thread: int = 16
+    bwd_elems_per_thread: int = 16
+    bwd_stages: int = 1  # >1: the backward's row loop is software-pipelined (cp.async into shared memory)
+    bwd_programs_per_sm: int = 1
+
+
+# Measured on H100 at 16384 x 8192 bf16 (experiments/benchmarks/NORMS_NOTES.md).
+TUNING = {"layer_norm": Tuning(), "rms_norm": Tuning()}
+TILE_ELEMS = 4096  # rows narrower than this are grouped until a tile holds this many elements
+
+
+def _warps_for(tile_elems: int, elems_per_thread: int) -> int:
+    return int(min(32, max(4, tile_elems // (32 * elems_per_thread))))
+
+
+def forward_config(hidden: int, kind: str = "layer_norm", **override: Any) -> LaunchConfig:
+    tuning = TUNING[kind]
+    block_n = next_power_of_2(hidden)
+    block_m = max(1, TILE_ELEMS // block_n)
+    cfg = LaunchConfig(block_m, block_n, _warps_for(block_m * block_n, tuning.fwd_elems_per_thread))
+    return dataclasses.replace(cfg, **override)
+
+
+def backward_config(rows: int, hidden: int, num_sms: int, kind: str = "layer_norm", **override: Any) -> LaunchConfig:
+    tuning = TUNING[kind]
+    block_n = next_power_of_2(hidden)
+    block_m = override.pop("block_m", max(1, TILE_ELEMS // block_n))
+    per_sm = override.pop("programs_per_sm", tuning.bwd_programs_per_sm)
+    tiles = -(-rows // block_m)
+    programs = max(1, min(tiles, num_sms * per_sm))
+    warps = _warps_for(block_m * block_n, tuning.bwd_elems_per_thread)
+    cfg = LaunchConfig(block_m, block_n, warps, num_stages=tuning.bwd_stages, programs=programs)
+    return dataclasses.replace(cfg, **override)
+
+
+def num_sms() -> int:
+    dev = jax.devices()[0]
+    return int(getattr(dev, "core_count", 0) or DEFAULT_NUM_SMS)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Runners
+# ----------------------------------------------------------------------------------------------------
+def _kernel_module():
+    from kernels.norms import triton_kernels
+
+    return triton_kernels
+
+
+def _fill_value(dtype) -> Any:
+    dtype = np.dtype(dtype)
+    return np.nan if np.issubdtype(dtype, np.floating) or dtype.name == "bfloat16" else np.iinfo(dtype).max
+
+
+def _run_triton(name, inputs, out_shapes, grid, cfg: LaunchConfig, meta, poison: bool):
+    import jax_triton
+
+    kernels = _kernel_module()
+    common = dict(out_shape=out_shapes, grid=grid, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if not poison:
+        return jax_triton.triton_call(*inputs, kernel=getattr(kernels, name), **common, **meta)
+    fills = [jnp.full(s.shape, _fill_value(s.dtype), s.dtype) for s in out_shapes]
+    n_arrays = sum(not isinstance(a, int) for a in inputs)
+    aliases = {n_arrays + i: i for i in range(len(out_shapes))}
+    return jax_triton.triton_call(
+        *inputs,
+        *fills,
+        kernel=getattr(kernels, name + "_poisoned"),
+        input_output_aliases=aliases,
+        **common,
+        **meta,
+    )
+
+
+class _HostTensor:
+    """The little of torch.Tensor's interface that Triton's interpreter uses, over a numpy array."""
+
+    def __init__(self, array: np.ndarray):
+        assert array.flags.c_contiguous
+        self.array = array
+        self.dtype = f"torch.{array.dtype.name}"
+
+    def data_ptr(self) -> int:
+        return self.array.ctypes.data
+
+    def untyped_storage(self):
+        return self
+
+    def cpu(self):
+        return self
+
+    def copy_(self, other) -> None:
+        pass  # the interpreter works on this very memory
+
+    def new_empty(self, *args, **kwargs):
+        return self
+
+    def set_(self, *args, **kwargs):
+        return self
+
+    def storage_offset(self) -> int:
+        return 0
+
+    def size(self):
+        return self.array.shape
+
+    def stride(self):
+        return tuple(s // self.array.itemsize for s in self.array.strides)
+
+
+@contextlib.contextmanager
+def _interpret_env():
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = old
+
+
+@functools.cache
+def _interpreted_module():
+    """A second copy of triton_kernels.py whose @triton.jit functions run in the interpreter."""
+    path = pathlib.Path(__file__).with_name("triton_kernels.py")
+    spec = importlib.util.spec_from_file_location("kernels.norms._triton_kernels_interpreted", path)
+    module = importlib.util.module_from_spec(spec)
+    with _interpret_env():
+        spec.loader.exec_module(module)
+    return module
+
+
+def _run_interpret(name, inputs, out_shapes, grid, cfg: LaunchConfig, meta, poison: bool):
+    del cfg, poison  # outputs are always NaN-filled here; warps mean nothing to the interpreter
+    kernel = getattr(_interpreted_module(), name)
+    array_inputs = [a for a in inputs if not isinstance(a, int)]
+
+    def host(*arrays):
+        it = iter(arrays)
+        args = [a if isinstance(a, int) else _HostTensor(np.ascontiguousarray(next(it))) for a in inputs]
+        outs = [np.full(s.shape, _fill_value(s.dtype), s.dtype) for s in out_shapes]
+        with _interpret_env():
+            kernel[grid](*args, *[_HostTensor(o) for o in outs], **meta)
+        return tuple(outs)
+
+    shapes = tuple(jax.ShapeDtypeStruct(s.shape, s.dtype) for s in out_shapes)
+    return list(jax.pure_callback(host, shapes, *array_inputs, vmap_method="sequential"))
+
+
+_RUNNERS = {"triton": _run_triton, "interpret": _run_interpret}
+
+
+def _run(runner: str, *args):
+    return _RUNNERS[runner](*args)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Ops on [rows, hidden] arrays
+# ----------------------------------------------------------------------------------------------------
+def _f32(shape: Sequence[int]) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(tuple(shape), jnp.float32)
+
+
+def layer_norm_fwd(x, w, b, *, eps, activation, runner="triton", poison=False, config=None):
+    """-> (y [M, N] x.dtype, mean [M] f32, rstd [M] f32)."""
+    m, n = x.shape
+    cfg = config or forward_config(n)
+    out = [jax.ShapeDtypeStruct(x.shape, x.dtype), _f32([m]), _f32([m])]
+    meta = dict(N=n, EPS=float(eps), ACT=ACTIVATIONS[activation], BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n)
+    grid = (-(-m // cfg.block_m),)
+    y, mean, rstd = _run(runner, "layer_norm_fwd", [x, w, b, m], out, grid, cfg, meta, poison)
+    return y, mean, rstd
+
+
+def layer_norm_bwd(x, w, b, dy, mean, rstd, *, activation, runner="triton", poison=False, config=None):
+    """-> (dx [M, N] x.dtype, dw partials [G, N] f32, db partials [G, N] f32)."""
+    m, n = x.shape
+    sms = num_sms() if runner == "triton" else DEFAULT_NUM_SMS
+    cfg = config or backward_config(m, n, sms, "layer_norm")
+    out = [jax.ShapeDtypeStruct(x.shape, x.dtype), _f32([cfg.programs, n]), _f32([cfg.programs, n])]
+    meta = dict(N=n, ACT=ACTIVATIONS[activation], BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, STAGES=cfg.num_stages)
+    inputs = [x, w, b, dy.astype(x.dtype), mean, rstd, m]
+    dx, dw, db = _run(runner, "layer_norm_bwd", inputs, out, (cfg.programs,), cfg, meta, poison)
+    return dx, dw, db
+
+
+def rms_norm_fwd(x, residual, w, *, eps, runner="triton", poison=False, config=None):
+    """-> (y, h, rstd); h = x + residual rounded to x.dtype, or None when residual is None."""
+    m, n = x.shape
+    cfg = config or forward_config(n, "rms_norm")
+    has_res = residual is not None
+    h_shape = x.shape if has_res else (1,)
+    out = [jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct(h_shape, x.dtype), _f32([m])]
+    meta = dict(N=n, EPS=float(eps), HAS_RESIDUAL=has_res, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n)
+    inputs = [x, residual.astype(x.dtype) if has_res else x, w, m]
+    grid = (-(-m // cfg.block_m),)
+    y, h, rstd = _run(runner, "rms_norm_fwd", inputs, out, grid, cfg, meta, poison)
+    return y, (h if has_res else None), rstd
+
+
+def rms_norm_bwd(x, w, dy, d_residual, rstd, *, runner="triton", poison=False, config=None):
+    """-> (dx, dw partials [G, N] f32); dx includes d_residual when given (the add+RMSNorm backward)."""
+    m, n = x.shape
+    cfg = config or backward_config(m, n, num_sms() if runner == "triton" else DEFAULT_NUM_SMS, "rms_norm")
+    has_dres = d_residual is not None
+    out = [jax.ShapeDtypeStruct(x.shape, x.dtype), _f32([cfg.programs, n])]
+    meta = dict(N=n, HAS_DRES=has_dres, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, STAGES=cfg.num_stages)
+    dy = dy.astype(x.dtype)
+    inputs = [x, w, dy, d_residual.astype(x.dtype) if has_dres else dy, rstd, m]
+    dx, dw = _run(runner, "rms_norm_bwd", inputs, out, (cfg.programs,), cfg, meta, poison)
+    return dx, dw

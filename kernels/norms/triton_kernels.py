@@ -1,0 +1,308 @@
+"""Triton kernels for LayerNorm(+GELU), RMSNorm and residual-add + RMSNorm, forward and backward.
+
+Layout: the input is a row-major [M, N] matrix; each program normalises a tile of BLOCK_M whole rows
+(BLOCK_N = next power of two >= N, masked), so a row is read from memory once and its statistics
+come from registers (two passes over registers: mean, then the centred second moment, which stays
+accurate for rows with a large mean and a small spread). All arithmetic is float32.
+
+Backward kernels run on a persistent grid of G programs; program g takes row tiles g, g+G, g+2G, ...,
+writes dx for each, and accumulates its own share of the scale/bias gradients in registers. At the
+end it writes one row of a [G, N] float32 partial-sum buffer; the caller sums the G rows (a small
+reduction), so no program waits for another.
+
+Each kernel has a `*_poisoned` twin that takes one extra, already-filled buffer per output, aliased
+to that output by the caller: tests fill them with NaN so that an element the kernel fails to write
+shows up.
+"""
+
+import os
+
+import triton
+import triton.language as tl
+
+# On the GPU, reciprocal and exp2 are single MUFU instructions (the .ftz approximations, ~2 ulp); the
+# default lowerings add range checks worth several instructions an element. Triton's interpreter
+# (CPU tests) cannot run inline PTX, so there the plain operators stand in.
+_PTX = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") not in ("1", "true", "True"))
+
+ACT_NONE = 0
+ACT_GELU = 1  # exact: z * Phi(z) = 0.5 z (1 + erf(z / sqrt 2))
+ACT_GELU_TANH = 2  # 0.5 z (1 + tanh(sqrt(2/pi) (z + 0.044715 z^3))) = z * sigmoid(2 u)
+
+# Phi(z) = 1 - 0.5 erfc(|z| / sqrt 2) for z >= 0 (mirror for z < 0), with Abramowitz & Stegun 7.1.26:
+# erfc(x) = t (a1 + t (a2 + t (a3 + t (a4 + t a5)))) exp(-x^2), t = 1 / (1 + p x), |error| < 1.5e-7.
+# One reciprocal and one exp2 per element, and exp(-z^2/2) comes for free for GELU's derivative; the
+# libdevice erf costs about twice the instructions, which made the kernels arithmetic-bound.
+_AS_P = tl.constexpr(0.3275911 * 0.7071067811865476)  # p / sqrt 2: t = 1 / (1 + _AS_P |z|)
+_AS_A1 = tl.constexpr(0.5 * 0.254829592)  # coefficients halved: the polynomial gives 0.5 erfc
+_AS_A2 = tl.constexpr(0.5 * -0.284496736)
+_AS_A3 = tl.constexpr(0.5 * 1.421413741)
+_AS_A4 = tl.constexpr(0.5 * -1.453152027)
+_AS_A5 = tl.constexpr(0.5 * 1.061405429)
+_NEG_HALF_LOG2E = tl.constexpr(-0.5 * 1.4426950408889634)  # exp(-z^2/2) = exp2(z^2 * this)
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
+_SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
+_TANH_CUBIC = tl.constexpr(0.044715)
+_NEG_2LOG2E_SQRT_2_OVER_PI = tl.constexpr(-2.0 * 1.4426950408889634 * 0.7978845608028654)
+
+
+@triton.jit
+def _rcp(x):
+    if _PTX:
+        out = tl.inline_asm_elementwise(
+            "rcp.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1
+        )
+    else:
+        out = 1.0 / x
+    return out
+
+
+@triton.jit
+def _exp2(x):
+    if _PTX:
+        out = tl.inline_asm_elementwise(
+            "ex2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1
+        )
+    else:
+        out = tl.exp2(x)
+    return out
+
+
+@triton.jit
+def _normal_cdf_and_gauss(z):
+    """(Phi(z), exp(-z^2 / 2)) in float32."""
+    t = _rcp(tl.abs(z) * _AS_P + 1.0)
+    half_erfc = t * (_AS_A1 + t * (_AS_A2 + t * (_AS_A3 + t * (_AS_A4 + t * _AS_A5))))
+    gauss = _exp2(z * z * _NEG_HALF_LOG2E)
+    tail = half_erfc * gauss  # Phi(-|z|)
+    return tl.where(z >= 0.0, 1.0 - tail, tail), gauss
+
+
+@triton.jit
+def _sigmoid_2u(z):
+    """sigmoid(2 u), u = sqrt(2/pi) (z + 0.044715 z^3): 0.5 (1 + tanh u)."""
+    return _rcp(_exp2((z * z * _TANH_CUBIC + 1.0) * z * _NEG_2LOG2E_SQRT_2_OVER_PI) + 1.0)
+
+
+@triton.jit
+def _activation(z, ACT: tl.constexpr):
+    if ACT == 1:
+        cdf, _ = _normal_cdf_and_gauss(z)
+        out = z * cdf
+    elif ACT == 2:
+        out = z * _sigmoid_2u(z)
+    else:
+        out = z
+    return out
+
+
+@triton.jit
+def _activation_grad(z, ACT: tl.constexpr):
+    """d activation / dz (only called with ACT != 0)."""
+    if ACT == 1:
+        cdf, gauss = _normal_cdf_and_gauss(z)
+        grad = z * gauss * _INV_SQRT_2PI + cdf
+    else:
+        s = _sigmoid_2u(z)
+        du = (z * z * (3.0 * 0.044715) + 1.0) * _SQRT_2_OVER_PI
+        grad = s + 2.0 * z * s * (1.0 - s) * du
+    return grad
+
+
+@triton.jit
+def _tile(tile_id, M, N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    rows = tile_id * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    row_ok = rows < M
+    mask = row_ok[:, None] & (cols < N)[None, :]
+    offsets = rows.to(tl.int64)[:, None] * N + cols[None, :]
+    return rows, row_ok, mask, offsets
+
+
+# ----------------------------------------------------------------------------------------------------
+# LayerNorm (+ activation)
+# ----------------------------------------------------------------------------------------------------
+@triton.jit
+def _layer_norm_fwd_body(
+    X, W, B, M, Y, MEAN, RSTD,
+    N: tl.constexpr, EPS: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    rows, row_ok, mask, offsets = _tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N)
+    cols = tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    x = tl.load(X + offsets, mask=mask, other=0.0).to(tl.float32)
+    mean = tl.sum(x, axis=1) / N
+    xc = x - mean[:, None]
+    if N != BLOCK_N:  # padded columns must not add (0 - mean)^2
+        xc = tl.where(mask, xc, 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / N + EPS)
+    w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
+    b = tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)
+    z = xc * rstd[:, None] * w[None, :] + b[None, :]
+    y = _activation(z, ACT)
+    tl.store(Y + offsets, y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(MEAN + rows, mean, mask=row_ok)
+    tl.store(RSTD + rows, rstd, mask=row_ok)
+
+
+@triton.jit
+def layer_norm_fwd(
+    X, W, B, M, Y, MEAN, RSTD,
+    N: tl.constexpr, EPS: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    _layer_norm_fwd_body(X, W, B, M, Y, MEAN, RSTD, N, EPS, ACT, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def layer_norm_fwd_poisoned(
+    X, W, B, M, Y_FILL, MEAN_FILL, RSTD_FILL, Y, MEAN, RSTD,
+    N: tl.constexpr, EPS: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    _layer_norm_fwd_body(X, W, B, M, Y, MEAN, RSTD, N, EPS, ACT, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def _layer_norm_bwd_body(
+    X, W, B, DY, MEAN, RSTD, M, DX, DW, DB,
+    N: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    STAGES: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    num_programs = tl.num_programs(0)
+    cols = tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
+    if ACT != 0:
+        b = tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)
+    acc_dw = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_db = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    num_tiles = tl.cdiv(M, BLOCK_M)
+    for tile_id in tl.range(pid, num_tiles, num_programs, num_stages=STAGES):
+        rows, row_ok, mask, offsets = _tile(tile_id, M, N, BLOCK_M, BLOCK_N)
+        x = tl.load(X + offsets, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + offsets, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.load(MEAN + rows, mask=row_ok, other=0.0)
+        rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
+        xhat = (x - mean[:, None]) * rstd[:, None]
+        if N != BLOCK_N:
+            xhat = tl.where(mask, xhat, 0.0)
+        if ACT != 0:
+            dz = dy * _activation_grad(xhat * w[None, :] + b[None, :], ACT)
+        else:
+            dz = dy
+        acc_dw += dz * xhat
+        acc_db += dz
+        dxhat = dz * w[None, :]
+        c1 = tl.sum(dxhat, axis=1) / N
+        c2 = tl.sum(dxhat * xhat, axis=1) / N
+        dx = (dxhat - c1[:, None] - xhat * c2[:, None]) * rstd[:, None]
+        tl.store(DX + offsets, dx.to(DX.dtype.element_ty), mask=mask)
+    tl.store(DW + pid * N + cols, tl.sum(acc_dw, axis=0), mask=col_ok)
+    tl.store(DB + pid * N + cols, tl.sum(acc_db, axis=0), mask=col_ok)
+
+
+@triton.jit
+def layer_norm_bwd(
+    X, W, B, DY, MEAN, RSTD, M, DX, DW, DB,
+    N: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    STAGES: tl.constexpr,
+):  # fmt: skip
+    _layer_norm_bwd_body(X, W, B, DY, MEAN, RSTD, M, DX, DW, DB, N, ACT, BLOCK_M, BLOCK_N, STAGES)
+
+
+@triton.jit
+def layer_norm_bwd_poisoned(
+    X, W, B, DY, MEAN, RSTD, M, DX_FILL, DW_FILL, DB_FILL, DX, DW, DB,
+    N: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    STAGES: tl.constexpr,
+):  # fmt: skip
+    _layer_norm_bwd_body(X, W, B, DY, MEAN, RSTD, M, DX, DW, DB, N, ACT, BLOCK_M, BLOCK_N, STAGES)
+
+
+# ----------------------------------------------------------------------------------------------------
+# RMSNorm, optionally after a residual add (h = x + r, stored, then normalised)
+# ----------------------------------------------------------------------------------------------------
+@triton.jit
+def _rms_norm_fwd_body(
+    X, R, W, M, Y, H, RSTD,
+    N: tl.constexpr, EPS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    rows, row_ok, mask, offsets = _tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N)
+    cols = tl.arange(0, BLOCK_N)
+    x = tl.load(X + offsets, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        r = tl.load(R + offsets, mask=mask, other=0.0).to(tl.float32)
+        h = (x + r).to(H.dtype.element_ty)
+        tl.store(H + offsets, h, mask=mask)
+        x = h.to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / N + EPS)
+    w = tl.load(W + cols, mask=cols < N, other=0.0).to(tl.float32)
+    y = x * rstd[:, None] * w[None, :]
+    tl.store(Y + offsets, y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(RSTD + rows, rstd, mask=row_ok)
+
+
+@triton.jit
+def rms_norm_fwd(
+    X, R, W, M, Y, H, RSTD,
+    N: tl.constexpr, EPS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    _rms_norm_fwd_body(X, R, W, M, Y, H, RSTD, N, EPS, HAS_RESIDUAL, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def rms_norm_fwd_poisoned(
+    X, R, W, M, Y_FILL, H_FILL, RSTD_FILL, Y, H, RSTD,
+    N: tl.constexpr, EPS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    _rms_norm_fwd_body(X, R, W, M, Y, H, RSTD, N, EPS, HAS_RESIDUAL, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def _rms_norm_bwd_body(
+    X, W, DY, DRES, RSTD, M, DX, DW,
+    N: tl.constexpr, HAS_DRES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    STAGES: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    num_programs = tl.num_programs(0)
+    cols = tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
+    acc_dw = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    num_tiles = tl.cdiv(M, BLOCK_M)
+    for tile_id in tl.range(pid, num_tiles, num_programs, num_stages=STAGES):
+        rows, row_ok, mask, offsets = _tile(tile_id, M, N, BLOCK_M, BLOCK_N)
+        x = tl.load(X + offsets, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + offsets, mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
+        xhat = x * rstd[:, None]
+        acc_dw += dy * xhat
+        dxhat = dy * w[None, :]
+        c2 = tl.sum(dxhat * xhat, axis=1) / N
+        dx = (dxhat - xhat * c2[:, None]) * rstd[:, None]
+        if HAS_DRES:
+            dx += tl.load(DRES + offsets, mask=mask, other=0.0).to(tl.float32)
+        tl.store(DX + offsets, dx.to(DX.dtype.element_ty), mask=mask)
+    tl.store(DW + pid * N + cols, tl.sum(acc_dw, axis=0), mask=col_ok)
+
+
+@triton.jit
+def rms_norm_bwd(
+    X, W, DY, DRES, RSTD, M, DX, DW,
+    N: tl.constexpr, HAS_DRES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    STAGES: tl.constexpr,
+):  # fmt: skip
+    _rms_norm_bwd_body(X, W, DY, DRES, RSTD, M, DX, DW, N, HAS_DRES, BLOCK_M, BLOCK_N, STAGES)
+
+
+@triton.jit
+def rms_norm_bwd_poisoned(
+    X, W, DY, DRES, RSTD, M, DX_FILL, DW_FILL, DX, DW,
+    N: tl.constexpr, HAS_DRES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    STAGES: tl.constexpr,
+):  # fmt: skip
+    _rms_norm_bwd_body(X, W, DY, DRES, RSTD, M, DX, DW, N, HAS_DRES, BLOCK_M, BLOCK_N, STAGES)
