@@ -38,6 +38,15 @@ def _triton_import_error() -> str | None:
     return None
 
 
+@functools.cache
+def _is_rocm() -> bool:
+    try:
+        version = jax.devices()[0].client.platform_version.lower()
+    except Exception:  # no such attribute on this jax: assume CUDA
+        return False
+    return "rocm" in version or "hip" in version
+
+
 def fused_unavailable_reason(x: jax.Array, *others: jax.Array, check_backend: bool = True) -> str | None:
     """Why the fused kernel cannot take `x` (and same-shaped `others`) here, or None when it can."""
     if jnp.dtype(x.dtype) not in SUPPORTED_DTYPES:
@@ -51,6 +60,8 @@ def fused_unavailable_reason(x: jax.Array, *others: jax.Array, check_backend: bo
     if check_backend:
         if jax.default_backend() != "gpu":
             return f"no GPU: the JAX backend is {jax.default_backend()!r}"
+        if _is_rocm():
+            return "the kernels use NVIDIA PTX; this GPU runs ROCm"
         return _triton_import_error()
     return None
 

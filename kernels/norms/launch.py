@@ -49,13 +49,13 @@ class LaunchConfig:
 class Tuning:
     """Launch heuristics of one kernel family, as elements per thread so they carry across widths."""
 
-    fwd_elems_per_thread: int = 16
+    fwd_elems_per_thread: int = 32
     bwd_elems_per_thread: int = 16
     bwd_stages: int = 1  # >1: the backward's row loop is software-pipelined (cp.async into shared memory)
     bwd_programs_per_sm: int = 1
 
 
-# Measured on H100 at 16384 x 8192 bf16 (experiments/benchmarks/NORMS_NOTES.md).
+# Picked on an H100 at 16384 x 8192 bf16 by `bench_norms.py --tune` (experiments/benchmarks/NORMS_NOTES.md).
 TUNING = {"layer_norm": Tuning(), "rms_norm": Tuning()}
 TILE_ELEMS = 4096  # rows narrower than this are grouped until a tile holds this many elements
 
