@@ -94,10 +94,14 @@ def main(argv: list[str] | None = None) -> int:
             run_dir = Path(args.run_dir or Path("runs") / cfg.name)
             resume = True if args.resume else False if args.fresh else None
             result = loop.train(cfg, run_dir, resume=resume)
-            print(
-                f"done: step {int(result.state['step'])}, first logged loss {result.first_loss:.4f}, "
-                f"last {result.last_loss:.4f}, eval {result.eval_loss:.4f}; run dir {run_dir}"
-            )
+            step = int(result.state["step"])
+            if result.last_loss is None:
+                print(f"nothing to do: the run in {run_dir} is already at step {step} of {cfg.train.steps}")
+            else:
+                print(
+                    f"done: step {step}, first logged loss {result.first_loss:.4f}, last {result.last_loss:.4f}, "
+                    f"eval {result.eval_loss:.4f}; run dir {run_dir}"
+                )
         elif args.command == "eval":
             run_dir = args.run_dir or cfg_dir
             if run_dir is None:

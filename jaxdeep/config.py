@@ -7,6 +7,7 @@ CPU devices), and errors in a config should appear before any device work begins
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -34,7 +35,61 @@ class MeshConfig:
 
 
 @dataclass(slots=True)
+class RopeScalingConfig:
+    """Rotary scaling for long context (HF `rope_scaling`); only YaRN is implemented."""
+
+    type: Literal["none", "yarn"] = "none"  # "yarn": YaRN frequency interpolation + attention-scale correction
+    factor: float = 1.0  # context extension factor over original_max_position_embeddings
+    original_max_position_embeddings: int = 4096  # context length of pretraining
+    beta_fast: float = 32.0  # YaRN ramp: dims rotating more often than this are kept (extrapolated)
+    beta_slow: float = 1.0  # YaRN ramp: dims rotating less often than this are fully interpolated
+    mscale: float = 1.0  # cos/sin magnitude (0.1·mscale·ln(factor)+1, divided by the same with mscale_all_dim)
+    mscale_all_dim: float = 0.0  # softmax scale × (0.1·mscale_all_dim·ln(factor)+1)²; 0 = no correction
+    truncate: bool = True  # round the YaRN correction range to whole dims
+
+
+@dataclass(slots=True)
+class DeepSeekConfig:
+    """DeepSeek-V3 fields (HF `config.json` names where they exist); used when model.kind=deepseek.
+
+    Shared sizes come from `model.*`: d_model = hidden_size, n_layers = num_hidden_layers, n_heads =
+    num_attention_heads, d_ff = intermediate_size (dense layers), norm_eps = rms_norm_eps, rope_theta,
+    tie_embeddings = tie_word_embeddings, vocab_size.
+    """
+
+    q_lora_rank: int | None = None  # query compression rank; None = full-rank query projection
+    kv_lora_rank: int = 64  # key/value latent width (what inference caches)
+    qk_nope_head_dim: int = 32  # per-head query/key width without rotary positions
+    qk_rope_head_dim: int = 16  # per-head query/key width with rotary positions (one key part shared by all heads)
+    v_head_dim: int = 32  # per-head value width
+    rope_interleave: bool = True  # rotary dims as interleaved pairs (DeepSeek checkpoints) or as two halves
+    rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)  # YaRN long-context scaling
+    n_routed_experts: int = 8  # fine-grained routed experts per MoE layer
+    n_shared_experts: int = 1  # always-on experts per MoE layer (run as one MLP of n × moe_intermediate_size)
+    num_experts_per_tok: int = 2  # routed experts chosen per token (K)
+    moe_intermediate_size: int = 128  # hidden width of one expert
+    first_k_dense_replace: int = 1  # the first k layers use a dense MLP of width model.d_ff instead of MoE
+    scoring_func: Literal["sigmoid", "softmax"] = "sigmoid"  # expert affinity from router logits
+    # noaux_tc: selection by score + bias (aux-loss-free balancing), groups ranked by their top-2 sum (V3);
+    # group_limited_greedy: groups ranked by their best score (V2); greedy: plain top-k
+    topk_method: Literal["noaux_tc", "greedy", "group_limited_greedy"] = "noaux_tc"
+    n_group: int = 1  # expert groups for group-limited routing (1 = off)
+    topk_group: int = 1  # groups a token may route to
+    # Score given to experts of unselected groups before the top-k: -inf (DeepSeek's published code and
+    # transformers) or 0 (the first released HF remote code; differs when biased scores are negative)
+    group_mask_fill: Literal["neg_inf", "zero"] = "neg_inf"
+    norm_topk_prob: bool = True  # renormalise the K chosen weights to sum to 1
+    routed_scaling_factor: float = 1.0  # routed-expert output multiplier
+    bias_update_speed: float = 0.001  # gamma: per-step change of the selection bias from observed load
+    aux_loss_alpha: float = 0.0  # alpha of the sequence-wise balance loss (per MoE layer, summed); 0 = off
+    num_nextn_predict_layers: int = 0  # MTP depth D (extra future tokens predicted in training)
+    mtp_loss_weight: float = 0.3  # lambda: MTP loss weight (the D depth losses are averaged)
+    mtp_hidden_states_first: bool = False  # MTP projection input order [h; e] instead of the checkpoints' [e; h]
+
+
+@dataclass(slots=True)
 class ModelConfig:
+    kind: Literal["dense", "deepseek"] = "dense"  # dense transformer v0, or DeepSeek-V3 (MLA + MoE + MTP)
     vocab_size: int = 256  # byte-level tokenizer by default
     d_model: int = 256  # residual stream width
     n_layers: int = 4  # transformer blocks
@@ -49,6 +104,10 @@ class ModelConfig:
     param_dtype: Literal["float32", "bfloat16"] = "float32"  # storage dtype of parameters
     remat: Literal["none", "full", "save_matmuls"] = "none"  # activation rematerialisation per block
     attention: Literal["auto", "xla", "cudnn"] = "auto"  # jax.nn.dot_product_attention implementation
+    # Layer types whose tensor-parallel matmuls overlap their all-gather / reduce-scatter with the matmul
+    # (ring of ppermutes); the residual stream is then split over the sequence (rules.act_seq_parallel)
+    collective_matmul: list[Literal["attention", "mlp"]] = field(default_factory=list)
+    deepseek: DeepSeekConfig = field(default_factory=DeepSeekConfig)  # MLA/MoE/MTP fields (kind=deepseek)
 
 
 @dataclass(slots=True)
@@ -92,6 +151,21 @@ class TrainConfig:
 class KernelsConfig:
     # LayerNorm: "fused" Triton kernel (GPU only; an error elsewhere), "auto" (fused where it can run), or pure JAX
     norm: Literal["reference", "fused", "auto"] = "reference"
+    # MoE grouped matmul (kernels.gmm): "reference" (jax.lax.ragged_dot) or "auto" (fastest available here)
+    gmm: Literal["reference", "auto"] = "auto"
+
+
+@dataclass(slots=True)
+class ParallelConfig:
+    # Pipeline (mesh.pipeline > 1): microbatch order; circular and interleaved run several virtual stages per
+    # device (see jaxdeep/parallel/README.md)
+    schedule: Literal["gpipe", "1f1b", "circular", "interleaved"] = "1f1b"
+    microbatches: int = 0  # microbatches per step through the pipeline; 0 = 2 × mesh.pipeline
+    virtual_stages: int = 1  # stages per device: 1 for gpipe and 1f1b, >= 2 for circular and interleaved
+    stage_layers: list[int] = field(default_factory=list)  # layers per stage in order; [] = balanced by cost
+    # Data-parallel gradient reduction: "hierarchical" reduce-scatters inside the fast tier, all-reduces across
+    # the slow one and all-gathers back; "auto" does so when mesh.data spans several topology tiers
+    grad_reduce: Literal["flat", "hierarchical", "auto"] = "flat"
 
 
 def default_rules() -> dict[str, list[str]]:
@@ -105,12 +179,17 @@ def default_rules() -> dict[str, list[str]]:
         "head_dim": [],
         "mlp": ["tensor"],
         "norm": [],
-        "layers": [],
+        "layers": ["pipeline"],  # stacked blocks: each pipeline stage stores the layers it runs
         "act_seq": [],
         "act_embed": [],
         "act_heads": ["tensor"],
         "act_mlp": ["tensor"],
         "act_vocab": ["tensor"],
+        "act_seq_parallel": ["tensor"],  # residual-stream sequence split when model.collective_matmul is on
+        "expert": ["expert"],  # routed experts of a MoE layer (expert parallelism)
+        "router": [],  # the router's expert dim: every device scores all experts
+        "q_lora": [],  # MLA query latent
+        "kv_lora": [],  # MLA key/value latent
     }
 
 
@@ -129,6 +208,7 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     sharding: ShardingConfig = field(default_factory=ShardingConfig)
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
 
 # ----------------------------------------------------------------------------- typed parsing
@@ -214,7 +294,7 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
         key = f"{prefix}.{name}" if prefix else name
         tp = hints[name]
         if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, data[name] or {}, key)
+            kwargs[name] = _build(tp, {} if data[name] is None else data[name], key)
         else:
             kwargs[name] = _coerce(data[name], tp, key)
     return cls(**kwargs)
@@ -234,6 +314,21 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads `1e-4` (no dot) as a string; configs mean a number."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """`section.key=value` with the value read as YAML (so 3, 1e-4, true, [data, fsdp] work)."""
     if "=" not in text:
@@ -243,7 +338,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not key:
         raise ConfigError(f"override {text!r}: empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _yaml_load(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
         raise ConfigError(f"override {key}: cannot parse value {raw!r}: {e}") from None
     return key, value
@@ -259,7 +354,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
                 f"config file {path} does not exist; pass a YAML file such as experiments/quickstart.yaml"
             )
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = _yaml_load(path.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
         if not isinstance(data, dict):
@@ -314,6 +409,8 @@ def validate(cfg: ExperimentConfig) -> None:
         raise ConfigError("optim.warmup_steps, optim.clip_norm and optim.weight_decay must be >= 0")
     if m.head_dim % 2:
         raise ConfigError(f"model.head_dim: rotary embeddings need an even head_dim, got {m.head_dim}")
+    if m.kind == "deepseek":
+        validate_deepseek(m)
     if d.global_batch_size % o.grad_accum_steps:
         raise ConfigError(
             f"optim.grad_accum_steps={o.grad_accum_steps} must divide data.global_batch_size={d.global_batch_size}"
@@ -330,8 +427,6 @@ def validate(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"mesh: only one axis may be -1 (fill), got {', '.join('mesh.' + a for a in fills)}")
     if mesh.cpu_devices < 0:
         raise ConfigError(f"mesh.cpu_devices: must be >= 0, got {mesh.cpu_devices}")
-    if mesh.pipeline != 1:
-        raise ConfigError("mesh.pipeline: pipeline parallelism is not available in this version; set it to 1")
     for logical, axes in cfg.sharding.rules.items():
         for axis in axes:
             if axis not in MESH_AXES:
@@ -343,6 +438,45 @@ def validate(cfg: ExperimentConfig) -> None:
     check_splits(cfg, sizes)
 
 
+def validate_deepseek(m: ModelConfig) -> None:
+    """Consistency of the model.deepseek.* fields (see DeepSeekConfig)."""
+    ds, key = m.deepseek, "model.deepseek"
+    _positive(ds, key, ["q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"])
+    _positive(ds, key, ["n_routed_experts", "num_experts_per_tok", "moe_intermediate_size", "n_group", "topk_group"])
+    for name in ("n_shared_experts", "first_k_dense_replace", "num_nextn_predict_layers"):
+        if getattr(ds, name) < 0:
+            raise ConfigError(f"{key}.{name}: must be >= 0, got {getattr(ds, name)}")
+    for name in ("bias_update_speed", "aux_loss_alpha", "mtp_loss_weight", "routed_scaling_factor"):
+        if getattr(ds, name) < 0:
+            raise ConfigError(f"{key}.{name}: must be >= 0, got {getattr(ds, name)}")
+    if ds.qk_rope_head_dim % 2:
+        raise ConfigError(f"{key}.qk_rope_head_dim: rotary embeddings need an even width, got {ds.qk_rope_head_dim}")
+    if ds.first_k_dense_replace > m.n_layers:
+        raise ConfigError(f"{key}.first_k_dense_replace={ds.first_k_dense_replace} exceeds model.n_layers={m.n_layers}")
+    if ds.num_experts_per_tok > ds.n_routed_experts:
+        raise ConfigError(
+            f"{key}.num_experts_per_tok={ds.num_experts_per_tok} exceeds n_routed_experts={ds.n_routed_experts}"
+        )
+    if ds.n_routed_experts % ds.n_group:
+        raise ConfigError(f"{key}.n_group={ds.n_group} must divide n_routed_experts={ds.n_routed_experts}")
+    if ds.topk_group > ds.n_group:
+        raise ConfigError(f"{key}.topk_group={ds.topk_group} exceeds n_group={ds.n_group}")
+    group_size = ds.n_routed_experts // ds.n_group
+    if ds.n_group > 1 and ds.topk_method != "greedy":
+        if ds.num_experts_per_tok > ds.topk_group * group_size:
+            raise ConfigError(
+                f"{key}.num_experts_per_tok={ds.num_experts_per_tok} is more than the topk_group={ds.topk_group} "
+                f"selected groups of {group_size} experts hold; raise topk_group"
+            )
+        if ds.topk_method == "noaux_tc" and group_size < 2:
+            raise ConfigError(f"{key}.n_group: noaux_tc ranks groups by their top-2 experts; groups need >= 2 experts")
+    rs = ds.rope_scaling
+    if rs.type == "yarn":
+        if rs.factor < 1.0:
+            raise ConfigError(f"{key}.rope_scaling.factor: must be >= 1 for yarn, got {rs.factor}")
+        _positive(rs, f"{key}.rope_scaling", ["original_max_position_embeddings", "beta_fast", "beta_slow"])
+
+
 def check_splits(cfg: ExperimentConfig, sizes: dict[str, int]) -> None:
     """Every dimension split over mesh axes must divide evenly (axes of size -1 are not known yet)."""
     m, d, o = cfg.model, cfg.data, cfg.optim
@@ -351,11 +485,22 @@ def check_splits(cfg: ExperimentConfig, sizes: dict[str, int]) -> None:
         "model.d_ff": (m.d_ff, "mlp"),
         "model.vocab_size": (m.vocab_size, "vocab"),
         "model.d_model": (m.d_model, "embed"),
+        "model.n_layers": (m.n_layers, "layers"),
+        "model.head_dim": (m.head_dim, "head_dim"),
+        "data.seq_len": (d.seq_len, "act_seq"),
         "data.global_batch_size // optim.grad_accum_steps": (
             d.global_batch_size // o.grad_accum_steps,
             "batch",
         ),
     }
+    if m.kind == "deepseek":
+        ds = m.deepseek
+        splits["model.deepseek.n_routed_experts"] = (ds.n_routed_experts, "expert")
+        splits["model.deepseek.moe_intermediate_size"] = (ds.moe_intermediate_size, "mlp")
+        splits["model.deepseek.moe_intermediate_size × n_shared_experts"] = (
+            ds.moe_intermediate_size * max(ds.n_shared_experts, 1),
+            "mlp",
+        )
     for key, (dim, logical) in splits.items():
         axes = cfg.sharding.rules.get(logical, [])
         if any(sizes[a] == -1 for a in axes):
@@ -369,3 +514,73 @@ def check_splits(cfg: ExperimentConfig, sizes: dict[str, int]) -> None:
                 f"{key}={dim} is split over {names} = {shards} shards (sharding.rules.{logical}) and must divide "
                 f"evenly; change the size or the mesh"
             )
+    check_parallel(cfg, sizes)
+
+
+def pipeline_microbatches(cfg: ExperimentConfig, pipeline: int) -> int:
+    """Microbatches per step through a pipeline of `pipeline` devices (parallel.microbatches, 0 = 2 × stages)."""
+    return cfg.parallel.microbatches or 2 * pipeline
+
+
+def check_parallel(cfg: ExperimentConfig, sizes: dict[str, int]) -> None:
+    """The parallel.* fields against the model and the mesh (mesh sizes of -1 are not known yet)."""
+    par, m, key = cfg.parallel, cfg.model, "parallel"
+    if par.microbatches < 0:
+        raise ConfigError(f"{key}.microbatches: must be >= 0 (0 = 2 × mesh.pipeline), got {par.microbatches}")
+    multi = par.schedule in ("circular", "interleaved")
+    if multi and par.virtual_stages < 2:
+        raise ConfigError(
+            f"{key}.virtual_stages={par.virtual_stages}: schedule {par.schedule} runs several stages per device; "
+            f"set it to 2 or more (or use schedule gpipe / 1f1b)"
+        )
+    if not multi and par.virtual_stages != 1:
+        raise ConfigError(
+            f"{key}.virtual_stages={par.virtual_stages}: schedule {par.schedule} runs one stage per device; set it "
+            f"to 1, or use schedule circular / interleaved for several"
+        )
+    if m.collective_matmul and sizes["tensor"] != -1:
+        tp = sizes["tensor"]
+        if cfg.data.seq_len % tp:
+            raise ConfigError(
+                f"data.seq_len={cfg.data.seq_len} must divide by mesh.tensor={tp}: model.collective_matmul splits "
+                f"the sequence over the tensor axis"
+            )
+    p = sizes["pipeline"]
+    if p == 1 or p == -1:
+        return
+    if m.kind != "dense":
+        raise ConfigError(
+            f"mesh.pipeline={p}: pipeline parallelism runs model.kind=dense only so far; set mesh.pipeline=1"
+        )
+    n_stages = p * par.virtual_stages
+    if par.stage_layers:
+        if len(par.stage_layers) != n_stages or any(n < 1 for n in par.stage_layers):
+            raise ConfigError(
+                f"{key}.stage_layers={par.stage_layers}: give {n_stages} positive layer counts (mesh.pipeline={p} × "
+                f"parallel.virtual_stages={par.virtual_stages}), or [] to balance by cost"
+            )
+        if sum(par.stage_layers) != m.n_layers:
+            raise ConfigError(
+                f"{key}.stage_layers={par.stage_layers} sums to {sum(par.stage_layers)}, not model.n_layers="
+                f"{m.n_layers}"
+            )
+    elif m.n_layers < n_stages:
+        raise ConfigError(
+            f"model.n_layers={m.n_layers} is fewer than the {n_stages} pipeline stages (mesh.pipeline={p} × "
+            f"parallel.virtual_stages={par.virtual_stages}); every stage needs a layer"
+        )
+    micro = pipeline_microbatches(cfg, p)
+    per_step = cfg.data.global_batch_size // cfg.optim.grad_accum_steps
+    if per_step % micro:
+        raise ConfigError(
+            f"{key}.microbatches={micro} must divide data.global_batch_size // optim.grad_accum_steps={per_step}"
+        )
+    shards = 1
+    for axis in cfg.sharding.rules.get("batch", []):
+        shards *= max(sizes[axis], 1)
+    if (per_step // micro) % shards:
+        raise ConfigError(
+            f"a pipeline microbatch holds {per_step // micro} sequences (data.global_batch_size // "
+            f"optim.grad_accum_steps // {key}.microbatches), which must divide by the {shards} batch shards "
+            f"(sharding.rules.batch); lower {key}.microbatches or raise data.global_batch_size"
+        )

@@ -14,6 +14,8 @@ from collections.abc import Iterator, Mapping, Sequence
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jaxdeep.config import ConfigError
+
 Rules = Mapping[str, Sequence[str]]
 LogicalAxes = tuple[str | None, ...]
 
@@ -28,7 +30,10 @@ def logical_to_spec(axes: LogicalAxes, rules: Rules, mesh: Mesh | None = None) -
             spec.append(None)
             continue
         if name not in rules:
-            raise KeyError(f"logical axis {name!r} has no entry in sharding.rules; known: {', '.join(sorted(rules))}")
+            raise ConfigError(
+                f"sharding.rules: logical axis {name!r} has no entry; add sharding.rules.{name}=[...] "
+                f"(known: {', '.join(sorted(rules)) or 'none'})"
+            )
         mesh_axes = [a for a in rules[name] if a not in used and (mesh is None or mesh.shape[a] > 1)]
         used.update(mesh_axes)
         spec.append(None if not mesh_axes else mesh_axes[0] if len(mesh_axes) == 1 else tuple(mesh_axes))

@@ -185,7 +185,7 @@ def train(
         ckpt.close()
         if writer:
             writer.close()
-    if is_main:
+    if is_main and last_loss is not None:  # a run resumed at its last step trained nothing: keep its summary
         plot_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss.png")
         summary = {"step": step, "first_loss": first_loss, "last_loss": last_loss, "eval_loss": eval_loss}
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
