@@ -153,7 +153,6 @@ BAD_OVERRIDES = {
     ),
     "odd head_dim": (["model.head_dim=7"], ["model.head_dim", "even"]),
     "non-positive size": (["model.n_layers=0"], ["model.n_layers", "must be positive"]),
-    "pipeline": (["mesh.pipeline=2"], ["mesh.pipeline", "set it to 1"]),
     "override without =": (["train.steps"], ["'train.steps'", "expected section.key=value"]),
     "override with empty key": (["=3"], ["empty key"]),
     "override value not YAML": (["sharding.rules.embed=[fsdp"], ["sharding.rules.embed", "cannot parse"]),
