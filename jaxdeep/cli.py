@@ -1,4 +1,4 @@
-"""`jaxdeep` command line: train, eval, mesh."""
+"""`jaxdeep` command line: train, eval, mesh, convert."""
 
 from __future__ import annotations
 
@@ -39,6 +39,19 @@ def _parser() -> argparse.ArgumentParser:
 
     mesh = sub.add_parser("mesh", help="print the mesh: axes, tiers crossed, device placement")
     add_common(mesh, "")
+
+    convert = sub.add_parser("convert", help="convert between Hugging Face DeepSeek checkpoints and jaxdeep runs")
+    convert.add_argument(
+        "direction",
+        choices=["from-hf", "to-hf"],
+        help="from-hf: HF_DIR -> RUN_DIR (step-0 checkpoint + config.yaml); to-hf: RUN_DIR -> HF_DIR",
+    )
+    convert.add_argument("source", help="HF directory (from-hf) or run directory with config.yaml (to-hf)")
+    convert.add_argument("dest", help="run directory (from-hf) or HF directory to write (to-hf)")
+    convert.add_argument("overrides", nargs="*", help="section.key=value overrides of the run config, e.g. mesh.*")
+    convert.add_argument("--step", type=int, help="to-hf: checkpoint step (default: the latest)")
+    convert.add_argument("--dtype", choices=["float32", "bfloat16"], help="to-hf: tensor dtype (default: params')")
+    convert.set_defaults(coordinator=None, num_processes=None, process_id=None)
     return parser
 
 
@@ -76,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     args.overrides = [*args.overrides, *extra]
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every save step at INFO
+    if args.command == "convert":
+        return _convert(args)
     try:
         cfg, cfg_dir = _load(args.config, args.overrides)
     except ConfigError as e:
@@ -108,6 +123,35 @@ def main(argv: list[str] | None = None) -> int:
                 print("jaxdeep eval: pass --run-dir or a run directory as CONFIG", file=sys.stderr)
                 return 2
             print(json.dumps(loop.evaluate_checkpoint(cfg, run_dir, args.batches, args.step)))
+    except (ConfigError, meshes.MeshError, FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"jaxdeep: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    """`jaxdeep convert from-hf HF_DIR RUN_DIR` or `jaxdeep convert to-hf RUN_DIR HF_DIR`."""
+    try:
+        if args.direction == "from-hf":
+            from jaxdeep.hf.runs import run_config_for_hf
+
+            cfg = run_config_for_hf(args.source, args.dest, args.overrides)
+        else:
+            cfg, _ = _load(args.source, args.overrides)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"jaxdeep: config error: {e}", file=sys.stderr)
+        return 2
+    _start_jax(cfg, args)
+    import meshes
+    from jaxdeep.hf import runs
+
+    try:
+        if args.direction == "from-hf":
+            n = runs.import_hf(args.source, args.dest, cfg)
+            print(f"converted {args.source} ({n / 1e6:.1f}M parameters) into run {args.dest} at step 0")
+        else:
+            step = runs.export_hf(cfg, args.source, args.dest, args.step, args.dtype)
+            print(f"wrote step {step} of {args.source} to {args.dest} (Hugging Face DeepSeek format)")
     except (ConfigError, meshes.MeshError, FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"jaxdeep: error: {e}", file=sys.stderr)
         return 2

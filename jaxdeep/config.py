@@ -121,6 +121,23 @@ class DataConfig:
 
 
 @dataclass(slots=True)
+class TopkConfig:
+    """Options of optim.compression=topk | topk_hierarchical (jaxdeep/optim/README.md)."""
+
+    ratio: float = 0.05  # fraction of its gradient entries each replica sends per step, in (0, 1]
+    error_feedback: bool = True  # keep what was not sent and add it to the next step's gradient
+    selection: Literal["per_tensor", "global"] = "per_tensor"  # top-k within each tensor, or over all at once
+    method: Literal["exact", "sampled"] = "exact"  # lax.top_k, or a magnitude threshold estimated from a sample
+    sample_size: int = 16384  # entries sampled per tensor to estimate the threshold (method=sampled)
+    min_size: int = 1024  # tensors with fewer entries per device are reduced densely
+    warmup_steps: int = 0  # sparsity warm-up: density falls from warmup_start_ratio to ratio; 0 = off
+    warmup_start_ratio: float = 0.25  # density during the first warm-up stage, in [ratio, 1] (used if warmup_steps > 0)
+    warmup_stages: int = 4  # distinct densities in the warm-up (each compiles its own exchange)
+    momentum: float = 0.0  # DGC momentum correction (velocity accumulated before selection), in [0, 1); 0 = off
+    local_clip_norm: float = 0.0  # DGC local clipping: each replica clips to this × sqrt(replicas); 0 = off
+
+
+@dataclass(slots=True)
 class OptimConfig:
     lr: float = 3e-4  # peak learning rate of AdamW
     min_lr_ratio: float = 0.1  # final learning rate as a fraction of the peak (cosine decay)
@@ -131,6 +148,10 @@ class OptimConfig:
     eps: float = 1e-8  # Adam epsilon
     clip_norm: float = 1.0  # global gradient-norm clipping; 0 = off
     grad_accum_steps: int = 1  # microbatches per optimizer step (global batch split evenly)
+    # Gradient compression before the cross-replica reduction: none (dense), topk (top-k exchange among all
+    # replicas) or topk_hierarchical (dense inside the fast tier of mesh.topology, top-k across the slow tier)
+    compression: Literal["none", "topk", "topk_hierarchical"] = "none"
+    topk: TopkConfig = field(default_factory=TopkConfig)  # options of the top-k compression modes
 
 
 @dataclass(slots=True)
@@ -409,6 +430,7 @@ def validate(cfg: ExperimentConfig) -> None:
         raise ConfigError("optim.warmup_steps, optim.clip_norm and optim.weight_decay must be >= 0")
     if m.head_dim % 2:
         raise ConfigError(f"model.head_dim: rotary embeddings need an even head_dim, got {m.head_dim}")
+    validate_topk(o.topk)
     if m.kind == "deepseek":
         validate_deepseek(m)
     if d.global_batch_size % o.grad_accum_steps:
@@ -436,6 +458,24 @@ def validate(cfg: ExperimentConfig) -> None:
         if len(set(axes)) != len(axes):
             raise ConfigError(f"sharding.rules.{logical}: a mesh axis appears twice in {axes}")
     check_splits(cfg, sizes)
+
+
+def validate_topk(tk: TopkConfig) -> None:
+    """Ranges of the optim.topk.* fields (checked whatever optim.compression is, so a typo never waits)."""
+    key = "optim.topk"
+    if not 0.0 < tk.ratio <= 1.0:
+        raise ConfigError(f"{key}.ratio: must be in (0, 1], got {tk.ratio}")
+    if tk.warmup_steps > 0 and not tk.ratio <= tk.warmup_start_ratio <= 1.0:
+        raise ConfigError(
+            f"{key}.warmup_start_ratio: must be in [{key}.ratio={tk.ratio}, 1] with a warm-up, "
+            f"got {tk.warmup_start_ratio}"
+        )
+    _positive(tk, key, ["sample_size", "warmup_stages"])
+    for name in ("min_size", "warmup_steps", "local_clip_norm"):
+        if getattr(tk, name) < 0:
+            raise ConfigError(f"{key}.{name}: must be >= 0, got {getattr(tk, name)}")
+    if not 0.0 <= tk.momentum < 1.0:
+        raise ConfigError(f"{key}.momentum: must be in [0, 1), got {tk.momentum}")
 
 
 def validate_deepseek(m: ModelConfig) -> None:
@@ -538,6 +578,11 @@ def check_parallel(cfg: ExperimentConfig, sizes: dict[str, int]) -> None:
             f"{key}.virtual_stages={par.virtual_stages}: schedule {par.schedule} runs one stage per device; set it "
             f"to 1, or use schedule circular / interleaved for several"
         )
+    if par.grad_reduce == "hierarchical" and (sizes["pipeline"] not in (1, -1) or cfg.optim.compression != "none"):
+        raise ConfigError(
+            f"{key}.grad_reduce=hierarchical does not combine with mesh.pipeline > 1 or optim.compression yet "
+            f"(optim.compression=topk_hierarchical has its own); use flat or auto"
+        )
     if m.collective_matmul and sizes["tensor"] != -1:
         tp = sizes["tensor"]
         if cfg.data.seq_len % tp:
@@ -551,6 +596,11 @@ def check_parallel(cfg: ExperimentConfig, sizes: dict[str, int]) -> None:
     if m.kind != "dense":
         raise ConfigError(
             f"mesh.pipeline={p}: pipeline parallelism runs model.kind=dense only so far; set mesh.pipeline=1"
+        )
+    if cfg.optim.compression != "none":
+        raise ConfigError(
+            f"mesh.pipeline={p}: optim.compression={cfg.optim.compression} does not combine with the pipeline yet; "
+            f"set optim.compression=none or mesh.pipeline=1"
         )
     n_stages = p * par.virtual_stages
     if par.stage_layers:

@@ -77,7 +77,7 @@ def constrain(x: jax.Array, axes: LogicalAxes) -> jax.Array:
 def active_spec(axes: LogicalAxes) -> tuple[Mesh, PartitionSpec] | None:
     """(mesh, spec) for logical `axes` under `use_rules` on a mesh of several devices; else None."""
     active = _ACTIVE.get()
-    if active is None or active[1].devices.size == 1:
+    if active is None or active[1].size == 1:  # `size`: a Mesh or, inside shard_map, an AbstractMesh
         return None
     rules, mesh = active
     return mesh, logical_to_spec(axes, rules, mesh)

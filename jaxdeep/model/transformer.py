@@ -8,6 +8,7 @@ from flax import nnx
 
 from jaxdeep.config import ModelConfig
 from jaxdeep.model.layers import LayerNorm, normal_param, rotary, scaled_init_std
+from jaxdeep.parallel.collective_matmul import column_parallel, row_parallel
 from jaxdeep.sharding import constrain
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -32,15 +33,17 @@ class Attention(nnx.Module):
     def __call__(self, x_btd: jax.Array, positions_bt: jax.Array) -> jax.Array:
         cfg, dt = self.cfg, DTYPES[self.cfg.dtype]
         heads = ("batch", "act_seq", "act_heads", None)
-        q_btnh = constrain(jnp.einsum("btd,dnh->btnh", x_btd, self.wq[...].astype(dt)), heads)
-        k_btnh = constrain(jnp.einsum("btd,dnh->btnh", x_btd, self.wk[...].astype(dt)), heads)
-        v_btnh = constrain(jnp.einsum("btd,dnh->btnh", x_btd, self.wv[...].astype(dt)), heads)
+        overlap = "attention" in cfg.collective_matmul
+        weights = (self.wq[...].astype(dt), self.wk[...].astype(dt), self.wv[...].astype(dt))
+        qkv = column_parallel("btd,dnh->btnh", x_btd, weights, ("embed", "heads", "head_dim"), heads, "heads", overlap)
+        q_btnh, k_btnh, v_btnh = (constrain(y, heads) for y in qkv)
         q_btnh = rotary(q_btnh, positions_bt, cfg.rope_theta)
         k_btnh = rotary(k_btnh, positions_bt, cfg.rope_theta)
         impl = None if cfg.attention == "auto" else cfg.attention
         o_btnh = jax.nn.dot_product_attention(q_btnh, k_btnh, v_btnh, is_causal=True, implementation=impl)
         o_btnh = constrain(o_btnh, heads)
-        return jnp.einsum("btnh,nhd->btd", o_btnh, self.wo[...].astype(dt))
+        wo = self.wo[...].astype(dt)
+        return row_parallel("btnh,nhd->btd", o_btnh, wo, heads, ("heads", "head_dim", "embed"), "heads", overlap)
 
 
 class Mlp(nnx.Module):
@@ -50,11 +53,14 @@ class Mlp(nnx.Module):
         out_std = scaled_init_std(cfg.init_std, cfg.n_layers)
         self.w_out = normal_param(rngs, (cfg.d_ff, cfg.d_model), ("mlp", "embed"), out_std, pdt)
         self.dtype = DTYPES[cfg.dtype]
+        self.overlap = "mlp" in cfg.collective_matmul
 
     def __call__(self, x_btd: jax.Array) -> jax.Array:
-        h_btf = jnp.einsum("btd,df->btf", x_btd, self.w_in[...].astype(self.dtype))
-        h_btf = constrain(jax.nn.gelu(h_btf, approximate=False), ("batch", "act_seq", "act_mlp"))
-        return jnp.einsum("btf,fd->btd", h_btf, self.w_out[...].astype(self.dtype))
+        hidden = ("batch", "act_seq", "act_mlp")
+        w_in, w_out = self.w_in[...].astype(self.dtype), self.w_out[...].astype(self.dtype)
+        (h_btf,) = column_parallel("btd,df->btf", x_btd, (w_in,), ("embed", "mlp"), hidden, "mlp", self.overlap)
+        h_btf = constrain(jax.nn.gelu(h_btf, approximate=False), hidden)
+        return row_parallel("btf,fd->btd", h_btf, w_out, hidden, ("mlp", "embed"), "mlp", self.overlap)
 
 
 class Block(nnx.Module):
@@ -64,9 +70,12 @@ class Block(nnx.Module):
         self.attn = Attention(cfg, rngs)
         self.mlp_norm = LayerNorm(cfg.d_model, cfg.norm_eps, pdt, norm_impl)
         self.mlp = Mlp(cfg, rngs)
+        # With collective matmuls the residual stream stays split over the sequence between them (sequence
+        # parallelism): the all-gather then happens inside the next column-parallel matmul, overlapped.
+        self.residual_seq = "act_seq_parallel" if cfg.collective_matmul else "act_seq"
 
     def __call__(self, x_btd: jax.Array, positions_bt: jax.Array) -> jax.Array:
-        residual = ("batch", "act_seq", "act_embed")
+        residual = ("batch", self.residual_seq, "act_embed")
         x_btd = constrain(x_btd + self.attn(self.attn_norm(x_btd), positions_bt), residual)
         return constrain(x_btd + self.mlp(self.mlp_norm(x_btd)), residual)
 
@@ -96,26 +105,51 @@ class Transformer(nnx.Module):
 
     def __call__(self, tokens_bt: jax.Array) -> jax.Array:
         """Token ids [batch, seq] -> fp32 logits [batch, seq, vocab]."""
-        cfg, dt = self.cfg, DTYPES[self.cfg.dtype]
-        positions_bt = jnp.broadcast_to(jnp.arange(tokens_bt.shape[1]), tokens_bt.shape)
+        return self.output_logits(self.apply_blocks(self.embed_tokens(tokens_bt)))
+
+    # The three parts below are also run separately, by the pipeline stages (jaxdeep/parallel/pipeline.py).
+
+    def embed_tokens(self, tokens_bt: jax.Array) -> jax.Array:
+        """Token ids [batch, seq] -> residual stream [batch, seq, embed] in the compute dtype."""
         # Gather from a table whose embed dim is whole: a gather out of an fsdp-split table would make the
         # partitioner replicate the whole lookup.
         table_vd = constrain(self.embed[...], ("vocab", None))
-        x_btd = jnp.take(table_vd, tokens_bt, axis=0).astype(dt)
-        x_btd = constrain(x_btd, ("batch", "act_seq", "act_embed"))
+        x_btd = jnp.take(table_vd, tokens_bt, axis=0).astype(DTYPES[self.cfg.dtype])
+        return constrain(x_btd, ("batch", "act_seq", "act_embed"))
 
+    def apply_blocks(
+        self, x_btd: jax.Array, layer_mask: jax.Array | None = None, skip_masked: bool = True
+    ) -> jax.Array:
+        """Run the stacked blocks in order. `layer_mask` [layers] (bool) drops the layers where it is False
+        (pipeline stages pad their stacks to a common length): skipped by a branch, or with `skip_masked=False`
+        run and discarded (for callers whose devices must all run the same collectives)."""
+        positions_bt = jnp.broadcast_to(jnp.arange(x_btd.shape[1]), x_btd.shape[:2])
         block_def, block_state = nnx.split(self.blocks)
 
-        def body(x_btd, state):
-            return nnx.merge(block_def, state)(x_btd, positions_bt), None
+        def run(x_btd, state):
+            return nnx.merge(block_def, state)(x_btd, positions_bt)
 
-        if cfg.remat != "none":
-            body = jax.checkpoint(body, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
-        x_btd, _ = jax.lax.scan(body, x_btd, block_state)
+        if layer_mask is None:
+            body, xs = (lambda x, state: (run(x, state), None)), block_state
+        elif skip_masked and not self.cfg.collective_matmul:
+            skip = lambda x, state: x
+            body = lambda x, layer: (jax.lax.cond(layer[1], run, skip, x, layer[0]), None)
+            xs = (block_state, layer_mask)
+        else:
+            # Ring permutes may not sit in a branch only some devices take (every device joins a permute), so
+            # masked layers run and their output is dropped.
+            body = lambda x, layer: (jnp.where(layer[1], run(x, layer[0]), x), None)
+            xs = (block_state, layer_mask)
+        if self.cfg.remat != "none":
+            body = jax.checkpoint(body, policy=REMAT_POLICIES[self.cfg.remat], prevent_cse=False)
+        x_btd, _ = jax.lax.scan(body, x_btd, xs)
+        return x_btd
 
+    def output_logits(self, x_btd: jax.Array) -> jax.Array:
+        """Residual stream -> fp32 logits [batch, seq, vocab] (final norm, then the head)."""
         x_btd = self.final_norm(x_btd)
-        head_dv = self.embed[...].T if cfg.tie_embeddings else self.head[...]
-        logits_btv = jnp.einsum("btd,dv->btv", x_btd, head_dv.astype(dt))
+        head_dv = self.embed[...].T if self.cfg.tie_embeddings else self.head[...]
+        logits_btv = jnp.einsum("btd,dv->btv", x_btd, head_dv.astype(DTYPES[self.cfg.dtype]))
         return constrain(logits_btv, ("batch", "act_seq", "act_vocab")).astype(jnp.float32)
 
 

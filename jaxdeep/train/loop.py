@@ -59,9 +59,10 @@ def make_data(cfg: ExperimentConfig) -> RunData:
     return RunData(train, evaluation)
 
 
-def evaluate(setup: ModelSetup, eval_step, params, data: TokenBatches, n_batches: int) -> float:
+def evaluate(setup: ModelSetup, eval_step, params, data: TokenBatches, n_batches: int, model_state=None) -> float:
     sharding = batch_sharding(setup)
-    losses = [eval_step(params, to_global_array(data.batch_at(i), sharding)) for i in range(n_batches)]
+    extra = () if model_state is None else (model_state,)  # MoE models' selection biases
+    losses = [eval_step(params, to_global_array(data.batch_at(i), sharding), *extra) for i in range(n_batches)]
     return float(np.mean(jax.device_get(losses)))
 
 
@@ -96,8 +97,10 @@ def train(
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     is_main = jax.process_index() == 0
-    mesh, _ = mesh_from_config(cfg, devices)
-    setup = build_setup(cfg, mesh)
+    mesh, topology = mesh_from_config(cfg, devices)
+    setup = build_setup(cfg, mesh, topology)
+    if setup.compression is not None:
+        log.info("gradient compression %s: %s", cfg.optim.compression, setup.compression.plan.describe())
     data = make_data(cfg)
     ckpt = Checkpointer(run_dir / "checkpoints", keep=cfg.train.keep_checkpoints, async_save=cfg.train.async_checkpoint)
     latest = ckpt.latest_step()
@@ -150,6 +153,10 @@ def train(
                 }
                 if peak_total:
                     record["mfu"] = flops_per_step / step_time / peak_total
+                # Compressed runs: bytes each device sent per tier, the dense equivalent and the ratio.
+                record.update({k: float(v) for k, v in metrics.items() if k.startswith("comm_")})
+                # MoE models: MTP and balance losses, expert load (max/mean), dropped copies, selection-bias range.
+                record.update({k: float(v) for k, v in metrics.items() if k.startswith(("moe_", "mtp_", "total_"))})
                 if first_loss is None:
                     first_loss = loss
                 last_loss = loss
@@ -166,7 +173,9 @@ def train(
                 window_start, window_steps = time.perf_counter(), 0
             bar.update(1)
             if (cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == cfg.train.steps:
-                eval_loss = evaluate(setup, eval_step, state["params"], data.eval, cfg.train.eval_batches)
+                eval_loss = evaluate(
+                    setup, eval_step, state["params"], data.eval, cfg.train.eval_batches, state.get("model_state")
+                )
                 if writer:
                     writer.write({"step": step, "eval_loss": eval_loss})
                 bar.write(f"step {step}: eval loss {eval_loss:.4f}")
@@ -203,7 +212,7 @@ def evaluate_checkpoint(cfg: ExperimentConfig, run_dir: str | Path, n_batches: i
     finally:
         ckpt.close()
     n = n_batches or cfg.train.eval_batches
-    loss = evaluate(setup, make_eval_step(setup), state["params"], data.eval, n)
+    loss = evaluate(setup, make_eval_step(setup), state["params"], data.eval, n, state.get("model_state"))
     return {
         "step": int(state["step"]),
         "eval_loss": loss,

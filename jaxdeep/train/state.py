@@ -11,12 +11,16 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxdeep.config import ExperimentConfig
-from jaxdeep.model import Transformer, logical_axes_of
+import meshes
+from jaxdeep.config import ConfigError, ExperimentConfig
+from jaxdeep.model import RoutingBias, build_model, logical_axes_of
+from jaxdeep.optim import CompressedReduction, build_compression
 from jaxdeep.sharding import tree_shardings
 from jaxdeep.train.optimizer import make_optimizer
 
-TrainState = dict[str, Any]  # {"step", "params", "opt_state", "rng"}: a plain pytree Orbax saves as is
+# {"step", "params", "opt_state", "rng"}, plus "model_state" (non-trainable model variables such as the MoE
+# selection biases) for models that have some: a plain pytree Orbax saves as is
+TrainState = dict[str, Any]
 
 
 @dataclass
@@ -30,16 +34,34 @@ class ModelSetup:
     optimizer: optax.GradientTransformation
     state_shardings: TrainState
     abstract_train_state: TrainState  # ShapeDtypeStructs with shardings, for restores
+    compression: CompressedReduction | None = None  # compressed cross-replica reduction; None = dense (GSPMD)
+    base_optimizer: optax.GradientTransformation | None = None  # what runs after the compression (AdamW chain)
+    abstract_model_state: nnx.State | None = None  # non-trainable model variables (MoE selection biases); None = none
 
-    def apply(self, params, tokens_bt: jax.Array) -> jax.Array:
+    def apply(self, params, tokens_bt: jax.Array, model_state=None) -> jax.Array:
+        return self.merge(params, model_state)(tokens_bt)
+
+    def merge(self, params, model_state=None) -> nnx.Module:
+        """The model with these parameters (and model state, for models that have some)."""
         state = jax.tree.map(lambda v: v, self.abstract_state)
         nnx.replace_by_pure_dict(state, params)
-        return nnx.merge(self.graphdef, state)(tokens_bt)
+        if self.abstract_model_state is None:
+            return nnx.merge(self.graphdef, state)
+        extra = jax.tree.map(lambda v: v, self.abstract_model_state)
+        nnx.replace_by_pure_dict(extra, model_state)
+        return nnx.merge(self.graphdef, state, extra)
 
 
-def build_setup(cfg: ExperimentConfig, mesh: Mesh) -> ModelSetup:
-    abstract_model = nnx.eval_shape(lambda: Transformer(cfg.model, nnx.Rngs(0), cfg.kernels.norm))
-    graphdef, abstract_state = nnx.split(abstract_model, nnx.Param)
+def build_setup(cfg: ExperimentConfig, mesh: Mesh, topology: meshes.Topology | None = None) -> ModelSetup:
+    """`topology` (a meshes.Topology) places the compressed exchange's tiers; None = from mesh.topology."""
+    abstract_model = nnx.eval_shape(lambda: build_model(cfg, nnx.Rngs(0)))
+    abstract_model_state = None
+    if cfg.model.kind == "deepseek":
+        if cfg.optim.compression != "none" or mesh.shape["pipeline"] > 1:
+            raise ConfigError("model.kind=deepseek: optim.compression and mesh.pipeline > 1 are not supported yet")
+        graphdef, abstract_state, abstract_model_state = nnx.split(abstract_model, nnx.Param, RoutingBias)
+    else:
+        graphdef, abstract_state = nnx.split(abstract_model, nnx.Param)
     logical = logical_axes_of(abstract_state)
     decay_mask = jax.tree.map(lambda axes: "norm" not in axes, logical, is_leaf=lambda x: isinstance(x, tuple))
     optimizer = make_optimizer(cfg.optim, cfg.train.steps, decay_mask)
@@ -56,23 +78,43 @@ def build_setup(cfg: ExperimentConfig, mesh: Mesh) -> ModelSetup:
         param_shardings,
         transform_non_params=lambda _: replicated,
     )
+    base_optimizer = optimizer
+    compression = build_compression(cfg, mesh, abstract_params, param_shardings, topology)
+    if compression is not None:
+        # Compression runs first and keeps the per-replica error feedback: opt_state = (its state, AdamW's).
+        optimizer = optax.chain(compression.transform, base_optimizer)
+        abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
+        opt_shardings = (compression.state_shardings, opt_shardings)
     state_shardings = {
         "step": replicated,
         "params": param_shardings,
         "opt_state": opt_shardings,
         "rng": replicated,
     }
+    abstract_tree = {
+        "step": jax.ShapeDtypeStruct((), jnp.int32),
+        "params": abstract_params,
+        "opt_state": abstract_opt,
+        "rng": jax.ShapeDtypeStruct((2,), jnp.uint32),
+    }
+    if abstract_model_state is not None:
+        state_shardings["model_state"] = tree_shardings(logical_axes_of(abstract_model_state), cfg.sharding.rules, mesh)
+        abstract_tree["model_state"] = nnx.to_pure_dict(abstract_model_state)
     abstract_train_state = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-        {
-            "step": jax.ShapeDtypeStruct((), jnp.int32),
-            "params": abstract_params,
-            "opt_state": abstract_opt,
-            "rng": jax.ShapeDtypeStruct((2,), jnp.uint32),
-        },
-        state_shardings,
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_tree, state_shardings
     )
-    return ModelSetup(cfg, mesh, graphdef, abstract_state, optimizer, state_shardings, abstract_train_state)
+    return ModelSetup(
+        cfg,
+        mesh,
+        graphdef,
+        abstract_state,
+        optimizer,
+        state_shardings,
+        abstract_train_state,
+        compression=compression,
+        base_optimizer=base_optimizer,
+        abstract_model_state=abstract_model_state,
+    )
 
 
 def init_train_state(setup: ModelSetup) -> TrainState:
@@ -80,13 +122,16 @@ def init_train_state(setup: ModelSetup) -> TrainState:
     cfg = setup.cfg
 
     def init() -> TrainState:
-        model = Transformer(cfg.model, nnx.Rngs(params=cfg.train.seed), cfg.kernels.norm)
-        params = nnx.to_pure_dict(nnx.split(model, nnx.Param)[1])
-        return {
+        model = build_model(cfg, nnx.Rngs(params=cfg.train.seed))
+        params = nnx.to_pure_dict(nnx.split(model, nnx.Param, ...)[1])
+        state = {
             "step": jnp.zeros((), jnp.int32),
             "params": params,
             "opt_state": setup.optimizer.init(params),
             "rng": jax.random.key_data(jax.random.key(cfg.train.seed + 1)).astype(jnp.uint32),
         }
+        if setup.abstract_model_state is not None:
+            state["model_state"] = nnx.to_pure_dict(nnx.split(model, RoutingBias, ...)[1])
+        return state
 
     return jax.jit(init, out_shardings=setup.state_shardings)()

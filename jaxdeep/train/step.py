@@ -9,7 +9,10 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
+from jaxdeep.parallel import hierarchical
 from jaxdeep.sharding import logical_to_spec, use_rules
+from jaxdeep.train import moe_step
+from jaxdeep.train.pipeline_step import is_pipelined, make_pipeline_loss, make_pipeline_loss_and_grads
 from jaxdeep.train.state import ModelSetup, TrainState
 
 
@@ -25,13 +28,46 @@ def cross_entropy(setup: ModelSetup, params, tokens_bs: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
 
 
+def per_replica_loss_and_grads(setup: ModelSetup, params, tokens_bs: jax.Array) -> tuple[jax.Array, dict]:
+    """Mean loss, and each replica's own gradient [replicas, *shape] with nothing reduced across replicas yet.
+
+    A vmap over the replicas with `spmd_axis_name`: the partitioner splits the replica dimension over the replica
+    axes and, seeing no sum over it, inserts no cross-replica all-reduce; reductions over fsdp and tensor stay as
+    on the dense path. (A shard_map manual over the data axes only trips an XLA partitioner check once fsdp and
+    tensor are both split.)
+    """
+    plan = setup.compression.plan
+    rules = {name: [a for a in axes if a not in plan.replica_axes] for name, axes in setup.cfg.sharding.rules.items()}
+    tokens_rbs = tokens_bs.reshape(plan.n_replicas, -1, tokens_bs.shape[-1])
+
+    def one_replica(tokens):
+        return jax.value_and_grad(lambda p: cross_entropy(setup, p, tokens))(params)
+
+    with use_rules(rules, setup.mesh):
+        loss_r, grads = jax.vmap(one_replica, spmd_axis_name=plan.replica_axes)(tokens_rbs)
+    return loss_r.mean(), jax.lax.with_sharding_constraint(grads, setup.compression.grad_shardings)
+
+
 def make_train_step(setup: ModelSetup) -> Callable[[TrainState, jax.Array], tuple[TrainState, dict]]:
+    if setup.abstract_model_state is not None:  # MoE models: aux losses, expert-bias updates (moe_step.py)
+        return moe_step.make_moe_train_step(setup)
     cfg = setup.cfg
     accum = cfg.optim.grad_accum_steps
     rules, mesh = cfg.sharding.rules, setup.mesh
     micro_sharding = NamedSharding(mesh, logical_to_spec((None, "batch", None), rules, mesh))
+    compression = setup.compression  # None: dense, the partitioner all-reduces the gradients
+    pipelined = make_pipeline_loss_and_grads(setup) if is_pipelined(setup) else None  # mesh.pipeline > 1
+    tiers = hierarchical.plan_for(cfg, mesh)  # parallel.grad_reduce: the data-parallel reduction tier by tier
+    if tiers is not None:
+        tiered = hierarchical.make_hierarchical_loss_and_grads(lambda p, t: cross_entropy(setup, p, t), tiers, rules)
 
     def loss_and_grads(params, tokens_bs):
+        if compression is not None:
+            return per_replica_loss_and_grads(setup, params, tokens_bs)
+        if pipelined is not None:
+            return pipelined(params, tokens_bs)
+        if tiers is not None:
+            return tiered(params, tokens_bs)
         return jax.value_and_grad(lambda p: cross_entropy(setup, p, tokens_bs))(params)
 
     def step(state: TrainState, tokens_bs: jax.Array):
@@ -50,9 +86,20 @@ def make_train_step(setup: ModelSetup) -> Callable[[TrainState, jax.Array], tupl
                     return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
 
                 zeros = jax.tree.map(jnp.zeros_like, params)
+                if compression is not None:
+                    zeros = compression.zeros_per_replica(params)
                 (loss, grads), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros), micro_kbs)
                 loss, grads = loss / accum, jax.tree.map(lambda g: g / accum, grads)
-            updates, opt_state = setup.optimizer.update(grads, state["opt_state"], params)
+            comm = {}
+            if compression is None:
+                updates, opt_state = setup.optimizer.update(grads, state["opt_state"], params)
+            else:
+                # The chain's two parts in turn, so the metrics see the mean gradient the optimizer gets.
+                comp_state, base_state = state["opt_state"]
+                comm = compression.metrics(comp_state.count)
+                grads, comp_state = compression.transform.update(grads, comp_state, params)
+                updates, base_state = setup.base_optimizer.update(grads, base_state, params)
+                opt_state = (comp_state, base_state)
             new_state = {
                 "step": state["step"] + 1,
                 "params": optax.apply_updates(params, updates),
@@ -60,7 +107,7 @@ def make_train_step(setup: ModelSetup) -> Callable[[TrainState, jax.Array], tupl
                 "rng": state["rng"],
             }
         grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
-        metrics = {"loss": loss, "grad_norm": grad_norm}
+        metrics = {"loss": loss, "grad_norm": grad_norm, **comm}
         return new_state, metrics
 
     replicated = NamedSharding(mesh, PartitionSpec())
@@ -73,11 +120,15 @@ def make_train_step(setup: ModelSetup) -> Callable[[TrainState, jax.Array], tupl
 
 
 def make_eval_step(setup: ModelSetup) -> Callable[[dict, jax.Array], jax.Array]:
+    """step(params, tokens [batch, seq+1]) -> mean cross-entropy; models with model state take it third."""
+    if setup.abstract_model_state is not None:
+        return moe_step.make_moe_eval_step(setup)
     rules, mesh = setup.cfg.sharding.rules, setup.mesh
+    loss = make_pipeline_loss(setup) if is_pipelined(setup) else lambda p, t: cross_entropy(setup, p, t)
 
     def step(params, tokens_bs):
         with use_rules(rules, mesh):
-            return cross_entropy(setup, params, tokens_bs)
+            return loss(params, tokens_bs)
 
     return jax.jit(
         step,
@@ -87,7 +138,10 @@ def make_eval_step(setup: ModelSetup) -> Callable[[dict, jax.Array], jax.Array]:
 
 
 def make_forward(setup: ModelSetup) -> Callable[[dict, jax.Array], jax.Array]:
-    """Logits of token ids [batch, seq] (used by tests and evaluation tools)."""
+    """Logits of token ids [batch, seq] (used by tests and evaluation tools); models with model state take it
+    as a third argument."""
+    if setup.abstract_model_state is not None:
+        return moe_step.make_moe_forward(setup)
     rules, mesh = setup.cfg.sharding.rules, setup.mesh
     tokens_sharding = NamedSharding(mesh, logical_to_spec(("batch", None), rules, mesh))
 

@@ -1,0 +1,42 @@
+"""Decoder blocks: pre-RMSNorm MLA attention, then a dense SwiGLU MLP or a DeepSeekMoE layer."""
+
+from __future__ import annotations
+
+import jax
+from flax import nnx
+
+from jaxdeep.config import ModelConfig
+from jaxdeep.model.deepseek.mla import MultiHeadLatentAttention
+from jaxdeep.model.deepseek.moe import MoE, MoeStats, SwiGluMlp
+from jaxdeep.model.deepseek.norm import DTYPES, RESIDUAL, RMSNorm
+from jaxdeep.sharding import constrain
+
+
+class DecoderBlock(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, moe: bool, norm_impl: str = "reference", gmm_impl="auto"):
+        pdt = DTYPES[cfg.param_dtype]
+        self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps, pdt, norm_impl)
+        self.self_attn = MultiHeadLatentAttention(cfg, rngs, norm_impl)
+        self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps, pdt, norm_impl)
+        self.mlp = MoE(cfg, rngs, gmm_impl) if moe else SwiGluMlp(cfg, cfg.d_ff, rngs)
+        self.moe = moe
+
+    def __call__(self, x_btd: jax.Array, cos_th: jax.Array, sin_th: jax.Array) -> tuple[jax.Array, MoeStats | None]:
+        x_btd = constrain(x_btd + self.self_attn(self.input_layernorm(x_btd), cos_th, sin_th), RESIDUAL)
+        h_btd = self.post_attention_layernorm(x_btd)
+        if self.moe:
+            y_btd, stats = self.mlp(h_btd)
+        else:
+            y_btd, stats = self.mlp(h_btd), None
+        return constrain(x_btd + y_btd, RESIDUAL), stats
+
+
+def stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs, count: int, moe: bool, norm_impl: str, gmm_impl: str):
+    """`count` blocks stacked on a leading `layers` axis (run with a scan: one compiled block)."""
+
+    @nnx.split_rngs(splits=count)
+    @nnx.vmap(in_axes=(0,), out_axes=0, axis_size=count, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def make(rngs: nnx.Rngs) -> DecoderBlock:
+        return DecoderBlock(cfg, rngs, moe, norm_impl, gmm_impl)
+
+    return make(rngs)

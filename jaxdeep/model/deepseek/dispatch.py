@@ -1,0 +1,134 @@
+"""Dropless routed-expert computation: sort token copies by expert, grouped matmuls, unsort, combine.
+
+On a mesh the whole computation runs per shard inside `jax.shard_map`: each device sorts only its own
+tokens; expert weights split over FSDP axes are gathered; weights split over the `mlp` axes give partial
+outputs that are summed; and when experts are split over mesh axes (expert parallelism) token copies
+travel to the devices holding their experts by all-to-all and come back the same way. Nothing is dropped:
+each device's send buffer has room for all of its token copies going to any one device.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec
+
+from jaxdeep import sharding
+from kernels.gmm import gmm
+
+TOKENS = ("batch", "act_seq", None)
+GATE_UP = ("expert", "embed", None, "mlp")  # [E, d, 2, F]: gate and up projections side by side
+DOWN = ("expert", "mlp", "embed")  # [E, F, d]
+
+
+def expert_mlp(x_sd: jax.Array, group_sizes: jax.Array, gate_up_edcf: jax.Array, down_efd: jax.Array, impl: str):
+    """SwiGLU experts over rows sorted by expert; rows past sum(group_sizes) give zeros."""
+    e, d, _, f = gate_up_edcf.shape
+    h_s2f = gmm(x_sd, gate_up_edcf.reshape(e, d, 2 * f), group_sizes, impl=impl).reshape(-1, 2, f)
+    h_sf = jax.nn.silu(h_s2f[:, 0]) * h_s2f[:, 1]
+    return gmm(h_sf, down_efd, group_sizes, impl=impl)
+
+
+def _combine(y_copies_sd: jax.Array, weights_tk: jax.Array) -> jax.Array:
+    t, k = weights_tk.shape
+    y_tkd = y_copies_sd.reshape(t, k, -1).astype(jnp.float32)
+    return jnp.einsum("tkd,tk->td", y_tkd, weights_tk.astype(jnp.float32))
+
+
+def local_experts(x_td, experts_tk, weights_tk, gate_up_edcf, down_efd, impl: str):
+    """All experts on this device: one sort, two grouped matmuls, unsort, weighted sum.
+
+    Returns the float32 output [T, d] and the number of token copies the experts computed."""
+    n_experts, k = gate_up_edcf.shape[0], experts_tk.shape[1]
+    flat = experts_tk.reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    group_sizes = jnp.bincount(flat, length=n_experts)
+    y_sorted = expert_mlp(x_td[order // k], group_sizes, gate_up_edcf, down_efd, impl)
+    y_copies = jnp.zeros_like(y_sorted).at[order].set(y_sorted)
+    return _combine(y_copies, weights_tk), group_sizes.sum()
+
+
+def _all_to_all(x_pcd: jax.Array, axes: tuple[str, ...]) -> jax.Array:
+    """Block p of the leading axis goes to device p of `axes`; block s of the result came from device s."""
+    return jax.lax.all_to_all(x_pcd, axes, 0, 0, tiled=True)
+
+
+def expert_parallel(x_td, experts_tk, weights_tk, gate_up_edcf, down_efd, ep_axes, ep_size, impl):
+    """Experts split over `ep_axes` (this device holds E/ep_size of them, in order); returns as `local_experts`,
+    the count being the copies this device's experts computed (for tokens of any device)."""
+    t, k = experts_tk.shape
+    d = x_td.shape[-1]
+    local_e = gate_up_edcf.shape[0]
+    copies = t * k  # room per destination: every copy of this device's tokens could go to one device
+    flat = experts_tk.reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    sorted_experts = flat[order]
+    dest = sorted_experts // local_e
+    per_dest = jnp.bincount(dest, length=ep_size)
+    rank_in_dest = jnp.arange(copies) - (jnp.cumsum(per_dest) - per_dest)[dest]
+    slot = dest * copies + rank_in_dest
+    send_x = jnp.zeros((ep_size * copies, d), x_td.dtype).at[slot].set(x_td[order // k])
+    # Local expert id travels with each row; empty slots carry `local_e`, which sorts after every expert.
+    send_e = jnp.full((ep_size * copies,), local_e, jnp.int32).at[slot].set(sorted_experts % local_e)
+    recv_x = _all_to_all(send_x.reshape(ep_size, copies, d), ep_axes).reshape(-1, d)
+    recv_e = _all_to_all(send_e.reshape(ep_size, copies), ep_axes).reshape(-1)
+
+    order_here = jnp.argsort(recv_e, stable=True)
+    group_sizes = jnp.bincount(recv_e, length=local_e + 1)[:local_e]
+    y_sorted = expert_mlp(recv_x[order_here], group_sizes, gate_up_edcf, down_efd, impl)
+    y_recv = jnp.zeros_like(y_sorted).at[order_here].set(y_sorted)
+
+    y_back = _all_to_all(y_recv.reshape(ep_size, copies, d), ep_axes).reshape(-1, d)
+    y_copies = jnp.zeros((copies, d), y_back.dtype).at[order].set(y_back[slot])
+    return _combine(y_copies, weights_tk), group_sizes.sum()
+
+
+def _axes(entry) -> tuple[str, ...]:
+    if entry is None:
+        return ()
+    return tuple(entry) if isinstance(entry, tuple) else (entry,)
+
+
+def routed_experts(x_btd, experts_btk, weights_btk, gate_up_edcf, down_efd, impl: str = "auto"):
+    """Routed-expert output [b, t, d] (float32) of tokens x with their chosen experts and weights, and the
+    number of token copies the experts computed (b·t·K when nothing is dropped)."""
+    b, t, d = x_btd.shape
+    k = experts_btk.shape[-1]
+    tokens = sharding.active_spec(TOKENS)
+    if tokens is None:
+        y_td, computed = local_experts(
+            x_btd.reshape(-1, d), experts_btk.reshape(-1, k), weights_btk.reshape(-1, k), gate_up_edcf, down_efd, impl
+        )
+        return y_td.reshape(b, t, d), computed
+    mesh, token_spec = tokens
+    _, gate_up_spec = sharding.active_spec(GATE_UP)
+    _, down_spec = sharding.active_spec(DOWN)
+    ep_axes, embed_axes, mlp_axes = _axes(gate_up_spec[0]), _axes(gate_up_spec[1]), _axes(gate_up_spec[3])
+    if _axes(down_spec[0]) != ep_axes or _axes(down_spec[1]) != mlp_axes or _axes(down_spec[2]) != embed_axes:
+        raise ValueError(f"expert weights split inconsistently: gate_up {gate_up_spec}, down {down_spec}")
+    ep_size = math.prod(mesh.shape[a] for a in ep_axes)
+
+    def per_shard(x_btd, experts_btk, weights_btk, gate_up_edcf, down_efd):
+        if embed_axes:  # FSDP: gather this layer's expert weights (their gradient is reduce-scattered back)
+            gate_up_edcf = jax.lax.all_gather(gate_up_edcf, embed_axes, axis=1, tiled=True)
+            down_efd = jax.lax.all_gather(down_efd, embed_axes, axis=2, tiled=True)
+        bl, tl = x_btd.shape[:2]
+        args = (x_btd.reshape(-1, d), experts_btk.reshape(-1, k), weights_btk.reshape(-1, k), gate_up_edcf, down_efd)
+        if ep_size > 1:
+            y_td, computed = expert_parallel(*args, ep_axes, ep_size, impl)
+        else:
+            y_td, computed = local_experts(*args, impl)
+        if mlp_axes:  # each device holds a slice of every expert's hidden units: sum the partial outputs
+            y_td = jax.lax.psum(y_td, mlp_axes)
+        # Every copy is computed on exactly one device of the token axes (replicas over the rest agree).
+        return y_td.reshape(bl, tl, d), jax.lax.psum(computed, token_axes)
+
+    token_axes = tuple(a for entry in token_spec for a in _axes(entry))
+    return jax.shard_map(
+        per_shard,
+        mesh=mesh,
+        in_specs=(token_spec, token_spec, token_spec, gate_up_spec, down_spec),
+        out_specs=(token_spec, PartitionSpec()),
+    )(x_btd, experts_btk, weights_btk, gate_up_edcf, down_efd)

@@ -1,0 +1,76 @@
+"""Multi-head latent attention (DeepSeek-V2/V3).
+
+Queries come from the hidden state directly or through a low-rank latent (`q_lora_rank`); keys and values
+come from one shared latent of width `kv_lora_rank` (RMS-normalised) plus a single rotary key part of
+width `qk_rope_head_dim` shared by all heads. Each head's query/key is [no-rope part; rope part].
+Parameter names follow the Hugging Face checkpoints (`q_a_proj`, `kv_b_proj`, ...).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxdeep.config import ModelConfig
+from jaxdeep.model.deepseek.norm import DTYPES, LATENT, LATENT_NORM_EPS, RMSNorm
+from jaxdeep.model.deepseek.rope import apply_rope, softmax_scale
+from jaxdeep.model.layers import normal_param, scaled_init_std
+from jaxdeep.sharding import constrain
+
+HEADS = ("batch", "act_seq", "act_heads", None)
+
+
+class MultiHeadLatentAttention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, norm_impl: str = "reference"):
+        ds, pdt, std = cfg.deepseek, DTYPES[cfg.param_dtype], cfg.init_std
+        d, n = cfg.d_model, cfg.n_heads
+        qk = ds.qk_nope_head_dim + ds.qk_rope_head_dim
+        if ds.q_lora_rank is None:
+            self.q_proj = normal_param(rngs, (d, n, qk), ("embed", "heads", "head_dim"), std, pdt)
+        else:
+            r = ds.q_lora_rank
+            self.q_a_proj = normal_param(rngs, (d, r), ("embed", "q_lora"), std, pdt)
+            self.q_a_layernorm = RMSNorm(r, LATENT_NORM_EPS, pdt, norm_impl, LATENT)
+            self.q_b_proj = normal_param(rngs, (r, n, qk), ("q_lora", "heads", "head_dim"), std, pdt)
+        c = ds.kv_lora_rank
+        self.kv_a_proj_with_mqa = normal_param(rngs, (d, c + ds.qk_rope_head_dim), ("embed", "kv_lora"), std, pdt)
+        self.kv_a_layernorm = RMSNorm(c, LATENT_NORM_EPS, pdt, norm_impl, LATENT)
+        kv_width = ds.qk_nope_head_dim + ds.v_head_dim
+        self.kv_b_proj = normal_param(rngs, (c, n, kv_width), ("kv_lora", "heads", "head_dim"), std, pdt)
+        out_std = scaled_init_std(std, cfg.n_layers)
+        self.o_proj = normal_param(rngs, (n, ds.v_head_dim, d), ("heads", "head_dim", "embed"), out_std, pdt)
+        self.cfg = cfg
+        self.scale = softmax_scale(qk, ds.rope_scaling)
+
+    def __call__(self, x_btd: jax.Array, cos_th: jax.Array, sin_th: jax.Array) -> jax.Array:
+        cfg, ds, dt = self.cfg, self.cfg.deepseek, DTYPES[self.cfg.dtype]
+        nope, rope, v_dim, c = ds.qk_nope_head_dim, ds.qk_rope_head_dim, ds.v_head_dim, ds.kv_lora_rank
+        if ds.q_lora_rank is None:
+            q_btnh = jnp.einsum("btd,dnh->btnh", x_btd, self.q_proj[...].astype(dt))
+        else:
+            q_btr = constrain(jnp.einsum("btd,dr->btr", x_btd, self.q_a_proj[...].astype(dt)), LATENT)
+            q_btnh = jnp.einsum("btr,rnh->btnh", self.q_a_layernorm(q_btr), self.q_b_proj[...].astype(dt))
+        q_btnh = constrain(q_btnh, HEADS)
+        q_nope, q_rope = q_btnh[..., :nope], q_btnh[..., nope:]
+
+        kv_a = constrain(jnp.einsum("btd,dc->btc", x_btd, self.kv_a_proj_with_mqa[...].astype(dt)), LATENT)
+        latent_btc, k_rope_bth = self.kv_a_layernorm(kv_a[..., :c]), kv_a[..., c:]
+        kv_btnh = constrain(jnp.einsum("btc,cnh->btnh", latent_btc, self.kv_b_proj[...].astype(dt)), HEADS)
+        k_nope, v_btnh = kv_btnh[..., :nope], kv_btnh[..., nope:]
+
+        q_rope = apply_rope(q_rope, cos_th, sin_th, ds.rope_interleave)
+        k_rope = apply_rope(k_rope_bth[:, :, None, :], cos_th, sin_th, ds.rope_interleave)
+        k_rope = jnp.broadcast_to(k_rope, (*k_nope.shape[:-1], rope))
+        q_btnh = jnp.concatenate([q_nope, q_rope], axis=-1)
+        k_btnh = jnp.concatenate([k_nope, k_rope], axis=-1)
+        # dot_product_attention wants one head width for q, k and v: zero-pad the narrower side (zeros
+        # change neither the scores nor the values) and drop the padding afterwards.
+        width = max(nope + rope, v_dim)
+        pad = lambda a: jnp.pad(a, ((0, 0), (0, 0), (0, 0), (0, width - a.shape[-1])))
+        impl = None if cfg.attention == "auto" else cfg.attention
+        o_btnh = jax.nn.dot_product_attention(
+            pad(q_btnh), pad(k_btnh), pad(v_btnh), scale=self.scale, is_causal=True, implementation=impl
+        )
+        o_btnh = constrain(o_btnh[..., :v_dim], HEADS)
+        return jnp.einsum("btnh,nhd->btd", o_btnh, self.o_proj[...].astype(dt))

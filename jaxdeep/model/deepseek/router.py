@@ -1,0 +1,99 @@
+"""Expert routing: affinity scores, (group-limited) top-k selection, the selection bias, balance statistics."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxdeep.config import DeepSeekConfig
+from jaxdeep.model.layers import normal_param
+
+
+class RoutingBias(nnx.Variable):
+    """The per-expert selection bias of aux-loss-free balancing: model state, not a trainable parameter.
+
+    It carries logical axis names like `Param` (the `layers` axis is added when layers are stacked).
+    """
+
+    def add_axis(self, axis_index, axis_name):
+        axes = list(self.get_metadata()["logical_axes"])
+        axes.insert(axis_index, axis_name)
+        self.set_metadata(logical_axes=tuple(axes))
+
+    def remove_axis(self, axis_index, axis_name):
+        axes = list(self.get_metadata()["logical_axes"])
+        del axes[axis_index]
+        self.set_metadata(logical_axes=tuple(axes))
+
+
+class Routing(NamedTuple):
+    experts_tk: jax.Array  # int32 [tokens, K]: chosen experts
+    weights_tk: jax.Array  # float32 [tokens, K]: their combine weights
+    scores_te: jax.Array  # float32 [tokens, E]: affinities (sigmoid or softmax), before any bias
+
+
+class Router(nnx.Module):
+    """HF `mlp.gate`: `weight` [embed, experts] and, for noaux_tc, `e_score_correction_bias` [experts]."""
+
+    def __init__(self, d_model: int, ds: DeepSeekConfig, rngs: nnx.Rngs, std: float, param_dtype):
+        self.weight = normal_param(rngs, (d_model, ds.n_routed_experts), ("embed", "router"), std, param_dtype)
+        if ds.topk_method == "noaux_tc":
+            zeros = jnp.zeros((ds.n_routed_experts,), jnp.float32)
+            self.e_score_correction_bias = RoutingBias(zeros, logical_axes=("router",))
+        self.ds = ds
+
+    def __call__(self, x_td: jax.Array) -> Routing:
+        # Routing runs in float32 whatever the compute dtype: near-ties decide which experts run.
+        logits_te = jnp.einsum("td,de->te", x_td.astype(jnp.float32), self.weight[...].astype(jnp.float32))
+        bias = self.e_score_correction_bias[...] if self.ds.topk_method == "noaux_tc" else None
+        return route(logits_te, bias, self.ds)
+
+
+def route(logits_te: jax.Array, bias_e: jax.Array | None, ds: DeepSeekConfig) -> Routing:
+    """Choose `num_experts_per_tok` experts per token. The bias shifts only the choice, never the weights."""
+    if ds.scoring_func == "sigmoid":
+        scores_te = jax.nn.sigmoid(logits_te)
+    else:
+        scores_te = jax.nn.softmax(logits_te, axis=-1)
+    choice_te = jax.lax.stop_gradient(scores_te)
+    if bias_e is not None:
+        choice_te = choice_te + jax.lax.stop_gradient(bias_e).astype(jnp.float32)
+    n_tokens, n_experts = choice_te.shape
+    if ds.n_group > 1 and ds.topk_method != "greedy":
+        choice_tgx = choice_te.reshape(n_tokens, ds.n_group, n_experts // ds.n_group)
+        if ds.topk_method == "noaux_tc":
+            group_scores_tg = jax.lax.top_k(choice_tgx, 2)[0].sum(-1)
+        else:
+            group_scores_tg = choice_tgx.max(-1)
+        _, groups_tk = jax.lax.top_k(group_scores_tg, ds.topk_group)
+        keep_tg = jax.nn.one_hot(groups_tk, ds.n_group, dtype=jnp.bool_).any(axis=1)
+        fill = -jnp.inf if ds.group_mask_fill == "neg_inf" else 0.0
+        choice_te = jnp.where(keep_tg[:, :, None], choice_tgx, fill).reshape(n_tokens, n_experts)
+    _, experts_tk = jax.lax.top_k(choice_te, ds.num_experts_per_tok)
+    weights_tk = jnp.take_along_axis(scores_te, experts_tk, axis=-1)
+    if ds.norm_topk_prob:
+        weights_tk = weights_tk / (weights_tk.sum(-1, keepdims=True) + 1e-20)
+    return Routing(experts_tk.astype(jnp.int32), weights_tk * ds.routed_scaling_factor, scores_te)
+
+
+def expert_counts(experts_tk: jax.Array, n_experts: int) -> jax.Array:
+    """Tokens routed to each expert (float32 [E])."""
+    return jnp.zeros((n_experts,), jnp.float32).at[experts_tk.reshape(-1)].add(1.0)
+
+
+def sequence_balance_loss(scores_bte: jax.Array, experts_btk: jax.Array) -> jax.Array:
+    """DeepSeek-V3's sequence-wise balance loss (before alpha), averaged over sequences.
+
+    Per sequence: sum_i f_i · P_i with f_i = E/(K·T) · (tokens choosing expert i) and P_i the mean over
+    tokens of the affinities normalised to sum to 1 per token.
+    """
+    b, t, n_experts = scores_bte.shape
+    k = experts_btk.shape[-1]
+    rows = jnp.broadcast_to(jnp.arange(b)[:, None, None], experts_btk.shape)
+    counts_be = jnp.zeros((b, n_experts), jnp.float32).at[rows, experts_btk].add(1.0)
+    f_be = counts_be * n_experts / (k * t)
+    p_be = (scores_bte / scores_bte.sum(-1, keepdims=True)).mean(axis=1)
+    return (f_be * p_be).sum(-1).mean()
