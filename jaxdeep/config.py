@@ -184,6 +184,10 @@ class ParallelConfig:
     microbatches: int = 0  # microbatches per step through the pipeline; 0 = 2 × mesh.pipeline
     virtual_stages: int = 1  # stages per device: 1 for gpipe and 1f1b, >= 2 for circular and interleaved
     stage_layers: list[int] = field(default_factory=list)  # layers per stage in order; [] = balanced by cost
+    # Skip stage-specific work (embedding, head and loss, padding layers) on stages that do not need it, by
+    # branches that only some devices take; off: every stage computes it and keeps what it needs (always so on
+    # CPU, whose runtime hangs on such branches around collectives). Worth it when the head is costly.
+    stage_branches: bool = False
     # Data-parallel gradient reduction: "hierarchical" reduce-scatters inside the fast tier, all-reduces across
     # the slow one and all-gathers back; "auto" does so when mesh.data spans several topology tiers
     grad_reduce: Literal["flat", "hierarchical", "auto"] = "flat"

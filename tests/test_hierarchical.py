@@ -8,10 +8,11 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
 import meshes
-from jaxdeep.parallel.hierarchical import hierarchical_mean, plan_for, reduction_plan
+from jaxdeep.parallel.hierarchical import hierarchical_mean, make_hierarchical_loss_and_grads, plan_for, reduction_plan
+from jaxdeep.sharding import use_rules
 from jaxdeep.train.state import build_setup, init_train_state
-from jaxdeep.train.step import make_train_step
-from tests.fast_compile import FAST, compiled
+from jaxdeep.train.step import cross_entropy, make_train_step
+from tests.fast_compile import compiled
 from tests.helpers import layout, max_rel_error
 
 
@@ -49,49 +50,57 @@ def test_tier_by_tier_mean_equals_the_mean(groups, sizes, levels):
 
 
 def test_plan_follows_the_config(tmp_path):
-    topo = tmp_path / "two_hosts.yaml"
-    topo.write_text(
-        "name: two_hosts\ntiers:\n"
-        "  - {name: host, devices_per_group: 4, bandwidth_gbps: 100, latency_us: 1}\n"
-        "  - {name: network, devices_per_group: 8, bandwidth_gbps: 10, latency_us: 10}\n"
-    )
-    cfg, mesh = layout(f"mesh.topology={topo}", "parallel.grad_reduce=auto", data=4, tensor=2)
+    two_hosts = _two_hosts(tmp_path)
+    cfg, mesh = layout(two_hosts, "parallel.grad_reduce=auto", data=4, tensor=2)
     assert plan_for(cfg, mesh).levels == (("host", 2), ("network", 2))
     cfg, mesh = layout("parallel.grad_reduce=auto", data=4, tensor=2)  # auto topology: one process, one tier
     assert plan_for(cfg, mesh) is None
-    cfg, mesh = layout(f"mesh.topology={topo}", data=4, tensor=2)  # flat by default
+    cfg, mesh = layout(two_hosts, data=4, tensor=2)  # flat by default
     assert plan_for(cfg, mesh) is None
 
 
-def test_train_step_with_hierarchical_reduction_matches_one_device(tmp_path):
+def _two_hosts(tmp_path) -> str:
     topo = tmp_path / "two_hosts.yaml"
     topo.write_text(
         "name: two_hosts\ntiers:\n"
         "  - {name: host, devices_per_group: 4, bandwidth_gbps: 100, latency_us: 1}\n"
         "  - {name: network, devices_per_group: 8, bandwidth_gbps: 10, latency_us: 10}\n"
     )
+    return f"mesh.topology={topo}"
+
+
+def test_gradients_reduced_tier_by_tier_match_one_device(tmp_path):
     overrides = ("model.tie_embeddings=false", "parallel.grad_reduce=hierarchical")
     tokens = np.random.default_rng(5).integers(1, 256, (8, 17)).astype(np.int32)
     cfg, mesh = layout(*overrides)
     one = build_setup(cfg, mesh)
-    state = jax.device_get(init_train_state(one))
-    want = jax.device_get(compiled(make_train_step(one), state, tokens)(state, tokens))
-    cfg, mesh = layout(f"mesh.topology={topo}", *overrides, data=4, fsdp=2)
+    params = jax.device_get(init_train_state(one)["params"])
+    plain = jax.value_and_grad(lambda p, t: cross_entropy(one, p, t))
+    want = compiled(plain, params, tokens)(params, tokens)
+    cfg, mesh = layout(_two_hosts(tmp_path), *overrides, data=4, fsdp=2)
     setup = build_setup(cfg, mesh)
-    assert plan_for(cfg, mesh).levels == (("host", 2), ("network", 2))
-    sharded = jax.device_put(state, setup.state_shardings)
-    lowered = make_train_step(setup).lower(sharded, tokens)
-    assert "reduce_scatter" in lowered.as_text()  # the explicit one: the partitioner's come after lowering
-    flat_cfg, _ = layout(f"mesh.topology={topo}", "model.tie_embeddings=false", data=4, fsdp=2)
-    assert "reduce_scatter" not in make_train_step(build_setup(flat_cfg, mesh)).lower(sharded, tokens).as_text()
-    step = lowered.compile(FAST)
-    got = jax.device_get(step(sharded, tokens))
-    # The reduction's output, as the optimizer saw it: Adam's first moment is (1 - b1) × the mean gradient.
-    # (Parameters after Adam's first step are not compared: it divides by |g|, so gradients near zero make
-    # their updates differ beyond rounding with any reduction order, the partitioner's own too.)
-    mu = lambda state: state["opt_state"][1][0].mu
-    pairs = [("loss", got[1]["loss"], want[1]["loss"]), ("gradient norm", got[1]["grad_norm"], want[1]["grad_norm"])]
-    for label, a, b in [*pairs, ("gradients", mu(got[0]), mu(want[0]))]:
-        err = max_rel_error(a, b)
-        assert err <= 1e-5, f"{label} differ from one device by {err:.2e}"
-    assert max_rel_error(got[0]["params"], state["params"]) > 1e-4
+    plan = plan_for(cfg, mesh)
+    assert plan.levels == (("host", 2), ("network", 2))
+    tiered = make_hierarchical_loss_and_grads(lambda p, t: cross_entropy(setup, p, t), plan, cfg.sharding.rules)
+
+    def run(params, tokens):
+        with use_rules(cfg.sharding.rules, mesh):
+            return tiered(params, tokens)
+
+    params = jax.device_put(params, setup.state_shardings["params"])
+    got = compiled(run, params, tokens)(params, tokens)
+    err = max_rel_error(got, want)
+    assert err <= 1e-5, f"loss or gradients differ from one device by {err:.2e}"
+
+
+def test_train_step_reduces_tier_by_tier_when_asked(tmp_path):
+    state = None
+    lowered = {}
+    for mode in ("hierarchical", "flat"):
+        cfg, mesh = layout(_two_hosts(tmp_path), f"parallel.grad_reduce={mode}", data=4, fsdp=2)
+        setup = build_setup(cfg, mesh)
+        state = state or jax.eval_shape(lambda setup=setup: init_train_state(setup))
+        tokens = jax.ShapeDtypeStruct((8, 17), np.int32)
+        lowered[mode] = make_train_step(setup).lower(state, tokens).as_text()
+    # The explicit reduce-scatter (the partitioner's own appear only after lowering).
+    assert "reduce_scatter" in lowered["hierarchical"] and "reduce_scatter" not in lowered["flat"]

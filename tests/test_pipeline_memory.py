@@ -44,7 +44,7 @@ def temp_bytes(schedule: str, microbatches: int) -> int:
 
 @pytest.fixture(scope="module")
 def temps():
-    return {(s, m): temp_bytes(s, m) for s, m in [("1f1b", 2 * P), ("1f1b", 4 * P), ("gpipe", 4 * P)]}
+    return {(s, m): temp_bytes(s, m) for s in ("1f1b", "gpipe") for m in (2 * P, 4 * P)}
 
 
 def test_1f1b_keeps_fewer_activations_than_gpipe(temps):
@@ -55,5 +55,10 @@ def test_1f1b_keeps_fewer_activations_than_gpipe(temps):
 
 
 def test_1f1b_activation_memory_does_not_grow_with_the_microbatches(temps):
-    # Twice the microbatches (of the same size): 1F1B's scratch memory stays put, to within half a stage input.
-    assert abs(temps[("1f1b", 4 * P)] - temps[("1f1b", 2 * P)]) <= STAGE_INPUT_BYTES / 2, temps
+    # 2p more microbatches of the same size: GPipe keeps a stage input for each, 1F1B none (what it does add,
+    # about 1/16 of a stage input per microbatch, is its copy of their token ids).
+    added = 2 * P
+    gpipe = temps[("gpipe", 4 * P)] - temps[("gpipe", 2 * P)]
+    one_f_one_b = temps[("1f1b", 4 * P)] - temps[("1f1b", 2 * P)]
+    assert gpipe >= 0.9 * added * STAGE_INPUT_BYTES, temps
+    assert one_f_one_b <= added * STAGE_INPUT_BYTES / 8, temps

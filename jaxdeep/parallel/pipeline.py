@@ -73,16 +73,19 @@ class Pipeline:
     rules: Rules  # logical axis names -> mesh axes, for the activations inside the stages
     # Stage-specific work (embedding on the first stage, head and loss on the last, padding layers) is skipped by
     # a branch where False; where True every device computes it and keeps what it needs. Branches that only some
-    # devices take, with collectives inside, hang XLA's CPU runtime, so CPU meshes run branch free.
-    branch_free: bool = False
+    # devices take, with collectives inside, hang XLA's CPU runtime, so CPU meshes always run branch free.
+    branch_free: bool = True
 
 
-def make_pipeline(model: StageModel, plan: StagePlan, schedule: sch.Schedule, mesh: Mesh, rules: Rules) -> Pipeline:
+def make_pipeline(
+    model: StageModel, plan: StagePlan, schedule: sch.Schedule, mesh: Mesh, rules: Rules, branches: bool = False
+) -> Pipeline:
+    """`branches`: skip stage-specific work by branches (see `Pipeline.branch_free`; ignored on CPU)."""
     if (plan.n_devices, plan.n_virtual) != (schedule.n_devices, schedule.n_virtual):
         raise ValueError("the stage plan and the schedule disagree on devices or virtual stages")
     if mesh.shape[AXIS] != plan.n_devices:
         raise ValueError(f"mesh axis {AXIS!r} has {mesh.shape[AXIS]} devices, the plan {plan.n_devices}")
-    branch_free = mesh.devices.flat[0].platform == "cpu"
+    branch_free = not branches or mesh.devices.flat[0].platform == "cpu"
     return Pipeline(model, plan, schedule, sch.plan_buffers(schedule), mesh, rules, branch_free)
 
 

@@ -89,13 +89,19 @@ def dense_costs(cfg: ModelConfig, seq_len: int) -> tuple[list[float], float]:
 
 
 def plan_stages(
-    cfg: ModelConfig, seq_len: int, n_devices: int, n_virtual: int, stage_layers: Sequence[int] = ()
+    cfg: ModelConfig,
+    seq_len: int,
+    n_devices: int,
+    n_virtual: int,
+    stage_layers: Sequence[int] = (),
+    head_on_last: bool = True,
 ) -> StagePlan:
-    """Layers per virtual stage: `stage_layers` as given, or balanced by the cost estimate."""
+    """Layers per virtual stage: `stage_layers` as given, or balanced by the cost estimate. `head_on_last`: only
+    the last stage pays for the head (False when every stage computes it and drops it, see `Pipeline`)."""
     if stage_layers:
         return StagePlan(n_devices, n_virtual, tuple(stage_layers))
     costs, head = dense_costs(cfg, seq_len)
-    return StagePlan(n_devices, n_virtual, balance_layers(costs, n_devices * n_virtual, head))
+    return StagePlan(n_devices, n_virtual, balance_layers(costs, n_devices * n_virtual, head if head_on_last else 0))
 
 
 # ----------------------------------------------------------------------------- moving between layouts

@@ -37,9 +37,10 @@ def dense_stage_model(setup: ModelSetup) -> pipeline.StageModel:
 def build_pipeline(setup: ModelSetup, train: bool = True) -> pipeline.Pipeline:
     cfg, mesh = setup.cfg, setup.mesh
     p, par = mesh.shape[pipeline.AXIS], cfg.parallel
-    plan = plan_stages(cfg.model, cfg.data.seq_len, p, par.virtual_stages, par.stage_layers)
+    branches = par.stage_branches and mesh.devices.flat[0].platform != "cpu"
+    plan = plan_stages(cfg.model, cfg.data.seq_len, p, par.virtual_stages, par.stage_layers, branches)
     schedule = build_schedule(par.schedule, p, par.virtual_stages, pipeline_microbatches(cfg, p), train)
-    return pipeline.make_pipeline(dense_stage_model(setup), plan, schedule, mesh, cfg.sharding.rules)
+    return pipeline.make_pipeline(dense_stage_model(setup), plan, schedule, mesh, cfg.sharding.rules, branches)
 
 
 def _stage_shardings(setup: ModelSetup):
