@@ -46,6 +46,13 @@ _TANH_CUBIC = tl.constexpr(0.044715)
 _NEG_2LOG2E_SQRT_2_OVER_PI = tl.constexpr(-2.0 * 1.4426950408889634 * 0.7978845608028654)
 
 
+# tl.sum, tl.zeros and tl.cdiv are @triton.jit library functions, fixed as compiled or interpreted when
+# triton is first imported; the interpreted copy of this module (CPU tests) cannot call them once triton
+# has been imported for the GPU. So sums call tl.reduce with tl.sum's own combiner (same code on the GPU;
+# the interpreter recognises it and sums with numpy), zeros are tl.full, tile counts integer division.
+_SUM = tl.standard._sum_combine
+
+
 @triton.jit
 def _rcp(x):
     if _PTX:
@@ -131,11 +138,11 @@ def _layer_norm_fwd_body(
     cols = tl.arange(0, BLOCK_N)
     col_ok = cols < N
     x = tl.load(X + offsets, mask=mask, other=0.0).to(tl.float32)
-    mean = tl.sum(x, axis=1) / N
+    mean = tl.reduce(x, 1, _SUM) / N
     xc = x - mean[:, None]
     if N != BLOCK_N:  # padded columns must not add (0 - mean)^2
         xc = tl.where(mask, xc, 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / N + EPS)
+    rstd = 1.0 / tl.sqrt(tl.reduce(xc * xc, 1, _SUM) / N + EPS)
     w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
     b = tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)
     z = xc * rstd[:, None] * w[None, :] + b[None, :]
@@ -174,9 +181,9 @@ def _layer_norm_bwd_body(
     w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
     if ACT != 0:
         b = tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)
-    acc_dw = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    acc_db = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    num_tiles = tl.cdiv(M, BLOCK_M)
+    acc_dw = tl.full([BLOCK_M, BLOCK_N], 0.0, tl.float32)
+    acc_db = tl.full([BLOCK_M, BLOCK_N], 0.0, tl.float32)
+    num_tiles = (M + BLOCK_M - 1) // BLOCK_M
     for tile_id in tl.range(pid, num_tiles, num_programs, num_stages=STAGES):
         rows, row_ok, mask, offsets = _tile(tile_id, M, N, BLOCK_M, BLOCK_N)
         x = tl.load(X + offsets, mask=mask, other=0.0).to(tl.float32)
@@ -193,12 +200,12 @@ def _layer_norm_bwd_body(
         acc_dw += dz * xhat
         acc_db += dz
         dxhat = dz * w[None, :]
-        c1 = tl.sum(dxhat, axis=1) / N
-        c2 = tl.sum(dxhat * xhat, axis=1) / N
+        c1 = tl.reduce(dxhat, 1, _SUM) / N
+        c2 = tl.reduce(dxhat * xhat, 1, _SUM) / N
         dx = (dxhat - c1[:, None] - xhat * c2[:, None]) * rstd[:, None]
         tl.store(DX + offsets, dx.to(DX.dtype.element_ty), mask=mask)
-    tl.store(DW + pid * N + cols, tl.sum(acc_dw, axis=0), mask=col_ok)
-    tl.store(DB + pid * N + cols, tl.sum(acc_db, axis=0), mask=col_ok)
+    tl.store(DW + pid * N + cols, tl.reduce(acc_dw, 0, _SUM), mask=col_ok)
+    tl.store(DB + pid * N + cols, tl.reduce(acc_db, 0, _SUM), mask=col_ok)
 
 
 @triton.jit
@@ -236,7 +243,7 @@ def _rms_norm_fwd_body(
         h = (x + r).to(H.dtype.element_ty)
         tl.store(H + offsets, h, mask=mask)
         x = h.to(tl.float32)
-    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / N + EPS)
+    rstd = 1.0 / tl.sqrt(tl.reduce(x * x, 1, _SUM) / N + EPS)
     w = tl.load(W + cols, mask=cols < N, other=0.0).to(tl.float32)
     y = x * rstd[:, None] * w[None, :]
     tl.store(Y + offsets, y.to(Y.dtype.element_ty), mask=mask)
@@ -272,8 +279,8 @@ def _rms_norm_bwd_body(
     cols = tl.arange(0, BLOCK_N)
     col_ok = cols < N
     w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
-    acc_dw = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    num_tiles = tl.cdiv(M, BLOCK_M)
+    acc_dw = tl.full([BLOCK_M, BLOCK_N], 0.0, tl.float32)
+    num_tiles = (M + BLOCK_M - 1) // BLOCK_M
     for tile_id in tl.range(pid, num_tiles, num_programs, num_stages=STAGES):
         rows, row_ok, mask, offsets = _tile(tile_id, M, N, BLOCK_M, BLOCK_N)
         x = tl.load(X + offsets, mask=mask, other=0.0).to(tl.float32)
@@ -282,12 +289,12 @@ def _rms_norm_bwd_body(
         xhat = x * rstd[:, None]
         acc_dw += dy * xhat
         dxhat = dy * w[None, :]
-        c2 = tl.sum(dxhat * xhat, axis=1) / N
+        c2 = tl.reduce(dxhat * xhat, 1, _SUM) / N
         dx = (dxhat - xhat * c2[:, None]) * rstd[:, None]
         if HAS_DRES:
             dx += tl.load(DRES + offsets, mask=mask, other=0.0).to(tl.float32)
         tl.store(DX + offsets, dx.to(DX.dtype.element_ty), mask=mask)
-    tl.store(DW + pid * N + cols, tl.sum(acc_dw, axis=0), mask=col_ok)
+    tl.store(DW + pid * N + cols, tl.reduce(acc_dw, 0, _SUM), mask=col_ok)
 
 
 @triton.jit
