@@ -1,4 +1,4 @@
-"""`jaxdeep` command line: train, eval, mesh, convert."""
+"""`jaxdeep` command line: train, eval, mesh, convert, serve, bench serve."""
 
 from __future__ import annotations
 
@@ -13,7 +13,9 @@ from jaxdeep.config import ConfigError, ExperimentConfig, load_config
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="jaxdeep", description="Train and evaluate models on named device meshes.")
+    parser = argparse.ArgumentParser(
+        prog="jaxdeep", description="Train, evaluate and serve models on named device meshes."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add_common(p: argparse.ArgumentParser, what: str) -> None:
@@ -52,6 +54,32 @@ def _parser() -> argparse.ArgumentParser:
     convert.add_argument("--step", type=int, help="to-hf: checkpoint step (default: the latest)")
     convert.add_argument("--dtype", choices=["float32", "bfloat16"], help="to-hf: tensor dtype (default: params')")
     convert.set_defaults(coordinator=None, num_processes=None, process_id=None)
+
+    serve = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API (with /metrics)")
+    serve.add_argument("target", help="experiment YAML, run directory (latest checkpoint) or Hugging Face directory")
+    serve.add_argument("overrides", nargs="*", help="section.key=value overrides of the model config")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    serve.add_argument("--served-model-name", help="model name clients send and /v1/models lists")
+    engine = serve.add_argument_group("engine (defaults: the engine's own)")
+    engine.add_argument("--num-slots", type=int, help="sequences decoded together (KV-cache slots)")
+    engine.add_argument("--max-context", type=int, help="prompt + new tokens must fit in this many positions")
+    engine.add_argument("--max-waiting", type=int, help="requests queued for a slot before new ones get HTTP 429")
+    engine.add_argument("--prefill-chunk", type=int, help="prompt tokens per prefill step")
+    serve.set_defaults(coordinator=None, num_processes=None, process_id=None)
+
+    from jaxdeep.serve import bench
+
+    bench_parser = sub.add_parser("bench", help="benchmarks")
+    bench_sub = bench_parser.add_subparsers(dest="bench_command", required=True)
+    bench.add_arguments(
+        bench_sub.add_parser(
+            "serve",
+            help="load an OpenAI-compatible server and report throughput, latency and goodput",
+            description=bench.__doc__.split("\n\n")[1],
+        )
+    )
+    bench_parser.set_defaults(overrides=[])
     return parser
 
 
@@ -86,11 +114,19 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [x for x in extra if x.startswith("-")]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if args.command == "bench" and extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.overrides = [*args.overrides, *extra]
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every save step at INFO
     if args.command == "convert":
         return _convert(args)
+    if args.command == "serve":
+        return _serve(args)
+    if args.command == "bench":
+        from jaxdeep.serve import bench
+
+        return bench.main(args)
     try:
         cfg, cfg_dir = _load(args.config, args.overrides)
     except ConfigError as e:
@@ -155,6 +191,43 @@ def _convert(args: argparse.Namespace) -> int:
     except (ConfigError, meshes.MeshError, FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"jaxdeep: error: {e}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    """`jaxdeep serve TARGET [overrides]`: load the engine, then serve until Ctrl-C."""
+    names = ("num_slots", "max_context", "max_waiting", "prefill_chunk")
+    options = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    for name, value in options.items():
+        if value < 1:
+            print(f"jaxdeep: error: --{name.replace('_', '-')} must be >= 1, got {value}", file=sys.stderr)
+            return 2
+    target = Path(args.target)
+    if not target.exists():
+        print(
+            f"jaxdeep: error: {target} does not exist (expected an experiment YAML, run or HF directory)",
+            file=sys.stderr,
+        )
+        return 2
+    if target.is_file() or (target / "config.yaml").is_file():  # our configs say how many CPU devices to fake
+        try:
+            cfg, _ = _load(args.target, args.overrides)
+        except ConfigError as e:
+            print(f"jaxdeep: config error: {e}", file=sys.stderr)
+            return 2
+        _start_jax(cfg, args)
+    import meshes
+    from jaxdeep.serve.loading import load_engine
+    from jaxdeep.serve.server import OpenAIServer, run_server
+
+    try:
+        engine = load_engine(args.target, args.overrides, **options)
+    except (ConfigError, meshes.MeshError, FileNotFoundError, ValueError) as e:
+        print(f"jaxdeep: error: {e}", file=sys.stderr)
+        return 2
+    server = OpenAIServer(engine, served_model_name=args.served_model_name)
+    logging.getLogger(__name__).info("serving %r at http://%s:%d/v1", server.model_name, args.host, args.port)
+    run_server(server, args.host, args.port)
     return 0
 
 

@@ -1,0 +1,307 @@
+"""The inference engine: continuous batching over fixed cache slots, run by one background thread.
+
+Each turn of the loop: drop cancelled requests, admit waiting requests into free slots, prefill one chunk of
+every request still reading its prompt, then one decode step for every request that is generating. A request
+leaves its slot as soon as it finishes (eos, max_tokens, a stop string) or is cancelled, and the next waiting
+request takes the slot on the next turn.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import random
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from jaxdeep.serve.api import (
+    EngineStats,
+    FinishReason,
+    GenerationRequest,
+    QueueFull,
+    RequestError,
+    TokenEvent,
+    Tokenizer,
+)
+from jaxdeep.serve.runner import CacheGeometry, ModelRunner
+from jaxdeep.serve.sampling import sample
+from jaxdeep.serve.textstream import TextStream
+
+log = logging.getLogger("jaxdeep.serve")
+
+
+@dataclass(eq=False)
+class _Sequence:
+    request: GenerationRequest
+    on_event: Callable[[TokenEvent], None]
+    seed: int  # uint32: the request's seed, or one drawn at submission
+    text: TextStream
+    slot: int | None = None
+    cached: int = 0  # positions of the slot holding this request's tokens
+    generated: list[int] = field(default_factory=list)
+
+    @property
+    def prompt(self):
+        return self.request.prompt_tokens
+
+    @property
+    def decoding(self) -> bool:
+        return self.cached >= len(self.prompt)
+
+
+@dataclass
+class Completion:
+    tokens: list[int]
+    text: str
+    finish_reason: FinishReason | None
+
+
+class InferenceEngine:
+    """Implements `jaxdeep.serve.api.Engine`."""
+
+    def __init__(self, runner: ModelRunner, tokenizer: Tokenizer, model_name: str, max_waiting: int = 64):
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.max_waiting = max_waiting
+        self.geometry = runner.geometry
+        self.vocab_size = runner.cfg.model.vocab_size
+        self._cache = runner.new_cache()
+        self._slots: list[_Sequence | None] = [None] * self.geometry.num_slots
+        self._waiting: collections.deque[_Sequence] = collections.deque()
+        self._cancelled: set[str] = set()
+        self._ids: set[str] = set()  # request ids queued or running
+        self._last_batch = 0
+        self._closed = False
+        self._cond = threading.Condition()
+        self._seeds = random.SystemRandom()
+        self._thread = threading.Thread(target=self._loop, name="jaxdeep-engine", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_loaded(
+        cls,
+        loaded,
+        num_slots: int = 8,
+        max_context: int | None = None,
+        prefill_chunk: int = 64,
+        max_waiting: int = 64,
+        model_name: str | None = None,
+        compiler_options: dict | None = None,
+    ) -> InferenceEngine:
+        """num_slots: sequences decoded together; max_context: positions per slot (default: the model's training
+        length; for HF models max_position_embeddings, at most 4096); prefill_chunk: prompt tokens per prefill call;
+        max_waiting: queued requests before submit raises QueueFull."""
+        geometry = CacheGeometry(num_slots, max_context or loaded.context_limit, prefill_chunk)
+        runner = ModelRunner(
+            loaded.cfg, loaded.mesh, loaded.merge, loaded.params, loaded.model_state, geometry, compiler_options
+        )
+        return cls(runner, loaded.tokenizer, model_name or loaded.name, max_waiting)
+
+    # ------------------------------------------------------------------------- the Engine protocol
+
+    def submit(self, request: GenerationRequest, on_event: Callable[[TokenEvent], None]) -> None:
+        params = request.params
+        params.validate()
+        self._check_prompt(request)
+        seed = params.seed if params.seed is not None else self._seeds.getrandbits(32)
+        seq = _Sequence(request, on_event, seed % 2**32, TextStream(self.tokenizer.decode, params.stop))
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the engine is closed")
+            if request.request_id in self._ids:
+                raise RequestError("request_id", f"{request.request_id!r} is already queued or running")
+            if self._waiting_count() >= self.max_waiting:
+                raise QueueFull(f"{self._waiting_count()} requests are waiting (max_waiting={self.max_waiting})")
+            self._ids.add(request.request_id)
+            self._waiting.append(seq)
+            self._cond.notify()
+
+    def cancel(self, request_id: str) -> None:
+        with self._cond:
+            if request_id in self._ids:
+                self._cancelled.add(request_id)
+                self._cond.notify()
+
+    def stats(self) -> EngineStats:
+        with self._cond:
+            running = [s for s in self._slots if s is not None]
+            used = sum(s.cached for s in running)
+            total = self.geometry.num_slots * self.geometry.max_context
+            return EngineStats(
+                len(running), self._waiting_count(), used / total, self._last_batch, self.geometry.max_context
+            )
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._thread.join()
+
+    # ------------------------------------------------------------------------- conveniences
+
+    def generate(self, request: GenerationRequest, timeout: float | None = None) -> Completion:
+        """Submit and wait for the whole completion (tests, benchmarks, scripts)."""
+        done = threading.Event()
+        tokens: list[int] = []
+        parts: list[str] = []
+        reason: list[FinishReason | None] = [None]
+
+        def on_event(event: TokenEvent) -> None:
+            if event.token is not None:
+                tokens.append(event.token)
+            parts.append(event.text)
+            if event.finished:
+                reason[0] = event.finish_reason
+                done.set()
+
+        self.submit(request, on_event)
+        if not done.wait(timeout):
+            raise TimeoutError(f"request {request.request_id} did not finish within {timeout} s")
+        return Completion(tokens, "".join(parts), reason[0])
+
+    # ------------------------------------------------------------------------- the loop
+
+    def _check_prompt(self, request: GenerationRequest) -> None:
+        prompt = request.prompt_tokens
+        if len(prompt) == 0:
+            raise RequestError("prompt", "must hold at least one token")
+        if not all(isinstance(t, int | np.integer) and 0 <= t < self.vocab_size for t in prompt):
+            raise RequestError("prompt", f"token ids must be integers in [0, {self.vocab_size})")
+        total = len(prompt) + request.params.max_tokens
+        if total > self.geometry.max_context:
+            raise RequestError(
+                "prompt",
+                f"{len(prompt)} prompt tokens + max_tokens={request.params.max_tokens} = {total} exceed the context "
+                f"of {self.geometry.max_context} tokens; shorten the prompt or lower max_tokens",
+            )
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._closed and not self._has_work():
+                    self._cond.wait()
+                if self._closed:
+                    break
+                self._drop_cancelled()
+                self._admit()
+            try:
+                self._step()
+            except Exception:
+                log.exception("engine step failed; aborting the running requests")
+                self._abort_running()
+        with self._cond:
+            waiting, self._waiting = list(self._waiting), collections.deque()
+        for seq in waiting + [s for s in self._slots if s is not None]:
+            self._finish(seq, "abort")
+
+    def _waiting_count(self) -> int:
+        # A cancelled request leaves the queue on the loop's next turn; it no longer counts as waiting.
+        return sum(1 for s in self._waiting if s.request.request_id not in self._cancelled)
+
+    def _has_work(self) -> bool:
+        return bool(self._waiting or self._cancelled or any(s is not None for s in self._slots))
+
+    def _drop_cancelled(self) -> None:
+        if not self._cancelled:
+            return
+        for seq in [s for s in self._waiting if s.request.request_id in self._cancelled]:
+            self._waiting.remove(seq)
+            self._finish(seq, "abort")
+        for seq in [s for s in self._slots if s is not None and s.request.request_id in self._cancelled]:
+            self._finish(seq, "abort")
+        self._cancelled.clear()
+
+    def _admit(self) -> None:
+        for slot, occupant in enumerate(self._slots):
+            if occupant is None and self._waiting:
+                seq = self._waiting.popleft()
+                seq.slot = slot
+                self._slots[slot] = seq
+
+    def _step(self) -> None:
+        chunk = self.geometry.prefill_chunk
+        for seq in [s for s in self._slots if s is not None and not s.decoding]:
+            piece = seq.prompt[seq.cached : seq.cached + chunk]
+            self._cache, logits_v = self.runner.prefill(self._cache, piece, seq.slot, seq.cached)
+            seq.cached += len(piece)
+            if seq.decoding:  # the prompt is in: its last logits give the first new token
+                (token,) = self._sample(logits_v[None], [seq])
+                self._accept(seq, token)
+        ready = [s for s in self._slots if s is not None and s.decoding and s.generated]
+        if not ready:
+            return
+        slots, context = self.geometry.num_slots, self.geometry.max_context
+        tokens_b = np.zeros((slots,), np.int32)
+        positions_b = np.full((slots,), context, np.int32)  # idle slots: writes fall past the end and are dropped
+        for seq in ready:
+            tokens_b[seq.slot], positions_b[seq.slot] = seq.generated[-1], seq.cached
+        self._cache, logits_bv = self.runner.decode(self._cache, tokens_b, positions_b)
+        self._last_batch = len(ready)
+        for seq in ready:
+            seq.cached += 1
+        rows = [None] * slots
+        for seq in ready:
+            rows[seq.slot] = seq
+        sampled = self._sample(logits_bv, rows)
+        for seq in ready:
+            self._accept(seq, int(sampled[seq.slot]))
+
+    def _sample(self, logits_bv, rows: list[_Sequence | None]) -> np.ndarray:
+        """Per-row parameters; rows without a request sample greedily and are ignored."""
+        n = len(rows)
+        temperature, top_p = np.zeros((n,), np.float32), np.ones((n,), np.float32)
+        top_k, seed, index = np.zeros((n,), np.int32), np.zeros((n,), np.uint32), np.zeros((n,), np.int32)
+        for i, seq in enumerate(rows):
+            if seq is not None:
+                p = seq.request.params
+                temperature[i], top_k[i], top_p[i] = p.temperature, p.top_k, p.top_p
+                seed[i], index[i] = seq.seed, len(seq.generated)
+        return np.asarray(sample(logits_bv, temperature, top_k, top_p, seed, index))
+
+    def _accept(self, seq: _Sequence, token: int) -> None:
+        """One new token: emit its safe text, or finish the request."""
+        seq.generated.append(int(token))
+        eos = self.tokenizer.eos_id
+        if eos is not None and token == eos:
+            self._finish(seq, "stop", seq.text.flush())
+            return
+        delta, stopped = seq.text.add(int(token))
+        self._emit(seq, TokenEvent(seq.request.request_id, int(token), delta))
+        if stopped:
+            self._finish(seq, "stop")
+        elif len(seq.generated) >= seq.request.params.max_tokens:
+            self._finish(seq, "length", seq.text.flush())
+
+    def _finish(self, seq: _Sequence, reason: FinishReason, text: str = "") -> None:
+        with self._cond:
+            if seq.slot is not None and self._slots[seq.slot] is seq:
+                self._slots[seq.slot] = None
+            self._ids.discard(seq.request.request_id)
+        final = TokenEvent(
+            seq.request.request_id,
+            None,
+            text,
+            finished=True,
+            finish_reason=reason,
+            prompt_tokens=len(seq.prompt),
+            completion_tokens=len(seq.generated),
+        )
+        self._emit(seq, final)
+
+    def _emit(self, seq: _Sequence, event: TokenEvent) -> None:
+        try:
+            seq.on_event(event)
+        except Exception:
+            log.exception("on_event of request %s raised; the engine carries on", seq.request.request_id)
+
+    def _abort_running(self) -> None:
+        for seq in [s for s in self._slots if s is not None]:
+            self._finish(seq, "abort")
+        try:  # a failed step may have consumed the donated cache: start from a fresh one
+            self._cache = self.runner.new_cache()
+        except Exception:
+            log.exception("could not allocate a new KV cache")

@@ -1,0 +1,170 @@
+"""Run new tokens through the model against the KV cache: the one computation behind prefill and decode.
+
+`extend` takes tokens [b, t] at absolute positions [b, t] for cache rows `slot_b` (prefill: one slot, a chunk of
+t prompt tokens; decode: every slot, t = 1), writes their keys into the cache, attends to everything cached
+at positions <= each query's own, and returns the updated cache and the final residual stream. The layers
+use the model's own modules and parameters (norms, MLPs, MoE routing and dispatch); only attention is
+rewritten, because it reads the cache.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxdeep.model.deepseek.rope import apply_rope, inverse_frequencies
+from jaxdeep.model.layers import rotary
+from jaxdeep.serve import cache as kv
+from jaxdeep.sharding import constrain
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+RESIDUAL = ("batch", "act_seq", "act_embed")
+HEADS = ("batch", "act_seq", "act_heads", None)
+SCORES = ("batch", "act_heads", "act_seq", None)
+
+
+def _causal_mask(positions_bt: jax.Array, context: int) -> jax.Array:
+    """[b, 1, t, context]: key position s is visible to a query at position p when s <= p. Cache entries past a
+    query's position are stale (a previous request, prefill padding) and must never be read."""
+    return jnp.arange(context)[None, None, None, :] <= positions_bt[:, None, :, None]
+
+
+def _softmax(scores_bnts: jax.Array, mask_b1ts: jax.Array) -> jax.Array:
+    scores_bnts = jnp.where(mask_b1ts, scores_bnts.astype(jnp.float32), -jnp.inf)
+    return jax.nn.softmax(scores_bnts, axis=-1)
+
+
+def _scan_layers(stack: nnx.Module, x_btd: jax.Array, cache: dict, layer_fn) -> tuple[jax.Array, dict]:
+    """Run stacked blocks in order; the cache rides in the scan carry so each layer updates it in place."""
+    graphdef, state = nnx.split(stack)
+    n_layers = jax.tree.leaves(cache)[0].shape[0]
+
+    def body(carry, xs):
+        x_btd, cache = carry
+        layer_state, layer = xs
+        x_btd, cache = layer_fn(nnx.merge(graphdef, layer_state), x_btd, cache, layer)
+        return (x_btd, cache), None
+
+    (x_btd, cache), _ = jax.lax.scan(body, (x_btd, cache), (state, jnp.arange(n_layers)))
+    return x_btd, cache
+
+
+# ----------------------------------------------------------------------------- dense transformer
+
+
+def extend_dense(model, cache: dict, tokens_bt, positions_bt, slot_b, all_slots: bool):
+    """The dense `Transformer`: per-head K and V cached."""
+    cfg, dt = model.cfg, DTYPES[model.cfg.dtype]
+    read_rows = None if all_slots else slot_b
+
+    def layer_fn(block, x_btd, cache, layer):
+        attn = block.attn
+        h_btd = block.attn_norm(x_btd)
+        q_btnh, k_btnh, v_btnh = (
+            constrain(jnp.einsum("btd,dnh->btnh", h_btd, w[...].astype(dt)), HEADS) for w in (attn.wq, attn.wk, attn.wv)
+        )
+        q_btnh = rotary(q_btnh, positions_bt, cfg.rope_theta)
+        k_btnh = rotary(k_btnh, positions_bt, cfg.rope_theta)
+        cache = {
+            "k": kv.write(cache["k"], k_btnh, layer, slot_b, positions_bt),
+            "v": kv.write(cache["v"], v_btnh, layer, slot_b, positions_bt),
+        }
+        keys_bsnh, values_bsnh = kv.read(cache["k"], layer, read_rows), kv.read(cache["v"], layer, read_rows)
+        scores = jnp.einsum("btnh,bsnh->bnts", q_btnh, keys_bsnh) * (cfg.head_dim**-0.5)
+        probs = _softmax(constrain(scores, SCORES), _causal_mask(positions_bt, keys_bsnh.shape[1]))
+        o_btnh = constrain(jnp.einsum("bnts,bsnh->btnh", probs.astype(dt), values_bsnh), HEADS)
+        x_btd = constrain(x_btd + jnp.einsum("btnh,nhd->btd", o_btnh, attn.wo[...].astype(dt)), RESIDUAL)
+        return constrain(x_btd + block.mlp(block.mlp_norm(x_btd)), RESIDUAL), cache
+
+    x_btd = model.embed_tokens(tokens_bt)
+    x_btd, blocks = _scan_layers(model.blocks, x_btd, cache["blocks"], layer_fn)
+    return x_btd, {"blocks": blocks}
+
+
+def logits_dense(model, x_btd: jax.Array) -> jax.Array:
+    return model.output_logits(x_btd)
+
+
+# ----------------------------------------------------------------------------- DeepSeek (absorbed MLA)
+
+
+def _rope_tables_bt(positions_bt: jax.Array, cfg) -> tuple[jax.Array, jax.Array]:
+    """cos and sin [b, t, rope/2] at each token's own position (the model's YaRN frequencies and magnitude)."""
+    ds = cfg.deepseek
+    inv_freq, magnitude = inverse_frequencies(ds.qk_rope_head_dim, cfg.rope_theta, ds.rope_scaling)
+    angles_bth = positions_bt.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
+    return jnp.cos(angles_bth) * magnitude, jnp.sin(angles_bth) * magnitude
+
+
+def _rope_bt(x_btnh, cos_bth, sin_bth, interleave: bool):
+    # The model's rotation, once per sequence: each row of the batch sits at its own positions.
+    one = lambda x_tnh, cos_th, sin_th: apply_rope(x_tnh[None], cos_th, sin_th, interleave)[0]
+    return jax.vmap(one)(x_btnh, cos_bth, sin_bth)
+
+
+def absorbed_mla(attn, h_btd, cache: dict, layer, positions_bt, slot_b, read_rows, rope):
+    """MLA on the latent cache with the key up-projection folded into the query and the value up-projection
+    applied after the weighted sum: scores = (q_nope·W_UK)·c + q_rope·k_rope, out = ((p·c)·W_UV)·W_O."""
+    cfg = attn.cfg
+    ds, dt = cfg.deepseek, DTYPES[cfg.dtype]
+    nope, c = ds.qk_nope_head_dim, ds.kv_lora_rank
+    if ds.q_lora_rank is None:
+        q_btnh = jnp.einsum("btd,dnh->btnh", h_btd, attn.q_proj[...].astype(dt))
+    else:
+        q_btr = jnp.einsum("btd,dr->btr", h_btd, attn.q_a_proj[...].astype(dt))
+        q_btnh = jnp.einsum("btr,rnh->btnh", attn.q_a_layernorm(q_btr), attn.q_b_proj[...].astype(dt))
+    q_btnh = constrain(q_btnh, HEADS)
+    cos_bth, sin_bth = rope
+    q_nope_btnh = q_btnh[..., :nope]
+    q_rope_btnh = _rope_bt(q_btnh[..., nope:], cos_bth, sin_bth, ds.rope_interleave)
+
+    kv_a_btc = jnp.einsum("btd,dc->btc", h_btd, attn.kv_a_proj_with_mqa[...].astype(dt))
+    latent_btc = attn.kv_a_layernorm(kv_a_btc[..., :c])
+    k_rope_btr = _rope_bt(kv_a_btc[:, :, None, c:], cos_bth, sin_bth, ds.rope_interleave)[:, :, 0]
+    cache = {
+        "latent": kv.write(cache["latent"], latent_btc, layer, slot_b, positions_bt),
+        "k_rope": kv.write(cache["k_rope"], k_rope_btr, layer, slot_b, positions_bt),
+    }
+    latent_bsc, k_rope_bsr = kv.read(cache["latent"], layer, read_rows), kv.read(cache["k_rope"], layer, read_rows)
+
+    w_ukv_cnh = attn.kv_b_proj[...].astype(dt)
+    w_uk_cnh, w_uv_cnh = w_ukv_cnh[..., :nope], w_ukv_cnh[..., nope:]
+    q_latent_btnc = constrain(jnp.einsum("btnh,cnh->btnc", q_nope_btnh, w_uk_cnh), HEADS)
+    scores = jnp.einsum("btnc,bsc->bnts", q_latent_btnc, latent_bsc)
+    scores = scores + jnp.einsum("btnr,bsr->bnts", q_rope_btnh, k_rope_bsr)
+    probs = _softmax(constrain(scores * attn.scale, SCORES), _causal_mask(positions_bt, latent_bsc.shape[1]))
+    o_latent_btnc = constrain(jnp.einsum("bnts,bsc->btnc", probs.astype(dt), latent_bsc), HEADS)
+    o_btnh = constrain(jnp.einsum("btnc,cnh->btnh", o_latent_btnc, w_uv_cnh), HEADS)
+    return jnp.einsum("btnh,nhd->btd", o_btnh, attn.o_proj[...].astype(dt)), cache
+
+
+def extend_deepseek(model, cache: dict, tokens_bt, positions_bt, slot_b, all_slots: bool):
+    """The `DeepSeekModel`: dense then MoE blocks, MLA on the latent cache; MoE layers route and dispatch with
+    the model's own code (bias-adjusted selection, as in training). MTP modules are not used."""
+    read_rows = None if all_slots else slot_b
+    rope = _rope_tables_bt(positions_bt, model.cfg)
+
+    def layer_fn(block, x_btd, cache, layer):
+        h_btd = block.input_layernorm(x_btd)
+        attn_btd, cache = absorbed_mla(block.self_attn, h_btd, cache, layer, positions_bt, slot_b, read_rows, rope)
+        x_btd = constrain(x_btd + attn_btd, RESIDUAL)
+        h_btd = block.post_attention_layernorm(x_btd)
+        y_btd = block.mlp(h_btd)[0] if block.moe else block.mlp(h_btd)
+        return constrain(x_btd + y_btd, RESIDUAL), cache
+
+    x_btd = model._embed(tokens_bt)
+    new_cache = {}
+    for name in ("dense_blocks", "moe_blocks"):
+        if name in cache:
+            x_btd, new_cache[name] = _scan_layers(getattr(model, name), x_btd, cache[name], layer_fn)
+    return x_btd, new_cache
+
+
+def logits_deepseek(model, x_btd: jax.Array) -> jax.Array:
+    return model._logits(model.final_norm(x_btd))
+
+
+def model_functions(kind: str):
+    """(extend, logits) for a model kind."""
+    return (extend_deepseek, logits_deepseek) if kind == "deepseek" else (extend_dense, logits_dense)

@@ -1,0 +1,146 @@
+"""The model's prefill and decode steps, jitted once over the mesh with explicit shardings.
+
+Shapes never depend on a request: prefill always takes one chunk of `prefill_chunk` tokens for one slot
+(the slot, start position and valid length are arrays), decode always takes one token for every slot. So
+each compiles once, whatever is being served. The cache is donated: XLA updates it in place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxdeep.config import ConfigError, ExperimentConfig
+from jaxdeep.serve import cache as kv
+from jaxdeep.serve.extend import model_functions
+from jaxdeep.sharding import use_rules
+
+
+@dataclass(frozen=True)
+class CacheGeometry:
+    num_slots: int  # sequences decoded together (cache rows)
+    max_context: int  # positions per slot: prompt + generated tokens must fit
+    prefill_chunk: int  # prompt tokens per prefill call
+
+
+def _batch_shards(rules, mesh: Mesh, name: str) -> int:
+    return int(np.prod([mesh.shape[a] for a in rules.get(name, [])]))
+
+
+def prefill_rules(rules) -> dict:
+    """Rules for prefill activations: one sequence, so the axes that split the batch split the chunk instead
+    (the MoE dispatch then spreads the chunk's tokens over them)."""
+    out = {k: list(v) for k, v in rules.items()}
+    out["act_seq"] = [a for a in rules.get("batch", []) if a not in out.get("act_seq", [])] + out.get("act_seq", [])
+    out["batch"] = []
+    return out
+
+
+class ModelRunner:
+    """Prefill and decode for one model on one mesh.
+
+    merge(params, model_state) builds the nnx model from parameter trees (already placed on the mesh);
+    compiler_options go to XLA (e.g. a lower backend optimisation level where compile time dominates)."""
+
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        mesh: Mesh,
+        merge: Callable,
+        params,
+        model_state,
+        geometry: CacheGeometry,
+        compiler_options: dict | None = None,
+    ):
+        self.cfg, self.mesh, self.geometry = cfg, mesh, geometry
+        self.rules = {k: list(v) for k, v in cfg.sharding.rules.items()}
+        self._check(geometry)
+        self.params, self.model_state = params, model_state
+        self.layout = kv.cache_layout(cfg.model, geometry.num_slots, geometry.max_context)
+        self.cache_shardings = kv.cache_shardings(self.layout, self.rules, mesh)
+        replicated = NamedSharding(mesh, PartitionSpec())
+        param_sh = jax.tree.map(lambda a: a.sharding, params)
+        state_sh = jax.tree.map(lambda a: a.sharding, model_state)
+        extend, logits = model_functions(cfg.model.kind)
+        chunk, slots = geometry.prefill_chunk, geometry.num_slots
+        pre_rules = prefill_rules(self.rules)
+
+        def prefill(params, model_state, cache, tokens_t, slot, start, n_valid):
+            with use_rules(pre_rules, mesh):
+                model = merge(params, model_state)
+                positions_bt = (start + jnp.arange(chunk, dtype=jnp.int32))[None]
+                x_btd, cache = extend(model, cache, tokens_t[None], positions_bt, slot[None], all_slots=False)
+                last_b1d = jax.lax.dynamic_slice_in_dim(x_btd, n_valid - 1, 1, axis=1)
+                return cache, logits(model, last_b1d)[0, 0]
+
+        def decode(params, model_state, cache, tokens_b, positions_b):
+            with use_rules(self.rules, mesh):
+                model = merge(params, model_state)
+                slot_b = jnp.arange(slots, dtype=jnp.int32)
+                x_btd, cache = extend(model, cache, tokens_b[:, None], positions_b[:, None], slot_b, all_slots=True)
+                return cache, logits(model, x_btd)[:, 0]
+
+        self._prefill = jax.jit(
+            prefill,
+            in_shardings=(param_sh, state_sh, self.cache_shardings, replicated, replicated, replicated, replicated),
+            out_shardings=(self.cache_shardings, replicated),
+            donate_argnums=(2,),
+            compiler_options=compiler_options,
+        )
+        self._decode = jax.jit(
+            decode,
+            in_shardings=(param_sh, state_sh, self.cache_shardings, replicated, replicated),
+            out_shardings=(self.cache_shardings, replicated),
+            donate_argnums=(2,),
+            compiler_options=compiler_options,
+        )
+
+    def _check(self, g: CacheGeometry) -> None:
+        if self.mesh.shape.get("pipeline", 1) > 1:
+            raise ConfigError("serving: mesh.pipeline > 1 is not supported; set mesh.pipeline=1")
+        for name, value in (
+            ("num_slots", g.num_slots),
+            ("max_context", g.max_context),
+            ("prefill_chunk", g.prefill_chunk),
+        ):
+            if value < 1:
+                raise ConfigError(f"{name}: must be >= 1, got {value}")
+        shards = _batch_shards(self.rules, self.mesh, "batch")
+        if g.num_slots % shards:
+            raise ConfigError(f"num_slots={g.num_slots} must divide by the {shards} batch shards of the mesh")
+        if g.prefill_chunk % shards:
+            raise ConfigError(f"prefill_chunk={g.prefill_chunk} must divide by the {shards} batch shards of the mesh")
+
+    def new_cache(self) -> dict:
+        return kv.init_cache(self.cfg.model, self.layout, self.cache_shardings)
+
+    def prefill(self, cache: dict, tokens, slot: int, start: int) -> tuple[dict, jax.Array]:
+        """Cache `tokens` (at most prefill_chunk) of slot `slot` at positions start.. ; returns the new cache and the
+        float32 logits [vocab] after the last of them."""
+        n = len(tokens)
+        chunk = self.geometry.prefill_chunk
+        if not 1 <= n <= chunk:
+            raise ValueError(f"prefill takes 1..{chunk} tokens, got {n}")
+        padded = np.zeros((chunk,), np.int32)
+        padded[:n] = tokens
+        return self._prefill(self.params, self.model_state, cache, padded, np.int32(slot), np.int32(start), np.int32(n))
+
+    def prefill_prompt(self, cache: dict, tokens, slot: int) -> tuple[dict, jax.Array]:
+        """A whole prompt, chunk by chunk."""
+        chunk = self.geometry.prefill_chunk
+        logits = None
+        for start in range(0, len(tokens), chunk):
+            cache, logits = self.prefill(cache, tokens[start : start + chunk], slot, start)
+        return cache, logits
+
+    def decode(self, cache: dict, tokens_b, positions_b) -> tuple[dict, jax.Array]:
+        """One token per slot at its own position (a position >= max_context leaves that slot untouched);
+        returns the new cache and float32 logits [slots, vocab]."""
+        return self._decode(
+            self.params, self.model_state, cache, np.asarray(tokens_b, np.int32), np.asarray(positions_b, np.int32)
+        )

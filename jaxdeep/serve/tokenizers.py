@@ -1,0 +1,62 @@
+"""Tokenizers behind the engine's `Tokenizer` protocol: our byte tokenizer, and Hugging Face `tokenizer.json`."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from jaxdeep.data.tokenizer import ByteTokenizer
+
+
+class ByteTokens:
+    """`ByteTokenizer` with list ids; id 0 ends a generation (it separates documents in training data)."""
+
+    def __init__(self):
+        self._bytes = ByteTokenizer()
+        self.eos_id: int | None = ByteTokenizer.eos_id
+        self.vocab_size = ByteTokenizer.vocab_size
+
+    def encode(self, text: str) -> list[int]:
+        return self._bytes.encode(text).tolist()
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._bytes.decode(np.asarray(list(ids), np.int64))
+
+
+class HFTokens:
+    """A `tokenizers` tokenizer read from `tokenizer.json`; eos from `tokenizer_config.json` or `config.json`."""
+
+    def __init__(self, directory: str | Path):
+        from tokenizers import Tokenizer
+
+        directory = Path(directory)
+        self._tok = Tokenizer.from_file(str(directory / "tokenizer.json"))
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        self.eos_id = self._find_eos(directory)
+
+    def _find_eos(self, directory: Path) -> int | None:
+        config = directory / "tokenizer_config.json"
+        if config.is_file():
+            eos = json.loads(config.read_text()).get("eos_token")
+            if isinstance(eos, dict):  # {"content": "<｜end▁of▁sentence｜>", ...}
+                eos = eos.get("content")
+            if isinstance(eos, str) and self._tok.token_to_id(eos) is not None:
+                return self._tok.token_to_id(eos)
+        model_config = directory / "config.json"
+        if model_config.is_file():
+            eos_id = json.loads(model_config.read_text()).get("eos_token_id")
+            if isinstance(eos_id, list):
+                eos_id = eos_id[0] if eos_id else None
+            if isinstance(eos_id, int):
+                return eos_id
+        return None
+
+    def encode(self, text: str) -> list[int]:
+        # No special tokens added: a chat template (the server's business) decides those.
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=True)

@@ -1,0 +1,506 @@
+"""The inference engine: cached decode equals the full forward (dense and absorbed-MLA DeepSeek), chunked prefill,
+continuous batching gives every request what it gets alone, stop strings / limits / cancel / queue / bad
+input, and sharded layouts give the tokens of one device."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxdeep.config import load_config
+from jaxdeep.serve.api import GenerationRequest, QueueFull, RequestError, SamplingParams
+from jaxdeep.serve.engine import InferenceEngine
+from jaxdeep.serve.loading import from_config
+from jaxdeep.serve.runner import CacheGeometry, ModelRunner
+from jaxdeep.serve.textstream import TextStream
+from tests.fast_compile import FAST
+from tests.helpers import TINY
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+SLOTS, CONTEXT, CHUNK = 4, 40, 8
+# fp32 throughout: decode logits agree with the full forward to 1e-5 of the largest logit.
+RTOL = 1e-5
+
+DEEPSEEK = [
+    "mesh.data=1",
+    "mesh.expert=1",
+    "mesh.cpu_devices=0",
+    "mesh.topology=auto",
+    "model.d_model=32",
+    "model.n_layers=3",  # a dense first layer, then two MoE layers
+    "model.n_heads=4",
+    "model.d_ff=64",
+    "model.deepseek.q_lora_rank=16",
+    "model.deepseek.kv_lora_rank=16",
+    "model.deepseek.qk_nope_head_dim=8",
+    "model.deepseek.qk_rope_head_dim=4",
+    "model.deepseek.v_head_dim=8",
+    "model.deepseek.moe_intermediate_size=16",
+    "model.deepseek.num_nextn_predict_layers=0",  # serving never runs the MTP modules
+    "model.init_std=0.3",  # larger weights than training's start: varied greedy text, no near-ties
+    "data.seq_len=32",
+]
+
+
+def _loaded(kind: str, **mesh):
+    axes = [f"mesh.{a}={n}" for a, n in mesh.items()]
+    if kind == "dense":
+        cfg = load_config(None, [*TINY, "model.init_std=0.3", *axes])
+    else:
+        cfg = load_config(EXPERIMENTS / "deepseek_tiny.yaml", [*DEEPSEEK, *axes])
+    loaded = from_config(cfg, compiler_options=FAST)
+    if kind == "deepseek":
+        # A non-zero selection bias, so the bias-adjusted choice of experts is exercised.
+        rng = np.random.default_rng(3)
+        biases = jax.tree.map(lambda b: jnp.asarray(rng.normal(0, 0.05, b.shape), b.dtype), loaded.model_state)
+        loaded.model_state = jax.device_put(biases, jax.tree.map(lambda b: b.sharding, loaded.model_state))
+    return loaded
+
+
+def _engine(loaded, **options) -> InferenceEngine:
+    options = {"num_slots": SLOTS, "max_context": CONTEXT, "prefill_chunk": CHUNK, "compiler_options": FAST} | options
+    return InferenceEngine.from_loaded(loaded, **options)
+
+
+class _Served:
+    """One engine (and a jitted full forward) per model kind, built on first use and shared by the tests."""
+
+    def __init__(self):
+        self.items = {}
+
+    def get(self, kind: str):
+        if kind not in self.items:
+            loaded = _loaded(kind)
+            forward = jax.jit(lambda p, s, t: loaded.merge(p, s)(t), compiler_options=FAST)
+            full = lambda tokens: np.asarray(forward(loaded.params, loaded.model_state, tokens))
+            self.items[kind] = (kind, loaded, _engine(loaded), full)
+        return self.items[kind]
+
+    def close(self):
+        for _, _, engine, _ in self.items.values():
+            engine.close()
+
+
+@pytest.fixture(scope="module")
+def models():
+    served = _Served()
+    yield served
+    served.close()
+
+
+@pytest.fixture(params=["dense", "deepseek"])
+def served(request, models):
+    return models.get(request.param)
+
+
+@pytest.fixture
+def dense(models):
+    return models.get("dense")[2]
+
+
+def _prompt(n: int, seed: int) -> list[int]:
+    return np.random.default_rng(seed).integers(1, 256, n).tolist()
+
+
+def _greedy(n: int) -> SamplingParams:
+    return SamplingParams(max_tokens=n, temperature=0.0)
+
+
+def _seeded(n: int) -> SamplingParams:
+    return SamplingParams(max_tokens=n, temperature=1.0, seed=11)
+
+
+def _sibling(engine: InferenceEngine, tokenizer=None, **kw) -> InferenceEngine:
+    """Another engine on the same compiled model (its own cache and thread)."""
+    return InferenceEngine(engine.runner, tokenizer or engine.tokenizer, "sibling", **kw)
+
+
+class Letters:
+    """Ids -> letters, one character per token: stop strings and eos on text we can predict."""
+
+    def __init__(self, eos_id=None):
+        self.eos_id = eos_id
+
+    def encode(self, text):
+        return [ord(c) - ord("a") for c in text]
+
+    def decode(self, ids):
+        return "".join(chr(ord("a") + i % 26) for i in ids)
+
+
+# ----------------------------------------------------------------------------- numerics against the full forward
+
+
+def test_decode_logits_match_full_forward(served):
+    kind, _, engine, forward = served
+    runner = engine.runner
+    prompt = _prompt(19, 0)  # three prefill chunks, the last one padded
+    cache = runner.new_cache()
+    cache, logits_v = runner.prefill_prompt(cache, prompt, slot=2)
+    seq, decoded = list(prompt), [np.asarray(logits_v)]
+    for _ in range(8):
+        seq.append(int(np.argmax(decoded[-1])))
+        tokens_b, positions_b = np.zeros(SLOTS, np.int32), np.full(SLOTS, CONTEXT, np.int32)
+        tokens_b[2], positions_b[2] = seq[-1], len(seq) - 1
+        cache, logits_bv = runner.decode(cache, tokens_b, positions_b)
+        decoded.append(np.asarray(logits_bv[2]))
+    full = forward(np.asarray([seq]))[0, len(prompt) - 1 :]
+    np.testing.assert_allclose(np.stack(decoded), full, rtol=0, atol=RTOL * np.abs(full).max())
+    if kind == "deepseek":
+        assert set(cache) == {"dense_blocks", "moe_blocks"}  # latent cache only: no per-head K/V arrays
+        assert set(cache["moe_blocks"]) == {"latent", "k_rope"}
+        assert cache["moe_blocks"]["latent"].shape == (2, SLOTS, CONTEXT, 16)
+
+
+def test_engine_greedy_is_argmax_of_full_forward(served):
+    _, _, engine, forward = served
+    for seed, (n_prompt, n_new) in enumerate([(5, 12), (17, 9)]):
+        prompt = _prompt(n_prompt, 10 + seed)
+        out = engine.generate(GenerationRequest(f"g{seed}", prompt, _greedy(n_new)), timeout=120)
+        generated = out.tokens + ([0] if out.finish_reason == "stop" else [])  # eos (0) ends it early
+        assert len(generated) == n_new or out.finish_reason == "stop"
+        full = forward(np.asarray([prompt + generated]))[0]
+        argmax = full[n_prompt - 1 : n_prompt - 1 + len(generated)].argmax(-1)
+        assert argmax.tolist() == generated
+
+
+def test_chunked_prefill_equals_one_shot(served):
+    _, loaded, engine, _ = served
+    prompt = _prompt(21, 4)
+    one_shot = ModelRunner(
+        loaded.cfg, loaded.mesh, loaded.merge, loaded.params, loaded.model_state, CacheGeometry(SLOTS, CONTEXT, 24)
+    )
+    cache_a, logits_a = engine.runner.prefill_prompt(engine.runner.new_cache(), prompt, slot=1)
+    cache_b, logits_b = one_shot.prefill_prompt(one_shot.new_cache(), prompt, slot=1)
+    np.testing.assert_allclose(logits_a, logits_b, rtol=0, atol=RTOL * np.abs(logits_b).max())
+    for a, b in zip(jax.tree.leaves(cache_a), jax.tree.leaves(cache_b), strict=True):
+        a, b = np.asarray(a)[:, 1, : len(prompt)], np.asarray(b)[:, 1, : len(prompt)]
+        np.testing.assert_allclose(a, b, rtol=0, atol=RTOL * np.abs(b).max())
+
+
+# ----------------------------------------------------------------------------- continuous batching
+
+
+REQUESTS = [  # prompt length, max_tokens, sampling
+    (3, 10, dict(temperature=0.0)),
+    (19, 6, dict(temperature=0.9, seed=1)),
+    (9, 14, dict(temperature=1.3, top_k=5, seed=2)),
+    (1, 8, dict(temperature=0.7, top_p=0.8, seed=3)),
+    (12, 5, dict(temperature=0.0)),
+    (26, 7, dict(temperature=1.0, top_k=40, top_p=0.9, seed=4)),
+    (6, 11, dict(temperature=2.0, seed=5)),
+]
+
+
+def _requests():
+    return [
+        GenerationRequest(f"r{i}", _prompt(n, 100 + i), SamplingParams(max_tokens=m, **kw))
+        for i, (n, m, kw) in enumerate(REQUESTS)
+    ]
+
+
+def test_batched_requests_get_what_they_get_alone(served):
+    _, _, engine, _ = served
+    alone = {r.request_id: engine.generate(r, timeout=120) for r in _requests()}
+    requests = _requests()
+    results: dict[str, list] = {}
+    seen = {"running": 0, "waiting": 0}
+    done = threading.Event()
+
+    def on_event(event):
+        # Runs on the engine thread: later requests are submitted from here, so they join at fixed points
+        # (while r0..r2 decode, and when r1 finishes); 7 requests share 4 slots.
+        evs = results.setdefault(event.request_id, [])
+        evs.append(event)
+        stats = engine.stats()
+        seen["running"], seen["waiting"] = max(seen["running"], stats.running), max(seen["waiting"], stats.waiting)
+        if event.request_id == "r0" and len(evs) == 1:
+            for r in requests[3:5]:
+                engine.submit(r, on_event)
+        if event.request_id == "r1" and event.finished:
+            for r in requests[5:]:
+                engine.submit(r, on_event)
+        if sum(1 for evs in results.values() if evs[-1].finished) == len(REQUESTS):
+            done.set()
+
+    for r in requests[:3]:
+        engine.submit(r, on_event)
+    assert done.wait(120)
+    assert seen["running"] == SLOTS and seen["waiting"] >= 1
+    for r in requests:
+        events = results[r.request_id]
+        tokens = [e.token for e in events if e.token is not None]
+        text = "".join(e.text for e in events)
+        assert (tokens, text, events[-1].finish_reason) == (
+            alone[r.request_id].tokens,
+            alone[r.request_id].text,
+            alone[r.request_id].finish_reason,
+        ), r.request_id
+    assert len({tuple(a.tokens) for a in alone.values()}) == len(REQUESTS)
+    # Same seed, same request: the same tokens; another seed: other tokens.
+    again = engine.generate(_requests()[2], timeout=60)
+    assert again.tokens == alone["r2"].tokens
+    other = _requests()[2]
+    other.params = SamplingParams(max_tokens=14, temperature=1.3, top_k=5, seed=99)
+    assert engine.generate(other, timeout=60).tokens != alone["r2"].tokens
+
+
+def test_sampling_cuts_and_seeds():
+    from jaxdeep.serve.sampling import sample
+
+    probs = np.array([0.05, 0.5, 0.3, 0.15])
+    logits_bv = np.log(np.tile(probs, (256, 1))).astype(np.float32)
+    seeds, index = np.arange(256, dtype=np.uint32), np.zeros(256, np.int32)
+
+    def draw(temperature=1.0, top_k=0, top_p=1.0, seeds=seeds, index=index):
+        n = len(seeds)
+        args = (np.full(n, temperature, np.float32), np.full(n, top_k, np.int32), np.full(n, top_p, np.float32))
+        return np.asarray(sample(logits_bv[:n], *args, seeds, index))
+
+    assert set(draw().tolist()) == {0, 1, 2, 3}
+    assert set(draw(top_k=2).tolist()) == {1, 2}
+    assert set(draw(top_p=0.7).tolist()) == {1, 2}  # 0.5 < 0.7 <= 0.5 + 0.3
+    assert set(draw(top_p=0.5).tolist()) == {1}
+    assert set(draw(temperature=0.0).tolist()) == {1}
+    # A row's draw depends on its seed and token index only, not on its place in the batch.
+    assert draw()[5] == draw(seeds=seeds[5:6], index=index[5:6])[0]
+    assert not np.array_equal(draw(), draw(index=index + 1))
+
+
+def test_cache_bytes_per_token():
+    from jaxdeep.serve.cache import bytes_per_token
+
+    dense = load_config(None, TINY).model  # 2 layers × K and V × 4 heads × 8, fp32
+    assert bytes_per_token(dense) == 2 * 2 * 4 * 8 * 4
+    deepseek = load_config(EXPERIMENTS / "deepseek_tiny.yaml", DEEPSEEK).model  # 3 layers × (16 + 4), fp32
+    assert bytes_per_token(deepseek) == 3 * (16 + 4) * 4
+
+
+# ----------------------------------------------------------------------------- stopping and limits
+
+
+def test_stop_string_is_cut_and_never_sent(dense):
+    engine = _sibling(dense, Letters())
+    try:
+        prompt = _prompt(4, 7)
+        full = engine.generate(GenerationRequest("a", prompt, _seeded(16)), timeout=60)
+        assert full.finish_reason == "length" and len(full.text) == 16
+        stop = full.text[5:8]
+        cut = full.text.find(stop)
+        assert cut > 0
+        events = []
+        engine.submit(
+            GenerationRequest("c", prompt, SamplingParams(16, 1.0, seed=11, stop=("zzzzzz", stop))), events.append
+        )
+        while not (events and events[-1].finished):
+            time.sleep(0.01)
+        assert "".join(e.text for e in events) == full.text[:cut]
+        assert events[-1].finish_reason == "stop"
+        sent = ""
+        for e in events:  # nothing is sent that the stop string later takes back
+            sent += e.text
+            assert full.text[:cut].startswith(sent)
+    finally:
+        engine.close()
+
+
+def test_text_stream_holds_back_possible_stop_starts():
+    stream = TextStream(lambda ids: "".join(chr(i) for i in ids), ["END", "xy"])
+    outs = [stream.add(ord(c)) for c in "abEN"]
+    assert [o[0] for o in outs] == ["a", "b", "", ""]
+    assert stream.add(ord("Z")) == ("ENZ", False)  # "ENZ" cannot start a stop string any more
+    assert stream.add(ord("x")) == ("", False)
+    assert stream.add(ord("y")) == ("", True)
+
+
+def test_max_tokens_and_usage(dense):
+    events = []
+    done = threading.Event()
+    dense.submit(
+        GenerationRequest("m", _prompt(7, 8), SamplingParams(max_tokens=5, temperature=0.0)),
+        lambda e: (events.append(e), e.finished and done.set()),
+    )
+    assert done.wait(60)
+    final = events[-1]
+    assert [e.finished for e in events] == [False] * 5 + [True]
+    assert (final.token, final.finish_reason, final.prompt_tokens, final.completion_tokens) == (None, "length", 7, 5)
+
+
+def test_eos_ends_generation(dense):
+    prompt = _prompt(6, 9)
+    plain = _sibling(dense, Letters())
+    try:
+        tokens = plain.generate(GenerationRequest("p", prompt, _seeded(12)), timeout=60).tokens
+    finally:
+        plain.close()
+    k = next(i for i, t in enumerate(tokens) if t not in tokens[:i] and i > 0)
+    engine = _sibling(dense, Letters(eos_id=tokens[k]))
+    try:
+        out = engine.generate(GenerationRequest("e", prompt, _seeded(12)), timeout=60)
+    finally:
+        engine.close()
+    assert out.finish_reason == "stop" and out.tokens == tokens[:k]
+
+
+# ----------------------------------------------------------------------------- cancel, queue, bad input
+
+
+def test_cancel_frees_the_slot(dense):
+    events = []
+    started, done = threading.Event(), threading.Event()
+
+    def on_event(event):
+        events.append(event)
+        started.set()
+        if event.finished:
+            done.set()
+
+    dense.submit(GenerationRequest("long", _prompt(5, 1), SamplingParams(max_tokens=30, temperature=0.0)), on_event)
+    assert started.wait(60)
+    stats = dense.stats()
+    assert stats.running == 1 and stats.cache_usage > 0 and stats.max_context == CONTEXT
+    dense.cancel("long")
+    dense.cancel("unknown-id")  # ignored
+    assert done.wait(60)
+    assert events[-1].finish_reason == "abort" and len(events) < 31
+    stats = dense.stats()
+    assert (stats.running, stats.waiting, stats.cache_usage) == (0, 0, 0.0)
+
+
+def test_queue_full_and_cancel_while_waiting(dense):
+    engine = _sibling(dense, max_waiting=2)
+    events: dict[str, list] = {}
+    finished = threading.Event()
+
+    def on_event(event):
+        events.setdefault(event.request_id, []).append(event)
+        if event.request_id == "q3" and event.finished:
+            finished.set()
+
+    try:
+        with engine._cond:  # hold the loop so nothing is admitted while we fill the queue
+            for i in range(2):
+                engine.submit(GenerationRequest(f"q{i}", [1, 2], _greedy(2)), on_event)
+            with pytest.raises(QueueFull):
+                engine.submit(GenerationRequest("q2", [1, 2], _greedy(2)), on_event)
+            assert engine.stats().waiting == 2
+            engine.cancel("q1")  # still waiting: dropped with a final event and no tokens
+        engine.submit(GenerationRequest("q3", [1, 2], _greedy(2)), on_event)
+        assert finished.wait(60)
+        assert [(e.token, e.finish_reason) for e in events["q1"]] == [(None, "abort")]
+        assert events["q0"][-1].finish_reason in ("length", "stop") and "q2" not in events
+    finally:
+        engine.close()
+
+
+def test_bad_requests_name_the_field(dense):
+    def field(params=None, prompt=(1, 2, 3)):
+        with pytest.raises(RequestError) as err:
+            dense.submit(GenerationRequest("bad", list(prompt), params or SamplingParams()), lambda e: None)
+        return err.value.field
+
+    assert field(SamplingParams(max_tokens=CONTEXT)) == "prompt"  # 3 + 40 > 40
+    assert field(prompt=[1] * CONTEXT) == "prompt"
+    assert field(prompt=[]) == "prompt"
+    assert field(prompt=[1, 256]) == "prompt"
+    assert field(SamplingParams(temperature=-1.0)) == "temperature"
+    assert field(SamplingParams(top_p=0.0)) == "top_p"
+    assert field(SamplingParams(top_k=-2)) == "top_k"
+    assert field(SamplingParams(max_tokens=0)) == "max_tokens"
+    assert field(SamplingParams(seed="x")) == "seed"
+    assert field(SamplingParams(stop=("",))) == "stop"
+    assert dense.stats().waiting == 0
+
+
+def test_failed_step_aborts_and_engine_recovers(dense):
+    engine = _sibling(dense)
+    try:
+        original = engine.runner
+
+        class Broken:
+            def __getattr__(self, name):
+                return getattr(original, name)
+
+            def prefill(self, *args):
+                raise RuntimeError("injected failure")
+
+        engine.runner = Broken()
+        out = engine.generate(GenerationRequest("x", [1, 2, 3], _greedy(3)), timeout=60)
+        assert out.finish_reason == "abort"
+        engine.runner = original
+        assert engine.generate(GenerationRequest("y", [1, 2, 3], _greedy(3)), timeout=60).finish_reason != "abort"
+    finally:
+        engine.close()
+
+
+# ----------------------------------------------------------------------------- sharded layouts
+
+
+@pytest.mark.parametrize("kind,mesh", [("dense", dict(tensor=2, data=2)), ("deepseek", dict(tensor=2, expert=2))])
+def test_sharded_layout_gives_the_same_tokens(models, kind, mesh):
+    one, split = models.get(kind)[2], _engine(_loaded(kind, **mesh))
+    try:
+        assert split.runner.mesh.size == 4
+        for i, (n, m) in enumerate([(4, 8), (13, 6)]):
+            request = GenerationRequest(f"s{i}", _prompt(n, 50 + i), SamplingParams(max_tokens=m, temperature=0.0))
+            assert split.generate(request, timeout=120).tokens == one.generate(request, timeout=120).tokens
+    finally:
+        split.close()
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def test_run_directory_restores_the_checkpoint(tmp_path):
+    from jaxdeep.config import save_config
+    from jaxdeep.serve.loading import load_model
+    from jaxdeep.train.checkpoint import Checkpointer
+    from jaxdeep.train.loop import mesh_from_config
+    from jaxdeep.train.state import build_setup, init_train_state
+
+    cfg = load_config(None, [*TINY, "mesh.topology=auto"])
+    mesh, _ = mesh_from_config(cfg, jax.devices()[:1])
+    state = init_train_state(build_setup(cfg, mesh))
+    state["params"] = jax.tree.map(lambda p: p + 1.0, state["params"])  # not what a fresh init gives
+    save_config(cfg, tmp_path / "config.yaml")
+    ckpt = Checkpointer(tmp_path / "checkpoints", async_save=False)
+    ckpt.save(3, state, {})
+    ckpt.close()
+    loaded = load_model(tmp_path, ["mesh.tensor=2"])
+    assert loaded.mesh.shape["tensor"] == 2 and loaded.name == tmp_path.name
+    assert loaded.tokenizer.encode("hé") == [104, 195, 169] and loaded.tokenizer.eos_id == 0
+    for a, b in zip(jax.tree.leaves(loaded.params), jax.tree.leaves(state["params"]), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_hugging_face_directory_serves_the_same_tokens(models, tmp_path):
+    import json
+
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers import models as tok_models
+
+    from jaxdeep import hf
+    from jaxdeep.hf.model import HFModel
+    from jaxdeep.serve.loading import load_engine
+
+    _, loaded, engine, _ = models.get("deepseek")
+    hf.save(HFModel(loaded.cfg.model, loaded.params, loaded.model_state), tmp_path)
+    words = Tokenizer(tok_models.WordLevel({f"w{i}": i for i in range(256)}, unk_token="w1"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    words.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "w3"}))
+    served = load_engine(tmp_path, [], num_slots=SLOTS, max_context=CONTEXT, prefill_chunk=CHUNK, compiler_options=FAST)
+    same_eos = _sibling(engine, Letters(eos_id=3))
+    try:
+        assert served.tokenizer.eos_id == 3 and served.tokenizer.encode("w5 w7") == [5, 7]
+        request = GenerationRequest("h", _prompt(10, 60), _greedy(8))
+        assert served.generate(request, timeout=120).tokens == same_eos.generate(request, timeout=60).tokens
+    finally:
+        served.close()
+        same_eos.close()
