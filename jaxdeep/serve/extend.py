@@ -35,8 +35,9 @@ def _softmax(scores_bnts: jax.Array, mask_b1ts: jax.Array) -> jax.Array:
     return jax.nn.softmax(scores_bnts, axis=-1)
 
 
-def _scan_layers(stack: nnx.Module, x_btd: jax.Array, cache: dict, layer_fn) -> tuple[jax.Array, dict]:
-    """Run stacked blocks in order; the cache rides in the scan carry so each layer updates it in place."""
+def _scan_layers(stack: nnx.Module, x_btd: jax.Array, cache: dict, layer_fn, unroll: bool) -> tuple[jax.Array, dict]:
+    """Run stacked blocks in order; the cache rides in the scan carry so each layer updates it in place.
+    `unroll` lays the layers out one after another (static slices of the stacked weights) instead of a loop."""
     graphdef, state = nnx.split(stack)
     n_layers = jax.tree.leaves(cache)[0].shape[0]
 
@@ -46,14 +47,14 @@ def _scan_layers(stack: nnx.Module, x_btd: jax.Array, cache: dict, layer_fn) -> 
         x_btd, cache = layer_fn(nnx.merge(graphdef, layer_state), x_btd, cache, layer)
         return (x_btd, cache), None
 
-    (x_btd, cache), _ = jax.lax.scan(body, (x_btd, cache), (state, jnp.arange(n_layers)))
+    (x_btd, cache), _ = jax.lax.scan(body, (x_btd, cache), (state, jnp.arange(n_layers)), unroll=unroll)
     return x_btd, cache
 
 
 # ----------------------------------------------------------------------------- dense transformer
 
 
-def extend_dense(model, cache: dict, tokens_bt, positions_bt, slot_b, all_slots: bool):
+def extend_dense(model, cache: dict, tokens_bt, positions_bt, slot_b, all_slots: bool, unroll: bool = False):
     """The dense `Transformer`: per-head K and V cached."""
     cfg, dt = model.cfg, DTYPES[model.cfg.dtype]
     read_rows = None if all_slots else slot_b
@@ -78,7 +79,7 @@ def extend_dense(model, cache: dict, tokens_bt, positions_bt, slot_b, all_slots:
         return constrain(x_btd + block.mlp(block.mlp_norm(x_btd)), RESIDUAL), cache
 
     x_btd = model.embed_tokens(tokens_bt)
-    x_btd, blocks = _scan_layers(model.blocks, x_btd, cache["blocks"], layer_fn)
+    x_btd, blocks = _scan_layers(model.blocks, x_btd, cache["blocks"], layer_fn, unroll)
     return x_btd, {"blocks": blocks}
 
 
@@ -139,7 +140,7 @@ def absorbed_mla(attn, h_btd, cache: dict, layer, positions_bt, slot_b, read_row
     return jnp.einsum("btnh,nhd->btd", o_btnh, attn.o_proj[...].astype(dt)), cache
 
 
-def extend_deepseek(model, cache: dict, tokens_bt, positions_bt, slot_b, all_slots: bool):
+def extend_deepseek(model, cache: dict, tokens_bt, positions_bt, slot_b, all_slots: bool, unroll: bool = False):
     """The `DeepSeekModel`: dense then MoE blocks, MLA on the latent cache; MoE layers route and dispatch with
     the model's own code (bias-adjusted selection, as in training). MTP modules are not used."""
     read_rows = None if all_slots else slot_b
@@ -157,7 +158,7 @@ def extend_deepseek(model, cache: dict, tokens_bt, positions_bt, slot_b, all_slo
     new_cache = {}
     for name in ("dense_blocks", "moe_blocks"):
         if name in cache:
-            x_btd, new_cache[name] = _scan_layers(getattr(model, name), x_btd, cache[name], layer_fn)
+            x_btd, new_cache[name] = _scan_layers(getattr(model, name), x_btd, cache[name], layer_fn, unroll)
     return x_btd, new_cache
 
 

@@ -1,0 +1,119 @@
+"""Decode speed of the serving engine's jitted step against the HBM roofline, and throughput against batch size.
+
+For each batch size: one `ModelRunner` with that many slots, a cache of `--context` positions per slot, and
+`--steps` timed decode steps (every slot decodes one token per step, at position `--context // 2` onwards). The
+step is timed bare, without sampling or the engine thread, to see how close the model's own step comes to
+the memory bound.
+
+Roofline: a decode step must read the weights it uses and the cache it attends over. "needed" bytes count the
+weights a token of batch 1 touches (for MoE: the active parameters, shared and routed experts of one token)
+plus the cache of the positions in use; "read" bytes count what this implementation reads (all weights,
+every cached position of every slot, since decode attends over the whole slot with a mask). The bound is
+bytes / (bandwidth of a device-to-device copy measured in the same run).
+
+    python experiments/benchmarks/bench_decode.py experiments/dense_1b.yaml --batch 1 16 64 \
+        --override model.param_dtype=bfloat16 --out experiments/benchmarks/bench_decode.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdeep.model import count_params
+from jaxdeep.serve.loading import load_model
+from jaxdeep.serve.runner import CacheGeometry, ModelRunner
+
+
+def copy_bandwidth(nbytes: int, repeats: int = 20) -> float:
+    """Bytes per second of reading and writing one buffer on the first device (read + write counted)."""
+    x = jnp.ones((nbytes // 4,), jnp.float32)
+    copy = jax.jit(lambda a: a + 1.0)
+    copy(x).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        copy(x).block_until_ready()
+        times.append(time.perf_counter() - t0)
+    return 2 * nbytes / float(np.median(times))
+
+
+def tree_bytes(tree) -> int:
+    return sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(tree))
+
+
+def time_decode(runner: ModelRunner, batch: int, context: int, steps: int) -> float:
+    cache = runner.new_cache()
+    tokens = np.ones((batch,), np.int32)
+    start = context // 2
+    cache, logits = runner.decode(cache, tokens, np.full((batch,), start - 1, np.int32))  # compile + warm up
+    logits.block_until_ready()
+    t0 = time.perf_counter()
+    for i in range(steps):
+        cache, logits = runner.decode(cache, tokens, np.full((batch,), start + i, np.int32))
+    logits.block_until_ready()
+    return (time.perf_counter() - t0) / steps
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("config")
+    ap.add_argument("--override", action="append", default=[], help="section.key=value (repeatable)")
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 16, 64])
+    ap.add_argument("--context", type=int, default=1024, help="cache positions per slot")
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--copy-bytes", type=int, default=2**31)
+    ap.add_argument("--scan", action="store_true", help="loop over the layer stack (ModelRunner unroll_layers=False)")
+    ap.add_argument("--out", default=None, help="append one JSON line per batch size here")
+    args = ap.parse_args()
+
+    loaded = load_model(args.config, args.override)
+    cfg = loaded.cfg
+    counts = count_params(cfg.model)
+    weight_bytes = tree_bytes(loaded.params)
+    itemsize = weight_bytes / counts["total"]
+    active = counts.get("active", counts["total"] - counts["embedding"])  # one embedding row is read, not all
+    bandwidth = copy_bandwidth(args.copy_bytes)
+    device = jax.devices()[0].device_kind
+    print(f"{cfg.name} on {device}: weights {weight_bytes / 1e9:.2f} GB, copy bandwidth {bandwidth / 1e12:.2f} TB/s")
+    for batch in args.batch:
+        geometry = CacheGeometry(num_slots=batch, max_context=args.context, prefill_chunk=batch)
+        runner = ModelRunner(
+            cfg, loaded.mesh, loaded.merge, loaded.params, loaded.model_state, geometry, unroll_layers=not args.scan
+        )
+        cache_bytes = tree_bytes(jax.eval_shape(runner.new_cache))
+        step_s = time_decode(runner, batch, args.context, args.steps)
+        used_cache = cache_bytes * (args.context // 2) / args.context
+        needed = active * itemsize + used_cache
+        read = weight_bytes - counts["embedding"] * itemsize + cache_bytes
+        row = {
+            "model": cfg.name,
+            "device": device,
+            "batch": batch,
+            "context": args.context,
+            "step_ms": step_s * 1e3,
+            "tokens_per_s": batch / step_s,
+            "copy_tb_s": bandwidth / 1e12,
+            "needed_gb": needed / 1e9,
+            "read_gb": read / 1e9,
+            "roofline_needed": needed / bandwidth / step_s,
+            "roofline_read": read / bandwidth / step_s,
+            "unroll": not args.scan,
+            "xla_flags": os.environ.get("XLA_FLAGS", ""),
+            "overrides": args.override,
+        }
+        print(json.dumps(row))
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        del runner
+
+
+if __name__ == "__main__":
+    main()
