@@ -37,11 +37,24 @@ def _combine(y_copies_sd: jax.Array, weights_tk: jax.Array) -> jax.Array:
     return jnp.einsum("tkd,tk->td", y_tkd, weights_tk.astype(jnp.float32))
 
 
+def gathered_experts(x_td, experts_tk, weights_tk, gate_up_edcf, down_efd):
+    """Each token copy multiplied by its own expert's weights, gathered: for few copies (decode), where a grouped
+    matmul would read every expert's weights to compute a handful of rows. Returns as `local_experts`."""
+    t, k = experts_tk.shape
+    h_tkcf = jnp.einsum("td,tkdcf->tkcf", x_td, gate_up_edcf[experts_tk])
+    h_tkf = jax.nn.silu(h_tkcf[:, :, 0]) * h_tkcf[:, :, 1]
+    y_tkd = jnp.einsum("tkf,tkfd->tkd", h_tkf, down_efd[experts_tk])
+    return _combine(y_tkd.reshape(t * k, -1), weights_tk), jnp.int32(t * k)
+
+
 def local_experts(x_td, experts_tk, weights_tk, gate_up_edcf, down_efd, impl: str):
-    """All experts on this device: one sort, two grouped matmuls, unsort, weighted sum.
+    """All experts on this device: one sort, two grouped matmuls, unsort, weighted sum — or, with impl "auto" and
+    fewer token copies than experts, `gathered_experts`.
 
     Returns the float32 output [T, d] and the number of token copies the experts computed."""
     n_experts, k = gate_up_edcf.shape[0], experts_tk.shape[1]
+    if impl == "auto" and experts_tk.size < n_experts:
+        return gathered_experts(x_td, experts_tk, weights_tk, gate_up_edcf, down_efd)
     flat = experts_tk.reshape(-1)
     order = jnp.argsort(flat, stable=True)
     group_sizes = jnp.bincount(flat, length=n_experts)
