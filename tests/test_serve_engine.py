@@ -269,7 +269,10 @@ def test_sampling_cuts_and_seeds():
     assert set(draw(top_p=0.5).tolist()) == {1}
     assert set(draw(temperature=0.0).tolist()) == {1}
     # A row's draw depends on its seed and token index only, not on its place in the batch.
-    assert draw()[5] == draw(seeds=seeds[5:6], index=index[5:6])[0]
+    whole = draw()
+    alone = [draw(seeds=seeds[i : i + 1], index=index[i : i + 1])[0] for i in range(0, 256, 17)]
+    assert whole[::17].tolist() == alone
+    assert draw(seeds=seeds[::-1])[::-1].tolist() == whole.tolist()
     assert not np.array_equal(draw(), draw(index=index + 1))
 
 
@@ -412,7 +415,12 @@ def test_bad_requests_name_the_field(dense):
     assert field(SamplingParams(temperature=-1.0)) == "temperature"
     assert field(SamplingParams(top_p=0.0)) == "top_p"
     assert field(SamplingParams(top_k=-2)) == "top_k"
+    assert field(SamplingParams(top_k=2**40)) == "top_k"  # would overflow the batch's int32 row
     assert field(SamplingParams(max_tokens=0)) == "max_tokens"
+    # top_k beyond the vocabulary keeps every token (and must not disturb the shared decode step).
+    wide = dense.generate(GenerationRequest("wide", [1, 2, 3], SamplingParams(max_tokens=3, top_k=10**6, seed=1)), 60)
+    same = dense.generate(GenerationRequest("all", [1, 2, 3], SamplingParams(max_tokens=3, top_k=0, seed=1)), 60)
+    assert wide.finish_reason == "length" and wide.tokens == same.tokens
     assert field(SamplingParams(seed="x")) == "seed"
     assert field(SamplingParams(stop=("",))) == "stop"
     assert dense.stats().waiting == 0

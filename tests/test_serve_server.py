@@ -157,7 +157,7 @@ def test_metrics_parse_and_move(server, client, model):
         assert delta(f"jaxdeep:{histogram}_sum") > 0
     gaps = delta("jaxdeep:inter_token_latency_seconds_count")  # an end-of-sequence token has no text event
     assert gaps == whole.usage.completion_tokens - 1 if finish == "length" else gaps <= whole.usage.completion_tokens
-    assert delta("jaxdeep:time_per_output_token_seconds_count") == 1
+    assert delta("jaxdeep:request_time_per_output_token_seconds_count") == 1
     assert after["jaxdeep:num_requests_running"] == 0
     assert delta("jaxdeep:decode_batch_size_count") >= 1  # sampled while the request ran
     assert after["jaxdeep:decode_batch_size_sum"] >= after["jaxdeep:decode_batch_size_count"]  # batches of >= 1

@@ -42,8 +42,8 @@ class SamplingParams:
             raise RequestError("max_tokens", f"must be an integer >= 1, got {self.max_tokens!r}")
         if not _is_number(self.temperature) or not 0.0 <= self.temperature <= 100.0:
             raise RequestError("temperature", f"must be a number in [0, 100], got {self.temperature!r}")
-        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
-            raise RequestError("top_k", f"must be an integer >= 0, got {self.top_k!r}")
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or not 0 <= self.top_k < 2**31:
+            raise RequestError("top_k", f"must be an integer in [0, 2**31), got {self.top_k!r}")
         if not _is_number(self.top_p) or not 0.0 < self.top_p <= 1.0:
             raise RequestError("top_p", f"must be a number in (0, 1], got {self.top_p!r}")
         if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):

@@ -160,6 +160,7 @@ class InferenceEngine:
 
         self.submit(request, on_event)
         if not done.wait(timeout):
+            self.cancel(request.request_id)
             raise TimeoutError(f"request {request.request_id} did not finish within {timeout} s")
         return Completion(tokens, "".join(parts), reason[0])
 
@@ -258,7 +259,7 @@ class InferenceEngine:
         for i, seq in enumerate(rows):
             if seq is not None:
                 p = seq.request.params
-                temperature[i], top_k[i], top_p[i] = p.temperature, p.top_k, p.top_p
+                temperature[i], top_k[i], top_p[i] = p.temperature, min(p.top_k, logits_bv.shape[-1]), p.top_p
                 seed[i], index[i] = seq.seed, len(seq.generated)
         return np.asarray(sample(logits_bv, temperature, top_k, top_p, seed, index))
 

@@ -9,7 +9,7 @@ Names follow vLLM's under a `jaxdeep:` prefix:
 | `jaxdeep:kv_cache_usage_perc` | gauge | fraction of the KV cache in use, 0..1 (engine, read at scrape time) |
 | `jaxdeep:time_to_first_token_seconds` | histogram | request arrival to its first token |
 | `jaxdeep:inter_token_latency_seconds` | histogram | gap between consecutive tokens of a request |
-| `jaxdeep:time_per_output_token_seconds` | histogram | per request: (end - first token) / (tokens - 1) |
+| `jaxdeep:request_time_per_output_token_seconds` | histogram | per request: (end - first token) / (tokens - 1) |
 | `jaxdeep:e2e_request_latency_seconds` | histogram | request arrival to its last event |
 | `jaxdeep:prompt_tokens_total` | counter | prompt tokens of finished requests |
 | `jaxdeep:generation_tokens_total` | counter | generated tokens of finished requests |
@@ -62,7 +62,7 @@ class ServerMetrics:
             PREFIX + "inter_token_latency_seconds", "Time between consecutive tokens.", buckets=ITL_BUCKETS, registry=r
         )
         self.tpot = Histogram(
-            PREFIX + "time_per_output_token_seconds",
+            PREFIX + "request_time_per_output_token_seconds",
             "Per request: time after the first token divided by the tokens after it.",
             buckets=ITL_BUCKETS,
             registry=r,

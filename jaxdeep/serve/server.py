@@ -169,11 +169,12 @@ class OpenAIServer:
                     t, event = await events.get()
             except TimeoutError:
                 t, event = None, None
+            if event is not None:
+                tracker.record(t, event)
             transport = request.transport
             if transport is None or transport.is_closing():
                 raise ConnectionResetError("the client disconnected")
             if event is not None:
-                tracker.record(t, event)
                 return event
 
     async def _whole(self, request, request_id, parsed, events, tracker) -> web.Response:

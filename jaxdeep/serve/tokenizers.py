@@ -55,8 +55,9 @@ class HFTokens:
         return None
 
     def encode(self, text: str) -> list[int]:
-        # No special tokens added: a chat template (the server's business) decides those.
-        return self._tok.encode(text, add_special_tokens=False).ids
+        # The tokenizer's own special tokens (a DeepSeek prompt starts with its begin-of-sentence token), as
+        # the model saw in training and as other OpenAI-compatible servers send.
+        return self._tok.encode(text, add_special_tokens=True).ids
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=True)
