@@ -347,3 +347,32 @@ def test_fused_unavailable_reason_is_none_for_supported_shapes_ignoring_backend(
     x, _, _ = _ln_inputs(shape=(3, 7168), dtype=BF16)
     assert norms.fused_unavailable_reason(x, check_backend=False) is None
     assert "no rows" in norms.fused_unavailable_reason(jnp.zeros((0, 512)), check_backend=False)
+
+
+@needs_triton
+def test_interpreted_kernels_work_when_triton_was_imported_first():
+    # Libraries such as transformers import triton (not in interpreter mode) before any kernel runs; the interpreted
+    # copy of the kernels must still run then. A fresh process controls the import order.
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    code = """
+import triton, triton.language
+import jax.numpy as jnp, numpy as np
+from kernels import norms
+x = jnp.linspace(-3.0, 5.0, 48 * 64, dtype=jnp.float32).reshape(48, 64)
+w, b = jnp.linspace(0.5, 1.5, 64), jnp.linspace(-0.1, 0.1, 64)
+got = norms.layer_norm_gelu(x, w, b, impl="interpret")
+want = norms.layer_norm_gelu(x, w, b, impl="reference")
+np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+print("ok")
+"""
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(root)}
+    env.pop("TRITON_INTERPRET", None)
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]

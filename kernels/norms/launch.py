@@ -11,18 +11,15 @@ functions return per-program partial sums of the parameter gradients, shape [pro
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import functools
-import importlib.util
-import os
 import pathlib
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+
+from kernels import triton_runtime
 
 MAX_HIDDEN = 16384  # widest row held in registers by one program
 DEFAULT_NUM_SMS = 132  # H100 SXM; used when the device does not report its multiprocessor count
@@ -92,119 +89,20 @@ def num_sms() -> int:
 # ----------------------------------------------------------------------------------------------------
 # Runners
 # ----------------------------------------------------------------------------------------------------
-def _kernel_module():
+def _kernels(runner: str):
+    if runner == "interpret":
+        path = pathlib.Path(__file__).with_name("triton_kernels.py")
+        return triton_runtime.interpreted_copy(str(path), "kernels.norms._triton_kernels_interpreted")
     from kernels.norms import triton_kernels
 
     return triton_kernels
 
 
-def _fill_value(dtype) -> Any:
-    dtype = np.dtype(dtype)
-    return np.nan if np.issubdtype(dtype, np.floating) or dtype.name == "bfloat16" else np.iinfo(dtype).max
-
-
-def _run_triton(name, inputs, out_shapes, grid, cfg: LaunchConfig, meta, poison: bool):
-    import jax_triton
-
-    kernels = _kernel_module()
-    common = dict(out_shape=out_shapes, grid=grid, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    if not poison:
-        return jax_triton.triton_call(*inputs, kernel=getattr(kernels, name), **common, **meta)
-    fills = [jnp.full(s.shape, _fill_value(s.dtype), s.dtype) for s in out_shapes]
-    n_arrays = sum(not isinstance(a, int) for a in inputs)
-    aliases = {n_arrays + i: i for i in range(len(out_shapes))}
-    return jax_triton.triton_call(
-        *inputs,
-        *fills,
-        kernel=getattr(kernels, name + "_poisoned"),
-        input_output_aliases=aliases,
-        **common,
-        **meta,
-    )
-
-
-class _HostTensor:
-    """The little of torch.Tensor's interface that Triton's interpreter uses, over a numpy array."""
-
-    def __init__(self, array: np.ndarray):
-        assert array.flags.c_contiguous
-        self.array = array
-        self.dtype = f"torch.{array.dtype.name}"
-
-    def data_ptr(self) -> int:
-        return self.array.ctypes.data
-
-    def untyped_storage(self):
-        return self
-
-    def cpu(self):
-        return self
-
-    def copy_(self, other) -> None:
-        pass  # the interpreter works on this very memory
-
-    def new_empty(self, *args, **kwargs):
-        return self
-
-    def set_(self, *args, **kwargs):
-        return self
-
-    def storage_offset(self) -> int:
-        return 0
-
-    def size(self):
-        return self.array.shape
-
-    def stride(self):
-        return tuple(s // self.array.itemsize for s in self.array.strides)
-
-
-@contextlib.contextmanager
-def _interpret_env():
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = old
-
-
-@functools.cache
-def _interpreted_module():
-    """A second copy of triton_kernels.py whose @triton.jit functions run in the interpreter."""
-    path = pathlib.Path(__file__).with_name("triton_kernels.py")
-    spec = importlib.util.spec_from_file_location("kernels.norms._triton_kernels_interpreted", path)
-    module = importlib.util.module_from_spec(spec)
-    with _interpret_env():
-        spec.loader.exec_module(module)
-    return module
-
-
-def _run_interpret(name, inputs, out_shapes, grid, cfg: LaunchConfig, meta, poison: bool):
-    del cfg, poison  # outputs are always NaN-filled here; warps mean nothing to the interpreter
-    kernel = getattr(_interpreted_module(), name)
-    array_inputs = [a for a in inputs if not isinstance(a, int)]
-
-    def host(*arrays):
-        it = iter(arrays)
-        args = [a if isinstance(a, int) else _HostTensor(np.ascontiguousarray(next(it))) for a in inputs]
-        outs = [np.full(s.shape, _fill_value(s.dtype), s.dtype) for s in out_shapes]
-        with _interpret_env():
-            kernel[grid](*args, *[_HostTensor(o) for o in outs], **meta)
-        return tuple(outs)
-
-    shapes = tuple(jax.ShapeDtypeStruct(s.shape, s.dtype) for s in out_shapes)
-    return list(jax.pure_callback(host, shapes, *array_inputs, vmap_method="sequential"))
-
-
-_RUNNERS = {"triton": _run_triton, "interpret": _run_interpret}
-
-
-def _run(runner: str, *args):
-    return _RUNNERS[runner](*args)
+def _run(runner: str, name, inputs, out_shapes, grid, cfg: LaunchConfig, meta, poison: bool):
+    if runner == "interpret":  # outputs always start NaN-filled; warps mean nothing to the interpreter
+        return triton_runtime.run_interpret(_kernels(runner), name, inputs, out_shapes, grid, meta)
+    warps, stages = cfg.num_warps, cfg.num_stages
+    return triton_runtime.run_triton(_kernels(runner), name, inputs, out_shapes, grid, warps, stages, meta, poison)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -1,0 +1,85 @@
+"""The Triton grouped matmul as a `jax.custom_vjp`: forward and both gradients are Triton kernels.
+
+`triton_gmm(lhs, rhs, group_sizes)` has the semantics of `jax.lax.ragged_dot`: rows of `lhs` [M, K] sorted by
+group, group g (the next `group_sizes[g]` rows) multiplied by `rhs[g]` [K, N], rows past `sum(group_sizes)`
+zero. `runner` picks how the kernels run: "triton" (jax-triton, GPU) or "interpret" (Triton's interpreter on
+the host, for tests).
+
+Backward, for the cotangent dout [M, N] (cast to the operands' dtype first, as the kernels multiply operands
+of one dtype with float32 accumulation):
+- dlhs = dout @ rhs[g]^T per group: the forward kernel with rhs read transposed through its strides;
+- drhs[g] = lhs_g^T @ dout_g: a grouped GEMM reducing over each group's rows (zeros for an empty group).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from kernels.gmm import launch
+
+__all__ = ["SUPPORTED_DTYPES", "triton_gmm"]
+
+RUNNERS = ("triton", "interpret")
+SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
+
+
+def triton_gmm(
+    lhs: jax.Array,
+    rhs: jax.Array,
+    group_sizes: jax.Array,
+    *,
+    runner: str = "triton",
+    preferred_element_type=None,
+) -> jax.Array:
+    """[M, K] rows sorted by group x [E, K, N] per-group weights -> [M, N], differentiable in lhs and rhs.
+
+    The operands are promoted to one dtype (bfloat16, float16 or float32); the output has
+    `preferred_element_type`, or that dtype.
+    """
+    if runner not in RUNNERS:
+        raise ValueError(f"runner must be one of {RUNNERS}, got {runner!r}")
+    if lhs.ndim != 2 or rhs.ndim != 3 or group_sizes.ndim != 1:
+        raise ValueError(
+            "triton_gmm expects lhs [m, k], rhs [g, k, n], group_sizes [g]; "
+            f"got {lhs.shape}, {rhs.shape}, {group_sizes.shape}"
+        )
+    if lhs.shape[1] != rhs.shape[1] or rhs.shape[0] != group_sizes.shape[0]:
+        raise ValueError(
+            f"triton_gmm shapes disagree: lhs {lhs.shape}, rhs {rhs.shape}, group_sizes {group_sizes.shape} "
+            "(need lhs[1] == rhs[1] and rhs[0] == group_sizes[0])"
+        )
+    if not jnp.issubdtype(group_sizes.dtype, jnp.integer):
+        raise ValueError(f"group_sizes must be integers, got {group_sizes.dtype}")
+    dtype = jnp.result_type(lhs.dtype, rhs.dtype)
+    if dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"triton_gmm supports {[str(d) for d in SUPPORTED_DTYPES]} operands, got {dtype}")
+    out_dtype = jnp.dtype(preferred_element_type or dtype)
+    m, (e, k, n) = lhs.shape[0], rhs.shape
+    if 0 in (m, e, k, n):  # nothing to compute; the product of an empty reduction is zero
+        return jnp.zeros((m, n), out_dtype)
+    return _triton_gmm(lhs.astype(dtype), rhs.astype(dtype), group_sizes.astype(jnp.int32), runner, out_dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _triton_gmm(lhs, rhs, group_sizes, runner, out_dtype):
+    return launch.gmm_fwd(lhs, rhs, group_sizes, out_dtype=out_dtype, runner=runner)
+
+
+def _triton_gmm_fwd(lhs, rhs, group_sizes, runner, out_dtype):
+    out = launch.gmm_fwd(lhs, rhs, group_sizes, out_dtype=out_dtype, runner=runner)
+    return out, (lhs, rhs, group_sizes)
+
+
+def _triton_gmm_bwd(runner, out_dtype, residuals, dout):
+    del out_dtype
+    lhs, rhs, group_sizes = residuals
+    dout = dout.astype(lhs.dtype)
+    dlhs = launch.gmm_dlhs(dout, rhs, group_sizes, out_dtype=lhs.dtype, runner=runner)
+    drhs = launch.gmm_drhs(lhs, dout, group_sizes, rhs.shape[0], out_dtype=rhs.dtype, runner=runner)
+    return dlhs, drhs, None
+
+
+_triton_gmm.defvjp(_triton_gmm_fwd, _triton_gmm_bwd)

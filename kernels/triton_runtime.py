@@ -1,0 +1,128 @@
+"""Running a Triton kernel module two ways, shared by every kernel family under `kernels/`.
+
+- `run_triton`: `jax_triton.triton_call` (GPU; traceable under jit). With `poison`, the kernel's `*_poisoned`
+  twin runs on outputs pre-filled with NaN (0x7FFF.. for integers) and aliased to them, so unwritten elements show.
+- `run_interpret`: Triton's interpreter on the host through `jax.pure_callback` (CPU; slow, for tests). Same kernel
+  source, argument order and launch parameters; outputs always start NaN-filled.
+
+`inputs` mixes arrays and Python ints (scalar kernel arguments), in the kernel's argument order; the outputs
+follow them. Both return a list of arrays shaped like `out_shapes`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.util
+import os
+import pathlib
+from collections.abc import Sequence
+from types import ModuleType
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def fill_value(dtype) -> Any:
+    dtype = np.dtype(dtype)
+    return np.nan if np.issubdtype(dtype, np.floating) or dtype.name == "bfloat16" else np.iinfo(dtype).max
+
+
+def run_triton(module: ModuleType, name: str, inputs, out_shapes: Sequence, grid, num_warps, num_stages, meta, poison):
+    import jax_triton
+
+    common = dict(out_shape=list(out_shapes), grid=grid, num_warps=num_warps, num_stages=num_stages)
+    if not poison:
+        return list(jax_triton.triton_call(*inputs, kernel=getattr(module, name), **common, **meta))
+    fills = [jnp.full(s.shape, fill_value(s.dtype), s.dtype) for s in out_shapes]
+    n_arrays = sum(not isinstance(a, int) for a in inputs)
+    aliases = {n_arrays + i: i for i in range(len(out_shapes))}
+    out = jax_triton.triton_call(
+        *inputs,
+        *fills,
+        kernel=getattr(module, name + "_poisoned"),
+        input_output_aliases=aliases,
+        **common,
+        **meta,
+    )
+    return list(out)
+
+
+class HostTensor:
+    """The little of torch.Tensor's interface that Triton's interpreter uses, over a numpy array."""
+
+    def __init__(self, array: np.ndarray):
+        assert array.flags.c_contiguous
+        self.array = array
+        self.dtype = f"torch.{array.dtype.name}"
+
+    def data_ptr(self) -> int:
+        return self.array.ctypes.data
+
+    def untyped_storage(self):
+        return self
+
+    def cpu(self):
+        return self
+
+    def copy_(self, other) -> None:
+        pass  # the interpreter works on this very memory
+
+    def new_empty(self, *args, **kwargs):
+        return self
+
+    def set_(self, *args, **kwargs):
+        return self
+
+    def storage_offset(self) -> int:
+        return 0
+
+    def size(self):
+        return self.array.shape
+
+    def stride(self):
+        return tuple(s // self.array.itemsize for s in self.array.strides)
+
+
+@contextlib.contextmanager
+def interpret_env():
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = old
+
+
+@functools.cache
+def interpreted_copy(path: str, module_name: str) -> ModuleType:
+    """A second copy of the kernel file at `path` whose @triton.jit functions run in the interpreter.
+
+    Library @triton.jit helpers (tl.sum, tl.zeros, tl.cdiv, ...) were fixed as compiled when triton was first
+    imported, so kernel files meant for this copy must not call them (see kernels/norms/triton_kernels.py)."""
+    spec = importlib.util.spec_from_file_location(module_name, pathlib.Path(path))
+    module = importlib.util.module_from_spec(spec)
+    with interpret_env():
+        spec.loader.exec_module(module)
+    return module
+
+
+def run_interpret(module: ModuleType, name: str, inputs, out_shapes: Sequence, grid, meta):
+    kernel = getattr(module, name)
+    array_inputs = [a for a in inputs if not isinstance(a, int)]
+
+    def host(*arrays):
+        it = iter(arrays)
+        args = [a if isinstance(a, int) else HostTensor(np.ascontiguousarray(next(it))) for a in inputs]
+        outs = [np.full(s.shape, fill_value(s.dtype), s.dtype) for s in out_shapes]
+        with interpret_env():
+            kernel[grid](*args, *[HostTensor(o) for o in outs], **meta)
+        return tuple(outs)
+
+    shapes = tuple(jax.ShapeDtypeStruct(s.shape, s.dtype) for s in out_shapes)
+    return list(jax.pure_callback(host, shapes, *array_inputs, vmap_method="sequential"))
