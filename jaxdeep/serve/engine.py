@@ -187,8 +187,10 @@ class InferenceEngine:
                     self._cond.wait()
                 if self._closed:
                     break
-                self._drop_cancelled()
+                cancelled = self._take_cancelled()
                 self._admit()
+            for seq in cancelled:  # callbacks run outside the lock: they may call back into the engine
+                self._finish(seq, "abort")
             try:
                 self._step()
             except Exception:
@@ -206,15 +208,17 @@ class InferenceEngine:
     def _has_work(self) -> bool:
         return bool(self._waiting or self._cancelled or any(s is not None for s in self._slots))
 
-    def _drop_cancelled(self) -> None:
-        if not self._cancelled:
-            return
-        for seq in [s for s in self._waiting if s.request.request_id in self._cancelled]:
+    def _take_cancelled(self) -> list[_Sequence]:
+        """Remove cancelled requests from the queue and their slots (so `_admit` can refill them); the caller
+        finishes them once it has released the lock."""
+        taken = [s for s in self._waiting if s.request.request_id in self._cancelled]
+        for seq in taken:
             self._waiting.remove(seq)
-            self._finish(seq, "abort")
         for seq in [s for s in self._slots if s is not None and s.request.request_id in self._cancelled]:
-            self._finish(seq, "abort")
+            self._slots[seq.slot] = None
+            taken.append(seq)
         self._cancelled.clear()
+        return taken
 
     def _admit(self) -> None:
         for slot, occupant in enumerate(self._slots):
