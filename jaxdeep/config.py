@@ -172,8 +172,9 @@ class TrainConfig:
 class KernelsConfig:
     # LayerNorm: "fused" Triton kernel (GPU only; an error elsewhere), "auto" (fused where it can run), or pure JAX
     norm: Literal["reference", "fused", "auto"] = "reference"
-    # MoE grouped matmul (kernels.gmm): "reference" (jax.lax.ragged_dot) or "auto" (fastest available here)
-    gmm: Literal["reference", "auto"] = "auto"
+    # MoE grouped matmul (kernels.gmm): "reference" (jax.lax.ragged_dot), "triton" (Triton kernels, GPU),
+    # "interpret" (the Triton kernels in Triton's interpreter, CPU tests) or "auto" (fastest available here)
+    gmm: Literal["reference", "auto", "triton", "interpret"] = "auto"
 
 
 @dataclass(slots=True)

@@ -2,7 +2,8 @@
 
 Like the dense steps in `step.py`, plus: the loss has auxiliary parts (MTP, sequence-wise balance), the
 routing statistics of the step update the non-trainable selection biases in `state["model_state"]`
-(aux-loss-free balancing), and expert-load metrics join the step metrics.
+(aux-loss-free balancing), and expert-load metrics join the step metrics. With `optim.compression` on, the
+gradients are per replica (`replicas.py`) while the routing statistics stay totals over the whole batch.
 """
 
 from __future__ import annotations
@@ -16,11 +17,21 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxdeep.model.deepseek.objective import load_metrics, training_loss, update_routing_bias
 from jaxdeep.sharding import logical_to_spec, use_rules
+from jaxdeep.train.replicas import optimizer_update, per_replica_value_and_grad
 from jaxdeep.train.state import ModelSetup, TrainState
+
+MEAN_PARTS = ("ce", "mtp", "balance")  # loss parts: means over the batch; the other aux entries are sums
 
 
 def _batch_sharding(setup: ModelSetup) -> NamedSharding:
     return NamedSharding(setup.mesh, logical_to_spec(("batch", None), setup.cfg.sharding.rules, setup.mesh))
+
+
+def combine_replicas(aux_r: dict) -> dict:
+    """Aux of the whole batch from per-replica aux [replicas, ...] (equal slices): loss parts are means over the
+    replicas, expert counts and dropped copies sums, so the selection-bias update sees the global load."""
+    reduce = {k: (lambda x: x.mean(0)) if k in MEAN_PARTS else (lambda x: x.sum(0)) for k in aux_r}
+    return {k: jax.tree.map(reduce[k], v) for k, v in aux_r.items()}
 
 
 def make_moe_train_step(setup: ModelSetup) -> Callable[[TrainState, jax.Array], tuple[TrainState, dict]]:
@@ -30,8 +41,12 @@ def make_moe_train_step(setup: ModelSetup) -> Callable[[TrainState, jax.Array], 
     micro_sharding = NamedSharding(mesh, logical_to_spec((None, "batch", None), rules, mesh))
 
     def loss_and_grads(params, model_state, tokens_bs):
-        loss = lambda p: training_loss(setup.merge(p, model_state), tokens_bs)
-        return jax.value_and_grad(loss, has_aux=True)(params)
+        loss = lambda p, tokens: training_loss(setup.merge(p, model_state), tokens)  # noqa: E731
+        if setup.compression is None:
+            return jax.value_and_grad(lambda p: loss(p, tokens_bs), has_aux=True)(params)
+        # Per-replica gradients for the compressed exchange; losses and routing statistics of the whole batch.
+        (total_r, aux_r), grads = per_replica_value_and_grad(setup, loss, params, tokens_bs, has_aux=True)
+        return (total_r.mean(), combine_replicas(aux_r)), grads
 
     def step(state: TrainState, tokens_bs: jax.Array):
         with use_rules(rules, mesh):
@@ -52,8 +67,8 @@ def make_moe_train_step(setup: ModelSetup) -> Callable[[TrainState, jax.Array], 
                 (total, aux, grads), _ = jax.lax.scan(body, (zero_total, zero_aux, zero_grads), micro_kbs)
                 # Expert counts and dropped copies stay sums over the whole batch; losses become means.
                 total, grads = total / accum, jax.tree.map(lambda g: g / accum, grads)
-                aux = {**aux, **{k: aux[k] / accum for k in ("ce", "mtp", "balance")}}
-            updates, opt_state = setup.optimizer.update(grads, state["opt_state"], params)
+                aux = {**aux, **{k: aux[k] / accum for k in MEAN_PARTS}}
+            updates, opt_state, grads, comm = optimizer_update(setup, grads, state["opt_state"], params)
             speed = cfg.model.deepseek.bias_update_speed
             new_state = {
                 "step": state["step"] + 1,
@@ -63,7 +78,7 @@ def make_moe_train_step(setup: ModelSetup) -> Callable[[TrainState, jax.Array], 
                 "model_state": update_routing_bias(model_state, aux["expert_counts"], speed),
             }
         grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
-        metrics = {"loss": aux["ce"], "total_loss": total, "grad_norm": grad_norm}
+        metrics = {"loss": aux["ce"], "total_loss": total, "grad_norm": grad_norm, **comm}
         metrics.update(load_metrics(aux, new_state["model_state"]))
         return new_state, metrics
 

@@ -13,6 +13,7 @@ from jaxdeep.parallel import hierarchical
 from jaxdeep.sharding import logical_to_spec, use_rules
 from jaxdeep.train import moe_step
 from jaxdeep.train.pipeline_step import is_pipelined, make_pipeline_loss, make_pipeline_loss_and_grads
+from jaxdeep.train.replicas import optimizer_update, per_replica_value_and_grad
 from jaxdeep.train.state import ModelSetup, TrainState
 
 
@@ -29,23 +30,9 @@ def cross_entropy(setup: ModelSetup, params, tokens_bs: jax.Array) -> jax.Array:
 
 
 def per_replica_loss_and_grads(setup: ModelSetup, params, tokens_bs: jax.Array) -> tuple[jax.Array, dict]:
-    """Mean loss, and each replica's own gradient [replicas, *shape] with nothing reduced across replicas yet.
-
-    A vmap over the replicas with `spmd_axis_name`: the partitioner splits the replica dimension over the replica
-    axes and, seeing no sum over it, inserts no cross-replica all-reduce; reductions over fsdp and tensor stay as
-    on the dense path. (A shard_map manual over the data axes only trips an XLA partitioner check once fsdp and
-    tensor are both split.)
-    """
-    plan = setup.compression.plan
-    rules = {name: [a for a in axes if a not in plan.replica_axes] for name, axes in setup.cfg.sharding.rules.items()}
-    tokens_rbs = tokens_bs.reshape(plan.n_replicas, -1, tokens_bs.shape[-1])
-
-    def one_replica(tokens):
-        return jax.value_and_grad(lambda p: cross_entropy(setup, p, tokens))(params)
-
-    with use_rules(rules, setup.mesh):
-        loss_r, grads = jax.vmap(one_replica, spmd_axis_name=plan.replica_axes)(tokens_rbs)
-    return loss_r.mean(), jax.lax.with_sharding_constraint(grads, setup.compression.grad_shardings)
+    """Mean loss, and each replica's own gradient [replicas, *shape] with nothing reduced across replicas yet."""
+    loss_r, grads = per_replica_value_and_grad(setup, lambda p, t: cross_entropy(setup, p, t), params, tokens_bs)
+    return loss_r.mean(), grads
 
 
 def make_train_step(setup: ModelSetup) -> Callable[[TrainState, jax.Array], tuple[TrainState, dict]]:
@@ -90,16 +77,7 @@ def make_train_step(setup: ModelSetup) -> Callable[[TrainState, jax.Array], tupl
                     zeros = compression.zeros_per_replica(params)
                 (loss, grads), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros), micro_kbs)
                 loss, grads = loss / accum, jax.tree.map(lambda g: g / accum, grads)
-            comm = {}
-            if compression is None:
-                updates, opt_state = setup.optimizer.update(grads, state["opt_state"], params)
-            else:
-                # The chain's two parts in turn, so the metrics see the mean gradient the optimizer gets.
-                comp_state, base_state = state["opt_state"]
-                comm = compression.metrics(comp_state.count)
-                grads, comp_state = compression.transform.update(grads, comp_state, params)
-                updates, base_state = setup.base_optimizer.update(grads, base_state, params)
-                opt_state = (comp_state, base_state)
+            updates, opt_state, grads, comm = optimizer_update(setup, grads, state["opt_state"], params)
             new_state = {
                 "step": state["step"] + 1,
                 "params": optax.apply_updates(params, updates),

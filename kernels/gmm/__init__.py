@@ -6,19 +6,30 @@ buffer may be padded at the end. Differentiable in `lhs` and `rhs`.
 
 `impl`:
 - "reference": `jax.lax.ragged_dot` (see `kernels.gmm.reference`);
-- "auto": the fastest implementation that can run here; today that is the reference everywhere (a fast
-  grouped-GEMM kernel plugs in here).
+- "triton": the Triton kernels of `kernels.gmm.ops` (GPU; persistent grouped GEMM, see README.md);
+- "interpret": the same kernels in Triton's interpreter (CPU tests);
+- "auto": the fastest implementation that can run here; today that is the reference everywhere, until the
+  Triton kernels have been measured on a GPU.
+
+`jax.vmap` works over any argument (`kernels.gmm.batching`): per-replica gradients vmap the MoE layers with
+weights shared across the batch, which `jax.lax.ragged_dot` cannot batch by itself.
 """
 
 from __future__ import annotations
 
+from functools import partial
+
 import jax
 
 from kernels.gmm import reference
+from kernels.gmm.batching import mappable
+from kernels.gmm.ops import triton_gmm
 
 __all__ = ["IMPLS", "gmm"]
 
-IMPLS = ("auto", "reference")
+IMPLS = ("auto", "reference", "triton", "interpret")
+_reference = mappable(reference.gmm)
+_triton = {runner: mappable(partial(triton_gmm, runner=runner)) for runner in ("triton", "interpret")}
 
 
 def gmm(
@@ -41,4 +52,6 @@ def gmm(
             f"gmm shapes disagree: lhs {lhs.shape}, rhs {rhs.shape}, group_sizes {group_sizes.shape} "
             "(need lhs[1] == rhs[1] and rhs[0] == group_sizes[0])"
         )
-    return reference.gmm(lhs, rhs, group_sizes, preferred_element_type=preferred_element_type)
+    if impl in _triton:
+        return _triton[impl](lhs, rhs, group_sizes, preferred_element_type)
+    return _reference(lhs, rhs, group_sizes, preferred_element_type)
