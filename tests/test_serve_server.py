@@ -351,3 +351,25 @@ def test_device_memory_gauges_from_jax(monkeypatch):
     page = ServerMetrics(lambda: EngineStats(0, 0, 0.0, 0, 64), gpu=True).exposition().decode()
     for name, value in (("in_use", 5), ("peak", 7), ("limit", 9)):
         assert f'jaxdeep:device_memory_{name}_bytes{{device="gpu:3"}} {value}.0' in page
+
+
+def test_time_to_first_token_is_observed_when_the_first_token_comes():
+    from jaxdeep.serve.api import TokenEvent
+    from jaxdeep.serve.server import _Tracker
+
+    seen = []
+    tracker = _Tracker(10.0, 3, seen.append)
+    tracker.record(10.5, TokenEvent("r", 7, "a"))
+    assert seen == [0.5]  # at once, not when the request ends
+    tracker.record(10.7, TokenEvent("r", 8, "b"))
+    tracker.record(10.9, TokenEvent("r", None, "", finished=True, finish_reason="length", completion_tokens=2))
+    assert seen == [0.5]
+    # A first token that is eos has no event of its own: the final event brings it.
+    eos_first = []
+    tracker = _Tracker(1.0, 3, eos_first.append)
+    tracker.record(1.25, TokenEvent("r", None, "", finished=True, finish_reason="stop", completion_tokens=1))
+    assert eos_first == [0.25]
+    # A request aborted before any token has no time to first token.
+    none = []
+    _Tracker(1.0, 3, none.append).record(2.0, TokenEvent("r", None, "", finished=True, finish_reason="abort"))
+    assert none == []

@@ -92,9 +92,9 @@ class ServerMetrics:
     def observe_request(
         self, arrival: float, token_times: list[float], end: float, prompt_tokens: int, completion_tokens: int, reason
     ) -> None:
-        """Record one finished request: `token_times` are the arrival times of its tokens (perf_counter)."""
+        """Record one finished request: `token_times` are the arrival times of its tokens (perf_counter). Its time
+        to first token was recorded when that token came (`observe_first_token`)."""
         if token_times:
-            self.ttft.observe(token_times[0] - arrival)
             for a, b in zip(token_times, token_times[1:], strict=False):
                 self.itl.observe(b - a)
             if completion_tokens > 1:
@@ -103,6 +103,9 @@ class ServerMetrics:
         self.prompt_tokens.inc(prompt_tokens)
         self.generation_tokens.inc(completion_tokens)
         self.request_success.labels(reason or "abort").inc()
+
+    def observe_first_token(self, seconds: float) -> None:
+        self.ttft.observe(seconds)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -137,7 +137,7 @@ class OpenAIServer:
         except RuntimeError as e:  # the engine is closed (shutting down)
             return self._error(503, f"the engine is not accepting requests: {e}", None, err_type="server_error")
 
-        tracker = _Tracker(arrival, len(parsed.prompt_tokens))
+        tracker = _Tracker(arrival, len(parsed.prompt_tokens), self.metrics.observe_first_token)
         try:
             if parsed.stream:
                 return await self._stream(request, request_id, parsed, events, tracker)
@@ -269,8 +269,9 @@ class OpenAIServer:
 class _Tracker:
     """What one request has produced so far: token arrival times, usage, finish."""
 
-    def __init__(self, arrival: float, prompt_tokens: int):
+    def __init__(self, arrival: float, prompt_tokens: int, on_first_token=None):
         self.arrival = arrival
+        self.on_first_token = on_first_token  # called once with the time to first token, when it comes
         self.token_times: list[float] = []
         self.prompt_tokens = prompt_tokens
         self.completion_tokens = 0
@@ -279,6 +280,10 @@ class _Tracker:
         self.end: float | None = None
 
     def record(self, t: float, event: TokenEvent) -> None:
+        # The first token may be eos, which has no event of its own: the final event then counts it.
+        first = not self.token_times and not self.finished and (event.token is not None or event.completion_tokens)
+        if first and self.on_first_token is not None:
+            self.on_first_token(t - self.arrival)
         if event.token is not None:
             self.token_times.append(t)
             self.completion_tokens += 1
