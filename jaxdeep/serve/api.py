@@ -78,7 +78,7 @@ class GenerationRequest:
 class EngineStats:
     running: int  # requests holding a cache slot
     waiting: int  # requests queued for a slot
-    cache_usage: float  # fraction of the KV cache in use, 0..1
+    cache_usage: float  # fraction of the KV cache allocated to requests, 0..1
     batch_size: int  # sequences in the last decode step
     max_context: int  # prompt + max_tokens must fit in this
 

@@ -128,12 +128,11 @@ class InferenceEngine:
 
     def stats(self) -> EngineStats:
         with self._cond:
-            running = [s for s in self._slots if s is not None]
-            used = sum(s.cached for s in running)
-            total = self.geometry.num_slots * self.geometry.max_context
-            return EngineStats(
-                len(running), self._waiting_count(), used / total, self._last_batch, self.geometry.max_context
-            )
+            running = sum(s is not None for s in self._slots)
+            # A request holds its whole slot (max_context positions) from admission to finish: allocated, as a
+            # paged cache would count its blocks, whatever part of the slot is written yet.
+            usage = running / self.geometry.num_slots
+            return EngineStats(running, self._waiting_count(), usage, self._last_batch, self.geometry.max_context)
 
     def close(self) -> None:
         with self._cond:

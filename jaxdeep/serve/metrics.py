@@ -6,7 +6,7 @@ Names follow vLLM's under a `jaxdeep:` prefix:
 |---|---|---|
 | `jaxdeep:num_requests_running` | gauge | requests holding a KV-cache slot (engine, read at scrape time) |
 | `jaxdeep:num_requests_waiting` | gauge | requests queued for a slot (engine, read at scrape time) |
-| `jaxdeep:kv_cache_usage_perc` | gauge | fraction of the KV cache in use, 0..1 (engine, read at scrape time) |
+| `jaxdeep:kv_cache_usage_perc` | gauge | fraction of the KV cache allocated to requests (whole slots), 0..1 |
 | `jaxdeep:time_to_first_token_seconds` | histogram | request arrival to its first token |
 | `jaxdeep:inter_token_latency_seconds` | histogram | gap between consecutive tokens of a request |
 | `jaxdeep:request_time_per_output_token_seconds` | histogram | per request: (end - first token) / (tokens - 1) |
@@ -119,7 +119,8 @@ class _EngineCollector(Collector):
         s = self.stats()
         yield GaugeMetricFamily(PREFIX + "num_requests_running", "Requests holding a cache slot.", value=s.running)
         yield GaugeMetricFamily(PREFIX + "num_requests_waiting", "Requests queued for a slot.", value=s.waiting)
-        yield GaugeMetricFamily(PREFIX + "kv_cache_usage_perc", "Fraction of the KV cache in use.", value=s.cache_usage)
+        usage = "Fraction of the KV cache allocated to requests."
+        yield GaugeMetricFamily(PREFIX + "kv_cache_usage_perc", usage, value=s.cache_usage)
 
 
 class _DeviceCollector(Collector):
