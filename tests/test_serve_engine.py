@@ -427,6 +427,22 @@ def test_bad_requests_name_the_field(dense):
     assert dense.stats().waiting == 0
 
 
+def test_ignore_eos_keeps_generating_past_eos(dense):
+    # Near-uniform sampling reaches eos (id 0) within 30 tokens about one time in nine: find a seed that does.
+    for seed in range(200):
+        params = SamplingParams(max_tokens=30, temperature=5.0, seed=seed)
+        ended = dense.generate(GenerationRequest(f"eos{seed}", [1, 2, 3], params), 60)
+        if ended.finish_reason == "stop":
+            break
+    else:
+        pytest.fail("no sampled sequence reached eos")
+    assert len(ended.tokens) < 30
+    params = SamplingParams(max_tokens=30, temperature=5.0, seed=seed, ignore_eos=True)
+    past = dense.generate(GenerationRequest(f"past{seed}", [1, 2, 3], params), 60)
+    assert past.finish_reason == "length" and len(past.tokens) == 30
+    assert past.tokens[: len(ended.tokens) + 1] == [*ended.tokens, dense.tokenizer.eos_id]  # same draws, eos kept
+
+
 def test_failed_step_aborts_and_engine_recovers(dense):
     engine = _sibling(dense)
     try:

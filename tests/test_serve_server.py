@@ -188,6 +188,11 @@ BAD = [
         400,
         "stream_options.include_usage",
     ),
+    ("completions", {"prompt": "hi", "stream_options": {"include_usage": True}}, 400, "stream_options"),
+    ("completions", {"prompt": "hi", "presence_penalty": 0.5}, 400, "presence_penalty"),
+    ("completions", {"prompt": "hi", "logit_bias": {"65": 10}}, 400, "logit_bias"),
+    ("completions", {"prompt": "hi", "ignore_eos": "yes"}, 400, "ignore_eos"),
+    ("chat/completions", {"messages": MESSAGES, "response_format": {"type": "json_object"}}, 400, "response_format"),
     ("completions", {"prompt": "hi", "model": "gpt-nothing"}, 404, "model"),
     ("chat/completions", {}, 400, "messages"),
     ("chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages[0].role"),
@@ -373,3 +378,19 @@ def test_time_to_first_token_is_observed_when_the_first_token_comes():
     none = []
     _Tracker(1.0, 3, none.append).record(2.0, TokenEvent("r", None, "", finished=True, finish_reason="abort"))
     assert none == []
+
+
+def test_neutral_values_of_unsupported_fields_are_accepted(server):
+    body = {"prompt": "hi", "max_tokens": 2, "presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {}}
+    code, answer = post(f"{server.url}/v1/completions", body)
+    assert code == 200, answer
+
+
+def test_ignore_eos_reaches_the_engine():
+    from jaxdeep.serve.protocol import parse_request
+    from jaxdeep.serve.tokenizers import ByteTokens
+
+    stats = EngineStats(running=0, waiting=0, cache_usage=0.0, batch_size=0, max_context=64)
+    parsed = parse_request({"prompt": "a", "ignore_eos": True}, "completion", ByteTokens(), stats)
+    assert parsed.params.ignore_eos is True
+    assert parse_request({"prompt": "a"}, "completion", ByteTokens(), stats).params.ignore_eos is False

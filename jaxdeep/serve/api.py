@@ -35,6 +35,7 @@ class SamplingParams:
     top_p: float = 1.0  # keep the smallest set whose probability reaches top_p
     seed: int | None = None  # same seed, same prompt, same parameters -> same text
     stop: tuple[str, ...] = ()  # generation ends before the first of these strings; it is not returned
+    ignore_eos: bool = False  # keep generating past end-of-sequence until max_tokens (for load tests)
 
     def validate(self) -> None:
         """Raise RequestError naming the first impossible field."""
@@ -50,6 +51,8 @@ class SamplingParams:
             raise RequestError("seed", f"must be an integer, got {self.seed!r}")
         if not all(isinstance(s, str) and s for s in self.stop):
             raise RequestError("stop", "must be non-empty strings")
+        if not isinstance(self.ignore_eos, bool):
+            raise RequestError("ignore_eos", f"must be true or false, got {self.ignore_eos!r}")
 
 
 def _is_number(x) -> bool:

@@ -270,7 +270,7 @@ class InferenceEngine:
         """One new token: emit its safe text, or finish the request."""
         seq.generated.append(int(token))
         eos = self.tokenizer.eos_id
-        if eos is not None and token == eos:
+        if eos is not None and token == eos and not seq.request.params.ignore_eos:
             self._finish(seq, "stop", seq.text.flush())
             return
         delta, stopped = seq.text.add(int(token))

@@ -1,7 +1,8 @@
 """The OpenAI wire format: parse request bodies into engine requests, build responses and stream chunks.
 
 Only the fields we honour are read; other fields are ignored, except those whose silent omission would change
-the answer (`n` > 1, `logprobs`, `echo`), which are refused. `top_k` is an extension, as in vLLM.
+the answer (`n` > 1, `logprobs`, `echo`, penalties, `logit_bias`, ... — see UNSUPPORTED), which are refused unless
+neutral. `top_k` and `ignore_eos` are extensions, as in vLLM.
 
 Chat template: messages become a plain-text prompt, one line per message, and the prompt ends where the
 assistant's reply starts:
@@ -25,6 +26,17 @@ from typing import Any
 from jaxdeep.serve.api import EngineStats, RequestError, SamplingParams, Tokenizer
 
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
+# Fields that would change the answer and that we do not implement: accepted only at their neutral value.
+UNSUPPORTED = {
+    "presence_penalty": 0.0,
+    "frequency_penalty": 0.0,
+    "repetition_penalty": 1.0,
+    "logit_bias": {},
+    "min_tokens": 0,
+    "suffix": "",
+    "tools": [],
+    "response_format": {"type": "text"},
+}
 
 
 @dataclass(frozen=True)
@@ -64,6 +76,10 @@ def parse_request(body: Any, kind: str, tokenizer: Tokenizer, stats: EngineStats
         raise RequestError("echo", "echo is not supported")
     if body.get("logprobs") not in (None, False) or body.get("top_logprobs") is not None:
         raise RequestError("logprobs", "logprobs are not supported")
+    for name, neutral in UNSUPPORTED.items():
+        value = body.get(name)
+        if value is not None and not _is_neutral(value, neutral):
+            raise RequestError(name, f"is not supported; leave it out (or {neutral!r})")
 
     if kind == "chat":
         prompt_tokens = _encode(tokenizer, apply_chat_template(_messages(body)), "messages")
@@ -109,6 +125,7 @@ def parse_request(body: Any, kind: str, tokenizer: Tokenizer, stats: EngineStats
         top_p=_number(body, "top_p", 1.0),
         seed=body.get("seed"),
         stop=stop,
+        ignore_eos=False if body.get("ignore_eos") is None else body["ignore_eos"],
     )
     try:
         params.validate()
@@ -127,10 +144,18 @@ def parse_request(body: Any, kind: str, tokenizer: Tokenizer, stats: EngineStats
     if options is not None:
         if not isinstance(options, dict):
             raise RequestError("stream_options", "must be an object")
+        if not stream:
+            raise RequestError("stream_options", "is only allowed with stream: true")
         include_usage = options.get("include_usage", False)
         if not isinstance(include_usage, bool):
             raise RequestError("stream_options.include_usage", "must be true or false")
     return ParsedRequest(kind, prompt_tokens, params, stream, include_usage, model)
+
+
+def _is_neutral(value: Any, neutral: Any) -> bool:
+    if isinstance(neutral, float):  # 0 and 0.0 alike, but not false
+        return isinstance(value, int | float) and not isinstance(value, bool) and value == neutral
+    return type(value) is type(neutral) and value == neutral
 
 
 def _is_int(x: Any) -> bool:
