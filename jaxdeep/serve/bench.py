@@ -13,8 +13,8 @@ come to about as many tokens. Either way the report counts the tokens the server
 requested input length and with one output token per non-empty chunk.
 
 Output length: each request asks for `max_tokens=--output-len`; a request that stops early (end-of-sequence)
-counts what came back. `--ignore-eos` also sends the vLLM extension `ignore_eos: true` for servers that
-honour it.
+counts what came back. `--ignore-eos` also sends `ignore_eos: true` (honoured by `jaxdeep serve` and vLLM), so
+every request generates exactly `--output-len` tokens.
 
 Reported: request and token throughput; mean, median and P99 of time to first token (TTFT), time per output
 token after the first (TPOT), inter-token latency (ITL, every gap between chunks) and end-to-end latency (E2EL);
