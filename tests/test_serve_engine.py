@@ -322,6 +322,43 @@ def test_text_stream_holds_back_possible_stop_starts():
     assert stream.add(ord("y")) == ("", True)
 
 
+def test_text_stream_equals_decoding_everything():
+    # Random byte streams (ASCII, multi-byte characters, stray continuation bytes) and stop strings: what the
+    # incremental stream sends equals the full decode cut at the first stop string, and is never taken back.
+    from jaxdeep.serve.tokenizers import ByteTokens
+
+    decode = ByteTokens().decode
+    rng = np.random.default_rng(0)
+    pieces = [b"a", b"b", b" ", b"ab", "é".encode(), "€".encode(), "😀".encode(), b"\x80", b"\xe2\x82"]
+    for trial in range(300):
+        data = b"".join(pieces[i] for i in rng.integers(0, len(pieces), rng.integers(1, 40)))
+        ids = list(data)
+        full = decode(ids)
+        stops = (
+            []
+            if trial % 3 == 0
+            else [full[i : i + n] for i, n in zip(rng.integers(0, len(full), 2), (2, 3), strict=True)]
+        )
+        stops = [x for x in stops if x and "\ufffd" not in x]  # replacement characters are not text to stop on
+        stream, sent, stopped_at = TextStream(decode, stops), "", None
+        for k, token in enumerate(ids):
+            delta, stopped = stream.add(token)
+            sent += delta
+            text_so_far = decode(ids[: k + 1])
+            assert text_so_far.startswith(sent) or stopped, (data, stops, sent)
+            if stopped:
+                stopped_at = k
+                break
+        if stopped_at is None:
+            sent += stream.flush()
+            hits = [full.find(x) for x in stops if x in full]
+            assert not hits, (data, stops)
+            assert sent == full, (data, sent, full)
+        else:
+            text = decode(ids[: stopped_at + 1])
+            assert sent == text[: min(text.find(x) for x in stops if x in text)], (data, stops, sent)
+
+
 def test_max_tokens_and_usage(dense):
     events = []
     done = threading.Event()

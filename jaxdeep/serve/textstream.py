@@ -1,27 +1,38 @@
 """Incremental detokenization with stop strings: what text a new token makes safe to send.
 
 Text that could still turn out to be the beginning of a stop string is held back until the next tokens
-resolve it; so is a trailing U+FFFD, which is usually a multi-byte character whose remaining bytes have not
-been generated yet.
+resolve it; so is a token whose text ends in U+FFFD, usually a multi-byte character whose remaining bytes have
+not been generated yet.
+
+Each step decodes only a short window of ids: the ids since the last text that came out whole, plus a few before
+them as context (tokenizers may render a token differently at the start of a text, e.g. a leading space), and
+takes the new text as what the window adds to its context. Stop strings are searched only where a new one could
+begin. So a step costs the same whatever the length of the completion.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+CONTEXT_IDS = 4  # ids decoded before the new ones, so a token renders as it does mid-text
+
 
 class TextStream:
     def __init__(self, decode, stops: Sequence[str]):
         self._decode = decode
         self._stops = tuple(stops)
+        self._longest_stop = max((len(s) for s in self._stops), default=0)
         self._ids: list[int] = []
-        self._text = ""
+        self._prefix = 0  # ids[prefix:read] decode to text already in self._text (the window's context)
+        self._read = 0  # ids before this are in self._text
+        self._text = ""  # the completion's text so far (whole characters only)
         self._sent = 0  # characters of self._text already handed out
+        self._searched = 0  # stop strings cannot start before this character
 
     def add(self, token: int) -> tuple[str, bool]:
         """(new text safe to send, whether a stop string ended the text). After a stop, send nothing more."""
         self._ids.append(token)
-        self._text = self._decode(self._ids)
+        self._extend_text()
         cut = self._first_stop()
         if cut is not None:
             delta = self._text[self._sent : cut] if cut > self._sent else ""
@@ -33,13 +44,36 @@ class TextStream:
         return delta, False
 
     def flush(self) -> str:
-        """Whatever is still held back (generation ended without a stop string)."""
+        """Whatever is still held back (generation ended without a stop string), incomplete characters included."""
+        self._text += self._window_delta(complete_only=False)
+        self._read = len(self._ids)
         delta = self._text[self._sent :]
         self._sent = len(self._text)
         return delta
 
+    def _window_delta(self, complete_only: bool) -> str:
+        context = self._decode(self._ids[self._prefix : self._read])
+        window = self._decode(self._ids[self._prefix :])
+        if window.startswith(context):
+            new = window[len(context) :]
+        else:  # the tokenizer renders the boundary differently without more context: decode everything once
+            full = self._decode(self._ids)
+            new = full[len(self._text) :] if full.startswith(self._text) else ""
+        if complete_only and new.endswith("\ufffd"):
+            return ""  # most likely a character whose other bytes are still to come
+        return new
+
+    def _extend_text(self) -> None:
+        delta = self._window_delta(complete_only=True)
+        if delta:
+            self._text += delta
+            self._read = len(self._ids)
+            self._prefix = max(0, self._read - CONTEXT_IDS)
+
     def _first_stop(self) -> int | None:
-        hits = [i for i in (self._text.find(s) for s in self._stops) if i >= 0]
+        start = max(0, self._searched - self._longest_stop + 1)
+        hits = [i for i in (self._text.find(s, start) for s in self._stops) if i >= 0]
+        self._searched = len(self._text)
         return min(hits) if hits else None
 
     def _held_back(self) -> int:
@@ -50,5 +84,4 @@ class TextStream:
                 if text.endswith(stop[:n]):
                     held = n
                     break
-        pending = len(text) - len(text.rstrip("\ufffd"))
-        return max(held, pending)
+        return held
