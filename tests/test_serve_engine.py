@@ -556,11 +556,17 @@ def test_hugging_face_directory_serves_the_same_tokens(models, tmp_path):
     words = Tokenizer(tok_models.WordLevel({f"w{i}": i for i in range(256)}, unk_token="w1"))
     words.pre_tokenizer = pre_tokenizers.Whitespace()
     words.save(str(tmp_path / "tokenizer.json"))
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "w3"}))
+    template = "{{ bos_token }} {% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}"
+    template += "{% if add_generation_prompt %}w9{% endif %}"
+    config = {"eos_token": "w3", "bos_token": {"content": "w2"}, "chat_template": template}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
     served = load_engine(tmp_path, [], num_slots=SLOTS, max_context=CONTEXT, prefill_chunk=CHUNK, compiler_options=FAST)
     same_eos = _sibling(engine, Letters(eos_id=3))
     try:
         assert served.tokenizer.eos_id == 3 and served.tokenizer.encode("w5 w7") == [5, 7]
+        # The model's own chat template: bos, "role content" per message, then the generation prompt.
+        chat = served.tokenizer.chat_tokens([{"role": "w4", "content": "w5 w6"}, {"role": "w7", "content": "w8"}])
+        assert chat == [2, 4, 5, 6, 7, 8, 9]
         request = GenerationRequest("h", _prompt(10, 60), _greedy(8))
         assert served.generate(request, timeout=120).tokens == same_eos.generate(request, timeout=60).tokens
     finally:

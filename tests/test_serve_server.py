@@ -394,3 +394,21 @@ def test_ignore_eos_reaches_the_engine():
     parsed = parse_request({"prompt": "a", "ignore_eos": True}, "completion", ByteTokens(), stats)
     assert parsed.params.ignore_eos is True
     assert parse_request({"prompt": "a"}, "completion", ByteTokens(), stats).params.ignore_eos is False
+
+
+def test_chat_uses_the_models_own_template(tmp_path):
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers import models as tok_models
+
+    from jaxdeep.serve.protocol import parse_request
+    from jaxdeep.serve.tokenizers import HFTokens
+
+    words = Tokenizer(tok_models.WordLevel({f"w{i}": i for i in range(16)}, unk_token="w1"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    words.save(str(tmp_path / "tokenizer.json"))
+    template = "{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}w9"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+    stats = EngineStats(running=0, waiting=0, cache_usage=0.0, batch_size=0, max_context=64)
+    body = {"messages": [{"role": "user", "content": [{"type": "text", "text": "w5 w6"}]}]}
+    parsed = parse_request(body, "chat", HFTokens(tmp_path), stats)
+    assert parsed.prompt_tokens == [1, 5, 6, 9]  # "user" is not a word of this vocabulary: unk (w1)

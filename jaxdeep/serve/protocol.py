@@ -4,8 +4,9 @@ Only the fields we honour are read; other fields are ignored, except those whose
 the answer (`n` > 1, `logprobs`, `echo`, penalties, `logit_bias`, ... — see UNSUPPORTED), which are refused unless
 neutral. `top_k` and `ignore_eos` are extensions, as in vLLM.
 
-Chat template: messages become a plain-text prompt, one line per message, and the prompt ends where the
-assistant's reply starts:
+Chat template: a Hugging Face model's own (`chat_template` in its `tokenizer_config.json`, rendered with Jinja);
+otherwise messages become a plain-text prompt, one line per message, and the prompt ends where the assistant's
+reply starts:
 
     system: You are terse.
     user: Say hi.
@@ -82,7 +83,11 @@ def parse_request(body: Any, kind: str, tokenizer: Tokenizer, stats: EngineStats
             raise RequestError(name, f"is not supported; leave it out (or {neutral!r})")
 
     if kind == "chat":
-        prompt_tokens = _encode(tokenizer, apply_chat_template(_messages(body)), "messages")
+        messages = [{"role": m["role"], "content": _content_text(m["content"])} for m in _messages(body)]
+        own = getattr(tokenizer, "chat_tokens", None)
+        prompt_tokens = own(messages) if own is not None else None  # the model's own template, when it has one
+        if prompt_tokens is None:
+            prompt_tokens = _encode(tokenizer, apply_chat_template(messages), "messages")
         prompt_field = "messages"
     else:
         prompt_tokens = _prompt_tokens(body, tokenizer)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,6 +26,9 @@ class ByteTokens:
     def decode(self, ids: Sequence[int]) -> str:
         return self._bytes.decode(np.asarray(list(ids), np.int64))
 
+    def chat_tokens(self, messages: Sequence[dict]) -> list[int] | None:
+        return None  # no template of its own: the server's plain one applies
+
 
 class HFTokens:
     """A `tokenizers` tokenizer read from `tokenizer.json`; eos from `tokenizer_config.json` or `config.json`."""
@@ -36,6 +40,25 @@ class HFTokens:
         self._tok = Tokenizer.from_file(str(directory / "tokenizer.json"))
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         self.eos_id = self._find_eos(directory)
+        config_path = directory / "tokenizer_config.json"
+        self._config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        template = self._config.get("chat_template")
+        if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
+            template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+        self.chat_template: str | None = template if isinstance(template, str) else None
+
+    def chat_tokens(self, messages: Sequence[dict]) -> list[int] | None:
+        """`messages` rendered by the model's own chat template (`tokenizer_config.json`), ending where the
+        assistant's reply starts; None when the model has none. The template writes the special tokens itself."""
+        if self.chat_template is None:
+            return None
+        text = _compiled_template(self.chat_template).render(
+            messages=list(messages),
+            add_generation_prompt=True,
+            bos_token=_token_text(self._config.get("bos_token")),
+            eos_token=_token_text(self._config.get("eos_token")),
+        )
+        return self._tok.encode(text, add_special_tokens=False).ids
 
     def _find_eos(self, directory: Path) -> int | None:
         config = directory / "tokenizer_config.json"
@@ -61,3 +84,24 @@ class HFTokens:
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=True)
+
+
+def _token_text(token) -> str:
+    if isinstance(token, dict):  # {"content": "<｜begin▁of▁sentence｜>", ...}
+        token = token.get("content")
+    return token if isinstance(token, str) else ""
+
+
+@functools.cache
+def _compiled_template(source: str):
+    # Hugging Face chat templates are Jinja, rendered in a sandbox with `raise_exception` for their own checks.
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    from jaxdeep.serve.api import RequestError
+
+    def raise_exception(message):
+        raise RequestError("messages", f"the model's chat template refused them: {message}")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(source)
