@@ -15,8 +15,8 @@ from jaxdeep.sharding import LogicalAxes
 from kernels import norms
 
 
-class Param(nnx.Param):
-    """A parameter that carries logical axis names in its `logical_axes` metadata.
+class StackableAxes:
+    """For nnx variables carrying logical axis names in their `logical_axes` metadata.
 
     When layers are stacked with `nnx.vmap`, the new leading dimension is named after the vmap's
     `transform_metadata={nnx.PARTITION_NAME: ...}` (we use `layers`).
@@ -31,6 +31,10 @@ class Param(nnx.Param):
         axes = list(self.get_metadata()["logical_axes"])
         del axes[axis_index]
         self.set_metadata(logical_axes=tuple(axes))
+
+
+class Param(StackableAxes, nnx.Param):
+    """A parameter that carries logical axis names in its `logical_axes` metadata (see `StackableAxes`)."""
 
 
 def normal_param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: LogicalAxes, std: float, dtype) -> Param:

@@ -18,13 +18,9 @@ from jax.sharding import NamedSharding, PartitionSpec
 from jaxdeep.model.deepseek.objective import load_metrics, training_loss, update_routing_bias
 from jaxdeep.sharding import logical_to_spec, use_rules
 from jaxdeep.train.replicas import optimizer_update, per_replica_value_and_grad
-from jaxdeep.train.state import ModelSetup, TrainState
+from jaxdeep.train.state import ModelSetup, TrainState, batch_sharding
 
 MEAN_PARTS = ("ce", "mtp", "balance")  # loss parts: means over the batch; the other aux entries are sums
-
-
-def _batch_sharding(setup: ModelSetup) -> NamedSharding:
-    return NamedSharding(setup.mesh, logical_to_spec(("batch", None), setup.cfg.sharding.rules, setup.mesh))
 
 
 def combine_replicas(aux_r: dict) -> dict:
@@ -85,7 +81,7 @@ def make_moe_train_step(setup: ModelSetup) -> Callable[[TrainState, jax.Array], 
     replicated = NamedSharding(mesh, PartitionSpec())
     return jax.jit(
         step,
-        in_shardings=(setup.state_shardings, _batch_sharding(setup)),
+        in_shardings=(setup.state_shardings, batch_sharding(setup)),
         out_shardings=(setup.state_shardings, replicated),
         donate_argnums=0,
     )
@@ -103,7 +99,7 @@ def make_moe_eval_step(setup: ModelSetup) -> Callable[[dict, jax.Array, dict], j
     shardings = setup.state_shardings
     return jax.jit(
         step,
-        in_shardings=(shardings["params"], _batch_sharding(setup), shardings["model_state"]),
+        in_shardings=(shardings["params"], batch_sharding(setup), shardings["model_state"]),
         out_shardings=NamedSharding(mesh, PartitionSpec()),
     )
 
@@ -117,4 +113,4 @@ def make_moe_forward(setup: ModelSetup) -> Callable[[dict, jax.Array, dict], jax
             return setup.apply(params, tokens_bt, model_state)
 
     shardings = setup.state_shardings
-    return jax.jit(forward, in_shardings=(shardings["params"], _batch_sharding(setup), shardings["model_state"]))
+    return jax.jit(forward, in_shardings=(shardings["params"], batch_sharding(setup), shardings["model_state"]))

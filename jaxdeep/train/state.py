@@ -16,7 +16,7 @@ import meshes
 from jaxdeep.config import ConfigError, ExperimentConfig
 from jaxdeep.model import RoutingBias, build_model, logical_axes_of
 from jaxdeep.optim import CompressedReduction, build_compression
-from jaxdeep.sharding import tree_shardings
+from jaxdeep.sharding import logical_to_spec, tree_shardings
 from jaxdeep.train.optimizer import make_optimizer
 
 # {"step", "params", "opt_state", "rng"}, plus "model_state" (non-trainable model variables such as the MoE
@@ -51,6 +51,11 @@ class ModelSetup:
         extra = jax.tree.map(lambda v: v, self.abstract_model_state)
         nnx.replace_by_pure_dict(extra, model_state)
         return nnx.merge(self.graphdef, state, extra)
+
+
+def batch_sharding(setup: ModelSetup) -> NamedSharding:
+    """Token batches [batch, seq+1] are split over the mesh axes of the logical `batch` name."""
+    return NamedSharding(setup.mesh, logical_to_spec(("batch", None), setup.cfg.sharding.rules, setup.mesh))
 
 
 def build_setup(cfg: ExperimentConfig, mesh: Mesh, topology: meshes.Topology | None = None) -> ModelSetup:

@@ -14,12 +14,7 @@ from jaxdeep.sharding import logical_to_spec, use_rules
 from jaxdeep.train import moe_step
 from jaxdeep.train.pipeline_step import is_pipelined, make_pipeline_loss, make_pipeline_loss_and_grads
 from jaxdeep.train.replicas import optimizer_update, per_replica_value_and_grad
-from jaxdeep.train.state import ModelSetup, TrainState
-
-
-def batch_sharding(setup: ModelSetup) -> NamedSharding:
-    """Token batches [batch, seq+1] are split over the mesh axes of the logical `batch` name."""
-    return NamedSharding(setup.mesh, logical_to_spec(("batch", None), setup.cfg.sharding.rules, setup.mesh))
+from jaxdeep.train.state import ModelSetup, TrainState, batch_sharding
 
 
 def cross_entropy(setup: ModelSetup, params, tokens_bs: jax.Array) -> jax.Array:

@@ -9,24 +9,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxdeep.config import DeepSeekConfig
-from jaxdeep.model.layers import normal_param
+from jaxdeep.model.layers import StackableAxes, normal_param
 
 
-class RoutingBias(nnx.Variable):
+class RoutingBias(StackableAxes, nnx.Variable):
     """The per-expert selection bias of aux-loss-free balancing: model state, not a trainable parameter.
 
     It carries logical axis names like `Param` (the `layers` axis is added when layers are stacked).
     """
-
-    def add_axis(self, axis_index, axis_name):
-        axes = list(self.get_metadata()["logical_axes"])
-        axes.insert(axis_index, axis_name)
-        self.set_metadata(logical_axes=tuple(axes))
-
-    def remove_axis(self, axis_index, axis_name):
-        axes = list(self.get_metadata()["logical_axes"])
-        del axes[axis_index]
-        self.set_metadata(logical_axes=tuple(axes))
 
 
 class Routing(NamedTuple):
