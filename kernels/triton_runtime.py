@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import importlib.util
 import os
 import pathlib
@@ -126,3 +127,16 @@ def run_interpret(module: ModuleType, name: str, inputs, out_shapes: Sequence, g
 
     shapes = tuple(jax.ShapeDtypeStruct(s.shape, s.dtype) for s in out_shapes)
     return list(jax.pure_callback(host, shapes, *array_inputs, vmap_method="sequential"))
+
+
+def run(package: str, runner: str, name: str, inputs, out_shapes: Sequence, grid, num_warps, num_stages, meta, poison):
+    """Kernel `name` of `<package>.triton_kernels` with `runner` "triton" (GPU) or "interpret" (CPU; outputs always
+    start NaN-filled, warps and stages mean nothing there). Returns a list of arrays shaped like `out_shapes`."""
+    if runner == "interpret":
+        origin = importlib.util.find_spec(f"{package}.triton_kernels").origin
+        module = interpreted_copy(origin, f"{package}._triton_kernels_interpreted")
+        return run_interpret(module, name, inputs, out_shapes, grid, meta)
+    if runner != "triton":
+        raise ValueError(f"runner must be 'triton' or 'interpret', got {runner!r}")
+    module = importlib.import_module(f"{package}.triton_kernels")
+    return run_triton(module, name, inputs, out_shapes, grid, num_warps, num_stages, meta, poison)

@@ -12,7 +12,6 @@ stride and block size is a compile-time constant (all are static under jit anywa
 from __future__ import annotations
 
 import dataclasses
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -101,22 +100,9 @@ def schedule(group_sizes: jax.Array, m: int, block_m: int) -> tuple[jax.Array, j
 # ----------------------------------------------------------------------------------------------------
 # Runners
 # ----------------------------------------------------------------------------------------------------
-def _kernels(runner: str):
-    if runner == "interpret":
-        path = pathlib.Path(__file__).with_name("triton_kernels.py")
-        return triton_runtime.interpreted_copy(str(path), "kernels.gmm._triton_kernels_interpreted")
-    from kernels.gmm import triton_kernels
-
-    return triton_kernels
-
-
 def _run(runner: str, name, inputs, out_shape, grid, cfg: GemmConfig, meta, poison: bool):
-    if runner not in ("triton", "interpret"):
-        raise ValueError(f"runner must be 'triton' or 'interpret', got {runner!r}")
-    if runner == "interpret":  # the output always starts NaN-filled; warps and stages mean nothing here
-        return triton_runtime.run_interpret(_kernels(runner), name, inputs, [out_shape], grid, meta)[0]
-    warps, stages, module = cfg.num_warps, cfg.num_stages, _kernels(runner)
-    return triton_runtime.run_triton(module, name, inputs, [out_shape], grid, warps, stages, meta, poison)[0]
+    warps, stages = cfg.num_warps, cfg.num_stages
+    return triton_runtime.run("kernels.gmm", runner, name, inputs, [out_shape], grid, warps, stages, meta, poison)[0]
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -12,7 +12,6 @@ functions return per-program partial sums of the parameter gradients, shape [pro
 from __future__ import annotations
 
 import dataclasses
-import pathlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -89,20 +88,9 @@ def num_sms() -> int:
 # ----------------------------------------------------------------------------------------------------
 # Runners
 # ----------------------------------------------------------------------------------------------------
-def _kernels(runner: str):
-    if runner == "interpret":
-        path = pathlib.Path(__file__).with_name("triton_kernels.py")
-        return triton_runtime.interpreted_copy(str(path), "kernels.norms._triton_kernels_interpreted")
-    from kernels.norms import triton_kernels
-
-    return triton_kernels
-
-
 def _run(runner: str, name, inputs, out_shapes, grid, cfg: LaunchConfig, meta, poison: bool):
-    if runner == "interpret":  # outputs always start NaN-filled; warps mean nothing to the interpreter
-        return triton_runtime.run_interpret(_kernels(runner), name, inputs, out_shapes, grid, meta)
     warps, stages = cfg.num_warps, cfg.num_stages
-    return triton_runtime.run_triton(_kernels(runner), name, inputs, out_shapes, grid, warps, stages, meta, poison)
+    return triton_runtime.run("kernels.norms", runner, name, inputs, out_shapes, grid, warps, stages, meta, poison)
 
 
 # ----------------------------------------------------------------------------------------------------
