@@ -33,9 +33,12 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import aiohttp
 import numpy as np
+
+if TYPE_CHECKING:
+    import aiohttp
 
 WORDS = (
     "the of and to in is that for it as was with be by on not he this are or his from at which but have an they "
@@ -45,6 +48,13 @@ WORDS = (
     "those people how too little state good very world still own see men work long here get both between life"
 ).split()
 SLO_KEYS = ("ttft", "tpot", "e2el")
+
+
+def _aiohttp():
+    # Imported when a run starts, not when the CLI builds its parser: every `jaxdeep` command would pay for it.
+    import aiohttp
+
+    return aiohttp
 
 
 @dataclass
@@ -184,7 +194,7 @@ async def _one(session: aiohttp.ClientSession, cfg: BenchConfig, model: str, pro
                     last = now
                     chunks += 1
         result.e2el = time.perf_counter() - start
-    except (TimeoutError, aiohttp.ClientError, ValueError) as e:  # ValueError: bad JSON, an overlong line
+    except (TimeoutError, _aiohttp().ClientError, ValueError) as e:  # ValueError: bad JSON, an overlong line
         result.error = f"{type(e).__name__}: {e}"
         return result
     if chunks == 0:
@@ -209,6 +219,7 @@ async def run_benchmark(cfg: BenchConfig) -> dict:
     prompts = make_prompts(cfg)
     gaps = arrival_gaps(cfg)
     limit = asyncio.Semaphore(cfg.max_concurrency) if cfg.max_concurrency else None
+    aiohttp = _aiohttp()
     timeout = aiohttp.ClientTimeout(total=cfg.timeout_s)
     connector = aiohttp.TCPConnector(limit=cfg.max_concurrency or 0)
     async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
@@ -422,7 +433,7 @@ def main(args: argparse.Namespace) -> int:
             summary = asyncio.run(run_benchmark(run_cfg))
             print(format_summary(summary), flush=True)
             runs.append(summary)
-    except (aiohttp.ClientError, OSError, RuntimeError) as e:
+    except (_aiohttp().ClientError, OSError, RuntimeError) as e:
         print(f"jaxdeep bench serve: cannot benchmark {cfg.base_url}: {e}", file=sys.stderr)
         return 1
     result = {"config": {**asdict(cfg), "request_rate": [r["request_rate"] for r in runs]}, "runs": runs}
