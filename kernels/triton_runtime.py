@@ -6,7 +6,8 @@
   source, argument order and launch parameters; outputs always start NaN-filled.
 
 `inputs` mixes arrays and Python ints (scalar kernel arguments), in the kernel's argument order; the outputs
-follow them. Both return a list of arrays shaped like `out_shapes`.
+follow them. Both return a list of arrays shaped like `out_shapes`. `unavailable_reason()` says why "triton" cannot
+run here (no CUDA GPU, or triton / jax-triton missing), for the dispatchers' "auto".
 """
 
 from __future__ import annotations
@@ -26,9 +27,38 @@ import jax.numpy as jnp
 import numpy as np
 
 
+@functools.cache
+def _triton_import_error() -> str | None:
+    try:
+        import jax_triton  # noqa: F401
+        import triton  # noqa: F401
+    except Exception as e:  # ImportError, or jax-triton refusing a jaxlib without GPU support
+        return f"triton/jax-triton cannot be imported ({type(e).__name__}: {e})"
+    return None
+
+
+@functools.cache
+def _is_rocm() -> bool:
+    try:
+        version = jax.devices()[0].client.platform_version.lower()
+    except Exception:  # no such attribute on this jax: assume CUDA
+        return False
+    return "rocm" in version or "hip" in version
+
+
+def unavailable_reason() -> str | None:
+    """Why the Triton kernels (runner "triton") cannot run here, or None when they can."""
+    if jax.default_backend() != "gpu":
+        return f"no GPU: the JAX backend is {jax.default_backend()!r}"
+    if _is_rocm():
+        return "the kernels use NVIDIA PTX; this GPU runs ROCm"
+    return _triton_import_error()
+
+
 def fill_value(dtype) -> Any:
     dtype = np.dtype(dtype)
-    return np.nan if np.issubdtype(dtype, np.floating) or dtype.name == "bfloat16" else np.iinfo(dtype).max
+    floating = np.issubdtype(dtype, np.floating) or dtype.name == "bfloat16" or dtype.name.startswith("float8")
+    return np.nan if floating else np.iinfo(dtype).max
 
 
 def run_triton(module: ModuleType, name: str, inputs, out_shapes: Sequence, grid, num_warps, num_stages, meta, poison):

@@ -294,3 +294,27 @@ def test_gpu_one_group_holds_everything_and_all_groups_empty():
                 assert rel_err(g, w) < TOL[jnp.dtype(BF16)]
             else:
                 assert not np.any(np.asarray(g, np.float64))
+
+
+def _program(fn, *args) -> str:
+    return str(jax.make_jaxpr(fn)(*args))  # nested jaxprs (custom_vjp bodies) included
+
+
+def test_auto_takes_the_reference_without_a_gpu():
+    from kernels.gmm import gmm
+
+    if jax.default_backend() == "gpu":
+        pytest.skip("on a GPU, auto takes the Triton kernels (test_gpu_auto_takes_the_triton_kernels)")
+    lhs, rhs, gs, _ = make_inputs([3, 0, 5], 8, 32, 16, BF16, seed=5)
+    assert "ragged_dot_general" in _program(lambda a, b: gmm(a, b, gs, impl="auto"), lhs, rhs)
+
+
+@pytest.mark.gpu
+def test_gpu_auto_takes_the_triton_kernels():
+    from kernels.gmm import gmm
+
+    sizes = [300, 0, 212]
+    lhs, rhs, gs, dout = make_inputs(sizes, 512, 256, 128, BF16, seed=6)
+    program = _program(lambda a, b: gmm(a, b, gs, impl="auto"), lhs, rhs)
+    assert "ragged_dot_general" not in program and "triton_kernel_call" in program
+    assert rel_err(gmm(lhs, rhs, gs, impl="auto"), oracle(lhs, rhs, sizes, dout)[0]) < TOL[jnp.dtype(BF16)]

@@ -69,14 +69,18 @@ def group_sizes(dist: str, groups: int, rows: int, zipf_s: float, seed: int = 0)
     return sizes.astype(np.int32)
 
 
-def median_seconds(fn, *args, reps: int, warmup: int = 2) -> float:
+def median_seconds(fn, *args, reps: int, warmup: int = 2, inner: int = 10) -> float:
+    """Median over `reps` samples of the mean time of `inner` calls queued back to back and synchronised once,
+    so host dispatch and the synchronisation gap drop out of millisecond-long kernels."""
     for _ in range(warmup):
         jax.block_until_ready(fn(*args))
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
+        for _ in range(inner):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - t0) / inner)
     return statistics.median(times)
 
 

@@ -8,8 +8,9 @@ buffer may be padded at the end. Differentiable in `lhs` and `rhs`.
 - "reference": `jax.lax.ragged_dot` (see `kernels.gmm.reference`);
 - "triton": the Triton kernels of `kernels.gmm.ops` (GPU; persistent grouped GEMM, see README.md);
 - "interpret": the same kernels in Triton's interpreter (CPU tests);
-- "auto": the fastest implementation that can run here; today that is the reference everywhere, until the
-  Triton kernels have been measured on a GPU.
+- "auto": the Triton kernels where they can run (CUDA GPU, triton and jax-triton importable, bf16 / fp16 / fp32
+  operands), else the reference. On an H200 they run the MoE shapes about 50x faster than `ragged_dot`, whose
+  backward does not even fit in memory at DeepSeek-V3's expert shape (experiments/benchmarks/RESULTS.md).
 
 `jax.vmap` works over any argument (`kernels.gmm.batching`): per-replica gradients vmap the MoE layers with
 weights shared across the batch, which `jax.lax.ragged_dot` cannot batch by itself.
@@ -20,10 +21,12 @@ from __future__ import annotations
 from functools import partial
 
 import jax
+import jax.numpy as jnp
 
+from kernels import triton_runtime
 from kernels.gmm import reference
 from kernels.gmm.batching import mappable
-from kernels.gmm.ops import triton_gmm
+from kernels.gmm.ops import SUPPORTED_DTYPES, triton_gmm
 
 __all__ = ["IMPLS", "gmm"]
 
@@ -52,6 +55,10 @@ def gmm(
             f"gmm shapes disagree: lhs {lhs.shape}, rhs {rhs.shape}, group_sizes {group_sizes.shape} "
             "(need lhs[1] == rhs[1] and rhs[0] == group_sizes[0])"
         )
+    if impl == "auto":
+        dtype = jnp.result_type(lhs.dtype, rhs.dtype)
+        fast = dtype in SUPPORTED_DTYPES and triton_runtime.unavailable_reason() is None
+        impl = "triton" if fast else "reference"
     if impl in _triton:
         return _triton[impl](lhs, rhs, group_sizes, preferred_element_type)
     return _reference(lhs, rhs, group_sizes, preferred_element_type)

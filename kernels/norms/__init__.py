@@ -14,11 +14,10 @@ plus scale/bias gradients as per-program partial sums reduced by a small XLA sum
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 
+from kernels import triton_runtime
 from kernels.norms import reference
 from kernels.norms.launch import MAX_HIDDEN
 
@@ -26,25 +25,6 @@ __all__ = ["add_rms_norm", "fused_unavailable_reason", "layer_norm", "layer_norm
 
 IMPLS = ("auto", "fused", "reference", "interpret")
 SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
-
-
-@functools.cache
-def _triton_import_error() -> str | None:
-    try:
-        import jax_triton  # noqa: F401
-        import triton  # noqa: F401
-    except Exception as e:  # ImportError, or jax-triton refusing a jaxlib without GPU support
-        return f"triton/jax-triton cannot be imported ({type(e).__name__}: {e})"
-    return None
-
-
-@functools.cache
-def _is_rocm() -> bool:
-    try:
-        version = jax.devices()[0].client.platform_version.lower()
-    except Exception:  # no such attribute on this jax: assume CUDA
-        return False
-    return "rocm" in version or "hip" in version
 
 
 def fused_unavailable_reason(x: jax.Array, *others: jax.Array, check_backend: bool = True) -> str | None:
@@ -57,13 +37,7 @@ def fused_unavailable_reason(x: jax.Array, *others: jax.Array, check_backend: bo
         return f"shape {x.shape} has no rows to normalise"
     if x.shape[-1] > MAX_HIDDEN:
         return f"hidden size {x.shape[-1]} is above the supported {MAX_HIDDEN}"
-    if check_backend:
-        if jax.default_backend() != "gpu":
-            return f"no GPU: the JAX backend is {jax.default_backend()!r}"
-        if _is_rocm():
-            return "the kernels use NVIDIA PTX; this GPU runs ROCm"
-        return _triton_import_error()
-    return None
+    return triton_runtime.unavailable_reason() if check_backend else None
 
 
 def _runner(impl: str, x: jax.Array, *others: jax.Array) -> str | None:
