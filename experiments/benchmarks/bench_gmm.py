@@ -121,18 +121,31 @@ def kernel_fns(groups: int, runner: str):
 
 
 def tune(shape: Shape, sizes: np.ndarray, dtype, reps: int, runner: str) -> None:
+    """Sweep tile shapes, warps and stages per kernel; then, for the three best, the grid size and band height."""
     lhs, rhs, dout = make_operands(shape, dtype)
     gs = jnp.asarray(sizes)
     flops = 2.0 * int(sizes.sum()) * shape.d * shape.f
     print(f"\n## tune: {shape.name}, {jnp.dtype(dtype).name}, max group {sizes.max()} rows")
-    for kind, make in kernel_fns(shape.groups, runner).items():
+    sms = launch.num_sms() if runner == "triton" else launch.DEFAULT_NUM_SMS
+
+    def sweep(kind, make, configs):
         results = []
-        for cfg in candidate_configs(jnp.dtype(dtype).itemsize):
+        for cfg in configs:
             t = try_time(make(cfg), lhs, rhs, gs, dout, reps=reps)
             results.append((t, cfg))
             label = f"{t * 1e3:8.3f} ms {flops / t / 1e12:7.1f} TFLOP/s" if isinstance(t, float) else t
             print(f"{kind:5s} {cfg}  {label}", flush=True)
-        ok = sorted((t, c) for t, c in results if isinstance(t, float))
+        return sorted(((t, c) for t, c in results if isinstance(t, float)), key=lambda r: r[0])
+
+    for kind, make in kernel_fns(shape.groups, runner).items():
+        ok = sweep(kind, make, candidate_configs(jnp.dtype(dtype).itemsize))
+        # 1 << 30 programs: one per work item (the grid is capped at the item count), i.e. not persistent
+        variants = [
+            dataclasses.replace(cfg, programs=programs, group_m=group_m)
+            for _, cfg in ok[:3]
+            for programs, group_m in ((2 * sms, 8), (1 << 30, 8), (None, 4), (None, 16))
+        ]
+        ok = sorted(ok + sweep(kind, make, variants), key=lambda r: r[0])
         if ok:
             print(f"best {kind}: {ok[0][1]}  {flops / ok[0][0] / 1e12:.1f} TFLOP/s")
 
