@@ -22,9 +22,7 @@ import argparse
 import dataclasses
 import itertools
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -33,28 +31,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from timing import try_time  # noqa: E402
+
 from kernels.block_sparse import block_sparse_matmul, launch, layout_from_block_mask  # noqa: E402
 
 SHARED_MEMORY_BYTES = 227 * 1024  # per block on Hopper
-
-
-def median_seconds(fn, *args, reps: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def try_time(fn, *args, reps: int, warmup: int = 2) -> float | str:
-    """Seconds, or a one-line reason when the call cannot run (for example out of memory)."""
-    try:
-        return median_seconds(fn, *args, reps=reps, warmup=warmup)
-    except Exception as e:  # XLA and Triton errors alike: the row says why
-        return f"failed: {type(e).__name__}: {str(e).splitlines()[0][:100]}"
 
 
 def random_block_mask(kb: int, nb: int, density: float, seed: int = 0) -> np.ndarray:

@@ -22,9 +22,7 @@ import argparse
 import dataclasses
 import itertools
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -32,6 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from timing import try_time  # noqa: E402
 
 from kernels.gmm import launch  # noqa: E402
 
@@ -67,29 +67,6 @@ def group_sizes(dist: str, groups: int, rows: int, zipf_s: float, seed: int = 0)
     remainder = rows - int(sizes.sum())
     sizes[np.argsort(exact - sizes)[::-1][:remainder]] += 1
     return sizes.astype(np.int32)
-
-
-def median_seconds(fn, *args, reps: int, warmup: int = 2, inner: int = 10) -> float:
-    """Median over `reps` samples of the mean time of `inner` calls queued back to back and synchronised once,
-    so host dispatch and the synchronisation gap drop out of millisecond-long kernels."""
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        for _ in range(inner):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        times.append((time.perf_counter() - t0) / inner)
-    return statistics.median(times)
-
-
-def try_time(fn, *args, reps: int) -> float | str:
-    """Seconds, or a one-line reason when the call cannot run (for example out of memory)."""
-    try:
-        return median_seconds(fn, *args, reps=reps)
-    except Exception as e:  # XLA and Triton errors alike: the row says why
-        return f"failed: {type(e).__name__}: {str(e).splitlines()[0][:100]}"
 
 
 def make_operands(shape: Shape, dtype, seed: int = 0):
