@@ -405,3 +405,24 @@ def test_gpu_all_empty_and_tuned_configs():
     for cfg in (launch.Config(64, 64, 8, 4, 3), launch.Config(128, 128, 8, 8, 3), launch.Config(64, 32, 4, 4, 5)):
         got = launch.bsmm(a, layout, values, poison=True, config=cfg)
         assert rel_err(got, want_out) < TOL[jnp.dtype(BF16)], cfg
+
+
+def _program(fn, *args) -> str:
+    return str(jax.make_jaxpr(fn)(*args))  # nested jaxprs (custom_vjp bodies) included
+
+
+def test_auto_takes_the_reference_without_a_gpu():
+    if jax.default_backend() == "gpu":
+        pytest.skip("on a GPU, auto takes the Triton kernels (test_gpu_auto_takes_the_triton_kernels)")
+    a, layout, values, _ = make_inputs(32, 64, 64, 16, random_mask(4, 4, 0.5, 40), F32, seed=40)
+    program = _program(lambda a, v: block_sparse_matmul(a, layout, v, impl="auto"), a, values)
+    assert "pure_callback" not in program and "dot_general" in program
+
+
+@pytest.mark.gpu
+def test_gpu_auto_takes_the_triton_kernels():
+    a, layout, values, dout = make_inputs(512, 512, 512, 128, random_mask(4, 4, 0.5, 41), BF16, seed=41)
+    program = _program(lambda a, v: block_sparse_matmul(a, layout, v, impl="auto"), a, values)
+    assert "triton_kernel_call" in program
+    want = oracle(a, layout, values, dout)[0]
+    assert rel_err(block_sparse_matmul(a, layout, values, impl="auto"), want) < TOL[jnp.dtype(BF16)]

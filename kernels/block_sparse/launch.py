@@ -33,11 +33,13 @@ class Config:
     num_stages: int = 4
 
 
-# Hopper starting points for 16-bit operands (4 stages of 128 x 64 + 64 x 128: 128 KiB of shared memory at block
-# size 128); float32 operands take half the step so the stages still fit. `bench_block_sparse.py --tune` sweeps.
+# 16-bit operands: the best of `bench_block_sparse.py --tune` at 8192^3, block size 128, densities 0.1 and 0.5 on an
+# H200 (experiments/benchmarks/RESULTS.md): 256-row product tiles (4 stages of 256 x 64 + 64 x 128: 192 KiB of shared
+# memory), 64-row reduction steps for dValues. Block size 64 keeps 128-row tiles (not tuned). float32 operands take
+# half the step so the stages still fit.
 DEFAULT_CONFIGS = {
-    "fwd": {2: Config(), 4: Config(block_k=32, num_stages=3)},
-    "dvalues": {2: Config(block_m=64), 4: Config(block_m=32, num_stages=3)},
+    "fwd": {2: Config(block_m=256), 4: Config(block_k=32, num_stages=3)},
+    "dvalues": {2: Config(block_m=64, num_warps=4, num_stages=3), 4: Config(block_m=32, num_stages=3)},
 }
 
 
@@ -47,7 +49,8 @@ def _pow2_at_least_16(n: int) -> int:
 
 def default_config(kind: str, m: int, block_size: int, itemsize: int) -> Config:
     cfg = DEFAULT_CONFIGS[kind][4 if itemsize >= 4 else 2]
-    block_m = min(cfg.block_m, _pow2_at_least_16(m))  # no wider than the rows there are
+    block_m = cfg.block_m if block_size >= 128 or kind != "fwd" else min(cfg.block_m, 128)
+    block_m = min(block_m, _pow2_at_least_16(m))  # no wider than the rows there are
     return dataclasses.replace(cfg, block_m=block_m, block_k=min(cfg.block_k, block_size))
 
 

@@ -42,12 +42,13 @@ class GemmConfig:
     programs: int | None = None  # persistent grid size; None: one program per SM
 
 
-# Hopper starting points (bf16: 128x128 tiles, BLOCK_K 64, 8 warps, 4 stages); float32 operands take half the
-# reduction step so the same number of stages fits in shared memory. `bench_gmm.py --tune` sweeps around these.
+# 16-bit operands: the best of `bench_gmm.py --tune` on an H200 at E=64, T=65536, D=2048, F=1408 with equal and
+# Zipf groups (experiments/benchmarks/RESULTS.md): 128 x 256 tiles, BLOCK_K 64, 8 warps, persistent grid. float32
+# operands take half the reduction step so the same number of stages fits in shared memory (not tuned).
 DEFAULT_CONFIGS = {
-    "fwd": {2: GemmConfig(), 4: GemmConfig(block_k=32, num_stages=3)},
-    "dlhs": {2: GemmConfig(), 4: GemmConfig(block_k=32, num_stages=3)},
-    "drhs": {2: GemmConfig(), 4: GemmConfig(block_k=32, num_stages=3)},
+    "fwd": {2: GemmConfig(block_n=256, num_stages=3), 4: GemmConfig(block_k=32, num_stages=3)},
+    "dlhs": {2: GemmConfig(block_n=256), 4: GemmConfig(block_k=32, num_stages=3)},
+    "drhs": {2: GemmConfig(block_n=256), 4: GemmConfig(block_k=32, num_stages=3)},
 }
 
 
