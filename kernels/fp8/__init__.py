@@ -1,25 +1,32 @@
-"""FP8 (E4M3) training with DeepSeek-V3's fine-grained scaling: quantisers, block-scaled GEMM, linear layer.
+"""FP8 (E4M3) training with DeepSeek-V3's fine-grained scaling: quantisers, block-scaled GEMMs, linear layer.
 
 - `quantize_tiles` / `dequantize_tiles`: 1 x 128 tiles along the last axis (activations, gradients);
 - `quantize_blocks` / `dequantize_blocks`: 128 x 128 blocks (weights);
 - `scaled_matmul(xq, x_scales, wq, w_scales, out_dtype)`: the block-scaled GEMM, float32 accumulation promoted
   every 128 reduction elements;
+- `scaled_gmm(lhs, lhs_scales, rhs, rhs_scales, group_sizes, out_dtype)`: its grouped version for MoE experts
+  (the semantics of `jax.lax.ragged_dot`; forward only);
 - `fp8_linear(x, w)`: `x @ w` with the FP8 recipe in forward and backward (a `jax.custom_vjp`).
 
 `impl`:
 - "reference": the pure-JAX definitions (`kernels.fp8.reference`, `kernels.fp8.linear`);
-- "auto": the fastest implementation that can run here; today that is the reference everywhere (no FP8 GPU
-  kernel yet).
+- "triton": the Triton kernels (`kernels.fp8.triton_kernels`, GPU through jax-triton);
+- "interpret": the same kernels in Triton's interpreter (CPU tests);
+- "auto": the fastest implementation that can run here; today that is the reference everywhere, until the
+  Triton kernels have been measured on a GPU.
 
-See README.md for the recipe, the error bounds and where this deviates from DeepSeek-V3.
+See README.md for the recipe, the error bounds, the kernels and where this deviates from DeepSeek-V3.
 """
 
 from __future__ import annotations
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 
-from kernels.fp8 import linear, reference
+from kernels.fp8 import launch, linear, reference
+from kernels.fp8.ops import TritonOps
 from kernels.fp8.quantize import E4M3, E4M3_MAX, dequantize_blocks, dequantize_tiles, quantize_blocks, quantize_tiles
 
 __all__ = [
@@ -31,16 +38,25 @@ __all__ = [
     "fp8_linear",
     "quantize_blocks",
     "quantize_tiles",
+    "scaled_gmm",
     "scaled_matmul",
 ]
 
-IMPLS = ("auto", "reference")
+IMPLS = ("auto", "reference", "triton", "interpret")
+_RUNNER = {"triton": "triton", "interpret": "interpret"}  # impl -> runner of the Triton kernels
 
 
-def _gemm(impl: str):
+def _runner(impl: str) -> str | None:
+    """The Triton runner for `impl`, or None for the pure-JAX reference."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    return reference.scaled_matmul  # "auto" and "reference" alike until a GPU kernel exists
+    return _RUNNER.get(impl)  # "auto" is the reference until the kernels are measured on a GPU
+
+
+def _check_fp8(**arrays) -> None:
+    for name, a in arrays.items():
+        if a.dtype != jnp.dtype(E4M3):
+            raise ValueError(f"the Triton kernels take float8_e4m3fn operands; {name} is {a.dtype}")
 
 
 def scaled_matmul(
@@ -54,10 +70,57 @@ def scaled_matmul(
     block_n: int = 128,
     impl: str = "auto",
 ) -> jax.Array:
-    """Block-scaled FP8 GEMM: xq [M, K] with 1 x block_k tile scales @ wq [K, N] with block_k x block_n scales."""
-    return _gemm(impl)(xq, x_scales, wq, w_scales, out_dtype, block_k=block_k, block_n=block_n)
+    """Block-scaled FP8 GEMM: xq [M, K] with 1 x block_k tile scales @ wq [K, N] with block_k x block_n scales.
+
+    The Triton kernel takes block_k = 128 only (any block_n), and reads the weight transposed (a copy made by
+    XLA: the FP8 tensor cores want it K-major; `launch.scaled_matmul_nt` takes it so without the copy).
+    """
+    runner = _runner(impl)
+    ref = partial(reference.scaled_matmul, out_dtype=out_dtype, block_k=block_k, block_n=block_n)
+    if runner is None:
+        return ref(xq, x_scales, wq, w_scales)
+    jax.eval_shape(ref, xq, x_scales, wq, w_scales)  # the reference's argument checks
+    if block_k != launch.TILE:
+        raise ValueError(f"the Triton block-scaled GEMM needs block_k = {launch.TILE}, got {block_k}")
+    _check_fp8(xq=xq, wq=wq)
+    if 0 in (*xq.shape, wq.shape[1]):
+        return ref(xq, x_scales, wq, w_scales)  # nothing to compute: zeros
+    x_scales, w_scales = x_scales.astype(jnp.float32), w_scales.astype(jnp.float32)
+    return launch.scaled_matmul_nt(xq, x_scales, wq.T, w_scales, out_dtype, block_n=block_n, runner=runner)
+
+
+def scaled_gmm(
+    lhs: jax.Array,
+    lhs_scales: jax.Array,
+    rhs: jax.Array,
+    rhs_scales: jax.Array,
+    group_sizes: jax.Array,
+    out_dtype=jnp.float32,
+    *,
+    impl: str = "auto",
+) -> jax.Array:
+    """Grouped block-scaled FP8 GEMM: lhs [T, K] rows sorted by group (1 x 128 tile scales [T, ceil(K/128)]) @
+    rhs[g] (rhs [E, K, N], per-expert 128 x 128 block scales [E, ceil(K/128), ceil(N/128)]) -> [T, N]; rows past
+    sum(group_sizes) are zero. The Triton kernel reads rhs transposed (an XLA copy; see scaled_matmul)."""
+    runner = _runner(impl)
+    if runner is None:
+        return reference.scaled_gmm(lhs, lhs_scales, rhs, rhs_scales, group_sizes, out_dtype)
+    jax.eval_shape(partial(reference.scaled_gmm, out_dtype=out_dtype), lhs, lhs_scales, rhs, rhs_scales, group_sizes)
+    _check_fp8(lhs=lhs, rhs=rhs)
+    if not jnp.issubdtype(group_sizes.dtype, jnp.integer):
+        raise ValueError(f"group_sizes must be integers, got {group_sizes.dtype}")
+    (t, k), (e, _, n) = lhs.shape, rhs.shape
+    if 0 in (t, k, e, n):
+        return jnp.zeros((t, n), out_dtype)
+    return launch.scaled_gmm(
+        lhs, lhs_scales.astype(jnp.float32), rhs.transpose(0, 2, 1), rhs_scales.astype(jnp.float32).transpose(0, 2, 1),
+        group_sizes.astype(jnp.int32), out_dtype, rhs_transposed=True, runner=runner,
+    )  # fmt: skip
 
 
 def fp8_linear(x: jax.Array, w: jax.Array, *, out_dtype=None, impl: str = "auto") -> jax.Array:
     """x [..., K] @ w [K, N] -> [..., N] with FP8 forward and backward; out_dtype defaults to x's dtype."""
-    return linear.fp8_linear(x, w, out_dtype=out_dtype, gemm=_gemm(impl))
+    runner = _runner(impl)
+    if runner is None or 0 in (*x.shape, *w.shape):
+        return linear.fp8_linear(x, w, out_dtype=out_dtype)
+    return linear.fp8_linear(x, w, out_dtype=out_dtype, ops=TritonOps(runner))

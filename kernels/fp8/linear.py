@@ -24,6 +24,7 @@ dy is quantised twice from its own (high-precision) values, once per layout, eac
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from functools import partial
 
@@ -33,10 +34,41 @@ import jax.numpy as jnp
 from kernels.fp8 import reference
 from kernels.fp8.quantize import dequantize_tiles, quantize_blocks, quantize_tiles
 
-__all__ = ["fp8_linear"]
+__all__ = ["ReferenceOps", "fp8_linear"]
 
 F32 = jnp.float32
 Gemm = Callable[..., jax.Array]  # the signature of reference.scaled_matmul
+
+
+@dataclasses.dataclass(frozen=True)
+class ReferenceOps:
+    """The layer's quantisers and GEMMs in pure JAX, with a pluggable block-scaled GEMM.
+
+    An implementation of the layer provides `forward(x, w, out_dtype) -> (y, residuals)` and
+    `backward(residuals, dy) -> (dx, dw)` with these semantics (kernels.fp8.ops.TritonOps: the Triton kernels).
+    """
+
+    gemm: Gemm = reference.scaled_matmul
+
+    def forward(self, x, w, out_dtype):
+        xq, x_scales = quantize_tiles(x)  # 1 x 128 tiles along K
+        wq, w_scales = quantize_blocks(w)  # 128 x 128 blocks
+        y = self.gemm(xq, x_scales, wq, w_scales, out_dtype)
+        return y, (xq, x_scales, wq, w_scales)
+
+    def backward(self, residuals, dy):
+        xq, x_scales, wq, w_scales = residuals
+        dy = dy.astype(F32)
+
+        # Dgrad: reduce over N. quantize_blocks(w.T) == (wq.T, w_scales.T) exactly (square blocks).
+        dyq, dy_scales = quantize_tiles(dy)  # 1 x 128 tiles along N
+        dx = self.gemm(dyq, dy_scales, wq.T, w_scales.T, F32)
+
+        # Wgrad: reduce over M (tokens). Both operands in 128 x 1 tiles along M.
+        xtq, xt_scales = quantize_tiles(dequantize_tiles(xq, x_scales).T)  # [K, M], scales [K, ceil(M/128)]
+        dytq, dyt_scales = quantize_tiles(dy.T)  # [N, M], scales [N, ceil(M/128)]
+        dw = self.gemm(xtq, xt_scales, dytq.T, dyt_scales.T, F32, block_n=1)
+        return dx, dw
 
 
 def fp8_linear(
@@ -45,11 +77,13 @@ def fp8_linear(
     *,
     out_dtype=None,
     gemm: Gemm = reference.scaled_matmul,
+    ops=None,
 ) -> jax.Array:
     """x [..., K] @ w [K, N] -> [..., N] in FP8 (E4M3) with fine-grained scales; differentiable in x and w.
 
-    `out_dtype` defaults to x's dtype. `gemm` is the block-scaled GEMM (the reference by default; a fast
-    kernel with the same signature plugs in here).
+    `out_dtype` defaults to x's dtype. `gemm` is the block-scaled GEMM of the pure-JAX layer (the reference by
+    default; a fast kernel with the same signature plugs in here); `ops` replaces the whole layer's quantisers
+    and GEMMs (`ReferenceOps(gemm)` when None).
     """
     if w.ndim != 2:
         raise ValueError(f"fp8_linear expects a weight [K, N], got shape {w.shape}")
@@ -59,35 +93,22 @@ def fp8_linear(
         if not jnp.issubdtype(a.dtype, jnp.floating):
             raise ValueError(f"fp8_linear needs floating {name}, got {a.dtype}")
     dtypes = (jnp.dtype(x.dtype), jnp.dtype(w.dtype), jnp.dtype(x.dtype if out_dtype is None else out_dtype))
-    y = _fp8_linear_2d(x.reshape(-1, x.shape[-1]), w, dtypes, gemm)
+    y = _fp8_linear_2d(x.reshape(-1, x.shape[-1]), w, dtypes, ops or ReferenceOps(gemm))
     return y.reshape(*x.shape[:-1], w.shape[1])
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _fp8_linear_2d(x, w, dtypes, gemm):
-    return _forward(x, w, dtypes, gemm)[0]
+def _fp8_linear_2d(x, w, dtypes, ops):
+    return _forward(x, w, dtypes, ops)[0]
 
 
-def _forward(x, w, dtypes, gemm):
-    xq, x_scales = quantize_tiles(x)  # 1 x 128 tiles along K
-    wq, w_scales = quantize_blocks(w)  # 128 x 128 blocks
-    y = gemm(xq, x_scales, wq, w_scales, dtypes[2])
-    return y, (xq, x_scales, wq, w_scales)
+def _forward(x, w, dtypes, ops):
+    return ops.forward(x, w, dtypes[2])
 
 
-def _backward(dtypes, gemm, residuals, dy):
+def _backward(dtypes, ops, residuals, dy):
     x_dtype, w_dtype, _ = dtypes
-    xq, x_scales, wq, w_scales = residuals
-    dy = dy.astype(F32)
-
-    # Dgrad: reduce over N. quantize_blocks(w.T) == (wq.T, w_scales.T) exactly (square blocks).
-    dyq, dy_scales = quantize_tiles(dy)  # 1 x 128 tiles along N
-    dx = gemm(dyq, dy_scales, wq.T, w_scales.T, F32)
-
-    # Wgrad: reduce over M (tokens). Both operands in 128 x 1 tiles along M.
-    xtq, xt_scales = quantize_tiles(dequantize_tiles(xq, x_scales).T)  # [K, M], scales [K, ceil(M/128)]
-    dytq, dyt_scales = quantize_tiles(dy.T)  # [N, M], scales [N, ceil(M/128)]
-    dw = gemm(xtq, xt_scales, dytq.T, dyt_scales.T, F32, block_n=1)
+    dx, dw = ops.backward(residuals, dy)
     return dx.astype(x_dtype), dw.astype(w_dtype)
 
 

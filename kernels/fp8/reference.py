@@ -14,6 +14,10 @@ about 14 bits there); see README.md.
 
 The chunks run in a `lax.scan`, so memory stays at one [M, N] accumulator whatever K is. The function is jitted
 (block sizes and output dtype static), so eager calls compile once per shape.
+
+`scaled_gmm(lhs, lhs_scales, rhs, rhs_scales, group_sizes)` is the grouped version for MoE experts (the semantics
+of `jax.lax.ragged_dot`): rows of lhs sorted by group, row t multiplied by rhs[g(t)] with that expert's block
+scales, rows past sum(group_sizes) zero; the same chunk-by-chunk sum, each chunk a float32 `ragged_dot`.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-__all__ = ["scaled_matmul"]
+__all__ = ["scaled_gmm", "scaled_matmul"]
 
 F32 = jnp.float32
 
@@ -79,4 +83,60 @@ def scaled_matmul(
         return acc + partial * (sx_c[:, None] * sw_c[None, :]), None
 
     acc, _ = jax.lax.scan(add_chunk, jnp.zeros((m, n), F32), (x_chunks, w_chunks, sx_chunks, sw_chunks))
+    return acc.astype(out_dtype)
+
+
+@partial(jax.jit, static_argnames=("out_dtype",))
+def scaled_gmm(
+    lhs: jax.Array,
+    lhs_scales: jax.Array,
+    rhs: jax.Array,
+    rhs_scales: jax.Array,
+    group_sizes: jax.Array,
+    out_dtype=F32,
+) -> jax.Array:
+    """lhs [T, K] (scales [T, ceil(K/128)]) @ rhs[g] (rhs [E, K, N], scales [E, ceil(K/128), ceil(N/128)]) -> [T, N].
+
+    Group g owns the next group_sizes[g] rows of lhs; rows past the last group give zeros. For each 128-chunk c
+    of K: out[t] += (lhs_c[t] @ rhs_c[g(t)]) * lhs_scales[t, c] * rhs_scales[g(t), c, n // 128].
+    """
+    block = 128
+    if lhs.ndim != 2 or rhs.ndim != 3 or group_sizes.ndim != 1:
+        raise ValueError(
+            f"scaled_gmm expects lhs [T, K], rhs [E, K, N], group_sizes [E]; got {lhs.shape}, {rhs.shape}, "
+            f"{group_sizes.shape}"
+        )
+    (t, k), (e, k_r, n) = lhs.shape, rhs.shape
+    if k != k_r or group_sizes.shape[0] != e:
+        raise ValueError(
+            f"scaled_gmm shapes disagree: lhs {lhs.shape}, rhs {rhs.shape}, group_sizes {group_sizes.shape}"
+        )
+    chunks, n_blocks = math.ceil(k / block), math.ceil(n / block)
+    if lhs_scales.shape != (t, chunks):
+        raise ValueError(f"lhs_scales shape {lhs_scales.shape} must be {(t, chunks)} for lhs {lhs.shape}")
+    if rhs_scales.shape != (e, chunks, n_blocks):
+        raise ValueError(f"rhs_scales shape {rhs_scales.shape} must be {(e, chunks, n_blocks)} for rhs {rhs.shape}")
+    if chunks == 0 or e == 0:
+        return jnp.zeros((t, n), out_dtype)
+
+    sizes = jnp.maximum(group_sizes.astype(jnp.int32), 0)
+    ends = jnp.cumsum(sizes)
+    row_group = jnp.searchsorted(ends, jnp.arange(t), side="right")  # g(t); E for the padding rows
+    in_group = row_group < e
+    row_group = jnp.minimum(row_group, e - 1)
+
+    pad = chunks * block - k
+    x_chunks = jnp.pad(lhs.astype(F32), ((0, 0), (0, pad))).reshape(t, chunks, block).transpose(1, 0, 2)
+    w_chunks = jnp.pad(rhs.astype(F32), ((0, 0), (0, pad), (0, 0))).reshape(e, chunks, block, n).transpose(1, 0, 2, 3)
+    sx_chunks = lhs_scales.astype(F32).T  # [chunks, T]
+    sw_chunks = rhs_scales.astype(F32).transpose(1, 0, 2)  # [chunks, E, N / 128]
+
+    def add_chunk(acc, chunk):
+        x_c, w_c, sx_c, sw_c = chunk
+        partial = jax.lax.ragged_dot(x_c, w_c, sizes, precision=jax.lax.Precision.HIGHEST, preferred_element_type=F32)
+        sw_rows = jnp.repeat(sw_c[row_group], block, axis=1)[:, :n]  # [T, N]: each row's expert's scales
+        term = partial * (sx_c[:, None] * sw_rows)
+        return acc + jnp.where(in_group[:, None], term, 0.0), None  # padding rows stay zero
+
+    acc, _ = jax.lax.scan(add_chunk, jnp.zeros((t, n), F32), (x_chunks, w_chunks, sx_chunks, sw_chunks))
     return acc.astype(out_dtype)

@@ -1,0 +1,256 @@
+"""Benchmark the FP8 Triton kernels (kernels/fp8): block-scaled GEMM, quantisers and the grouped GEMM.
+
+In one run:
+- GEMM, per shape [M, K] x [K, N]: XLA's bf16 `jnp.dot`; XLA's own FP8 dot (`jnp.dot` of E4M3 operands with a
+  float32 result: no scales at all, so a ceiling rather than a competitor); our pure-JAX `scaled_matmul`
+  reference under jit; our Triton `scaled_matmul` with the weight K-major ([N, K], the layout the FP8 tensor
+  cores take, what `fp8_linear` uses) and with the weight read as stored ([K, N], N-major), scaling included.
+  Shapes: 8192^3, and DeepSeek-V3 layers for M = 4096 and 16384 tokens.
+- Quantisers on [M, K] activations / [K, N] weights: TB/s of bytes read + written, against a copy kernel
+  (XLA, uint8 x + 1) moving the same number of bytes.
+- Grouped GEMM (MoE experts, E=64, T=65536, D=2048, F=1408, equal groups): FP8 `scaled_gmm` (rhs K-major and
+  as stored) against the bf16 Triton grouped GEMM of kernels/gmm.
+Times are medians of several samples after warm-up, each sample the mean of back-to-back calls synchronised
+once with `jax.block_until_ready`.
+
+  python experiments/benchmarks/bench_fp8.py                           # everything, default launch configs
+  python experiments/benchmarks/bench_fp8.py --sections gemm --tune    # sweep GEMM tiles, warps, stages first
+  python experiments/benchmarks/bench_fp8.py --tiny --runner interpret # check the script on a CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import platform
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import timing  # noqa: E402  (experiments/benchmarks/timing.py, next to this script)
+
+from kernels import fp8  # noqa: E402
+from kernels.fp8 import launch, reference  # noqa: E402
+from kernels.gmm import launch as gmm_launch  # noqa: E402
+
+E4M3 = jnp.float8_e4m3fn
+BF16, F32 = jnp.bfloat16, jnp.float32
+SHARED_MEMORY_BYTES = 227 * 1024  # per block on Hopper
+TIMING = {"warmup": 2, "inner": 10}  # one each under the interpreter (see main)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Timing (experiments/benchmarks/timing.py; one warm-up and one call per sample under the interpreter)
+# ----------------------------------------------------------------------------------------------------
+def try_time(fn, *args, reps: int) -> float | str:
+    return timing.try_time(fn, *args, reps=reps, **TIMING)
+
+
+def rate(amount: float, t, unit: float) -> str:
+    return f"{amount / t / unit:.1f}" if isinstance(t, float) else ""
+
+
+def print_rows(title: str, header: str, rows) -> None:
+    print(f"\n## {title}\n| {header} |\n|{'---|' * (header.count('|') + 1)}")
+    for row in rows:
+        print("| " + " | ".join(str(c) for c in row) + " |", flush=True)
+
+
+def ms(t) -> str:
+    return f"{t * 1e3:.3f} ms" if isinstance(t, float) else t
+
+
+# ----------------------------------------------------------------------------------------------------
+# Shapes
+# ----------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Gemm:
+    name: str
+    m: int
+    k: int
+    n: int
+
+
+def gemm_shapes(tiny: bool) -> list[Gemm]:
+    if tiny:
+        return [Gemm("tiny", 256, 384, 256), Gemm("tiny kv_a (N=576 / 4)", 128, 256, 144)]
+    layers = [  # DeepSeek-V3: (name, K, N)
+        ("q_a 7168->1536", 7168, 1536),
+        ("kv_a 7168->576", 7168, 576),  # N not a multiple of 128: the last column tile is masked
+        ("o_proj 16384->7168", 16384, 7168),
+        ("mlp up 7168->18432", 7168, 18432),
+        ("mlp down 18432->7168", 18432, 7168),
+        ("expert up 7168->2048", 7168, 2048),
+        ("expert down 2048->7168", 2048, 7168),
+    ]
+    out = [Gemm("8192^3", 8192, 8192, 8192)]
+    for m in (4096, 16384):
+        out += [Gemm(f"{name}, M={m}", m, k, n) for name, k, n in layers]
+    return out
+
+
+def gemm_operands(g: Gemm, seed: int = 0):
+    k1, k2 = jax.random.split(jax.random.PRNGKey(seed))
+    x = jax.random.normal(k1, (g.m, g.k), F32).astype(BF16)
+    w = (jax.random.normal(k2, (g.k, g.n), F32) / np.sqrt(g.k)).astype(BF16)
+    xq, xs = fp8.quantize_tiles(x)
+    wq, ws = fp8.quantize_blocks(w)
+    return x, w, xq, xs, wq, ws, jnp.asarray(wq.T)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sections
+# ----------------------------------------------------------------------------------------------------
+def bench_gemm(shapes, runner: str, reps: int, skip_reference: bool, config=None) -> None:
+    rows = []
+    for g in shapes:
+        x, w, xq, xs, wq, ws, wq_t = gemm_operands(g)
+        flops = 2.0 * g.m * g.n * g.k
+        fns = [
+            ("xla bf16 dot", jax.jit(lambda x, w: jnp.dot(x, w)), (x, w)),
+            (
+                "xla fp8 dot (no scaling)",
+                jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=F32)),
+                (xq, wq),
+            ),
+        ]
+        if not skip_reference:
+            fns.append(("reference scaled_matmul (jit)", jax.jit(reference.scaled_matmul), (xq, xs, wq, ws)))
+        kmajor = lambda *a: launch.scaled_matmul_nt(*a, BF16, runner=runner, config=config)  # noqa: E731
+        nmajor = lambda *a: launch.scaled_matmul(*a, BF16, runner=runner, config=config)  # noqa: E731
+        fns.append(("triton scaled_matmul, w K-major", jax.jit(kmajor), (xq, xs, wq_t, ws)))
+        fns.append(("triton scaled_matmul, w N-major", jax.jit(nmajor), (xq, xs, wq, ws)))
+        for impl, fn, args in fns:
+            t = try_time(fn, *args, reps=reps)
+            rows.append((g.name, impl, ms(t), rate(flops, t, 1e12)))
+    print_rows("GEMM (bf16 output; scaling included for scaled_matmul)", "shape | impl | time | TFLOP/s", rows)
+
+
+def bench_quantize(runner: str, reps: int, tiny: bool) -> None:
+    m, k = (256, 384) if tiny else (16384, 7168)
+    wk, wn = (384, 256) if tiny else (7168, 18432)
+    x = jax.random.normal(jax.random.PRNGKey(1), (m, k), F32).astype(BF16)
+    w = jax.random.normal(jax.random.PRNGKey(2), (wk, wn), F32) * 0.02
+    xq, xs = fp8.quantize_tiles(x)
+    scales = m * (-(-k // 128)) * 4
+    run = dict(runner=runner)
+    cases = [  # name, fn, args, bytes read + written
+        ("quantize_rows (bf16 x)", lambda x: launch.quantize_rows(x, **run), (x,), m * k * 3 + scales),
+        ("quantize_rows_and_cols (bf16 dy)", lambda x: launch.quantize_rows_and_cols(x, **run), (x,),
+         m * k * 4 + 2 * scales),
+        ("requantize_cols (fp8 x)", lambda q, s: launch.requantize_cols(q, s, **run), (xq, xs), m * k * 2 + 2 * scales),
+        ("quantize_blocks_t (f32 w)", lambda w: launch.quantize_blocks(w, transposed=True, **run), (w,), wk * wn * 6),
+        ("reference quantize_tiles (jit)", jax.jit(fp8.quantize_tiles), (x,), m * k * 3 + scales),
+    ]  # fmt: skip
+    copy = jax.jit(lambda a: a + jnp.uint8(1))
+    rows = []
+    for name, fn, args, nbytes in cases:
+        t = try_time(jax.jit(fn), *args, reps=reps)
+        buf = jnp.zeros((nbytes // 2,), jnp.uint8)  # a copy reads and writes nbytes / 2 each
+        t_copy = try_time(copy, buf, reps=reps)
+        rows.append(
+            (name, f"{nbytes / 1e6:.1f} MB", ms(t), rate(nbytes, t, 1e12), ms(t_copy), rate(nbytes, t_copy, 1e12))
+        )
+    print_rows(
+        f"Quantisers (x [{m}, {k}], w [{wk}, {wn}])", "kernel | bytes moved | time | TB/s | copy time | copy TB/s", rows
+    )
+
+
+def bench_grouped(runner: str, reps: int, tiny: bool, config=None) -> None:
+    e, t, d, f = (4, 512, 256, 176) if tiny else (64, 65536, 2048, 1408)
+    sizes = np.full(e, t // e, np.int32)
+    gs = jnp.asarray(sizes)
+    k1, k2 = jax.random.split(jax.random.PRNGKey(3))
+    lhs = jax.random.normal(k1, (t, d), F32).astype(BF16)
+    rhs = (jax.random.normal(k2, (e, d, f), F32) / np.sqrt(d)).astype(BF16)
+    lq, ls = fp8.quantize_tiles(lhs)
+    rq, rs = jax.vmap(fp8.quantize_blocks)(rhs)
+    rq_t, rs_t = jnp.asarray(rq.transpose(0, 2, 1)), jnp.asarray(rs.transpose(0, 2, 1))
+    flops = 2.0 * t * d * f
+    run = dict(runner=runner, config=config)
+    fns = [
+        ("bf16 triton gmm (kernels.gmm)", lambda a, b, g: gmm_launch.gmm_fwd(a, b, g, runner=runner), (lhs, rhs, gs)),
+        ("fp8 scaled_gmm, rhs K-major", lambda *a: launch.scaled_gmm(*a, BF16, rhs_transposed=True, **run),
+         (lq, ls, rq_t, rs_t, gs)),
+        ("fp8 scaled_gmm, rhs N-major", lambda *a: launch.scaled_gmm(*a, BF16, **run), (lq, ls, rq, rs, gs)),
+    ]  # fmt: skip
+    rows = []
+    for name, fn, args in fns:
+        tt = try_time(jax.jit(fn), *args, reps=reps)
+        rows.append((name, ms(tt), rate(flops, tt, 1e12)))
+    print_rows(f"Grouped GEMM forward (E={e}, T={t}, D={d}, F={f}, equal groups)", "impl | time | TFLOP/s", rows)
+
+
+def tune_quantize(runner: str, reps: int, tiny: bool) -> None:
+    """Rows per program and warps of the quantisers."""
+    m, k = (256, 384) if tiny else (16384, 7168)
+    x = jax.random.normal(jax.random.PRNGKey(1), (m, k), F32).astype(BF16)
+    for block_r, warps in itertools.product((16, 32, 64), (4, 8)):
+        cfg = launch.QuantConfig(block_r, warps)
+        t = try_time(jax.jit(lambda x, cfg=cfg: launch.quantize_rows(x, runner=runner, config=cfg)), x, reps=reps)
+        print(f"quantize_rows {cfg}  {ms(t)}  {rate(m * k * 3, t, 1e12)} TB/s", flush=True)
+    for warps in (4, 8, 16):
+        cfg = launch.QuantConfig(128, warps)
+        fn = jax.jit(lambda x, cfg=cfg: launch.quantize_rows_and_cols(x, runner=runner, config=cfg))
+        t = try_time(fn, x, reps=reps)
+        print(f"quantize_rows_and_cols {cfg}  {ms(t)}  {rate(m * k * 4, t, 1e12)} TB/s", flush=True)
+
+
+def tune(runner: str, reps: int, tiny: bool) -> None:
+    """Sweep tiles, warps and stages for the K-major GEMM on 8192^3 and the grouped GEMM; print the best."""
+    tune_quantize(runner, reps, tiny)
+    g = gemm_shapes(tiny)[0]
+    _, _, xq, xs, _, ws, wq_t = gemm_operands(g)
+    flops = 2.0 * g.m * g.n * g.k
+    results = []
+    for bm, bn, warps, stages, group_m in itertools.product((64, 128), (128, 256), (4, 8), (3, 4, 5), (8, 16)):
+        if stages * (bm + bn) * 128 > SHARED_MEMORY_BYTES or (bm * bn >= 128 * 256 and warps < 8):
+            continue
+        cfg = launch.GemmConfig(bm, bn, group_m, warps, stages)
+        fn = jax.jit(lambda *a, cfg=cfg: launch.scaled_matmul_nt(*a, BF16, runner=runner, config=cfg))
+        t = try_time(fn, xq, xs, wq_t, ws, reps=reps)
+        results.append((t, cfg))
+        print(f"{g.name} {cfg}  {ms(t)}  {rate(flops, t, 1e12)} TFLOP/s", flush=True)
+    ok = sorted((r for r in results if isinstance(r[0], float)), key=lambda r: r[0])
+    if ok:
+        print(f"best GEMM config: {ok[0][1]}  {flops / ok[0][0] / 1e12:.1f} TFLOP/s")
+        for cfg in (ok[0][1], launch.GemmConfig(block_m=64), launch.GemmConfig(num_warps=4, block_m=64)):
+            bench_grouped(runner, reps, tiny, config=cfg)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sections", default="gemm,quantize,grouped", help="comma-separated: gemm, quantize, grouped")
+    p.add_argument("--runner", default="triton", choices=("triton", "interpret"))
+    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--tiny", action="store_true", help="tiny shapes (checks the script, e.g. on a CPU)")
+    p.add_argument("--tune", action="store_true", help="sweep launch configurations before the tables")
+    p.add_argument("--skip-reference", action="store_true", help="skip the slow pure-JAX reference GEMM")
+    args = p.parse_args(argv)
+    reps = 1 if args.runner == "interpret" else args.reps
+    if args.runner == "interpret":
+        TIMING.update(warmup=1, inner=1)
+    import triton
+
+    dev = jax.devices()[0]
+    print(f"# bench_fp8: {dev.device_kind} ({dev.platform}), jax {jax.__version__}, triton {triton.__version__}, "
+          f"python {platform.python_version()}, runner {args.runner}")  # fmt: skip
+    sections = args.sections.split(",")
+    if args.tune:
+        tune(args.runner, reps, args.tiny)
+    if "gemm" in sections:
+        bench_gemm(gemm_shapes(args.tiny), args.runner, reps, args.skip_reference)
+    if "quantize" in sections:
+        bench_quantize(args.runner, reps, args.tiny)
+    if "grouped" in sections:
+        bench_grouped(args.runner, reps, args.tiny)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""The FP8 linear layer on the Triton kernels: the quantisers and GEMMs of `linear.ReferenceOps`, fused and laid
+out for the FP8 tensor cores, with the same values (bit for bit in the quantisers, float32 rounding in the GEMMs).
+
+Forward: x quantised in 1 x 128 tiles; w quantised in 128 x 128 blocks in one pass that writes both wq [K, N]
+(saved for the backward) and wq^T [N, K] (the forward GEMM's K-major weight, dropped after it).
+Backward: dy quantised once per layout from one read (1 x 128 tiles along N for Dgrad, 128 x 1 tiles along the
+tokens, stored transposed [N, M], for Wgrad); the saved FP8 x re-tiled along the tokens in one pass
+(dequantised in float32, quantised again, stored transposed [K, M]). Every GEMM then reads both operands with
+the reduction axis contiguous: Dgrad reads the saved wq [K, N] as its K-major [N, K] operand, and Wgrad reads
+the two transposed copies.
+
+Residuals are those of the reference layer: (xq, x_scales, wq, w_scales).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+
+from kernels.fp8 import launch
+
+__all__ = ["RUNNERS", "TritonOps"]
+
+RUNNERS = ("triton", "interpret")
+F32 = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class TritonOps:
+    """`forward` / `backward` of the FP8 linear layer (see `linear.ReferenceOps`) on runner "triton" or "interpret"."""
+
+    runner: str = "triton"
+
+    def __post_init__(self):
+        if self.runner not in RUNNERS:
+            raise ValueError(f"runner must be one of {RUNNERS}, got {self.runner!r}")
+
+    def forward(self, x, w, out_dtype):
+        run = dict(runner=self.runner)
+        xq, x_scales = launch.quantize_rows(x, **run)
+        wq, w_scales, wq_t = launch.quantize_blocks(w, transposed=True, **run)
+        y = launch.fprop(xq, x_scales, wq_t, w_scales, out_dtype, **run)
+        return y, (xq, x_scales, wq, w_scales)
+
+    def backward(self, residuals, dy):
+        run = dict(runner=self.runner)
+        xq, x_scales, wq, w_scales = residuals
+        dyq, dy_scales, dytq, dyt_scales = launch.quantize_rows_and_cols(dy, **run)
+        dx = launch.dgrad(dyq, dy_scales, wq, w_scales, F32, **run)
+        xtq, xt_scales = launch.requantize_cols(xq, x_scales, **run)
+        dw = launch.wgrad(xtq, xt_scales, dytq, dyt_scales, F32, **run)
+        return dx, dw
