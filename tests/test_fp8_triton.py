@@ -30,6 +30,7 @@ import pytest
 from kernels import fp8
 from kernels.fp8 import launch, reference
 from kernels.fp8.ops import TritonOps
+from tests.test_fp8 import np_quantize_blocks, np_quantize_tiles
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (its interpreter runs the kernels)")
@@ -454,28 +455,32 @@ def _gpu_data(seed, shape, dtype=BF16, scale=1.0):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape,dtype", [((4096, 7168), BF16), ((1000, 1000), F32), ((8192, 2048), BF16)], ids=str)
-def test_gpu_quantizers_are_bitwise_the_reference(shape, dtype):
+def test_gpu_quantizers_are_bitwise_the_host_oracle(shape, dtype):
+    # Against the numpy + ml_dtypes oracle (correctly rounded float32 -> E4M3 on the host), not against the JAX
+    # quantisers run on the GPU: XLA's GPU conversion to float8 may round differently in rare cases.
     x = _gpu_data(1, shape, dtype)
+    x_host = np.asarray(x, np.float32)
+    q_ref, s_ref = np_quantize_tiles(x_host)
     q, s = launch.quantize_rows(x, **GPU)
-    q_ref, s_ref = fp8.quantize_tiles(x)
     assert_fp8_equal(q, q_ref, "rows q")
     assert_scales_equal(s, s_ref, "rows s")
     q, s, qt, st = launch.quantize_rows_and_cols(x, **GPU)
-    qt_ref, st_ref = fp8.quantize_tiles(x.T)
+    qt_ref, st_ref = np_quantize_tiles(x_host.T)
     assert_fp8_equal(q, q_ref, "both q")
     assert_scales_equal(s, s_ref, "both s")
     assert_fp8_equal(qt, qt_ref, "both qt")
     assert_scales_equal(st, st_ref, "both st")
-    qt, st = launch.requantize_cols(q_ref, s_ref, **GPU)
-    qt_ref, st_ref = fp8.quantize_tiles(fp8.dequantize_tiles(q_ref, s_ref).T)
+    q_saved, s_saved = jnp.asarray(q_ref), jnp.asarray(s_ref)
+    qt, st = launch.requantize_cols(q_saved, s_saved, **GPU)
+    qt_ref, st_ref = np_quantize_tiles(np.asarray(fp8.dequantize_tiles(q_saved, s_saved), np.float32).T)
     assert_fp8_equal(qt, qt_ref, "requantized qt")
     assert_scales_equal(st, st_ref, "requantized st")
     w = _gpu_data(2, shape[::-1], dtype, 0.02)
     q, s, qt = launch.quantize_blocks(w, transposed=True, **GPU)
-    q_ref, s_ref = fp8.quantize_blocks(w)
+    q_ref, s_ref = np_quantize_blocks(np.asarray(w, np.float32))
     assert_fp8_equal(q, q_ref, "blocks q")
     assert_scales_equal(s, s_ref, "blocks s")
-    assert_fp8_equal(qt, np.asarray(q_ref).T, "blocks q^T")
+    assert_fp8_equal(qt, q_ref.T, "blocks q^T")
 
 
 @pytest.mark.gpu
@@ -498,9 +503,9 @@ def test_gpu_fp8_linear_matches_reference_under_jit(m, k, n):
     fn = jax.jit(linear_and_grads, static_argnums=(3, 4))
     got = fn(x, w, dy, "triton", F32)
     want = fn(x, w, dy, "reference", F32)
-    for name, g, r in zip(("y", "dx", "dw"), got, want, strict=True):
-        tol = GPU_GEMM_TOL if name != "dx" else 1e-2  # dx comes back in x's dtype (bf16)
-        assert relnorm(g, r) < tol, f"{name}: {relnorm(g, r):.2e}"
+    errors = {name: relnorm(g, r) for name, g, r in zip(("y", "dx", "dw"), got, want, strict=True)}
+    tols = {"y": GPU_GEMM_TOL, "dx": 1e-2, "dw": GPU_GEMM_TOL}  # dx comes back in x's dtype (bf16)
+    assert all(errors[n] < tols[n] for n in errors), errors
 
 
 @pytest.mark.gpu
