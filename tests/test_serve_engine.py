@@ -322,6 +322,23 @@ def test_text_stream_holds_back_possible_stop_starts():
     assert stream.add(ord("y")) == ("", True)
 
 
+def test_text_stream_sends_runs_of_invalid_bytes():
+    # An untrained byte model repeating a continuation byte: each U+FFFD but the last few is final and is sent.
+    from jaxdeep.serve.tokenizers import ByteTokens
+
+    tokens = ByteTokens()
+    stream = TextStream(tokens.decode, [], tokens.hold_replacements)
+    assert [stream.add(0xAF)[0] for _ in range(4)] == ["", "\ufffd", "\ufffd", "\ufffd"]
+    assert stream.add(ord("a"))[0] == "\ufffda"
+    # A character completed after stray bytes comes out whole; nothing sent is taken back.
+    sent = "".join(stream.add(b)[0] for b in b"\xff\xe2\x82\xac")
+    assert sent == "\ufffd€"
+    # With 3 held (byte-fallback decoders give one U+FFFD per byte of an incomplete character).
+    generic = TextStream(tokens.decode, [])
+    assert [generic.add(0xAF)[0] for _ in range(5)] == ["", "", "", "\ufffd", "\ufffd"]
+    assert generic.flush() == "\ufffd" * 3
+
+
 def test_text_stream_equals_decoding_everything():
     # Random byte streams (ASCII, multi-byte characters, stray continuation bytes) and stop strings: what the
     # incremental stream sends equals the full decode cut at the first stop string, and is never taken back.
@@ -329,7 +346,7 @@ def test_text_stream_equals_decoding_everything():
 
     decode = ByteTokens().decode
     rng = np.random.default_rng(0)
-    pieces = [b"a", b"b", b" ", b"ab", "é".encode(), "€".encode(), "😀".encode(), b"\x80", b"\xe2\x82"]
+    pieces = [b"a", b"b", b" ", b"ab", "é".encode(), "€".encode(), "😀".encode(), b"\x80", b"\xe2\x82", b"\xaf" * 5]
     for trial in range(300):
         data = b"".join(pieces[i] for i in rng.integers(0, len(pieces), rng.integers(1, 40)))
         ids = list(data)
@@ -340,7 +357,7 @@ def test_text_stream_equals_decoding_everything():
             else [full[i : i + n] for i, n in zip(rng.integers(0, len(full), 2), (2, 3), strict=True)]
         )
         stops = [x for x in stops if x and "\ufffd" not in x]  # replacement characters are not text to stop on
-        stream, sent, stopped_at = TextStream(decode, stops), "", None
+        stream, sent, stopped_at = TextStream(decode, stops, 1 + trial % 3), "", None
         for k, token in enumerate(ids):
             delta, stopped = stream.add(token)
             sent += delta
@@ -572,3 +589,15 @@ def test_hugging_face_directory_serves_the_same_tokens(models, tmp_path):
     finally:
         served.close()
         same_eos.close()
+
+
+def test_byte_tokens_decode_ids_past_the_bytes_as_placeholders():
+    # A DeepSeek preset trained on bytes has a vocabulary far past 256; an untrained one samples such ids.
+    from jaxdeep.serve.tokenizers import ByteTokens
+
+    tokens = ByteTokens()
+    ids = [72, 105, 300, 0xC3, 0xA9, 102399, 0xE2]
+    assert tokens.decode(ids) == "Hi<x300>é<x102399>\ufffd"
+    stream = TextStream(tokens.decode, [], tokens.hold_replacements)
+    sent = "".join(stream.add(i)[0] for i in ids) + stream.flush()
+    assert sent == tokens.decode(ids)

@@ -65,6 +65,8 @@ class InferenceEngine:
     def __init__(self, runner: ModelRunner, tokenizer: Tokenizer, model_name: str, max_waiting: int = 64):
         self.runner = runner
         self.tokenizer = tokenizer
+        # Trailing U+FFFD a stream holds back (TextStream): tokenizers may say how many an incomplete character makes.
+        self._hold = getattr(tokenizer, "hold_replacements", 3)
         self.model_name = model_name
         self.max_waiting = max_waiting
         self.geometry = runner.geometry
@@ -108,7 +110,7 @@ class InferenceEngine:
         params.validate()
         self._check_prompt(request)
         seed = params.seed if params.seed is not None else self._seeds.getrandbits(32)
-        seq = _Sequence(request, on_event, seed % 2**32, TextStream(self.tokenizer.decode, params.stop))
+        seq = _Sequence(request, on_event, seed % 2**32, TextStream(self.tokenizer.decode, params.stop, self._hold))
         with self._cond:
             if self._closed:
                 raise RuntimeError("the engine is closed")

@@ -13,7 +13,14 @@ from jaxdeep.data.tokenizer import ByteTokenizer
 
 
 class ByteTokens:
-    """`ByteTokenizer` with list ids; id 0 ends a generation (it separates documents in training data)."""
+    """`ByteTokenizer` with list ids; id 0 ends a generation (it separates documents in training data).
+
+    A model whose vocabulary is larger than the bytes (a DeepSeek preset trained on bytes) can still sample an id
+    of 256 or more: it decodes to the placeholder `<xN>`, as in the `tokenizer.json` that `jaxdeep.hf.neox`
+    exports, instead of failing the request."""
+
+    # An incomplete character at the end of the text decodes to one U+FFFD (see TextStream).
+    hold_replacements = 1
 
     def __init__(self):
         self._bytes = ByteTokenizer()
@@ -24,7 +31,15 @@ class ByteTokens:
         return self._bytes.encode(text).tolist()
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self._bytes.decode(np.asarray(list(ids), np.int64))
+        ids = np.asarray(list(ids), np.int64)
+        beyond = np.flatnonzero(ids >= ByteTokenizer.vocab_size)
+        if beyond.size == 0:
+            return self._bytes.decode(ids)
+        parts, start = [], 0
+        for i in beyond:  # runs of bytes decode together, so multi-byte characters stay whole
+            parts += [self._bytes.decode(ids[start:i]), f"<x{ids[i]}>"]
+            start = i + 1
+        return "".join(parts) + self._bytes.decode(ids[start:])
 
     def chat_tokens(self, messages: Sequence[dict]) -> list[int] | None:
         return None  # no template of its own: the server's plain one applies
