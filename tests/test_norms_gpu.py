@@ -2,7 +2,9 @@
 
 Every kernel output is checked twice: through the public ops (custom_vjp, jit) and through the launch
 functions with poisoned outputs (each output buffer pre-filled with NaN and aliased to the kernel's
-output), so an element the kernel never writes fails the test.
+output), so an element the kernel never writes fails the test. Both kernel versions run (see
+`test_norms.use_variant`); "v3-reload" also pretends the GPU has 3 SMs, so that every persistent
+program walks many row tiles.
 """
 
 import jax
@@ -15,11 +17,15 @@ from test_norms import (
     LARGE_MEAN_TOL_F32,
     OPS,
     TOL,
+    VARIANTS,
+    _ln_stats_errors,
+    assert_launched,
     check_against_oracle,
     make_inputs,
     op_eps,
     oracle,
     rel_err,
+    use_variant,
 )
 
 from kernels import norms
@@ -35,19 +41,28 @@ def _seed(*key) -> int:
     return abs(hash(key)) % 2**32
 
 
+def _use(monkeypatch, variant: str) -> list[str]:
+    return use_variant(monkeypatch, variant, num_sms=3 if variant == "v3-reload" else None)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("shape", API_SHAPES, ids=str)
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("op", OPS)
-def test_fused_ops_match_float64(op, dtype, shape):
+def test_fused_ops_match_float64(op, dtype, shape, variant, monkeypatch):
+    launched = _use(monkeypatch, variant)
     rng = np.random.default_rng(_seed(op, str(dtype), shape))
     args, cts = make_inputs(op, shape, dtype, rng, mean=0.3)
     check_against_oracle(op, "fused", args, cts, TOL[jnp.dtype(dtype)], jit=True)
+    assert_launched(launched, variant)
 
 
+@pytest.mark.parametrize("variant", ["v2", "v3"])
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("op", OPS)
-def test_poisoned_kernel_outputs_are_all_written(op, dtype, shape):
+def test_poisoned_kernel_outputs_are_all_written(op, dtype, shape, variant, monkeypatch):
+    launched = _use(monkeypatch, variant)
     rng = np.random.default_rng(_seed(op, str(dtype), shape, "poison"))
     args, cts = make_inputs(op, shape, dtype, rng, mean=-0.7)
     want_outs, want = oracle(op, args, cts, round_to=args["x"].dtype)
@@ -74,13 +89,40 @@ def test_poisoned_kernel_outputs_are_all_written(op, dtype, shape):
         assert rel_err(o, want_o) < tol, f"output {i}"
     for name, g in got.items():
         assert rel_err(g, want[name]) < tol, f"grad {name}: {rel_err(g, want[name]):.2e}"
+    assert_launched(launched, variant)
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("op", ["layer_norm", "layer_norm_gelu", "rms_norm"])
-def test_large_mean_rows(op):
+def test_large_mean_rows(op, variant, monkeypatch):
+    launched = _use(monkeypatch, variant)
     rng = np.random.default_rng(_seed(op, "large"))
     args, cts = make_inputs(op, (300, 4096), F32, rng, mean=1e3, std=1.0)
     check_against_oracle(op, "fused", args, cts, LARGE_MEAN_TOL_F32, jit=True)
+    assert_launched(launched, variant)
+
+
+@pytest.mark.parametrize("mean", [0.0, 1e3])
+def test_v3_one_pass_statistics_on_gpu(mean):
+    """Version 3's shifted one-pass statistics (forced on for float32 here) on large-mean rows, and their worst
+    case: all of a row's spread in its first element, bounded by ~hidden * float32 rounding (the reason they run
+    for 16-bit inputs only)."""
+    rng = np.random.default_rng(_seed("one pass", mean))
+    x = rng.normal(mean, 1.0, (64, 8192))
+    assert max(_ln_stats_errors(jnp.asarray(x, F32), one_pass=True, runner="triton")) < LARGE_MEAN_TOL_F32
+    x[:, 0] = mean + 1e4
+    assert max(_ln_stats_errors(jnp.asarray(x, F32), one_pass=True, runner="triton")) < 2.0**-9
+    assert max(_ln_stats_errors(jnp.asarray(x, F32), one_pass=False, runner="triton")) < LARGE_MEAN_TOL_F32
+
+
+@pytest.mark.parametrize("hidden", [8192, 16384])
+def test_v3_bf16_rows_with_outlier_first_element(hidden, monkeypatch):
+    launched = _use(monkeypatch, "v3")
+    rng = np.random.default_rng(_seed("outlier", hidden))
+    args, cts = make_inputs("layer_norm_gelu", (96, hidden), BF16, rng)
+    args["x"] = args["x"].at[:, 0].set(1e4)
+    check_against_oracle("layer_norm_gelu", "fused", args, cts, TOL[jnp.dtype(BF16)], jit=True)
+    assert_launched(launched, "v3")
 
 
 def test_bf16_params_and_leading_dims():
@@ -95,7 +137,9 @@ def test_auto_picks_the_kernel_on_gpu():
     assert norms._runner("auto", x.astype(jnp.float16)) is None
 
 
-def test_nan_input_row_stays_in_its_row():
+@pytest.mark.parametrize("variant", ["v2", "v3"])
+def test_nan_input_row_stays_in_its_row(variant, monkeypatch):
+    _use(monkeypatch, variant)
     rng = np.random.default_rng(4)
     x = rng.normal(size=(64, 1024)).astype(np.float32)
     x[5, 17] = np.nan
@@ -107,8 +151,10 @@ def test_nan_input_row_stays_in_its_row():
     np.testing.assert_array_equal(y[rows], want)
 
 
-def test_jit_vmap_free_grad_through_model_like_use():
+@pytest.mark.parametrize("variant", ["v2", "v3"])
+def test_jit_vmap_free_grad_through_model_like_use(variant, monkeypatch):
     """Gradients through two stacked fused norms under jit equal the reference's (fp32)."""
+    _use(monkeypatch, variant)
     rng = np.random.default_rng(9)
     x = jnp.asarray(rng.normal(size=(8, 128, 2048)), F32)
     r = jnp.asarray(rng.normal(size=x.shape), F32)

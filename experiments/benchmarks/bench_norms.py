@@ -14,11 +14,18 @@ Per-row statistics (8 bytes a row) are not counted.
   python experiments/benchmarks/bench_norms.py                       # the issue's table, bf16
   python experiments/benchmarks/bench_norms.py --shapes 16384x8192 --markdown out.md
   python experiments/benchmarks/bench_norms.py --tune --markdown t.md  # pick launch variants first
+  python experiments/benchmarks/bench_norms.py --tune --vs-v2 --shapes 4096x1024 --budget 100
+
+`--tune` times the kernel versions side by side at 16384x8192 (version 2: a program per row tile;
+version 3: persistent programs prefetching the next tile, see kernels/norms/triton_kernels.py),
+prints the winner of each op and kernel family, and keeps the winners for the table. `--vs-v2` adds
+the version-2 kernel's time to every table row.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import math
 import statistics
@@ -51,6 +58,7 @@ class Row:
     copy_us: float
     xla_us: float | None
     kernel_us: float
+    v2_us: float | None = None  # the version-2 kernel (with --vs-v2)
 
     def tbps(self, us: float | None) -> float | None:
         return None if us is None else self.bytes / (us * 1e-6) / 1e12
@@ -160,7 +168,26 @@ def _cotangents(op, d):
     return (d["dy"], d["dres"]) if op == "add_rms_norm" else d["dy"]
 
 
-def bench_shape(op, m, n, dtype, *, fwd_cfg=None, bwd_cfg=None, directions=("fwd", "bwd", "fwd+bwd")):
+@contextlib.contextmanager
+def tuning(tunings: dict):
+    """launch.TUNING set to `tunings` inside the block (kernels choose their launch at trace time)."""
+    old = dict(launch.TUNING)
+    launch.TUNING.update(tunings)
+    jax.clear_caches()
+    try:
+        yield
+    finally:
+        launch.TUNING.update(old)
+        jax.clear_caches()
+
+
+def version2(tunings: dict) -> dict:
+    """The same launch tunings with the version-2 kernels."""
+    return {k: dataclasses.replace(t, fwd_prefetch=False, bwd_prefetch=False) for k, t in tunings.items()}
+
+
+def bench_shape(op, m, n, dtype, *, fwd_cfg=None, bwd_cfg=None, directions=("fwd", "bwd", "fwd+bwd"), baseline=None):
+    """Rows for one op and shape; with `baseline` (a TUNING dict) its kernels are timed too, as `v2_us`."""
     itemsize = jnp.dtype(dtype).itemsize
     nbytes = effective_bytes(op, m, n, itemsize)
     ref, fwd, bwd, pub, names = op_functions(op)
@@ -170,22 +197,27 @@ def bench_shape(op, m, n, dtype, *, fwd_cfg=None, bwd_cfg=None, directions=("fwd
     rows = []
 
     def copy_time(total):
-        elems = int(total / 2 / itemsize)
-        bufs = [jax.random.normal(jax.random.PRNGKey(i), (elems,), jnp.float32).astype(dtype) for i in range(k)]
-        t = time_per_op(lambda b: b * 2, [(b,) for b in bufs])
-        del bufs
-        return t
+        return _copy_time(total, dtype, k)
 
     if "fwd" in directions:
         t_copy = copy_time(nbytes["fwd"])
         t_ref = time_per_op(lambda d: ref(d), [(d,) for d in sets])
         t_ker = time_per_op(lambda d: fwd(d, fwd_cfg), [(d,) for d in sets])
-        rows.append(Row(op, (m, n), jnp.dtype(dtype).name, "fwd", nbytes["fwd"], *us(t_copy, t_ref, t_ker)))
+        row = Row(op, (m, n), jnp.dtype(dtype).name, "fwd", nbytes["fwd"], *us(t_copy, t_ref, t_ker))
+        if baseline is not None:
+            with tuning(baseline):
+                row.v2_us = time_per_op(lambda d: fwd(d), [(d,) for d in sets]) * 1e6
+        rows.append(row)
     if "bwd" in directions:
-        stats = [jax.jit(lambda d: fwd(d))(d) for d in sets]
+        fwd_jit = jax.jit(lambda d: fwd(d))
+        stats = [fwd_jit(d) for d in sets]
         t_copy = copy_time(nbytes["bwd"])
         t_ker = time_per_op(lambda d, st: bwd(d, st, bwd_cfg), list(zip(sets, stats, strict=True)))
-        rows.append(Row(op, (m, n), jnp.dtype(dtype).name, "bwd", nbytes["bwd"], *us(t_copy, None, t_ker)))
+        row = Row(op, (m, n), jnp.dtype(dtype).name, "bwd", nbytes["bwd"], *us(t_copy, None, t_ker))
+        if baseline is not None:
+            with tuning(baseline):
+                row.v2_us = time_per_op(lambda d, st: bwd(d, st), list(zip(sets, stats, strict=True))) * 1e6
+        rows.append(row)
         del stats
     if "fwd+bwd" in directions:
 
@@ -217,6 +249,9 @@ def fmt_rows(rows: list[Row], markdown: bool) -> str:
     def cell(us, tb):
         return "—" if us is None else f"{us:8.1f} ({tb:4.2f})"
 
+    with_v2 = any(r.v2_us is not None for r in rows)
+    if with_v2:
+        head += ["v2 kernel µs (TB/s)", "v2 / kernel"]
     lines = []
     for r in rows:
         lines.append([
@@ -226,6 +261,8 @@ def fmt_rows(rows: list[Row], markdown: bool) -> str:
             "—" if r.xla_us is None else f"{r.xla_us / r.kernel_us:.2f}x",
             f"{r.kernel_us / r.copy_us:.2f}",
         ])  # fmt: skip
+        if with_v2:
+            lines[-1] += [cell(r.v2_us, r.tbps(r.v2_us)), "—" if r.v2_us is None else f"{r.v2_us / r.kernel_us:.2f}x"]
     if markdown:
         out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         out += ["| " + " | ".join(c.strip() for c in line) + " |" for line in lines]
@@ -236,64 +273,112 @@ def fmt_rows(rows: list[Row], markdown: bool) -> str:
     return "\n".join(out)
 
 
-TUNE_FWD = (8, 16, 32)  # elements per thread
-TUNE_BWD = ((16, 1), (16, 2), (8, 1), (8, 2), (32, 2))  # (elements per thread, pipeline stages)
+# (label, launch.Tuning fields). The first of each list is version 2 as shipped; the rest are version 3.
+TUNE_FWD = (
+    ("v2, 32 el/thread", dict(fwd_prefetch=False, fwd_elems_per_thread=32)),
+    ("v3, 32 el/thread", dict(fwd_prefetch=True, fwd_elems_per_thread=32)),
+    ("v3, 16 el/thread", dict(fwd_prefetch=True, fwd_elems_per_thread=16)),
+    ("v3, 8 el/thread", dict(fwd_prefetch=True, fwd_elems_per_thread=8)),
+    ("v3, 16 el/thread, params re-read", dict(fwd_prefetch=True, fwd_elems_per_thread=16, fwd_hold_params=False)),
+    ("v3, 16 el/thread, two-pass stats", dict(fwd_prefetch=True, fwd_elems_per_thread=16, fwd_one_pass=False)),
+)
+TUNE_BWD = (
+    ("v2, 16 el/thread", dict(bwd_prefetch=False, bwd_elems_per_thread=16, bwd_stages=1)),
+    ("v3, 16 el/thread", dict(bwd_prefetch=True, bwd_elems_per_thread=16)),
+    ("v3, 8 el/thread", dict(bwd_prefetch=True, bwd_elems_per_thread=8)),
+)
 TUNE_OPS = {"layer_norm": ("layer_norm_gelu",), "rms_norm": ("rms_norm", "add_rms_norm")}
 
 
-def _rate_line(op: str, label: str, seconds: float, nbytes: float) -> str:
-    return f"{op:16s} {label:32s} {seconds * 1e6:8.1f} µs  {nbytes / seconds / 1e12:5.2f} TB/s"
+def _rate_line(op: str, label: str, seconds: float, nbytes: float, copy: float) -> str:
+    rate = nbytes / seconds / 1e12
+    return f"{op:16s} {label:40s} {seconds * 1e6:8.1f} µs  {rate:5.2f} TB/s  {seconds / copy:5.2f}x copy"
+
+
+def _winner_line(what: str, times: dict[str, float], copy: float | None = None) -> str:
+    best = min(times, key=times.get)
+    base = next(iter(times))  # version 2 as shipped
+    if best == base:
+        second = min((label for label in times if label != base), key=times.get)
+        line = f"winner {what}: {best} (the best other, {second}, takes {times[second] / times[best]:.2f}x as long"
+    else:
+        line = f"winner {what}: {best} ({times[base] / times[best]:.2f}x faster than {base}"
+    return line + (f"; {times[best] / copy:.2f}x copy)" if copy else ")")
 
 
 def tune(dtype, m=16384, n=8192) -> str:
-    """Time launch variants at one shape, set the fastest as launch.TUNING (per kernel family)."""
-    lines = [f"tuning at {m}x{n} {jnp.dtype(dtype).name} ({launch.num_sms()} SMs)"]
+    """Time the launch variants at one shape beside a copy of the same bytes, printing as it goes; the fastest
+    (summed over a family's ops) becomes launch.TUNING. Returns the winners of each kernel family."""
+    itemsize = jnp.dtype(dtype).itemsize
+    print(f"tuning at {m}x{n} {jnp.dtype(dtype).name} ({launch.num_sms()} SMs)", flush=True)
+    summary = []
     for kind, ops in TUNE_OPS.items():
         base = launch.TUNING[kind]
-        fwd_t = {e: 0.0 for e in TUNE_FWD}
-        bwd_t = {v: 0.0 for v in TUNE_BWD}
+        variants = {
+            "fwd": [(lbl, f) for lbl, f in TUNE_FWD if kind == "layer_norm" or "fwd_one_pass" not in f],
+            "bwd": list(TUNE_BWD),
+        }
+        family = {direction: dict.fromkeys((lbl for lbl, _ in v), 0.0) for direction, v in variants.items()}
         for op in ops:
             _, fwd, bwd, _, _ = op_functions(op)
-            nbytes = effective_bytes(op, m, n, jnp.dtype(dtype).itemsize)
-            k = n_sets(nbytes["fwd"], resident_per_set(op, m * n * jnp.dtype(dtype).itemsize))
+            nbytes = effective_bytes(op, m, n, itemsize)
+            k = n_sets(nbytes["fwd"], resident_per_set(op, m * n * itemsize))
             sets = make_sets(op, m, n, dtype, k)
-            stats = [jax.jit(lambda d, f=fwd: f(d))(d) for d in sets]
-            for e in TUNE_FWD:
-                launch.TUNING[kind] = dataclasses.replace(base, fwd_elems_per_thread=e)
-                t = time_per_op(lambda d, f=fwd: f(d), [(d,) for d in sets])
-                fwd_t[e] += t
-                lines.append(_rate_line(op, f"fwd elems/thread={e}", t, nbytes["fwd"]))
-            for e, st in TUNE_BWD:
-                launch.TUNING[kind] = dataclasses.replace(base, bwd_elems_per_thread=e, bwd_stages=st)
-                t = time_per_op(lambda d, s_, f=bwd: f(d, s_), list(zip(sets, stats, strict=True)))
-                bwd_t[(e, st)] += t
-                lines.append(_rate_line(op, f"bwd elems/thread={e} stages={st}", t, nbytes["bwd"]))
+            fwd_jit = jax.jit(lambda d, f=fwd: f(d))
+            stats = [fwd_jit(d) for d in sets]
+            for direction, vs in variants.items():
+                copy = _copy_time(nbytes[direction], dtype, k)
+                print(_rate_line(op, f"{direction} copy of the same bytes", copy, nbytes[direction], copy), flush=True)
+                times = {}
+                for label, fields in vs:
+                    with tuning({kind: dataclasses.replace(base, **fields)}):
+                        if direction == "fwd":
+                            t = time_per_op(lambda d, f=fwd: f(d), [(d,) for d in sets])
+                        else:
+                            t = time_per_op(lambda d, s_, f=bwd: f(d, s_), list(zip(sets, stats, strict=True)))
+                    times[label] = t
+                    family[direction][label] += t
+                    print(_rate_line(op, f"{direction} {label}", t, nbytes[direction], copy), flush=True)
+                summary.append(_winner_line(f"{op} {direction}", times, copy))
+                print(summary[-1], flush=True)
             del sets, stats
-        best_f = min(fwd_t, key=fwd_t.get)
-        best_b = min(bwd_t, key=bwd_t.get)
-        launch.TUNING[kind] = dataclasses.replace(
-            base, fwd_elems_per_thread=best_f, bwd_elems_per_thread=best_b[0], bwd_stages=best_b[1]
-        )
-        lines.append(f"-> {kind}: {launch.TUNING[kind]}")
-    return "\n".join(lines)
+        fields = {}
+        for direction, vs in variants.items():
+            summary.append(_winner_line(f"{kind} family {direction}", family[direction]))
+            fields.update(dict(vs)[min(family[direction], key=family[direction].get)])
+        launch.TUNING[kind] = dataclasses.replace(base, **fields)
+        summary.append(f"-> {kind}: {launch.TUNING[kind]}")
+    jax.clear_caches()
+    return "\n".join(summary)
+
+
+def _copy_time(nbytes: float, dtype, k: int) -> float:
+    """Seconds per call of `x * 2` over a buffer of `nbytes` (half read, half written)."""
+    elems = int(nbytes / 2 / jnp.dtype(dtype).itemsize)
+    bufs = [jax.random.normal(jax.random.PRNGKey(i), (elems,), jnp.float32).astype(dtype) for i in range(k)]
+    return time_per_op(lambda b: b * 2, [(b,) for b in bufs])
 
 
 def check() -> bool:
-    """One small call of each fused op against the reference; prints the errors."""
+    """One small call of each fused op (both kernel versions) against the reference; prints the errors."""
 
     ok = True
-    for dtype, tol in ((jnp.float32, 1e-5), (jnp.bfloat16, 1e-2)):
-        for op in OPS:
-            d = make_sets(op, 100, 1000, dtype, 1)[0]
-            _, _, _, pub, names = op_functions(op)
-            args = [d[a] for a in names]
-            got = pub("fused")(*args)
-            want = pub("reference")(*args)
-            for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-                g, w = g.astype(jnp.float32), w.astype(jnp.float32)
-                err = float(jnp.linalg.norm(g - w) / jnp.linalg.norm(w))
-                ok &= err < tol
-                print(f"check {op:16s} {jnp.dtype(dtype).name:8s} rel err {err:.2e}", flush=True)
+    v2 = version2(launch.TUNING)
+    v3 = {k: dataclasses.replace(t, fwd_prefetch=True, bwd_prefetch=True) for k, t in launch.TUNING.items()}
+    for version, tunings in (("v2", v2), ("v3", v3)):
+        with tuning(tunings):
+            for dtype, tol in ((jnp.float32, 1e-5), (jnp.bfloat16, 1e-2)):
+                for op in OPS:
+                    d = make_sets(op, 100, 1000, dtype, 1)[0]
+                    _, _, _, pub, names = op_functions(op)
+                    args = [d[a] for a in names]
+                    got = pub("fused")(*args)
+                    want = pub("reference")(*args)
+                    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+                        g, w = g.astype(jnp.float32), w.astype(jnp.float32)
+                        err = float(jnp.linalg.norm(g - w) / jnp.linalg.norm(w))
+                        ok &= err < tol
+                        print(f"check {version} {op:16s} {jnp.dtype(dtype).name:8s} rel err {err:.2e}", flush=True)
     return ok
 
 
@@ -310,7 +395,10 @@ def main(argv=None) -> int:
     p.add_argument("--tune", action="store_true", help="first time launch variants at 16384x8192, keep the best")
     p.add_argument("--fwdbwd-shapes", default="16384x8192", help="shapes also timed forward+backward")
     p.add_argument("--check", action="store_true", help="only check each fused op against the reference")
+    p.add_argument("--vs-v2", action="store_true", help="also time the version-2 kernels in every table row")
+    p.add_argument("--budget", type=float, default=None, help="seconds: start no new table shape after this")
     args = p.parse_args(argv)
+    start = time.perf_counter()
 
     dev = jax.devices()[0]
     print(f"device: {dev.device_kind} ({jax.default_backend()}), jax {jax.__version__}", flush=True)
@@ -320,8 +408,9 @@ def main(argv=None) -> int:
     dtype = jnp.dtype(args.dtype)
     if args.check:
         return 0 if check() else 1
+    baseline = version2(launch.TUNING) if args.vs_v2 else None
     if args.tune:
-        print(tune(dtype), flush=True)
+        print("\n" + tune(dtype), flush=True)
     shapes = parse_shapes(args.shapes) if args.shapes else ISSUE_SHAPES
     fwdbwd = parse_shapes(args.fwdbwd_shapes)
     tuning = ", ".join(f"{k}: {v}" for k, v in launch.TUNING.items())
@@ -330,8 +419,11 @@ def main(argv=None) -> int:
     rows: list[Row] = []
     for op in args.ops.split(","):
         for m, n in shapes:
+            if args.budget is not None and time.perf_counter() - start > args.budget:
+                print(f"budget of {args.budget:.0f} s spent: skipping {op} {m}x{n}", flush=True)
+                continue
             directions = ("fwd", "bwd", "fwd+bwd") if (m, n) in fwdbwd else ("fwd", "bwd")
-            new = bench_shape(op, m, n, dtype, directions=directions)
+            new = bench_shape(op, m, n, dtype, directions=directions, baseline=baseline)
             rows += new
             print(fmt_rows(rows, markdown=False).splitlines()[-len(new) :], sep="\n", flush=True)
             if args.markdown:  # rewritten after every shape, so a cut-short run still leaves its rows
