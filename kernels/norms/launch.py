@@ -64,8 +64,12 @@ class Tuning:
     bwd_hold_params: bool = True
 
 
-# Picked on an H100 at 16384 x 8192 bf16 by `bench_norms.py --tune` (experiments/benchmarks/NORMS_NOTES.md).
-TUNING = {"layer_norm": Tuning(), "rms_norm": Tuning()}
+# Picked at 16384 x 8192 bf16 by `bench_norms.py --tune --vs-v2` on an H200 (experiments/benchmarks/NORMS_NOTES.md):
+# version 3 won every op, 1.03-1.38x faster than version 2 (`Tuning()`, the H100 pick before version 3).
+TUNING = {
+    "layer_norm": Tuning(fwd_elems_per_thread=16, fwd_prefetch=True, bwd_prefetch=True),
+    "rms_norm": Tuning(fwd_elems_per_thread=8, fwd_prefetch=True, bwd_prefetch=True),
+}
 TILE_ELEMS = 4096  # rows narrower than this are grouped until a tile holds this many elements
 
 
