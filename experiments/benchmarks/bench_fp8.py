@@ -108,7 +108,7 @@ def gemm_operands(g: Gemm, seed: int = 0):
 # Sections
 # ----------------------------------------------------------------------------------------------------
 def bench_gemm(shapes, runner: str, reps: int, skip_reference: bool, config=None) -> None:
-    rows = []
+    print_rows("GEMM (bf16 output; scaling included for scaled_matmul)", "shape | impl | time | TFLOP/s", [])
     for g in shapes:
         x, w, xq, xs, wq, ws, wq_t = gemm_operands(g)
         flops = 2.0 * g.m * g.n * g.k
@@ -128,8 +128,7 @@ def bench_gemm(shapes, runner: str, reps: int, skip_reference: bool, config=None
         fns.append(("triton scaled_matmul, w N-major", jax.jit(nmajor), (xq, xs, wq, ws)))
         for impl, fn, args in fns:
             t = try_time(fn, *args, reps=reps)
-            rows.append((g.name, impl, ms(t), rate(flops, t, 1e12)))
-    print_rows("GEMM (bf16 output; scaling included for scaled_matmul)", "shape | impl | time | TFLOP/s", rows)
+            print(f"| {g.name} | {impl} | {ms(t)} | {rate(flops, t, 1e12)} |", flush=True)  # row by row: long runs
 
 
 def bench_quantize(runner: str, reps: int, tiny: bool) -> None:
