@@ -178,6 +178,15 @@ class KernelsConfig:
 
 
 @dataclass(slots=True)
+class PrecisionConfig:
+    # Linear layers and routed-expert matmuls: "bf16" runs them in model.dtype (bfloat16 by default, float32
+    # where a test asks for it); "fp8" runs them with DeepSeek-V3's FP8 recipe (kernels/fp8: E4M3 operands
+    # in 1 x 128 / 128 x 128 scaled tiles, float32 accumulation, forward and backward). The embedding, output
+    # head, norms, router and attention scores stay in model.dtype / float32 either way.
+    matmul: Literal["bf16", "fp8"] = "bf16"
+
+
+@dataclass(slots=True)
 class ParallelConfig:
     # Pipeline (mesh.pipeline > 1): microbatch order; circular and interleaved run several virtual stages per
     # device (see jaxdeep/parallel/README.md)
@@ -234,6 +243,7 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     sharding: ShardingConfig = field(default_factory=ShardingConfig)
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
 
@@ -438,6 +448,12 @@ def validate(cfg: ExperimentConfig) -> None:
     validate_topk(o.topk)
     if m.kind == "deepseek":
         validate_deepseek(m)
+        if cfg.precision.matmul == "fp8" and o.compression != "none":
+            raise ConfigError(
+                f"precision.matmul=fp8 does not combine with optim.compression={o.compression} for model.kind="
+                f"deepseek yet (the per-replica gradients of the FP8 expert matmuls); use optim.compression=none "
+                f"or precision.matmul=bf16"
+            )
     if d.global_batch_size % o.grad_accum_steps:
         raise ConfigError(
             f"optim.grad_accum_steps={o.grad_accum_steps} must divide data.global_batch_size={d.global_batch_size}"

@@ -13,10 +13,12 @@ from jaxdeep.model.transformer import Transformer
 
 
 def build_model(cfg: ExperimentConfig, rngs: nnx.Rngs) -> nnx.Module:
-    """The model `cfg.model.kind` names, with the kernel choices of `cfg.kernels`."""
+    """The model `cfg.model.kind` names, with the kernel choices of `cfg.kernels` and the matmul precision of
+    `cfg.precision`."""
+    matmul = cfg.precision.matmul
     if cfg.model.kind == "deepseek":
-        return DeepSeekModel(cfg.model, rngs, cfg.kernels.norm, cfg.kernels.gmm)
-    return Transformer(cfg.model, rngs, cfg.kernels.norm)
+        return DeepSeekModel(cfg.model, rngs, cfg.kernels.norm, cfg.kernels.gmm, matmul)
+    return Transformer(cfg.model, rngs, cfg.kernels.norm, matmul)
 
 
 def count_params(cfg: ModelConfig) -> dict[str, int]:

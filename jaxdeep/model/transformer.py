@@ -2,25 +2,23 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from jaxdeep.config import ModelConfig
 from jaxdeep.model.layers import LayerNorm, normal_param, rotary, scaled_init_std
+from jaxdeep.model.matmul import Matmul, check_matmul, project, project_shared, remat_policy
 from jaxdeep.parallel.collective_matmul import column_parallel, row_parallel
 from jaxdeep.sharding import constrain
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
-REMAT_POLICIES = {
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "save_matmuls": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
-
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, matmul: Matmul = "bf16"):
         d, n, h = cfg.d_model, cfg.n_heads, cfg.head_dim
         pdt = DTYPES[cfg.param_dtype]
         self.wq = normal_param(rngs, (d, n, h), ("embed", "heads", "head_dim"), cfg.init_std, pdt)
@@ -29,13 +27,18 @@ class Attention(nnx.Module):
         out_std = scaled_init_std(cfg.init_std, cfg.n_layers)
         self.wo = normal_param(rngs, (n, h, d), ("heads", "head_dim", "embed"), out_std, pdt)
         self.cfg = cfg
+        self.matmul = matmul
 
     def __call__(self, x_btd: jax.Array, positions_bt: jax.Array) -> jax.Array:
         cfg, dt = self.cfg, DTYPES[self.cfg.dtype]
         heads = ("batch", "act_seq", "act_heads", None)
         overlap = "attention" in cfg.collective_matmul
+        products = functools.partial(project_shared, matmul=self.matmul)
+        product = functools.partial(project, matmul=self.matmul)
         weights = (self.wq[...].astype(dt), self.wk[...].astype(dt), self.wv[...].astype(dt))
-        qkv = column_parallel("btd,dnh->btnh", x_btd, weights, ("embed", "heads", "head_dim"), heads, "heads", overlap)
+        qkv = column_parallel(
+            "btd,dnh->btnh", x_btd, weights, ("embed", "heads", "head_dim"), heads, "heads", overlap, products
+        )
         q_btnh, k_btnh, v_btnh = (constrain(y, heads) for y in qkv)
         q_btnh = rotary(q_btnh, positions_bt, cfg.rope_theta)
         k_btnh = rotary(k_btnh, positions_bt, cfg.rope_theta)
@@ -43,33 +46,40 @@ class Attention(nnx.Module):
         o_btnh = jax.nn.dot_product_attention(q_btnh, k_btnh, v_btnh, is_causal=True, implementation=impl)
         o_btnh = constrain(o_btnh, heads)
         wo = self.wo[...].astype(dt)
-        return row_parallel("btnh,nhd->btd", o_btnh, wo, heads, ("heads", "head_dim", "embed"), "heads", overlap)
+        return row_parallel(
+            "btnh,nhd->btd", o_btnh, wo, heads, ("heads", "head_dim", "embed"), "heads", overlap, product
+        )
 
 
 class Mlp(nnx.Module):
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, matmul: Matmul = "bf16"):
         pdt = DTYPES[cfg.param_dtype]
         self.w_in = normal_param(rngs, (cfg.d_model, cfg.d_ff), ("embed", "mlp"), cfg.init_std, pdt)
         out_std = scaled_init_std(cfg.init_std, cfg.n_layers)
         self.w_out = normal_param(rngs, (cfg.d_ff, cfg.d_model), ("mlp", "embed"), out_std, pdt)
         self.dtype = DTYPES[cfg.dtype]
         self.overlap = "mlp" in cfg.collective_matmul
+        self.matmul = matmul
 
     def __call__(self, x_btd: jax.Array) -> jax.Array:
         hidden = ("batch", "act_seq", "act_mlp")
         w_in, w_out = self.w_in[...].astype(self.dtype), self.w_out[...].astype(self.dtype)
-        (h_btf,) = column_parallel("btd,df->btf", x_btd, (w_in,), ("embed", "mlp"), hidden, "mlp", self.overlap)
+        products = functools.partial(project_shared, matmul=self.matmul)
+        product = functools.partial(project, matmul=self.matmul)
+        (h_btf,) = column_parallel(
+            "btd,df->btf", x_btd, (w_in,), ("embed", "mlp"), hidden, "mlp", self.overlap, products
+        )
         h_btf = constrain(jax.nn.gelu(h_btf, approximate=False), hidden)
-        return row_parallel("btf,fd->btd", h_btf, w_out, hidden, ("mlp", "embed"), "mlp", self.overlap)
+        return row_parallel("btf,fd->btd", h_btf, w_out, hidden, ("mlp", "embed"), "mlp", self.overlap, product)
 
 
 class Block(nnx.Module):
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, norm_impl: str = "reference"):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, norm_impl: str = "reference", matmul: Matmul = "bf16"):
         pdt = DTYPES[cfg.param_dtype]
         self.attn_norm = LayerNorm(cfg.d_model, cfg.norm_eps, pdt, norm_impl)
-        self.attn = Attention(cfg, rngs)
+        self.attn = Attention(cfg, rngs, matmul)
         self.mlp_norm = LayerNorm(cfg.d_model, cfg.norm_eps, pdt, norm_impl)
-        self.mlp = Mlp(cfg, rngs)
+        self.mlp = Mlp(cfg, rngs, matmul)
         # With collective matmuls the residual stream stays split over the sequence between them (sequence
         # parallelism): the all-gather then happens inside the next column-parallel matmul, overlapped.
         self.residual_seq = "act_seq_parallel" if cfg.collective_matmul else "act_seq"
@@ -81,9 +91,13 @@ class Block(nnx.Module):
 
 
 class Transformer(nnx.Module):
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, norm_impl: str = "reference"):
+    """`matmul` ("bf16" or "fp8", config `precision.matmul`) chooses how the blocks' projections run; the
+    embedding and the output head stay in the compute dtype."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, norm_impl: str = "reference", matmul: Matmul = "bf16"):
         pdt = DTYPES[cfg.param_dtype]
         self.cfg = cfg
+        self.matmul = check_matmul(matmul)
         self.embed = normal_param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.init_std, pdt)
 
         # Blocks are stacked along a leading `layers` axis and run with a scan: one compiled block,
@@ -96,7 +110,7 @@ class Transformer(nnx.Module):
             transform_metadata={nnx.PARTITION_NAME: "layers"},
         )
         def make_blocks(rngs: nnx.Rngs) -> Block:
-            return Block(cfg, rngs, norm_impl)
+            return Block(cfg, rngs, norm_impl, matmul)
 
         self.blocks = make_blocks(rngs)
         self.final_norm = LayerNorm(cfg.d_model, cfg.norm_eps, pdt, norm_impl)
@@ -141,7 +155,8 @@ class Transformer(nnx.Module):
             body = lambda x, layer: (jnp.where(layer[1], run(x, layer[0]), x), None)
             xs = (block_state, layer_mask)
         if self.cfg.remat != "none":
-            body = jax.checkpoint(body, policy=REMAT_POLICIES[self.cfg.remat], prevent_cse=False)
+            policy = remat_policy(self.cfg.remat, self.matmul)
+            body = jax.checkpoint(body, policy=policy, prevent_cse=False)
         x_btd, _ = jax.lax.scan(body, x_btd, xs)
         return x_btd
 

@@ -87,6 +87,10 @@ def ring_reducescatter_apply(h: jax.Array, fn: Callable, axis_name: str, dim: in
 # ----------------------------------------------------------------------------- model-facing wrappers
 
 
+def _einsums(subscripts: str, x: jax.Array, weights: Sequence[jax.Array]) -> tuple[jax.Array, ...]:
+    return tuple(jnp.einsum(subscripts, x, w) for w in weights)
+
+
 def _tensor_axis(logical: str) -> tuple[jax.sharding.Mesh, str] | None:
     """The single mesh axis (size > 1) that `logical` is split over under the active rules, with its mesh."""
     active = sharding.active_spec((logical,))
@@ -130,19 +134,22 @@ def column_parallel(
     out_axes: LogicalAxes,
     split: str,
     enabled: bool,
+    products: Callable | None = None,
 ) -> tuple[jax.Array, ...]:
     """`einsum(subscripts, x, w)` for each weight: x [batch, seq, embed], weights split over the tensor axis (the
     mesh axis of logical `split`) on an output dimension, outputs [batch, seq, ...] with the whole sequence.
+    `products(subscripts, x, weights)` replaces the einsums when given (the FP8 projections).
 
     With `enabled`, x enters sequence-split and its all-gather runs as a ring overlapping the per-chunk matmuls
     (all weights share one ring, so q, k and v gather their input once)."""
+    products = products or _einsums
     layout = _layout(split, [weight_axes, out_axes], enabled)
     if layout is None:
-        return tuple(jnp.einsum(subscripts, x_btd, w) for w in weights)
+        return tuple(products(subscripts, x_btd, weights))
     mesh, axis, (w_spec, out_spec) = layout
 
     def per_shard(x, *ws):
-        return ring_allgather_apply(x, lambda xc: tuple(jnp.einsum(subscripts, xc, w) for w in ws), axis, dim=1)
+        return ring_allgather_apply(x, lambda xc: tuple(products(subscripts, xc, ws)), axis, dim=1)
 
     return jax.shard_map(
         per_shard,
@@ -162,17 +169,18 @@ def row_parallel(
     weight_axes: LogicalAxes,
     split: str,
     enabled: bool,
+    product: Callable = jnp.einsum,
 ) -> jax.Array:
-    """`einsum(subscripts, h, w)` -> [batch, seq, embed] with the contracted dimension split over the tensor axis
-    (the mesh axis of logical `split`). With `enabled`, the output comes back sequence-split and the
+    """`product(subscripts, h, w)` (an einsum) -> [batch, seq, embed] with the contracted dimension split over the
+    tensor axis (the mesh axis of logical `split`). With `enabled`, the output comes back sequence-split and the
     reduce-scatter runs as a ring overlapping the per-chunk matmuls."""
     layout = _layout(split, [h_axes, weight_axes], enabled)
     if layout is None:
-        return jnp.einsum(subscripts, h, weight)
+        return product(subscripts, h, weight)
     mesh, axis, (h_spec, w_spec) = layout
 
     def per_shard(h, w):
-        return ring_reducescatter_apply(h, lambda hc: jnp.einsum(subscripts, hc, w), axis, dim=1)
+        return ring_reducescatter_apply(h, lambda hc: product(subscripts, hc, w), axis, dim=1)
 
     return jax.shard_map(
         per_shard,

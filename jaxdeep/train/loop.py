@@ -18,7 +18,7 @@ from jaxdeep.config import MESH_AXES, ConfigError, ExperimentConfig, check_split
 from jaxdeep.data import TokenBatches, load_tokens, split_train_eval, to_global_array
 from jaxdeep.model import flops_per_token
 from jaxdeep.train.checkpoint import Checkpointer
-from jaxdeep.train.metrics import MetricsWriter, device_peak_flops, plot_loss_curve
+from jaxdeep.train.metrics import MetricsWriter, device_peak_flops, peak_memory_bytes, plot_loss_curve
 from jaxdeep.train.optimizer import learning_rate_schedule
 from jaxdeep.train.state import ModelSetup, TrainState, build_setup, init_train_state
 from jaxdeep.train.step import batch_sharding, make_eval_step, make_train_step
@@ -127,6 +127,7 @@ def train(
     peak = device_peak_flops(mesh.devices.flat[0].device_kind, cfg.train.peak_tflops)
     peak_total = peak * mesh.devices.size if peak else None
     writer = MetricsWriter(run_dir / "metrics.jsonl") if is_main else None
+    local_devices = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
 
     step = int(state["step"])
     end = cfg.train.steps if stop_after is None else min(cfg.train.steps, stop_after)
@@ -153,6 +154,9 @@ def train(
                 }
                 if peak_total:
                     record["mfu"] = flops_per_step / step_time / peak_total
+                peak_bytes = peak_memory_bytes(local_devices)
+                if peak_bytes is not None:  # allocator peak since the start, largest over this host's devices
+                    record["peak_memory_gib"] = peak_bytes / 2**30
                 # Compressed runs: bytes each device sent per tier, the dense equivalent and the ratio.
                 record.update({k: float(v) for k, v in metrics.items() if k.startswith("comm_")})
                 # MoE models: MTP and balance losses, expert load (max/mean), dropped copies, selection-bias range.

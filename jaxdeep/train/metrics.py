@@ -19,6 +19,19 @@ def device_peak_flops(device_kind: str, override_tflops: float = 0.0) -> float |
     return None
 
 
+def peak_memory_bytes(devices) -> int | None:
+    """The largest allocator peak (`peak_bytes_in_use`) over `devices`; None where none is reported (CPU)."""
+    peaks = []
+    for device in devices:
+        try:
+            stats = device.memory_stats()
+        except (RuntimeError, NotImplementedError):
+            stats = None
+        if stats and "peak_bytes_in_use" in stats:
+            peaks.append(int(stats["peak_bytes_in_use"]))
+    return max(peaks) if peaks else None
+
+
 class MetricsWriter:
     """Appends one JSON object per line; the file survives crashes up to the last flushed line."""
 

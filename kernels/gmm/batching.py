@@ -31,7 +31,8 @@ def _map_rule(fn: Callable) -> Callable:
     return rule
 
 
-def _mapped(fn: Callable) -> Callable:
+def mapped(fn: Callable) -> Callable:
+    """`fn` with a vmap rule that runs it once per batch element (`lax.map`), unbatched arguments shared."""
     wrapped = jax.custom_batching.custom_vmap(fn)
     wrapped.def_vmap(_map_rule(fn))
     return wrapped
@@ -43,14 +44,14 @@ def mappable(impl: Callable) -> Callable:
 
     def forward(lhs, rhs, group_sizes, preferred_element_type):
         call = lambda a, b, g: impl(a, b, g, preferred_element_type=preferred_element_type)  # noqa: E731
-        return _mapped(call)(lhs, rhs, group_sizes)
+        return mapped(call)(lhs, rhs, group_sizes)
 
     def backward(lhs, rhs, group_sizes, cot, preferred_element_type):
         def grads(a, b, g, c):
             _, vjp = jax.vjp(lambda x, y: impl(x, y, g, preferred_element_type=preferred_element_type), a, b)
             return vjp(c)
 
-        return _mapped(grads)(lhs, rhs, group_sizes, cot)
+        return mapped(grads)(lhs, rhs, group_sizes, cot)
 
     @partial(jax.custom_vjp, nondiff_argnums=(3,))
     def gmm(lhs, rhs, group_sizes, preferred_element_type=None):

@@ -1,0 +1,118 @@
+"""The models' projections in the compute dtype or in FP8, as `precision.matmul` chooses.
+
+Every projection of the models contracts the trailing axes of an activation with the leading axes of a weight
+(`btd,dnh->btnh`, `btnh,nhd->btd`, ...). With "bf16" `project` is exactly that `jnp.einsum`; with "fp8" it
+views the operands as x [..., K] and w [K, N] (K and N the products of the contracted and the kept weight
+axes) and calls `kernels.fp8.fp8_linear`. Merging axes there only joins an axis with the ones after it, so a
+sharded leading axis (heads, mlp, embed) stays the major part of the merged axis and keeps its split.
+The routed experts' grouped matmuls switch likewise in `grouped`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from kernels import fp8
+from kernels.fp8.grouped import fp8_gmm
+from kernels.gmm import gmm
+
+Matmul = Literal["bf16", "fp8"]
+MATMULS = ("bf16", "fp8")
+PROJECTION_OUTPUT = "projection_output"  # checkpoint name of an FP8 projection's output (see remat_policy)
+
+
+def check_matmul(matmul: str) -> str:
+    if matmul not in MATMULS:
+        raise ValueError(f"precision.matmul must be one of {MATMULS}, got {matmul!r}")
+    return matmul
+
+
+def _contracted(subscripts: str) -> int:
+    """How many trailing axes of x meet the leading axes of w; an error for any other contraction."""
+    inputs, out = subscripts.replace(" ", "").split("->")
+    x_axes, w_axes = inputs.split(",")
+    n = 0
+    while n < len(w_axes) and w_axes[n] in x_axes:
+        n += 1
+    if n == 0 or x_axes[len(x_axes) - n :] != w_axes[:n] or out != x_axes[: len(x_axes) - n] + w_axes[n:]:
+        raise ValueError(f"{subscripts!r}: an FP8 projection contracts x's trailing axes with w's leading axes")
+    return n
+
+
+def project(subscripts: str, x: jax.Array, w: jax.Array, matmul: Matmul = "bf16") -> jax.Array:
+    """`jnp.einsum(subscripts, x, w)` for a projection, in FP8 when `matmul` is "fp8" (same shape and dtype)."""
+    if matmul == "bf16":
+        return jnp.einsum(subscripts, x, w)
+    check_matmul(matmul)
+    n = _contracted(subscripts)
+    batch, kept = x.shape[: x.ndim - n], w.shape[n:]
+    k = math.prod(w.shape[:n])
+    y = fp8.fp8_linear(x.reshape(*batch, k), w.reshape(k, math.prod(kept)), impl="auto")
+    return checkpoint_name(y.reshape(*batch, *kept), PROJECTION_OUTPUT)
+
+
+def project_shared(
+    subscripts: str, x: jax.Array, weights: Sequence[jax.Array], matmul: Matmul = "bf16"
+) -> tuple[jax.Array, ...]:
+    """`project(subscripts, x, w)` for several weights applied to one input (q/k/v, gate/up, MLA's two down
+    projections).
+
+    In FP8 the weights are joined into one (stacked right after their first kept axis when their shapes agree,
+    so a sharded heads/mlp axis stays major; else concatenated along their single kept axis) and x is quantised
+    once: one FP8 copy of x is saved for the backward instead of one per weight. A 128 x 128 weight block may
+    then span two of the joined weights, which is as valid a block as any other.
+    """
+    if matmul == "bf16" or len(weights) == 1:
+        return tuple(project(subscripts, x, w, matmul) for w in weights)
+    check_matmul(matmul)
+    n = _contracted(subscripts)
+    batch = x.shape[: x.ndim - n]
+    k = math.prod(x.shape[x.ndim - n :])
+    shapes = {w.shape for w in weights}
+    if len(shapes) == 1:
+        kept = weights[0].shape[n:]
+        joined = jnp.stack(weights, axis=n + 1)  # [K..., kept0, G, kept1...]
+        y = fp8.fp8_linear(x.reshape(*batch, k), joined.reshape(k, -1), impl="auto")
+        y = y.reshape(*batch, kept[0], len(weights), *kept[1:])
+        outs = tuple(jnp.take(y, g, axis=len(batch) + 1) for g in range(len(weights)))
+    else:
+        if any(w.ndim != n + 1 for w in weights):
+            raise ValueError(f"project_shared: weights of different shapes {shapes} need a single kept axis")
+        widths = [w.shape[n] for w in weights]
+        joined = jnp.concatenate([w.reshape(k, -1) for w in weights], axis=1)
+        y = fp8.fp8_linear(x.reshape(*batch, k), joined, impl="auto")
+        outs = tuple(jnp.split(y, list(itertools.accumulate(widths))[:-1], axis=-1))
+    return tuple(checkpoint_name(o, PROJECTION_OUTPUT) for o in outs)
+
+
+def grouped(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, impl: str, matmul: Matmul = "bf16") -> jax.Array:
+    """The routed experts' grouped matmul: `kernels.gmm.gmm` (with `impl`), or `fp8_gmm` for "fp8"."""
+    if matmul == "bf16":
+        return gmm(lhs, rhs, group_sizes, impl=impl)
+    check_matmul(matmul)
+    return fp8_gmm(lhs, rhs, group_sizes)
+
+
+def remat_policy(remat: str, matmul: Matmul = "bf16"):
+    """The `jax.checkpoint` policy of `model.remat` ("full" or "save_matmuls") for the blocks.
+
+    "save_matmuls" keeps the outputs of the projections so the backward recomputes only the cheap rest. Its
+    bf16 policy (every dot without batch dimensions) would, in FP8, keep the per-128-chunk float32 partial
+    products inside the block-scaled GEMM instead: K/128 float32 copies of each output, many times the bf16
+    bytes. In FP8 it therefore keeps the projection outputs by name, the same bytes as in bf16; the FP8
+    operands the backward needs are quantised again from the recomputed inputs.
+    """
+    if remat == "full":
+        return jax.checkpoint_policies.nothing_saveable
+    if remat == "save_matmuls":
+        if matmul == "fp8":
+            return jax.checkpoint_policies.save_only_these_names(PROJECTION_OUTPUT)
+        return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+    raise ValueError(f"model.remat must be full or save_matmuls here, got {remat!r}")

@@ -1,0 +1,157 @@
+"""FP8 grouped matmul for mixture-of-experts layers, with DeepSeek-V3's recipe: `fp8_gmm(lhs, rhs, group_sizes)`.
+
+The rows of `lhs` [T, K] come sorted by group; the rows of group e (the next `group_sizes[e]` rows) are
+multiplied by `rhs[e]` [K, N]. Rows past `sum(group_sizes)` give zeros (as `kernels.gmm.gmm`). The three GEMMs
+follow `linear.py` with one weight per group:
+
+- forward  (Fprop): y = Q_tile(x) @ Q_block(w_e), x in 1 x 128 tiles along K, each w_e in 128 x 128 blocks;
+- backward (Dgrad): dx = Q_tile(dy) @ Q_block(w_e)^T, dy in 1 x 128 tiles along N; the forward's FP8 weight is
+  reused transposed (square blocks: re-quantising w_e^T gives exactly the transposed values and scales);
+- backward (Wgrad): dw_e = Q(x_e)^T @ Q(dy_e), the reduction over the group's tokens, both operands in 128 x 1
+  tiles along the tokens; x comes from the saved 1 x 128 FP8 tiles, dequantised and quantised again (as in
+  `linear.py`, a second rounding of x).
+
+Token tiles of the Wgrad are cut every 128 rows of the whole buffer, not per group: group boundaries fall
+anywhere (they are data), so a 128-token tile may hold the last rows of one expert and the first rows of the
+next and then has one scale for both. That scale is the tile's amax / 448, at least as large as each expert's
+own part would need: every value is still represented with E4M3's 3 mantissa bits relative to a scale that
+covers it (no overflow); only the subnormal floor (2^-10 x scale, see README.md) is shared, a loss only for an
+expert whose values in the tile are ~15 binades under its neighbour's. Aligning tiles to groups would need
+each group padded to a multiple of 128 rows, a data-dependent layout; the shared scale is the sound shortcut.
+
+How the products are computed: each operand is dequantised to float32 (`q * scale`: the E4M3 value has 4
+significant bits, the float32 scale 24, so this one product rounds at most once, by 2^-24 relative) and the
+grouped product runs as `jax.lax.ragged_dot` in float32 at HIGHEST precision with a float32 result. That is
+float32 accumulation over the whole reduction, which the "promotion every 128 elements" of the block-scaled
+GEMM (`reference.scaled_matmul`) only approximates on hardware with a narrower accumulator; the two agree to
+float32 rounding (~1e-7 relative), far under E4M3's 2^-4. A fast kernel keeps the FP8 operands and applies
+the scales per 128-chunk instead.
+
+Saved for the backward: the FP8 activation and its tile scales, the FP8 weights and their block scales, and
+the group sizes; never the high-precision activation. Gradients come back in the operands' dtypes.
+Works under `jax.vmap` with shared or per-element operands (each grouped product maps over the batch), and inside
+`jax.shard_map` with weights shared across devices whose tokens differ (the weight gradient is then summed over
+those devices, as autodiff of a plain grouped matmul would).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+
+from kernels.fp8.quantize import dequantize_blocks, dequantize_tiles, quantize_blocks, quantize_tiles
+from kernels.gmm.batching import mapped
+
+__all__ = ["fp8_gmm", "quantize_expert_blocks", "dequantize_expert_blocks"]
+
+F32 = jnp.float32
+HIGHEST = jax.lax.Precision.HIGHEST
+
+# Wgrad: contract the (ragged) token axis of lhs [T, K] with dy [T, N]; the result gets a group axis [E, K, N].
+_TOKEN_CONTRACTION = jax.lax.RaggedDotDimensionNumbers(
+    dot_dimension_numbers=(([0], [0]), ([], [])), lhs_ragged_dimensions=[0], rhs_group_dimensions=[]
+)
+
+
+def quantize_expert_blocks(w_ekn: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per-group weights [E, K, N] -> (FP8 [E, K, N], float32 scales [E, ceil(K/128), ceil(N/128)])."""
+    return jax.vmap(quantize_blocks)(w_ekn)
+
+
+def dequantize_expert_blocks(q_ekn: jax.Array, scales: jax.Array) -> jax.Array:
+    return jax.vmap(dequantize_blocks)(q_ekn, scales)
+
+
+@mapped
+def _rows_by_group(a_tk: jax.Array, b_ekn: jax.Array, group_sizes: jax.Array) -> jax.Array:
+    """[T, K] rows sorted by group x [E, K, N] -> [T, N], exact float32 operands, float32 accumulation."""
+    return jax.lax.ragged_dot(a_tk, b_ekn, group_sizes, precision=HIGHEST, preferred_element_type=F32)
+
+
+@mapped
+def _tokens_by_group(a_tk: jax.Array, b_tn: jax.Array, group_sizes: jax.Array) -> jax.Array:
+    """sum over each group's rows of a^T b: [T, K] and [T, N] -> [E, K, N]."""
+    return jax.lax.ragged_dot_general(
+        a_tk, b_tn, group_sizes, _TOKEN_CONTRACTION, precision=HIGHEST, preferred_element_type=F32
+    )
+
+
+def fp8_gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, out_dtype=None) -> jax.Array:
+    """[T, K] rows sorted by group x [E, K, N] per-group weights -> [T, N] in FP8 (E4M3) with fine-grained scales.
+
+    Differentiable in lhs and rhs; `out_dtype` defaults to lhs's dtype.
+    """
+    if lhs.ndim != 2 or rhs.ndim != 3 or group_sizes.ndim != 1:
+        raise ValueError(
+            f"fp8_gmm expects lhs [T, K], rhs [E, K, N], group_sizes [E]; got {lhs.shape}, {rhs.shape}, "
+            f"{group_sizes.shape}"
+        )
+    if lhs.shape[1] != rhs.shape[1] or rhs.shape[0] != group_sizes.shape[0]:
+        raise ValueError(
+            f"fp8_gmm shapes disagree: lhs {lhs.shape}, rhs {rhs.shape}, group_sizes {group_sizes.shape} "
+            "(need lhs[1] == rhs[1] and rhs[0] == group_sizes[0])"
+        )
+    for name, a in (("lhs", lhs), ("rhs", rhs)):
+        if not jnp.issubdtype(a.dtype, jnp.floating):
+            raise ValueError(f"fp8_gmm needs floating {name}, got {a.dtype}")
+    dtypes = (jnp.dtype(lhs.dtype), jnp.dtype(rhs.dtype), jnp.dtype(lhs.dtype if out_dtype is None else out_dtype))
+    lhs, rhs = _varying_alike(lhs, rhs)
+    return _fp8_gmm(lhs, rhs, group_sizes.astype(jnp.int32), dtypes)
+
+
+def _varying_axes(a: jax.Array) -> frozenset:
+    """The manual mesh axes over which `a` differs between devices (empty outside shard_map)."""
+    aval = jax.typeof(a)
+    manual = getattr(aval, "manual_axis_type", None)
+    return frozenset(manual.varying) if manual is not None else frozenset(getattr(aval, "vma", ()))
+
+
+def _varying_alike(*arrays: jax.Array) -> list[jax.Array]:
+    """Inside `shard_map`, mark every operand as varying over the mesh axes any of them varies over.
+
+    A custom_vjp's backward must return each cotangent with its input's type. Expert weights are often the
+    same on every device of the data axes while the tokens differ; the weight gradient computed from those
+    tokens then differs per device. Casting the weights to varying here puts the cast's transpose, the sum
+    over those axes, outside the custom_vjp, as plain autodiff would. Outside shard_map this changes nothing.
+    """
+    axes = frozenset().union(*(_varying_axes(a) for a in arrays))
+    out = []
+    for a in arrays:
+        missing = tuple(sorted(axes - _varying_axes(a)))
+        out.append(jax.lax.pcast(a, missing, to="varying") if missing else a)
+    return out
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _fp8_gmm(lhs, rhs, group_sizes, dtypes):
+    return _forward(lhs, rhs, group_sizes, dtypes)[0]
+
+
+def _forward(lhs, rhs, group_sizes, dtypes):
+    xq, x_scales = quantize_tiles(lhs)  # 1 x 128 tiles along K
+    wq, w_scales = quantize_expert_blocks(rhs)  # 128 x 128 blocks per expert
+    y = _rows_by_group(dequantize_tiles(xq, x_scales), dequantize_expert_blocks(wq, w_scales), group_sizes)
+    return y.astype(dtypes[2]), (xq, x_scales, wq, w_scales, group_sizes)
+
+
+def _backward(dtypes, residuals, dy):
+    x_dtype, w_dtype, _ = dtypes
+    xq, x_scales, wq, w_scales, group_sizes = residuals
+    dy = dy.astype(F32)
+
+    # Dgrad: reduce over N, the forward's FP8 weight transposed (what 128 x 128 blocks of w_e^T would give).
+    dy_hat = dequantize_tiles(*quantize_tiles(dy))  # 1 x 128 tiles along N
+    w_t_hat = dequantize_expert_blocks(wq, w_scales).transpose(0, 2, 1)
+    dx = _rows_by_group(dy_hat, w_t_hat, group_sizes)
+
+    # Wgrad: reduce over each group's tokens, both operands in 128 x 1 tiles along the tokens of the whole buffer.
+    x_hat = dequantize_tiles(xq, x_scales)
+    xt_hat = dequantize_tiles(*quantize_tiles(x_hat.T)).T  # [T, K], scales per 128 tokens per column
+    dyt_hat = dequantize_tiles(*quantize_tiles(dy.T)).T  # [T, N]
+    dw = _tokens_by_group(xt_hat, dyt_hat, group_sizes)
+    return dx.astype(x_dtype), dw.astype(w_dtype), None
+
+
+_fp8_gmm.defvjp(_forward, _backward)
