@@ -126,6 +126,9 @@ class TopkConfig:
 
     ratio: float = 0.05  # fraction of its gradient entries each replica sends per step, in (0, 1]
     error_feedback: bool = True  # keep what was not sent and add it to the next step's gradient
+    # how: "residual" (summed and added to the next gradient) or "ef21" (top-k of the change against an
+    # estimate every replica knows; no momentum correction); jaxdeep/optim/README.md compares them
+    feedback: Literal["residual", "ef21"] = "residual"
     selection: Literal["per_tensor", "global"] = "per_tensor"  # top-k within each tensor, or over all at once
     method: Literal["exact", "sampled"] = "exact"  # lax.top_k, or a magnitude threshold estimated from a sample
     sample_size: int = 16384  # entries sampled per tensor to estimate the threshold (method=sampled)
@@ -497,6 +500,8 @@ def validate_topk(tk: TopkConfig) -> None:
             raise ConfigError(f"{key}.{name}: must be >= 0, got {getattr(tk, name)}")
     if not 0.0 <= tk.momentum < 1.0:
         raise ConfigError(f"{key}.momentum: must be in [0, 1), got {tk.momentum}")
+    if tk.feedback == "ef21" and tk.momentum > 0:
+        raise ConfigError(f"{key}.feedback=ef21 does not combine with {key}.momentum > 0; set one of them off")
 
 
 def validate_deepseek(m: ModelConfig) -> None:

@@ -78,6 +78,14 @@ def test_override_values_keep_everything_after_the_first_equals_sign():
     assert cfg.name == "a=b" and cfg.train.steps == 5
 
 
+def test_topk_feedback_reaches_the_transform_options():
+    from jaxdeep.optim.build import topk_options
+
+    cfg = load_config(None, ["optim.compression=topk", "optim.topk.feedback=ef21"])
+    assert topk_options(cfg.optim.topk).feedback == "ef21"
+    assert topk_options(load_config(None, []).optim.topk).feedback == "residual"
+
+
 def test_scientific_notation_float_override():
     assert load_config(None, ["optim.lr=1e-4"]).optim.lr == pytest.approx(1e-4)
 
@@ -156,6 +164,11 @@ BAD_OVERRIDES = {
     "override without =": (["train.steps"], ["'train.steps'", "expected section.key=value"]),
     "override with empty key": (["=3"], ["empty key"]),
     "override value not YAML": (["sharding.rules.embed=[fsdp"], ["sharding.rules.embed", "cannot parse"]),
+    "unknown feedback": (["optim.topk.feedback=ef1"], ["optim.topk.feedback", "'residual'", "'ef21'"]),
+    "ef21 with momentum": (
+        ["optim.topk.feedback=ef21", "optim.topk.momentum=0.9"],
+        ["optim.topk.feedback=ef21", "optim.topk.momentum"],
+    ),
 }
 
 

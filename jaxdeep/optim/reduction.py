@@ -92,31 +92,40 @@ def compressed_reduction(
     def optional(on: bool, tree: Any) -> Any:
         return tree if on else ()
 
-    has_residual, has_velocity = options.error_feedback, options.momentum > 0
+    # State fields in TopkState order after `count`: per replica (a leading replica dimension), except the mean
+    # estimate, which is the same on every replica and laid out like the parameters. Fields the options do not
+    # keep are empty tuples.
+    kept = (options.keeps_residual, options.momentum > 0, options.ef21, options.ef21)
+    per_replica = (True, True, True, False)
     state_specs = TopkState(
-        PartitionSpec(), optional(has_residual, per_replica_specs), optional(has_velocity, per_replica_specs)
+        PartitionSpec(),
+        *(optional(on, per_replica_specs if r else param_specs) for on, r in zip(kept, per_replica, strict=True)),
     )
     state_shardings = TopkState(
         NamedSharding(plan.mesh, PartitionSpec()),
-        optional(has_residual, grad_shardings),
-        optional(has_velocity, grad_shardings),
+        *(optional(on, grad_shardings if r else param_shardings) for on, r in zip(kept, per_replica, strict=True)),
     )
 
     def init(params: Any) -> TopkState:
-        zeros = lambda: jax.tree.map(lambda p: jnp.zeros((plan.n_replicas, *p.shape), p.dtype), params)  # noqa: E731
+        def zeros(replicas: bool) -> Any:
+            lead = (plan.n_replicas,) if replicas else ()
+            return jax.tree.map(lambda p: jnp.zeros((*lead, *p.shape), p.dtype), params)
+
         return TopkState(
-            jnp.zeros((), jnp.int32),
-            zeros() if has_residual else (),
-            zeros() if has_velocity else (),
+            jnp.zeros((), jnp.int32), *(zeros(r) if on else () for on, r in zip(kept, per_replica, strict=True))
         )
 
     def local_update(grads: Any, state: TopkState) -> tuple[Any, TopkState]:
         # Inside the shard_map each device holds one replica: drop the leading dimension of size 1 and restore it.
-        squeeze = lambda tree: jax.tree.map(lambda x: x[0], tree)  # noqa: E731
-        expand = lambda tree: jax.tree.map(lambda x: x[None], tree)  # noqa: E731
-        local = TopkState(state.count, squeeze(state.residual), squeeze(state.velocity))
-        mean, new = inner.update(squeeze(grads), local)
-        return mean, TopkState(new.count, expand(new.residual), expand(new.velocity))
+        def squeeze(tree: Any, r: bool = True) -> Any:
+            return jax.tree.map(lambda x: x[0], tree) if r else tree
+
+        def expand(tree: Any, r: bool) -> Any:
+            return jax.tree.map(lambda x: x[None], tree) if r else tree
+
+        fields = zip(state[1:], per_replica, strict=True)
+        mean, new = inner.update(squeeze(grads), TopkState(state.count, *(squeeze(f, r) for f, r in fields)))
+        return mean, TopkState(new.count, *(expand(f, r) for f, r in zip(new[1:], per_replica, strict=True)))
 
     exchange = jax.shard_map(
         local_update,

@@ -11,6 +11,10 @@ the mean over replicas comes out, the same on every replica. On the way, each re
 5. keeps everything it did not send as the new residual (error feedback), and
 6. (hierarchical) all-gathers the chunks back over `fast_axes`.
 
+With `feedback="ef21"`, steps 3 and 5 change: a replica selects among the differences between its gradient and
+its estimate (what the others know of it), sets its estimate to the gradient where it sent, and the output is the
+mean of all replicas' estimates rather than the mean of what was sent this step.
+
 Tensors with fewer than `min_size` entries per device skip all this and go through a dense `psum`.
 """
 
@@ -20,7 +24,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -31,17 +35,22 @@ from jaxdeep.optim.exchange import AxisNames, sparse_sum
 from jaxdeep.optim.layout import Bucket, ExchangeLayout, Selection, plan_layout, stage_of, stage_ratios
 from jaxdeep.optim.selection import Method, select
 
+Feedback = Literal["residual", "ef21"]
+
 
 class TopkState(NamedTuple):
     count: jax.Array  # int32 steps taken: picks the warm-up stage and seeds the sampled selection
-    residual: Any  # per replica, what it has not sent yet (error feedback); () without error feedback
+    residual: Any  # per replica, what it has not sent yet (feedback "residual"); () otherwise
     velocity: Any  # per replica, DGC momentum-corrected velocity; () without momentum correction
+    estimate: Any = ()  # per replica, what the others know of its gradient (feedback "ef21"); () otherwise
+    mean_estimate: Any = ()  # the mean of all replicas' estimates, the same on each (feedback "ef21"); () otherwise
 
 
 @dataclass(frozen=True)
 class TopkOptions:
     ratio: float = 0.05  # fraction of its entries each replica sends per step
     error_feedback: bool = True  # keep unsent entries and add them to the next step's gradient
+    feedback: Feedback = "residual"  # how unsent entries are kept: summed into a residual, or ef21 (see README)
     selection: Selection = "per_tensor"  # top-k within each tensor, or over all tensors at once
     method: Method = "exact"  # exact lax.top_k, or a threshold estimated from a sample
     sample_size: int = 16384  # entries sampled to estimate the threshold (method "sampled")
@@ -62,6 +71,18 @@ class TopkOptions:
             raise ValueError("warmup_stages and sample_size must be >= 1, min_size and warmup_steps >= 0")
         if not 0.0 <= self.momentum < 1.0 or self.local_clip_norm < 0:
             raise ValueError("momentum must be in [0, 1) and local_clip_norm >= 0")
+        if self.feedback not in ("residual", "ef21"):
+            raise ValueError(f"feedback must be 'residual' or 'ef21', got {self.feedback!r}")
+        if self.feedback == "ef21" and self.momentum > 0:
+            raise ValueError("feedback 'ef21' does not combine with momentum correction; set momentum=0")
+
+    @property
+    def ef21(self) -> bool:
+        return self.error_feedback and self.feedback == "ef21"
+
+    @property
+    def keeps_residual(self) -> bool:
+        return self.error_feedback and self.feedback == "residual"
 
     @property
     def ratios(self) -> tuple[float, ...]:
@@ -102,16 +123,25 @@ def clip_local(leaves: list[jax.Array], shard_axes: Sequence[AxisNames], max_nor
     return [(x * scale).astype(x.dtype) for x in leaves]
 
 
+class BucketState(NamedTuple):
+    """One bucket's slice of `TopkState` (flat, per replica); None where the options keep no such state."""
+
+    residual: jax.Array | None
+    velocity: jax.Array | None
+    estimate: jax.Array | None
+    mean_estimate: jax.Array | None
+
+
 class BucketResult(NamedTuple):
     mean: jax.Array  # [size] mean over replicas of what they sent, identical on every replica
     residual: jax.Array | None  # [size] this replica's unsent mass (nonzero only on its own chunk)
     velocity: jax.Array | None  # [size] this replica's masked DGC velocity
+    estimate: jax.Array | None  # [size] ef21: what the others know of this replica's gradient (its own chunk)
 
 
 def compress_bucket(
     grad_n: jax.Array,
-    residual_n: jax.Array | None,
-    velocity_n: jax.Array | None,
+    state_n: BucketState,
     bucket: Bucket,
     ratio: float,
     opts: TopkOptions,
@@ -141,42 +171,51 @@ def compress_bucket(
         grad_c = lax.psum_scatter(jnp.pad(grad_n, (0, pad)), fast_axes, scatter_dimension=0, tiled=True)
     else:
         grad_c = grad_n
-    residual_c, velocity_c = own(residual_n), own(velocity_n)
+    residual_c, velocity_c, estimate_c = own(state_n.residual), own(state_n.velocity), own(state_n.estimate)
 
+    signal_c = grad_c
     if opts.momentum > 0:
         velocity_c = opts.momentum * velocity_c + grad_c
-        acc_c = velocity_c if residual_c is None else residual_c + velocity_c
+        signal_c = velocity_c
+    if opts.ef21:
+        acc_c = signal_c - estimate_c  # what the others do not know yet of this replica's signal
     else:
-        acc_c = grad_c if residual_c is None else residual_c + grad_c
+        acc_c = signal_c if residual_c is None else residual_c + signal_c
     idx_k, val_k = select(acc_c, bucket.sent(ratio), opts.method, key, opts.sample_size)
     mean_c = sparse_sum(idx_k, val_k, c, axes) / n_replicas
 
     sent_c = jnp.zeros((c,), jnp.bool_).at[idx_k].set(True, mode="drop")
-    new_residual = jnp.where(sent_c, 0, acc_c) if opts.error_feedback else None
-    new_velocity = jnp.where(sent_c, 0, velocity_c) if opts.momentum > 0 else None  # DGC momentum factor masking
+    new_residual = new_estimate = None
+    if opts.keeps_residual:
+        new_residual = jnp.where(sent_c, 0, acc_c)
+    if opts.ef21:
+        # Every replica's estimate moves by what it sent, so the mean estimate moves by the mean of what was sent.
+        new_estimate = jnp.where(sent_c, signal_c, estimate_c)
+        mean_c = own(state_n.mean_estimate) + mean_c
+    # DGC momentum factor masking: sent velocity left with the residual, so it must not be sent again.
+    new_velocity = jnp.where(sent_c, 0, velocity_c) if opts.momentum > 0 else None
     if fast > 1:
         mean_n = lax.all_gather(mean_c, fast_axes, tiled=True, to="invarying")[:n]
     else:
         mean_n = mean_c
-    return BucketResult(mean_n, spread(new_residual), spread(new_velocity))
+    return BucketResult(mean_n, spread(new_residual), spread(new_velocity), spread(new_estimate))
 
 
 def _exchange(
     leaves: list[jax.Array],
-    residuals: list[jax.Array] | None,
-    velocities: list[jax.Array] | None,
+    states: BucketState,
     layout: ExchangeLayout,
     ratio: float,
     opts: TopkOptions,
     key: jax.Array,
     axes: AxisNames,
     fast_axes: AxisNames,
-) -> tuple[list, list | None, list | None]:
+) -> tuple[list, BucketState]:
+    """`states`: per-leaf lists (or None) of each state field."""
     all_axes = (*axes, *fast_axes)
     n_replicas = _axes_size(all_axes)
     out: list = [None] * len(leaves)
-    new_res = None if residuals is None else list(residuals)
-    new_vel = None if velocities is None else list(velocities)
+    new = BucketState(*(None if s is None else list(s) for s in states))
     for group in layout.dense_groups:
         # Small tensors: a dense sum, inside the fast tier first as the compressed ones are.
         dense = _concat(leaves, group)
@@ -186,8 +225,7 @@ def _exchange(
     for b, bucket in enumerate(layout.buckets):
         result = compress_bucket(
             _concat(leaves, bucket.leaves),
-            None if residuals is None else _concat(residuals, bucket.leaves),
-            None if velocities is None else _concat(velocities, bucket.leaves),
+            BucketState(*(None if s is None else _concat(s, bucket.leaves) for s in states)),
             bucket,
             ratio,
             opts,
@@ -197,11 +235,11 @@ def _exchange(
             n_replicas,
         )
         _split_into(out, result.mean, bucket.leaves, leaves)
-        if new_res is not None:
-            _split_into(new_res, result.residual, bucket.leaves, residuals)
-        if new_vel is not None:
-            _split_into(new_vel, result.velocity, bucket.leaves, velocities)
-    return out, new_res, new_vel
+        flat = BucketState(result.residual, result.velocity, result.estimate, result.mean if opts.ef21 else None)
+        for store, value in zip(new, flat, strict=True):
+            if store is not None:
+                _split_into(store, value, bucket.leaves, leaves)
+    return out, new
 
 
 def layout_for(
@@ -232,8 +270,10 @@ def topk_compression(
         zeros = lambda: jax.tree.map(jnp.zeros_like, params)  # noqa: E731
         return TopkState(
             count=jnp.zeros((), jnp.int32),
-            residual=zeros() if opts.error_feedback else (),
+            residual=zeros() if opts.keeps_residual else (),
             velocity=zeros() if opts.momentum > 0 else (),
+            estimate=zeros() if opts.ef21 else (),
+            mean_estimate=zeros() if opts.ef21 else (),
         )
 
     def update(grads: Any, state: TopkState, params: Any = None) -> tuple[Any, TopkState]:
@@ -245,20 +285,18 @@ def topk_compression(
             n_replicas = _axes_size((*axes, *fast_axes))
             per_leaf = shard_axes if shard_axes is not None else [()] * len(leaves)
             leaves = clip_local(leaves, per_leaf, opts.local_clip_norm * math.sqrt(n_replicas))
-        residuals = jax.tree.leaves(state.residual) if opts.error_feedback else None
-        velocities = jax.tree.leaves(state.velocity) if opts.momentum > 0 else None
+        kept = (opts.keeps_residual, opts.momentum > 0, opts.ef21, opts.ef21)
+        fields = (state.residual, state.velocity, state.estimate, state.mean_estimate)
+        states = BucketState(*(jax.tree.leaves(f) if on else None for on, f in zip(kept, fields, strict=True)))
         key = jax.random.fold_in(jax.random.key(opts.seed), state.count)
         run = partial(_exchange, layout=layout, opts=opts, key=key, axes=axes, fast_axes=fast_axes)
         branches = [partial(run, ratio=r) for r in opts.ratios]
         if len(branches) == 1:
-            out, new_res, new_vel = branches[0](leaves, residuals, velocities)
+            out, new = branches[0](leaves, states)
         else:
-            out, new_res, new_vel = lax.switch(opts.stage(state.count), branches, leaves, residuals, velocities)
-        new_state = TopkState(
-            count=state.count + 1,
-            residual=treedef.unflatten(new_res) if new_res is not None else (),
-            velocity=treedef.unflatten(new_vel) if new_vel is not None else (),
-        )
+            out, new = lax.switch(opts.stage(state.count), branches, leaves, states)
+        tree = lambda flat: treedef.unflatten(flat) if flat is not None else ()  # noqa: E731
+        new_state = TopkState(state.count + 1, *(tree(f) for f in new))
         return treedef.unflatten(out), new_state
 
     return optax.GradientTransformation(init, update)
