@@ -18,6 +18,7 @@ import importlib
 import importlib.util
 import os
 import pathlib
+import threading
 from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
@@ -143,6 +144,11 @@ def interpreted_copy(path: str, module_name: str) -> ModuleType:
     return module
 
 
+# XLA may run independent host callbacks of one program at the same time; Triton's interpreter keeps global state
+# (and `interpret_env` sets a process-wide variable), so interpreted launches take turns.
+_INTERPRETER_LOCK = threading.Lock()
+
+
 def run_interpret(module: ModuleType, name: str, inputs, out_shapes: Sequence, grid, meta):
     kernel = getattr(module, name)
     array_inputs = [a for a in inputs if not isinstance(a, int)]
@@ -151,7 +157,7 @@ def run_interpret(module: ModuleType, name: str, inputs, out_shapes: Sequence, g
         it = iter(arrays)
         args = [a if isinstance(a, int) else HostTensor(np.ascontiguousarray(next(it))) for a in inputs]
         outs = [np.full(s.shape, fill_value(s.dtype), s.dtype) for s in out_shapes]
-        with interpret_env():
+        with _INTERPRETER_LOCK, interpret_env():
             kernel[grid](*args, *[HostTensor(o) for o in outs], **meta)
         return tuple(outs)
 

@@ -318,3 +318,16 @@ def test_gpu_auto_takes_the_triton_kernels():
     program = _program(lambda a, b: gmm(a, b, gs, impl="auto"), lhs, rhs)
     assert "ragged_dot_general" not in program and "triton_kernel_call" in program
     assert rel_err(gmm(lhs, rhs, gs, impl="auto"), oracle(lhs, rhs, sizes, dout)[0]) < TOL[jnp.dtype(BF16)]
+
+
+@needs_triton
+def test_independent_interpreted_launches_in_one_program_all_match():
+    # XLA may run the host callbacks of independent launches at the same time; the interpreter must not mix them.
+    from kernels.gmm import gmm
+
+    sizes = [10, 20, 0, 34]
+    lhs, rhs, gs, dout = make_inputs(sizes, 64, 32, 16, F32, seed=7)
+    batch = [lhs, lhs + 1, lhs * 2]
+    outs = jax.jit(lambda xs: [gmm(x, rhs, gs, impl="interpret") for x in xs])(batch)
+    for x, out in zip(batch, outs, strict=True):
+        assert rel_err(out, oracle(x, rhs, sizes, dout)[0]) < TOL[jnp.dtype(F32)]
