@@ -49,3 +49,21 @@ def max_rel_error(a, b) -> float:
         x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
         errs.append(float(np.max(np.abs(x - y)) / (np.max(np.abs(y)) + 1e-30)))
     return max(errs)
+
+
+def run_after_triton_import(body: str) -> None:
+    """Run `body` in a fresh CPU process that has imported triton as a library would (not in interpreter mode)
+    first, as `transformers` does; the body must print "ok"."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    code = "import triton, triton.language\n" + body
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(root)}
+    env.pop("TRITON_INTERPRET", None)
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]

@@ -30,6 +30,7 @@ import pytest
 from kernels import fp8
 from kernels.fp8 import launch, reference
 from kernels.fp8.ops import TritonOps
+from tests.helpers import run_after_triton_import
 from tests.test_fp8 import np_quantize_blocks, np_quantize_tiles
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -413,13 +414,8 @@ def test_empty_dimensions_give_zeros():
 def test_interpreted_kernels_run_after_triton_was_imported_for_the_gpu():
     # Libraries such as transformers import triton (not in interpreter mode) before any kernel runs; the
     # interpreted copy of the kernels must still run then. A fresh process controls the import order.
-    import os
-    import pathlib
-    import subprocess
-    import sys
-
-    code = """
-import triton, triton.language
+    run_after_triton_import(
+        """
 import jax.numpy as jnp, numpy as np
 from kernels import fp8
 x = jnp.linspace(-3.0, 5.0, 40 * 200, dtype=jnp.float32).reshape(40, 200)
@@ -430,13 +426,7 @@ want = fp8.fp8_linear(x, w, impl="reference")
 np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 print("ok")
 """
-    root = pathlib.Path(__file__).resolve().parents[1]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(root)}
-    env.pop("TRITON_INTERPRET", None)
-    result = subprocess.run(
-        [sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=300
     )
-    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ import pytest
 
 from kernels import norms
 from kernels.norms import launch
+from tests.helpers import run_after_triton_import
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (its interpreter runs the kernels)")
@@ -472,13 +473,8 @@ def test_fused_unavailable_reason_is_none_for_supported_shapes_ignoring_backend(
 def test_interpreted_kernels_work_when_triton_was_imported_first():
     # Libraries such as transformers import triton (not in interpreter mode) before any kernel runs; the interpreted
     # copy of the kernels must still run then. A fresh process controls the import order.
-    import os
-    import pathlib
-    import subprocess
-    import sys
-
-    code = """
-import triton, triton.language
+    run_after_triton_import(
+        """
 import jax.numpy as jnp, numpy as np
 from kernels import norms
 x = jnp.linspace(-3.0, 5.0, 48 * 64, dtype=jnp.float32).reshape(48, 64)
@@ -488,10 +484,4 @@ want = norms.layer_norm_gelu(x, w, b, impl="reference")
 np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 print("ok")
 """
-    root = pathlib.Path(__file__).resolve().parents[1]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(root)}
-    env.pop("TRITON_INTERPRET", None)
-    result = subprocess.run(
-        [sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=300
     )
-    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from kernels import triton_runtime
 from kernels.gmm import reference
 from kernels.gmm.batching import mappable
-from kernels.gmm.ops import SUPPORTED_DTYPES, triton_gmm
+from kernels.gmm.ops import SUPPORTED_DTYPES, check_shapes, triton_gmm
 
 __all__ = ["IMPLS", "gmm"]
 
@@ -46,15 +46,7 @@ def gmm(
     """[m, k] rows sorted by group × [g, k, n] per-group weights -> [m, n]."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    if lhs.ndim != 2 or rhs.ndim != 3 or group_sizes.ndim != 1:
-        raise ValueError(
-            f"gmm expects lhs [m, k], rhs [g, k, n], group_sizes [g]; got {lhs.shape}, {rhs.shape}, {group_sizes.shape}"
-        )
-    if lhs.shape[1] != rhs.shape[1] or rhs.shape[0] != group_sizes.shape[0]:
-        raise ValueError(
-            f"gmm shapes disagree: lhs {lhs.shape}, rhs {rhs.shape}, group_sizes {group_sizes.shape} "
-            "(need lhs[1] == rhs[1] and rhs[0] == group_sizes[0])"
-        )
+    check_shapes("gmm", lhs, rhs, group_sizes)
     if impl == "auto":
         dtype = jnp.result_type(lhs.dtype, rhs.dtype)
         fast = dtype in SUPPORTED_DTYPES and triton_runtime.unavailable_reason() is None

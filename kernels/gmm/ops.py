@@ -41,16 +41,7 @@ def triton_gmm(
     """
     if runner not in RUNNERS:
         raise ValueError(f"runner must be one of {RUNNERS}, got {runner!r}")
-    if lhs.ndim != 2 or rhs.ndim != 3 or group_sizes.ndim != 1:
-        raise ValueError(
-            "triton_gmm expects lhs [m, k], rhs [g, k, n], group_sizes [g]; "
-            f"got {lhs.shape}, {rhs.shape}, {group_sizes.shape}"
-        )
-    if lhs.shape[1] != rhs.shape[1] or rhs.shape[0] != group_sizes.shape[0]:
-        raise ValueError(
-            f"triton_gmm shapes disagree: lhs {lhs.shape}, rhs {rhs.shape}, group_sizes {group_sizes.shape} "
-            "(need lhs[1] == rhs[1] and rhs[0] == group_sizes[0])"
-        )
+    check_shapes("triton_gmm", lhs, rhs, group_sizes)
     if not jnp.issubdtype(group_sizes.dtype, jnp.integer):
         raise ValueError(f"group_sizes must be integers, got {group_sizes.dtype}")
     dtype = jnp.result_type(lhs.dtype, rhs.dtype)
@@ -61,6 +52,20 @@ def triton_gmm(
     if 0 in (m, e, k, n):  # nothing to compute; the product of an empty reduction is zero
         return jnp.zeros((m, n), out_dtype)
     return _triton_gmm(lhs.astype(dtype), rhs.astype(dtype), group_sizes.astype(jnp.int32), runner, out_dtype)
+
+
+def check_shapes(name: str, lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> None:
+    """ValueError unless lhs [m, k], rhs [g, k, n] and group_sizes [g] fit together."""
+    if lhs.ndim != 2 or rhs.ndim != 3 or group_sizes.ndim != 1:
+        raise ValueError(
+            f"{name} expects lhs [m, k], rhs [g, k, n], group_sizes [g]; got {lhs.shape}, {rhs.shape}, "
+            f"{group_sizes.shape}"
+        )
+    if lhs.shape[1] != rhs.shape[1] or rhs.shape[0] != group_sizes.shape[0]:
+        raise ValueError(
+            f"{name} shapes disagree: lhs {lhs.shape}, rhs {rhs.shape}, group_sizes {group_sizes.shape} "
+            "(need lhs[1] == rhs[1] and rhs[0] == group_sizes[0])"
+        )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
