@@ -178,6 +178,9 @@ class KernelsConfig:
     # MoE grouped matmul (kernels.gmm): "reference" (jax.lax.ragged_dot), "triton" (Triton kernels, GPU),
     # "interpret" (the Triton kernels in Triton's interpreter, CPU tests) or "auto" (fastest available here)
     gmm: Literal["reference", "auto", "triton", "interpret"] = "auto"
+    # FP8 GEMMs of precision.matmul=fp8 (kernels.fp8): "reference" (pure JAX), "triton" (Triton kernels, GPU),
+    # "interpret" (the Triton kernels in Triton's interpreter, CPU tests) or "auto" (Triton where it can run)
+    fp8: Literal["reference", "auto", "triton", "interpret"] = "auto"
 
 
 @dataclass(slots=True)

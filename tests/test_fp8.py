@@ -178,6 +178,31 @@ def test_block_quantisation_of_the_transpose_is_the_transpose():
     np.testing.assert_array_equal(np.asarray(s_t), np.asarray(s).T)
 
 
+def _roundtrip_in_one_program(device) -> None:
+    """Quantise and dequantise inside one jitted program, on shapes that need no padding (nothing between the two
+    conversions): the result must be the FP8 grid values the host oracle gives, not the input passed through."""
+    x = jax.device_put(jnp.asarray(randn(11, (256, 512))), device)
+    w = jax.device_put(jnp.asarray(randn(12, (256, 512), 0.05)), device)
+    tiles, blocks = jax.jit(
+        lambda x, w: (fp8.dequantize_tiles(*fp8.quantize_tiles(x)), fp8.dequantize_blocks(*fp8.quantize_blocks(w)))
+    )(x, w)
+    q, s = np_quantize_tiles(np.asarray(x))
+    np.testing.assert_array_equal(np.asarray(tiles), deq32(q, s))
+    q, s = np_quantize_blocks(np.asarray(w))
+    scales = per_element(s, q.shape, (TILE, TILE)).astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(blocks), q.astype(np.float32) * scales)
+
+
+def test_quantise_then_dequantise_in_one_program_keeps_the_rounding():
+    _roundtrip_in_one_program(jax.devices()[0])
+
+
+@pytest.mark.gpu
+def test_gpu_quantise_then_dequantise_in_one_program_keeps_the_rounding():
+    # XLA's GPU compiler folds f32 -> E4M3 -> f32 conversion chains unless something stands between them
+    _roundtrip_in_one_program(jax.devices("gpu")[0])
+
+
 def test_zero_and_tiny_tiles():
     x = randn(6, (4, 384))
     x[0, :] = 0.0  # a whole row of zero tiles

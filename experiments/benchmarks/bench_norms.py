@@ -281,6 +281,10 @@ TUNE_FWD = (
     ("v3, 8 el/thread", dict(fwd_prefetch=True, fwd_elems_per_thread=8)),
     ("v3, 16 el/thread, params re-read", dict(fwd_prefetch=True, fwd_elems_per_thread=16, fwd_hold_params=False)),
     ("v3, 16 el/thread, two-pass stats", dict(fwd_prefetch=True, fwd_elems_per_thread=16, fwd_one_pass=False)),
+    # two 8192-wide rows per tile: twice the bytes in flight per program
+    ("v3, 16 el/thread, 16K-element tiles", dict(fwd_prefetch=True, fwd_elems_per_thread=16, fwd_tile_elems=16384)),
+    ("v3, 32 el/thread, 16K-element tiles", dict(fwd_prefetch=True, fwd_elems_per_thread=32, fwd_tile_elems=16384)),
+    ("v3, 16K tiles, params re-read", dict(fwd_prefetch=True, fwd_tile_elems=16384, fwd_hold_params=False)),
 )
 TUNE_BWD = (
     ("v2, 16 el/thread", dict(bwd_prefetch=False, bwd_elems_per_thread=16, bwd_stages=1)),

@@ -60,6 +60,7 @@ def bench(config: str, overrides: list[str], warmup: int, steps: int) -> dict:
     n = mesh.devices.size
     stats = device.memory_stats() or {}
     return {
+        **compiled_memory(step_fn, state, batches[0]),
         "overrides": " ".join(overrides),
         "device": device.device_kind,
         "devices": n,
@@ -74,6 +75,21 @@ def bench(config: str, overrides: list[str], warmup: int, steps: int) -> dict:
         "mfu": round(flops / step_s / (peak * n), 4) if peak else None,
         "peak_mem_gib": round(stats.get("peak_bytes_in_use", 0) / 2**30, 1),
         "loss": float(metrics["loss"]),
+    }
+
+
+def compiled_memory(step_fn, state, batch) -> dict:
+    """XLA's plan for the step: temporaries (activations saved for the backward plus workspace) and arguments."""
+    try:
+        analysis = step_fn.lower(state, batch).compile().memory_analysis()
+    except Exception:  # not a jitted function, or a backend without the analysis
+        return {}
+    if analysis is None:
+        return {}
+    gib = 2**30
+    return {
+        "temp_gib": round(analysis.temp_size_in_bytes / gib, 3),
+        "argument_gib": round(analysis.argument_size_in_bytes / gib, 3),
     }
 
 
@@ -96,15 +112,16 @@ def main() -> None:
         if args.json:
             with open(args.json, "a") as f:
                 f.write(json.dumps(row) + "\n")
-    print("\n| variant | batch | step ms | tokens/s | TFLOP/s/dev | MFU | peak GiB |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| variant | batch | step ms | tokens/s | TFLOP/s/dev | MFU | peak GiB | temp GiB |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
             print(f"| {r['overrides']} | error: {r['error'][:80]} |")
         else:
             print(
                 f"| {r['overrides'] or '(config)'} | {r['batch']} | {r['step_ms']} | {r['tokens_per_s']} | "
-                f"{r['tflops_per_device']} | {(format(r['mfu'], '.1%') if r['mfu'] else 'n/a')} | {r['peak_mem_gib']} |"
+                f"{r['tflops_per_device']} | {(format(r['mfu'], '.1%') if r['mfu'] else 'n/a')} | "
+                f"{r['peak_mem_gib']} | {r.get('temp_gib', 'n/a')} |"
             )
 
 

@@ -15,10 +15,10 @@ from jaxdeep.model.transformer import Transformer
 def build_model(cfg: ExperimentConfig, rngs: nnx.Rngs) -> nnx.Module:
     """The model `cfg.model.kind` names, with the kernel choices of `cfg.kernels` and the matmul precision of
     `cfg.precision`."""
-    matmul = cfg.precision.matmul
+    matmul, fp8_impl = cfg.precision.matmul, cfg.kernels.fp8
     if cfg.model.kind == "deepseek":
-        return DeepSeekModel(cfg.model, rngs, cfg.kernels.norm, cfg.kernels.gmm, matmul)
-    return Transformer(cfg.model, rngs, cfg.kernels.norm, matmul)
+        return DeepSeekModel(cfg.model, rngs, cfg.kernels.norm, cfg.kernels.gmm, matmul, fp8_impl)
+    return Transformer(cfg.model, rngs, cfg.kernels.norm, matmul, fp8_impl)
 
 
 def count_params(cfg: ModelConfig) -> dict[str, int]:

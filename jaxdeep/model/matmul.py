@@ -5,7 +5,8 @@ Every projection of the models contracts the trailing axes of an activation with
 views the operands as x [..., K] and w [K, N] (K and N the products of the contracted and the kept weight
 axes) and calls `kernels.fp8.fp8_linear`. Merging axes there only joins an axis with the ones after it, so a
 sharded leading axis (heads, mlp, embed) stays the major part of the merged axis and keeps its split.
-The routed experts' grouped matmuls switch likewise in `grouped`.
+The routed experts' grouped matmuls switch likewise in `grouped`. `fp8_impl` (config `kernels.fp8`) chooses
+the FP8 kernels (`kernels.fp8`: "auto" takes the Triton kernels where they can run).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def _contracted(subscripts: str) -> int:
     return n
 
 
-def project(subscripts: str, x: jax.Array, w: jax.Array, matmul: Matmul = "bf16") -> jax.Array:
+def project(subscripts: str, x: jax.Array, w: jax.Array, matmul: Matmul = "bf16", fp8_impl: str = "auto") -> jax.Array:
     """`jnp.einsum(subscripts, x, w)` for a projection, in FP8 when `matmul` is "fp8" (same shape and dtype)."""
     if matmul == "bf16":
         return jnp.einsum(subscripts, x, w)
@@ -54,12 +55,12 @@ def project(subscripts: str, x: jax.Array, w: jax.Array, matmul: Matmul = "bf16"
     n = _contracted(subscripts)
     batch, kept = x.shape[: x.ndim - n], w.shape[n:]
     k = math.prod(w.shape[:n])
-    y = fp8.fp8_linear(x.reshape(*batch, k), w.reshape(k, math.prod(kept)), impl="auto")
+    y = fp8.fp8_linear(x.reshape(*batch, k), w.reshape(k, math.prod(kept)), impl=fp8_impl)
     return checkpoint_name(y.reshape(*batch, *kept), PROJECTION_OUTPUT)
 
 
 def project_shared(
-    subscripts: str, x: jax.Array, weights: Sequence[jax.Array], matmul: Matmul = "bf16"
+    subscripts: str, x: jax.Array, weights: Sequence[jax.Array], matmul: Matmul = "bf16", fp8_impl: str = "auto"
 ) -> tuple[jax.Array, ...]:
     """`project(subscripts, x, w)` for several weights applied to one input (q/k/v, gate/up, MLA's two down
     projections).
@@ -70,7 +71,7 @@ def project_shared(
     then span two of the joined weights, which is as valid a block as any other.
     """
     if matmul == "bf16" or len(weights) == 1:
-        return tuple(project(subscripts, x, w, matmul) for w in weights)
+        return tuple(project(subscripts, x, w, matmul, fp8_impl) for w in weights)
     check_matmul(matmul)
     n = _contracted(subscripts)
     batch = x.shape[: x.ndim - n]
@@ -79,7 +80,7 @@ def project_shared(
     if len(shapes) == 1:
         kept = weights[0].shape[n:]
         joined = jnp.stack(weights, axis=n + 1)  # [K..., kept0, G, kept1...]
-        y = fp8.fp8_linear(x.reshape(*batch, k), joined.reshape(k, -1), impl="auto")
+        y = fp8.fp8_linear(x.reshape(*batch, k), joined.reshape(k, -1), impl=fp8_impl)
         y = y.reshape(*batch, kept[0], len(weights), *kept[1:])
         outs = tuple(jnp.take(y, g, axis=len(batch) + 1) for g in range(len(weights)))
     else:
@@ -87,17 +88,20 @@ def project_shared(
             raise ValueError(f"project_shared: weights of different shapes {shapes} need a single kept axis")
         widths = [w.shape[n] for w in weights]
         joined = jnp.concatenate([w.reshape(k, -1) for w in weights], axis=1)
-        y = fp8.fp8_linear(x.reshape(*batch, k), joined, impl="auto")
+        y = fp8.fp8_linear(x.reshape(*batch, k), joined, impl=fp8_impl)
         outs = tuple(jnp.split(y, list(itertools.accumulate(widths))[:-1], axis=-1))
     return tuple(checkpoint_name(o, PROJECTION_OUTPUT) for o in outs)
 
 
-def grouped(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, impl: str, matmul: Matmul = "bf16") -> jax.Array:
-    """The routed experts' grouped matmul: `kernels.gmm.gmm` (with `impl`), or `fp8_gmm` for "fp8"."""
+def grouped(
+    lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, impl: str, matmul: Matmul = "bf16", fp8_impl: str = "auto"
+) -> jax.Array:
+    """The routed experts' grouped matmul: `kernels.gmm.gmm` (with `impl`), or `fp8_gmm` (with `fp8_impl`) for
+    "fp8"."""
     if matmul == "bf16":
         return gmm(lhs, rhs, group_sizes, impl=impl)
     check_matmul(matmul)
-    return fp8_gmm(lhs, rhs, group_sizes)
+    return fp8_gmm(lhs, rhs, group_sizes, impl=fp8_impl)
 
 
 def remat_policy(remat: str, matmul: Matmul = "bf16"):

@@ -18,7 +18,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, matmul: Matmul = "bf16"):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, matmul: Matmul = "bf16", fp8_impl: str = "auto"):
         d, n, h = cfg.d_model, cfg.n_heads, cfg.head_dim
         pdt = DTYPES[cfg.param_dtype]
         self.wq = normal_param(rngs, (d, n, h), ("embed", "heads", "head_dim"), cfg.init_std, pdt)
@@ -28,13 +28,14 @@ class Attention(nnx.Module):
         self.wo = normal_param(rngs, (n, h, d), ("heads", "head_dim", "embed"), out_std, pdt)
         self.cfg = cfg
         self.matmul = matmul
+        self.fp8_impl = fp8_impl
 
     def __call__(self, x_btd: jax.Array, positions_bt: jax.Array) -> jax.Array:
         cfg, dt = self.cfg, DTYPES[self.cfg.dtype]
         heads = ("batch", "act_seq", "act_heads", None)
         overlap = "attention" in cfg.collective_matmul
-        products = functools.partial(project_shared, matmul=self.matmul)
-        product = functools.partial(project, matmul=self.matmul)
+        products = functools.partial(project_shared, matmul=self.matmul, fp8_impl=self.fp8_impl)
+        product = functools.partial(project, matmul=self.matmul, fp8_impl=self.fp8_impl)
         weights = (self.wq[...].astype(dt), self.wk[...].astype(dt), self.wv[...].astype(dt))
         qkv = column_parallel(
             "btd,dnh->btnh", x_btd, weights, ("embed", "heads", "head_dim"), heads, "heads", overlap, products
@@ -52,7 +53,7 @@ class Attention(nnx.Module):
 
 
 class Mlp(nnx.Module):
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, matmul: Matmul = "bf16"):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, matmul: Matmul = "bf16", fp8_impl: str = "auto"):
         pdt = DTYPES[cfg.param_dtype]
         self.w_in = normal_param(rngs, (cfg.d_model, cfg.d_ff), ("embed", "mlp"), cfg.init_std, pdt)
         out_std = scaled_init_std(cfg.init_std, cfg.n_layers)
@@ -60,12 +61,13 @@ class Mlp(nnx.Module):
         self.dtype = DTYPES[cfg.dtype]
         self.overlap = "mlp" in cfg.collective_matmul
         self.matmul = matmul
+        self.fp8_impl = fp8_impl
 
     def __call__(self, x_btd: jax.Array) -> jax.Array:
         hidden = ("batch", "act_seq", "act_mlp")
         w_in, w_out = self.w_in[...].astype(self.dtype), self.w_out[...].astype(self.dtype)
-        products = functools.partial(project_shared, matmul=self.matmul)
-        product = functools.partial(project, matmul=self.matmul)
+        products = functools.partial(project_shared, matmul=self.matmul, fp8_impl=self.fp8_impl)
+        product = functools.partial(project, matmul=self.matmul, fp8_impl=self.fp8_impl)
         (h_btf,) = column_parallel(
             "btd,df->btf", x_btd, (w_in,), ("embed", "mlp"), hidden, "mlp", self.overlap, products
         )
@@ -74,12 +76,19 @@ class Mlp(nnx.Module):
 
 
 class Block(nnx.Module):
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, norm_impl: str = "reference", matmul: Matmul = "bf16"):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        rngs: nnx.Rngs,
+        norm_impl: str = "reference",
+        matmul: Matmul = "bf16",
+        fp8_impl: str = "auto",
+    ):
         pdt = DTYPES[cfg.param_dtype]
         self.attn_norm = LayerNorm(cfg.d_model, cfg.norm_eps, pdt, norm_impl)
-        self.attn = Attention(cfg, rngs, matmul)
+        self.attn = Attention(cfg, rngs, matmul, fp8_impl)
         self.mlp_norm = LayerNorm(cfg.d_model, cfg.norm_eps, pdt, norm_impl)
-        self.mlp = Mlp(cfg, rngs, matmul)
+        self.mlp = Mlp(cfg, rngs, matmul, fp8_impl)
         # With collective matmuls the residual stream stays split over the sequence between them (sequence
         # parallelism): the all-gather then happens inside the next column-parallel matmul, overlapped.
         self.residual_seq = "act_seq_parallel" if cfg.collective_matmul else "act_seq"
@@ -94,7 +103,14 @@ class Transformer(nnx.Module):
     """`matmul` ("bf16" or "fp8", config `precision.matmul`) chooses how the blocks' projections run; the
     embedding and the output head stay in the compute dtype."""
 
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, norm_impl: str = "reference", matmul: Matmul = "bf16"):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        rngs: nnx.Rngs,
+        norm_impl: str = "reference",
+        matmul: Matmul = "bf16",
+        fp8_impl: str = "auto",
+    ):
         pdt = DTYPES[cfg.param_dtype]
         self.cfg = cfg
         self.matmul = check_matmul(matmul)
@@ -110,7 +126,7 @@ class Transformer(nnx.Module):
             transform_metadata={nnx.PARTITION_NAME: "layers"},
         )
         def make_blocks(rngs: nnx.Rngs) -> Block:
-            return Block(cfg, rngs, norm_impl, matmul)
+            return Block(cfg, rngs, norm_impl, matmul, fp8_impl)
 
         self.blocks = make_blocks(rngs)
         self.final_norm = LayerNorm(cfg.d_model, cfg.norm_eps, pdt, norm_impl)

@@ -12,8 +12,10 @@
 - "reference": the pure-JAX definitions (`kernels.fp8.reference`, `kernels.fp8.linear`);
 - "triton": the Triton kernels (`kernels.fp8.triton_kernels`, GPU through jax-triton);
 - "interpret": the same kernels in Triton's interpreter (CPU tests);
-- "auto": the reference everywhere for now: the kernels are measured on a GPU (experiments/benchmarks/RESULTS.md),
-  but `fp8_linear` on them has not yet passed its GPU test.
+- "auto": the Triton kernels where they can run (a CUDA GPU with triton and jax-triton importable), else the
+  reference.
+
+`grouped.fp8_gmm` (the MoE experts) takes the same `impl`: its forward and input gradient run on `scaled_gmm`.
 
 See README.md for the recipe, the error bounds, the kernels and where this deviates from DeepSeek-V3.
 """
@@ -25,6 +27,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
+from kernels import triton_runtime
 from kernels.fp8 import launch, linear, reference
 from kernels.fp8.ops import TritonOps
 from kernels.fp8.quantize import E4M3, E4M3_MAX, dequantize_blocks, dequantize_tiles, quantize_blocks, quantize_tiles
@@ -49,7 +52,8 @@ def _runner(impl: str) -> str | None:
     """The Triton runner for `impl`, or None for the pure-JAX reference."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    # "auto" stays on the reference until fp8_linear on the kernels has passed its GPU test (kernels/fp8/README.md)
+    if impl == "auto":
+        return "triton" if triton_runtime.unavailable_reason() is None else None
     return impl if impl in ("triton", "interpret") else None
 
 

@@ -24,8 +24,13 @@ significant bits, the float32 scale 24, so this one product rounds at most once,
 grouped product runs as `jax.lax.ragged_dot` in float32 at HIGHEST precision with a float32 result. That is
 float32 accumulation over the whole reduction, which the "promotion every 128 elements" of the block-scaled
 GEMM (`reference.scaled_matmul`) only approximates on hardware with a narrower accumulator; the two agree to
-float32 rounding (~1e-7 relative), far under E4M3's 2^-4. A fast kernel keeps the FP8 operands and applies
-the scales per 128-chunk instead.
+float32 rounding (~1e-7 relative), far under E4M3's 2^-4.
+
+`impl` (as `kernels.fp8.fp8_linear`: "auto" takes the Triton kernels on a CUDA GPU with jax-triton): with the
+kernels, Fprop and Dgrad run on the grouped block-scaled GEMM `launch.scaled_gmm`, which keeps the FP8 operands
+and applies the scales per 128-chunk (the same products; sums in another order). Both read the weight K-major:
+Fprop a transposed copy [E, N, K], Dgrad the saved wq [E, K, N] as stored (it reduces over N). The Wgrad stays
+on the float32 `ragged_dot` above: `scaled_gmm` has no token-contracting form.
 
 Saved for the backward: the FP8 activation and its tile scales, the FP8 weights and their block scales, and
 the group sizes; never the high-precision activation. Gradients come back in the operands' dtypes.
@@ -41,12 +46,16 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
+from kernels.fp8 import _runner, launch
+from kernels.fp8.ops import RUNNERS
 from kernels.fp8.quantize import dequantize_blocks, dequantize_tiles, quantize_blocks, quantize_tiles
+from kernels.gmm import launch as gmm_launch
 from kernels.gmm.batching import mapped
 
 __all__ = ["fp8_gmm", "quantize_expert_blocks", "dequantize_expert_blocks"]
 
 F32 = jnp.float32
+BF16 = jnp.bfloat16
 HIGHEST = jax.lax.Precision.HIGHEST
 
 # Wgrad: contract the (ragged) token axis of lhs [T, K] with dy [T, N]; the result gets a group axis [E, K, N].
@@ -78,10 +87,25 @@ def _tokens_by_group(a_tk: jax.Array, b_tn: jax.Array, group_sizes: jax.Array) -
     )
 
 
-def fp8_gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, out_dtype=None) -> jax.Array:
+def _scaled_by_group(runner: str):
+    """`launch.scaled_gmm` on `runner` with K-major weights, vmappable (`lax.map`: a kernel call has no batching
+    rule): aq [T, R] (1 x 128 tile scales) x bq_t[e] [C, R] (block scales [E, C/128, R/128]) -> float32 [T, C]."""
+    return mapped(partial(launch.scaled_gmm, out_dtype=F32, rhs_transposed=True, runner=runner))
+
+
+_SCALED_BY_GROUP = {runner: _scaled_by_group(runner) for runner in RUNNERS}
+
+
+def _wgrad_by_group(a_tk, b_tn, group_sizes, runner: str):
+    """Sum over each group's rows of a^T b: [T, K] and [T, N] bf16 -> float32 [E, K, N] (kernels.gmm's kernel)."""
+    wgrad = partial(gmm_launch.gmm_drhs, groups=group_sizes.shape[0], out_dtype=F32, runner=runner)
+    return mapped(wgrad)(a_tk, b_tn, group_sizes)
+
+
+def fp8_gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, out_dtype=None, impl: str = "auto") -> jax.Array:
     """[T, K] rows sorted by group x [E, K, N] per-group weights -> [T, N] in FP8 (E4M3) with fine-grained scales.
 
-    Differentiable in lhs and rhs; `out_dtype` defaults to lhs's dtype.
+    Differentiable in lhs and rhs; `out_dtype` defaults to lhs's dtype. `impl`: see the module docstring.
     """
     if lhs.ndim != 2 or rhs.ndim != 3 or group_sizes.ndim != 1:
         raise ValueError(
@@ -97,8 +121,11 @@ def fp8_gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, out_dtype
         if not jnp.issubdtype(a.dtype, jnp.floating):
             raise ValueError(f"fp8_gmm needs floating {name}, got {a.dtype}")
     dtypes = (jnp.dtype(lhs.dtype), jnp.dtype(rhs.dtype), jnp.dtype(lhs.dtype if out_dtype is None else out_dtype))
+    runner = _runner(impl)
+    if 0 in (*lhs.shape, *rhs.shape):
+        runner = None  # nothing to multiply: the reference gives the zeros
     lhs, rhs = _varying_alike(lhs, rhs)
-    return _fp8_gmm(lhs, rhs, group_sizes.astype(jnp.int32), dtypes)
+    return _fp8_gmm(lhs, rhs, group_sizes.astype(jnp.int32), dtypes, runner)
 
 
 def _varying_axes(a: jax.Array) -> frozenset:
@@ -124,33 +151,43 @@ def _varying_alike(*arrays: jax.Array) -> list[jax.Array]:
     return out
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _fp8_gmm(lhs, rhs, group_sizes, dtypes):
-    return _forward(lhs, rhs, group_sizes, dtypes)[0]
+@partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _fp8_gmm(lhs, rhs, group_sizes, dtypes, runner):
+    return _forward(lhs, rhs, group_sizes, dtypes, runner)[0]
 
 
-def _forward(lhs, rhs, group_sizes, dtypes):
+def _forward(lhs, rhs, group_sizes, dtypes, runner):
     xq, x_scales = quantize_tiles(lhs)  # 1 x 128 tiles along K
     wq, w_scales = quantize_expert_blocks(rhs)  # 128 x 128 blocks per expert
-    y = _rows_by_group(dequantize_tiles(xq, x_scales), dequantize_expert_blocks(wq, w_scales), group_sizes)
+    if runner is None:
+        y = _rows_by_group(dequantize_tiles(xq, x_scales), dequantize_expert_blocks(wq, w_scales), group_sizes)
+    else:  # the kernel wants each expert's weight K-major: [E, N, K], its block scales transposed alike
+        w_t = (wq.transpose(0, 2, 1), w_scales.transpose(0, 2, 1))
+        y = _SCALED_BY_GROUP[runner](xq, x_scales, *w_t, group_sizes)
     return y.astype(dtypes[2]), (xq, x_scales, wq, w_scales, group_sizes)
 
 
-def _backward(dtypes, residuals, dy):
+def _backward(dtypes, runner, residuals, dy):
     x_dtype, w_dtype, _ = dtypes
     xq, x_scales, wq, w_scales, group_sizes = residuals
     dy = dy.astype(F32)
 
     # Dgrad: reduce over N, the forward's FP8 weight transposed (what 128 x 128 blocks of w_e^T would give).
-    dy_hat = dequantize_tiles(*quantize_tiles(dy))  # 1 x 128 tiles along N
-    w_t_hat = dequantize_expert_blocks(wq, w_scales).transpose(0, 2, 1)
-    dx = _rows_by_group(dy_hat, w_t_hat, group_sizes)
+    dyq, dy_scales = quantize_tiles(dy)  # 1 x 128 tiles along N
+    if runner is None:
+        w_t_hat = dequantize_expert_blocks(wq, w_scales).transpose(0, 2, 1)
+        dx = _rows_by_group(dequantize_tiles(dyq, dy_scales), w_t_hat, group_sizes)
+    else:  # wq [E, K, N] as stored is already K-major for this GEMM (it reduces over N), and so are its scales
+        dx = _SCALED_BY_GROUP[runner](dyq, dy_scales, wq, w_scales, group_sizes)
 
     # Wgrad: reduce over each group's tokens, both operands in 128 x 1 tiles along the tokens of the whole buffer.
     x_hat = dequantize_tiles(xq, x_scales)
     xt_hat = dequantize_tiles(*quantize_tiles(x_hat.T)).T  # [T, K], scales per 128 tokens per column
     dyt_hat = dequantize_tiles(*quantize_tiles(dy.T)).T  # [T, N]
-    dw = _tokens_by_group(xt_hat, dyt_hat, group_sizes)
+    if runner is None:
+        dw = _tokens_by_group(xt_hat, dyt_hat, group_sizes)
+    else:  # no FP8 kernel reduces over tokens yet: the bf16 grouped kernel on the FP8-rounded values (README.md)
+        dw = _wgrad_by_group(xt_hat.astype(BF16), dyt_hat.astype(BF16), group_sizes, runner)
     return dx.astype(x_dtype), dw.astype(w_dtype), None
 
 

@@ -9,16 +9,19 @@ tokens, stored transposed [N, M], for Wgrad); the saved FP8 x re-tiled along the
 the reduction axis contiguous: Dgrad reads the saved wq [K, N] as its K-major [N, K] operand, and Wgrad reads
 the two transposed copies.
 
-Residuals are those of the reference layer: (xq, x_scales, wq, w_scales).
+Residuals are those of the reference layer: (xq, x_scales, wq, w_scales). Under `jax.vmap` (per-replica
+gradients) each element runs the kernels once (`kernels.gmm.batching.mapped`): a kernel call has no batching rule.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 
 import jax.numpy as jnp
 
 from kernels.fp8 import launch
+from kernels.gmm.batching import mapped
 
 __all__ = ["RUNNERS", "TritonOps"]
 
@@ -37,15 +40,20 @@ class TritonOps:
             raise ValueError(f"runner must be one of {RUNNERS}, got {self.runner!r}")
 
     def forward(self, x, w, out_dtype):
+        return mapped(partial(self._forward, out_dtype=out_dtype))(x, w)
+
+    def backward(self, residuals, dy):
+        return mapped(self._backward)(*residuals, dy)
+
+    def _forward(self, x, w, out_dtype):
         run = dict(runner=self.runner)
         xq, x_scales = launch.quantize_rows(x, **run)
         wq, w_scales, wq_t = launch.quantize_blocks(w, transposed=True, **run)
         y = launch.fprop(xq, x_scales, wq_t, w_scales, out_dtype, **run)
         return y, (xq, x_scales, wq, w_scales)
 
-    def backward(self, residuals, dy):
+    def _backward(self, xq, x_scales, wq, w_scales, dy):
         run = dict(runner=self.runner)
-        xq, x_scales, wq, w_scales = residuals
         dyq, dy_scales, dytq, dyt_scales = launch.quantize_rows_and_cols(dy, **run)
         dx = launch.dgrad(dyq, dy_scales, wq, w_scales, F32, **run)
         xtq, xt_scales = launch.requantize_cols(xq, x_scales, **run)

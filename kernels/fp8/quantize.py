@@ -68,8 +68,12 @@ def _scale_from_amax(amax: jax.Array) -> jax.Array:
 
 
 def _to_e4m3(x_over_scale: jax.Array) -> jax.Array:
-    """Clip to ±448, then round to nearest even in E4M3."""
-    return jnp.clip(x_over_scale, -E4M3_MAX, E4M3_MAX).astype(E4M3)
+    """Clip to ±448, then round to nearest even in E4M3.
+
+    The barrier keeps the rounding: XLA's GPU compiler folds a chain of float conversions (f32 -> E4M3 -> f32,
+    as quantise-then-dequantise writes it) into the outer types, which would drop the E4M3 rounding entirely.
+    """
+    return jax.lax.optimization_barrier(jnp.clip(x_over_scale, -E4M3_MAX, E4M3_MAX).astype(E4M3))
 
 
 def _check_size(name: str, size: int) -> None:

@@ -62,6 +62,7 @@ class Tuning:
     fwd_one_pass: bool | None = None  # version-3 LayerNorm statistics in one reduction; None: for 16-bit inputs only
     bwd_prefetch: bool = False  # version-3 backward (register prefetch, c1/c2 in one reduction)
     bwd_hold_params: bool = True
+    fwd_tile_elems: int = 4096  # forward: rows narrower than this are grouped until a tile holds this many elements
 
 
 # Picked at 16384 x 8192 bf16 by `bench_norms.py --tune --vs-v2` on an H200 (experiments/benchmarks/NORMS_NOTES.md):
@@ -70,7 +71,7 @@ TUNING = {
     "layer_norm": Tuning(fwd_elems_per_thread=16, fwd_prefetch=True, bwd_prefetch=True),
     "rms_norm": Tuning(fwd_elems_per_thread=8, fwd_prefetch=True, bwd_prefetch=True),
 }
-TILE_ELEMS = 4096  # rows narrower than this are grouped until a tile holds this many elements
+TILE_ELEMS = 4096  # backward: rows narrower than this are grouped until a tile holds this many elements
 
 
 def _warps_for(tile_elems: int, elems_per_thread: int) -> int:
@@ -88,7 +89,7 @@ def forward_config(
 ) -> LaunchConfig:
     tuning = TUNING[kind]
     block_n = next_power_of_2(hidden)
-    block_m = override.pop("block_m", max(1, TILE_ELEMS // block_n))
+    block_m = override.pop("block_m", max(1, tuning.fwd_tile_elems // block_n))
     warps = _warps_for(block_m * block_n, tuning.fwd_elems_per_thread)
     per_sm = override.pop("programs_per_sm", max(1, tuning.fwd_warps_per_sm // warps))
     prefetch = override.pop("prefetch", tuning.fwd_prefetch)

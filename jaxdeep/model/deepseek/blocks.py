@@ -22,12 +22,14 @@ class DecoderBlock(nnx.Module):
         norm_impl: str = "reference",
         gmm_impl: str = "auto",
         matmul: Matmul = "bf16",
+        fp8_impl: str = "auto",
     ):
         pdt = DTYPES[cfg.param_dtype]
         self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps, pdt, norm_impl)
-        self.self_attn = MultiHeadLatentAttention(cfg, rngs, norm_impl, matmul)
+        self.self_attn = MultiHeadLatentAttention(cfg, rngs, norm_impl, matmul, fp8_impl)
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps, pdt, norm_impl)
-        self.mlp = MoE(cfg, rngs, gmm_impl, matmul) if moe else SwiGluMlp(cfg, cfg.d_ff, rngs, matmul)
+        mm = (matmul, fp8_impl)
+        self.mlp = MoE(cfg, rngs, gmm_impl, *mm) if moe else SwiGluMlp(cfg, cfg.d_ff, rngs, *mm)
         self.moe = moe
 
     def __call__(self, x_btd: jax.Array, cos_th: jax.Array, sin_th: jax.Array) -> tuple[jax.Array, MoeStats | None]:
@@ -41,13 +43,20 @@ class DecoderBlock(nnx.Module):
 
 
 def stacked_blocks(
-    cfg: ModelConfig, rngs: nnx.Rngs, count: int, moe: bool, norm_impl: str, gmm_impl: str, matmul: Matmul = "bf16"
+    cfg: ModelConfig,
+    rngs: nnx.Rngs,
+    count: int,
+    moe: bool,
+    norm_impl: str,
+    gmm_impl: str,
+    matmul: Matmul = "bf16",
+    fp8_impl: str = "auto",
 ):
     """`count` blocks stacked on a leading `layers` axis (run with a scan: one compiled block)."""
 
     @nnx.split_rngs(splits=count)
     @nnx.vmap(in_axes=(0,), out_axes=0, axis_size=count, transform_metadata={nnx.PARTITION_NAME: "layers"})
     def make(rngs: nnx.Rngs) -> DecoderBlock:
-        return DecoderBlock(cfg, rngs, moe, norm_impl, gmm_impl, matmul)
+        return DecoderBlock(cfg, rngs, moe, norm_impl, gmm_impl, matmul, fp8_impl)
 
     return make(rngs)

@@ -30,13 +30,14 @@ def expert_mlp(
     down_efd: jax.Array,
     impl: str,
     matmul: Matmul = "bf16",
+    fp8_impl: str = "auto",
 ):
     """SwiGLU experts over rows sorted by expert; rows past sum(group_sizes) give zeros. `matmul` "fp8" runs
-    both grouped matmuls through `kernels.fp8.grouped.fp8_gmm` (then `impl` is not used)."""
+    both grouped matmuls through `kernels.fp8.grouped.fp8_gmm` with `fp8_impl` (then `impl` is not used)."""
     e, d, _, f = gate_up_edcf.shape
-    h_s2f = grouped(x_sd, gate_up_edcf.reshape(e, d, 2 * f), group_sizes, impl, matmul).reshape(-1, 2, f)
+    h_s2f = grouped(x_sd, gate_up_edcf.reshape(e, d, 2 * f), group_sizes, impl, matmul, fp8_impl).reshape(-1, 2, f)
     h_sf = jax.nn.silu(h_s2f[:, 0]) * h_s2f[:, 1]
-    return grouped(h_sf, down_efd, group_sizes, impl, matmul)
+    return grouped(h_sf, down_efd, group_sizes, impl, matmul, fp8_impl)
 
 
 def _combine(y_copies_sd: jax.Array, weights_tk: jax.Array) -> jax.Array:
@@ -55,7 +56,9 @@ def gathered_experts(x_td, experts_tk, weights_tk, gate_up_edcf, down_efd):
     return _combine(y_tkd.reshape(t * k, -1), weights_tk), jnp.int32(t * k)
 
 
-def local_experts(x_td, experts_tk, weights_tk, gate_up_edcf, down_efd, impl: str, matmul: Matmul = "bf16"):
+def local_experts(
+    x_td, experts_tk, weights_tk, gate_up_edcf, down_efd, impl: str, matmul: Matmul = "bf16", fp8_impl: str = "auto"
+):
     """All experts on this device: one sort, two grouped matmuls, unsort, weighted sum — or, with impl "auto",
     fewer token copies than experts and matmul "bf16", `gathered_experts`.
 
@@ -66,7 +69,7 @@ def local_experts(x_td, experts_tk, weights_tk, gate_up_edcf, down_efd, impl: st
     flat = experts_tk.reshape(-1)
     order = jnp.argsort(flat, stable=True)
     group_sizes = jnp.bincount(flat, length=n_experts)
-    y_sorted = expert_mlp(x_td[order // k], group_sizes, gate_up_edcf, down_efd, impl, matmul)
+    y_sorted = expert_mlp(x_td[order // k], group_sizes, gate_up_edcf, down_efd, impl, matmul, fp8_impl)
     y_copies = jnp.zeros_like(y_sorted).at[order].set(y_sorted)
     return _combine(y_copies, weights_tk), group_sizes.sum()
 
@@ -76,7 +79,9 @@ def _all_to_all(x_pcd: jax.Array, axes: tuple[str, ...]) -> jax.Array:
     return jax.lax.all_to_all(x_pcd, axes, 0, 0, tiled=True)
 
 
-def expert_parallel(x_td, experts_tk, weights_tk, gate_up_edcf, down_efd, ep_axes, ep_size, impl, matmul="bf16"):
+def expert_parallel(
+    x_td, experts_tk, weights_tk, gate_up_edcf, down_efd, ep_axes, ep_size, impl, matmul="bf16", fp8_impl="auto"
+):
     """Experts split over `ep_axes` (this device holds E/ep_size of them, in order); returns as `local_experts`,
     the count being the copies this device's experts computed (for tokens of any device)."""
     t, k = experts_tk.shape
@@ -98,7 +103,7 @@ def expert_parallel(x_td, experts_tk, weights_tk, gate_up_edcf, down_efd, ep_axe
 
     order_here = jnp.argsort(recv_e, stable=True)
     group_sizes = jnp.bincount(recv_e, length=local_e + 1)[:local_e]
-    y_sorted = expert_mlp(recv_x[order_here], group_sizes, gate_up_edcf, down_efd, impl, matmul)
+    y_sorted = expert_mlp(recv_x[order_here], group_sizes, gate_up_edcf, down_efd, impl, matmul, fp8_impl)
     y_recv = jnp.zeros_like(y_sorted).at[order_here].set(y_sorted)
 
     y_back = _all_to_all(y_recv.reshape(ep_size, copies, d), ep_axes).reshape(-1, d)
@@ -113,7 +118,14 @@ def _axes(entry) -> tuple[str, ...]:
 
 
 def routed_experts(
-    x_btd, experts_btk, weights_btk, gate_up_edcf, down_efd, impl: str = "auto", matmul: Matmul = "bf16"
+    x_btd,
+    experts_btk,
+    weights_btk,
+    gate_up_edcf,
+    down_efd,
+    impl: str = "auto",
+    matmul: Matmul = "bf16",
+    fp8_impl: str = "auto",
 ):
     """Routed-expert output [b, t, d] (float32) of tokens x with their chosen experts and weights, and the
     number of token copies the experts computed (b·t·K when nothing is dropped)."""
@@ -129,6 +141,7 @@ def routed_experts(
             down_efd,
             impl,
             matmul,
+            fp8_impl,
         )
         return y_td.reshape(b, t, d), computed
     mesh, token_spec = tokens
@@ -146,9 +159,9 @@ def routed_experts(
         bl, tl = x_btd.shape[:2]
         args = (x_btd.reshape(-1, d), experts_btk.reshape(-1, k), weights_btk.reshape(-1, k), gate_up_edcf, down_efd)
         if ep_size > 1:
-            y_td, computed = expert_parallel(*args, ep_axes, ep_size, impl, matmul)
+            y_td, computed = expert_parallel(*args, ep_axes, ep_size, impl, matmul, fp8_impl)
         else:
-            y_td, computed = local_experts(*args, impl, matmul)
+            y_td, computed = local_experts(*args, impl, matmul, fp8_impl)
         if mlp_axes:  # each device holds a slice of every expert's hidden units: sum the partial outputs
             y_td = jax.lax.psum(y_td, mlp_axes)
         # Every copy is computed on exactly one device of the token axes (replicas over the rest agree).

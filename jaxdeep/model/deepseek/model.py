@@ -29,7 +29,8 @@ class ModelOutput(NamedTuple):
 
 class DeepSeekModel(nnx.Module):
     """`matmul` ("bf16" or "fp8", config `precision.matmul`) chooses how the projections and the routed experts'
-    grouped matmuls run; the embedding, the output head, the norms and the router stay in higher precision."""
+    grouped matmuls run, `fp8_impl` (config `kernels.fp8`) on which FP8 kernels; the embedding, the output head,
+    the norms and the router stay in higher precision."""
 
     def __init__(
         self,
@@ -38,6 +39,7 @@ class DeepSeekModel(nnx.Module):
         norm_impl: str = "reference",
         gmm_impl: str = "auto",
         matmul: Matmul = "bf16",
+        fp8_impl: str = "auto",
     ):
         ds, pdt = cfg.deepseek, DTYPES[cfg.param_dtype]
         self.cfg = cfg
@@ -46,14 +48,14 @@ class DeepSeekModel(nnx.Module):
         n_dense = ds.first_k_dense_replace
         n_moe = cfg.n_layers - n_dense
         if n_dense:
-            self.dense_blocks = stacked_blocks(cfg, rngs, n_dense, False, norm_impl, gmm_impl, matmul)
+            self.dense_blocks = stacked_blocks(cfg, rngs, n_dense, False, norm_impl, gmm_impl, matmul, fp8_impl)
         if n_moe:
-            self.moe_blocks = stacked_blocks(cfg, rngs, n_moe, True, norm_impl, gmm_impl, matmul)
+            self.moe_blocks = stacked_blocks(cfg, rngs, n_moe, True, norm_impl, gmm_impl, matmul, fp8_impl)
         self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, pdt, norm_impl)
         if not cfg.tie_embeddings:
             self.head = normal_param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.init_std, pdt)
         if ds.num_nextn_predict_layers:
-            self.mtp = stacked_mtp(cfg, rngs, norm_impl, gmm_impl, matmul)
+            self.mtp = stacked_mtp(cfg, rngs, norm_impl, gmm_impl, matmul, fp8_impl)
 
     def __call__(self, tokens_bt: jax.Array) -> jax.Array:
         """Token ids [batch, seq] -> float32 logits [batch, seq, vocab] (MTP modules are not run)."""
