@@ -151,6 +151,7 @@ class OptimConfig:
     eps: float = 1e-8  # Adam epsilon
     clip_norm: float = 1.0  # global gradient-norm clipping; 0 = off
     grad_accum_steps: int = 1  # microbatches per optimizer step (global batch split evenly)
+    freeze_variance_after: int = 0  # Adam's second moment and its bias correction stop after N updates; 0 = never
     # Gradient compression before the cross-replica reduction: none (dense), topk (top-k exchange among all
     # replicas) or topk_hierarchical (dense inside the fast tier of mesh.topology, top-k across the slow tier)
     compression: Literal["none", "topk", "topk_hierarchical"] = "none"
@@ -449,6 +450,8 @@ def validate(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"optim.min_lr_ratio: must be in [0, 1], got {o.min_lr_ratio}")
     if o.warmup_steps < 0 or o.clip_norm < 0 or o.weight_decay < 0:
         raise ConfigError("optim.warmup_steps, optim.clip_norm and optim.weight_decay must be >= 0")
+    if o.freeze_variance_after < 0:
+        raise ConfigError(f"optim.freeze_variance_after: must be >= 0 (0 = never), got {o.freeze_variance_after}")
     if m.head_dim % 2:
         raise ConfigError(f"model.head_dim: rotary embeddings need an even head_dim, got {m.head_dim}")
     validate_topk(o.topk)

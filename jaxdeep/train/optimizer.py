@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
 import optax
 
 from jaxdeep.config import OptimConfig
@@ -21,11 +25,57 @@ def learning_rate_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule
     return lambda step: base(step + 1)
 
 
+class ScaleByAdamFrozenVState(NamedTuple):
+    count: jax.Array  # updates made so far (int32 scalar)
+    mu: Any  # first moment, like the params
+    nu: Any  # second moment, like the params; constant after `freeze_after` updates
+
+
+def scale_by_adam_frozen_v(b1: float, b2: float, eps: float, freeze_after: int) -> optax.GradientTransformation:
+    """optax.scale_by_adam whose second moment stops after `freeze_after` updates (1-bit Adam, Tang et al. 2021).
+
+    Updates 1..freeze_after compute what scale_by_adam computes. From update freeze_after + 1 on, `nu` keeps its
+    value and its bias correction stays 1 - b2**freeze_after, so the step is linear in the incoming gradient (the
+    first moment and its bias correction go on as usual): error feedback on a compressed gradient then delays
+    entries without changing how much of them the optimizer applies.
+    """
+    if freeze_after < 1:
+        raise ValueError(f"freeze_after must be >= 1, got {freeze_after}")
+
+    def init_fn(params):
+        zeros = optax.tree.zeros_like
+        return ScaleByAdamFrozenVState(count=jnp.zeros([], jnp.int32), mu=zeros(params), nu=zeros(params))
+
+    def update_fn(updates, state, params=None):
+        del params
+        count_inc = optax.safe_increment(state.count)
+        frozen = count_inc > freeze_after
+        mu = optax.tree.update_moment(updates, state.mu, b1, 1)
+        nu = optax.tree.update_moment_per_elem_norm(updates, state.nu, b2, 2)
+        nu = jax.tree.map(lambda new, old: jnp.where(frozen, old, new), nu, state.nu)
+        mu_hat = optax.tree.bias_correction(mu, b1, count_inc)
+        nu_hat = optax.tree.bias_correction(nu, b2, jnp.minimum(count_inc, freeze_after))
+        updates = jax.tree.map(lambda m, v: m / (jnp.sqrt(v) + eps), mu_hat, nu_hat)
+        mu = optax.tree.cast_like(mu, state.mu)
+        nu = optax.tree.cast_like(nu, state.nu)
+        return updates, ScaleByAdamFrozenVState(count=count_inc, mu=mu, nu=nu)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
 def make_optimizer(cfg: OptimConfig, total_steps: int, decay_mask) -> optax.GradientTransformation:
     """`decay_mask`: pytree of bools like the params, True where weight decay applies."""
     parts = []
     if cfg.clip_norm > 0:
         parts.append(optax.clip_by_global_norm(cfg.clip_norm))
+    if cfg.freeze_variance_after > 0:
+        # adamw with scale_by_adam swapped for the frozen-variance version; weight decay and schedule as in adamw
+        parts += [
+            scale_by_adam_frozen_v(cfg.b1, cfg.b2, cfg.eps, cfg.freeze_variance_after),
+            optax.add_decayed_weights(cfg.weight_decay, decay_mask),
+            optax.scale_by_learning_rate(learning_rate_schedule(cfg, total_steps)),
+        ]
+        return optax.chain(*parts)
     parts.append(
         optax.adamw(
             learning_rate=learning_rate_schedule(cfg, total_steps),
