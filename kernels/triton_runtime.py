@@ -171,8 +171,35 @@ def run(package: str, runner: str, name: str, inputs, out_shapes: Sequence, grid
     if runner == "interpret":
         origin = importlib.util.find_spec(f"{package}.triton_kernels").origin
         module = interpreted_copy(origin, f"{package}._triton_kernels_interpreted")
-        return run_interpret(module, name, inputs, out_shapes, grid, meta)
-    if runner != "triton":
+        outs = run_interpret(module, name, inputs, out_shapes, grid, meta)
+    elif runner == "triton":
+        module = importlib.import_module(f"{package}.triton_kernels")
+        outs = run_triton(module, name, inputs, out_shapes, grid, num_warps, num_stages, meta, poison)
+    else:
         raise ValueError(f"runner must be 'triton' or 'interpret', got {runner!r}")
-    module = importlib.import_module(f"{package}.triton_kernels")
-    return run_triton(module, name, inputs, out_shapes, grid, num_warps, num_stages, meta, poison)
+    arrays = [a for a in inputs if not isinstance(a, int)]
+    return varying_like(outs, *arrays)
+
+
+def varying_axes(a: jax.Array) -> frozenset:
+    """The manual mesh axes over which `a` differs between devices (empty outside shard_map)."""
+    aval = jax.typeof(a)
+    manual = getattr(aval, "manual_axis_type", None)
+    return frozenset(manual.varying) if manual is not None else frozenset(getattr(aval, "vma", ()))
+
+
+def varying_like(arrays: Sequence[jax.Array], *others: jax.Array) -> list[jax.Array]:
+    """`arrays`, each marked as varying over every manual mesh axis that it or any of `others` varies over.
+
+    Inside `shard_map` a kernel call's outputs carry no varying-axes type of their own (a host callback, or
+    jax-triton's primitive), though they vary as their inputs do. And a `custom_vjp` must return each cotangent
+    with its input's type: weights shared over the data axes get a gradient that differs per device (each
+    device's own tokens), so such operands are cast to varying before the custom_vjp, which puts the cast's
+    transpose, the sum over those axes, outside it, as plain autodiff would. Outside shard_map: unchanged.
+    """
+    axes = frozenset().union(*(varying_axes(a) for a in (*arrays, *others)))
+    out = []
+    for a in arrays:
+        missing = tuple(sorted(axes - varying_axes(a)))
+        out.append(jax.lax.pcast(a, missing, to="varying") if missing else a)
+    return out

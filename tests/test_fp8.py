@@ -194,6 +194,8 @@ def _roundtrip_in_one_program(device) -> None:
 
 
 def test_quantise_then_dequantise_in_one_program_keeps_the_rounding():
+    # XLA's CPU compiler does not fold conversion chains, so this passes with or without the barrier; the GPU
+    # twin below is the one that guards it
     _roundtrip_in_one_program(jax.devices()[0])
 
 
@@ -397,7 +399,7 @@ def emulate_linear(x: np.ndarray, w: np.ndarray, dy: np.ndarray):
 
 
 def eager_linear_and_grads(x, w, dy, out_dtype=None):
-    y, vjp = jax.vjp(lambda x, w: fp8.fp8_linear(x, w, out_dtype=out_dtype), x, w)
+    y, vjp = jax.vjp(lambda x, w: fp8.fp8_linear(x, w, out_dtype=out_dtype, impl="reference"), x, w)
     return (y, *vjp(dy))
 
 

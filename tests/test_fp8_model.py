@@ -103,7 +103,9 @@ def _gmm_case(t, k, n, group_sizes, seed=0):
 
 
 def _fp8_gmm_vjp(x, w, group_sizes, dy):
-    y, vjp = jax.vjp(lambda a, b: fp8_gmm(a, b, jnp.asarray(group_sizes)), jnp.asarray(x), jnp.asarray(w))
+    y, vjp = jax.vjp(
+        lambda a, b: fp8_gmm(a, b, jnp.asarray(group_sizes), impl="reference"), jnp.asarray(x), jnp.asarray(w)
+    )
     return (y, *vjp(jnp.asarray(dy)))
 
 
@@ -148,7 +150,7 @@ def test_fp8_gmm_empty_groups_tiny_groups_and_padding_rows():
 def test_fp8_gmm_dtypes_vmap_and_bad_shapes():
     x, w, gs, dy = _gmm_case(64, 32, 16, [40, 24])
     xb, wb = jnp.asarray(x, jnp.bfloat16), jnp.asarray(w)
-    y, vjp = jax.vjp(lambda a, b: fp8_gmm(a, b, jnp.asarray(gs)), xb, wb)
+    y, vjp = jax.vjp(lambda a, b: fp8_gmm(a, b, jnp.asarray(gs), impl="reference"), xb, wb)
     dx, dw = vjp(jnp.asarray(dy, jnp.bfloat16))
     assert (y.dtype, dx.dtype, dw.dtype) == (jnp.bfloat16, jnp.bfloat16, jnp.float32)
     # vmap with the weights shared (per-replica gradients) equals one call per element.
@@ -290,7 +292,8 @@ def test_kernels_fp8_interpret_gives_the_reference_loss_and_gradients():
     assert routed, "no routed-expert weights among the gradients"
     for name, error in errors.items():
         assert error < (5e-3 if name in routed else 1e-3), (name, error)
-    assert any(errors.values()), "kernels.fp8 did not reach the kernels: the gradients are bit for bit the reference"
+    unrouted = [error for name, error in errors.items() if name not in routed]
+    assert any(unrouted), "kernels.fp8 did not reach the projections: their gradients are bit for bit the reference"
 
 
 class _Spy:
@@ -391,7 +394,12 @@ def test_fp8_train_step_on_an_expert_parallel_mesh_matches_one_device():
     from jaxdeep.train.step import make_train_step
     from tests.helpers import layout
 
-    overrides = (*DEEPSEEK, "model.deepseek.num_nextn_predict_layers=0", "precision.matmul=fp8")
+    overrides = (
+        *DEEPSEEK,
+        "model.deepseek.num_nextn_predict_layers=0",
+        "precision.matmul=fp8",
+        "kernels.fp8=reference",
+    )
     tokens = np.asarray(_tokens())
     initial = None
     moments = {}

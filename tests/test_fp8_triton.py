@@ -27,7 +27,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from kernels import fp8
+from kernels import fp8, triton_runtime
 from kernels.fp8 import launch, reference
 from kernels.fp8.grouped import fp8_gmm
 from kernels.fp8.ops import TritonOps
@@ -390,7 +390,7 @@ def test_fp8_linear_interpret_saves_only_fp8_activations(capsys):
 # The FP8 grouped matmul (MoE experts) on the kernels: Fprop and Dgrad on scaled_gmm, Wgrad on the bf16 gmm kernel
 # ----------------------------------------------------------------------------------------------------
 # The kernels' expert weight gradient multiplies the FP8-rounded operands held in bf16 (kernels/fp8/README.md):
-# each operand rounded once more by at most 2^-9 relative, a product by at most 2^-8; ~2e-3 normwise on this data.
+# each operand rounded once more by at most 2^-8 relative, a product by at most about 2^-7; ~2e-3 normwise on this data.
 WGRAD_BF16_TOL = 5e-3
 
 
@@ -409,16 +409,16 @@ def test_fp8_gmm_interpret_matches_reference():
     want = gmm_and_grads(x, w, gs, dy, "reference")
     # y, dx: the same quantised operands and products; only the order of the float32 sums differs (per-128-chunk
     # scaling in the kernel, one float32 ragged_dot in the reference): ~1e-7 normwise. dw: the kernels take the
-    # FP8-rounded operands in bf16 (each rounded once more, by at most 2^-9 relative): ~2e-3 normwise.
+    # FP8-rounded operands in bf16 (each rounded once more, by at most 2^-8 relative): ~2e-3 normwise.
     for name, g, r in zip(("y", "dx", "dw"), got, want, strict=True):
         assert g.dtype == r.dtype and g.shape == r.shape, name
         assert relnorm(g, r) < WGRAD_BF16_TOL if name == "dw" else relnorm(g, r) < 1e-6, (name, relnorm(g, r))
     y, dx, dw = (np.asarray(a) for a in got)
     assert not np.any(y[sum(sizes) :]) and not np.any(dx[sum(sizes) :]), "padding rows must be zero"
     assert not np.any(dw[1]), "an expert without tokens gets no gradient"
-    # On a CPU, "auto" is the reference, bit for bit.
-    for g, r in zip(gmm_and_grads(x, w, gs, dy, "auto"), want, strict=True):
-        np.testing.assert_array_equal(np.asarray(g), np.asarray(r))
+    if triton_runtime.unavailable_reason() is not None:  # here (a CPU), "auto" is the reference, bit for bit
+        for g, r in zip(gmm_and_grads(x, w, gs, dy, "auto"), want, strict=True):
+            np.testing.assert_array_equal(np.asarray(g), np.asarray(r))
 
 
 def test_fp8_gmm_interpret_under_vmap_and_in_bf16():

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import sys
 import time
 
 import jax
@@ -82,7 +83,8 @@ def compiled_memory(step_fn, state, batch) -> dict:
     """XLA's plan for the step: temporaries (activations saved for the backward plus workspace) and arguments."""
     try:
         analysis = step_fn.lower(state, batch).compile().memory_analysis()
-    except Exception:  # not a jitted function, or a backend without the analysis
+    except Exception as e:  # not a jitted function, or a backend without the analysis
+        print(f"no memory analysis: {type(e).__name__}: {e}", file=sys.stderr)
         return {}
     if analysis is None:
         return {}

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from jaxdeep import sharding
 from kernels import fp8
 from kernels.fp8.grouped import fp8_gmm
 from kernels.gmm import gmm
@@ -47,6 +48,16 @@ def _contracted(subscripts: str) -> int:
     return n
 
 
+def projection_impl(fp8_impl: str) -> str:
+    """The FP8 implementation a projection uses. A kernel call is opaque to the SPMD partitioner, which would gather
+    its operands onto every device, so on a mesh of several devices "auto" takes the pure-JAX reference
+    (partitioned like any XLA op); "triton" still forces the kernels. The routed experts run per device inside
+    `shard_map` and keep the kernels."""
+    if fp8_impl == "auto" and sharding.active_spec(()) is not None:
+        return "reference"
+    return fp8_impl
+
+
 def project(subscripts: str, x: jax.Array, w: jax.Array, matmul: Matmul = "bf16", fp8_impl: str = "auto") -> jax.Array:
     """`jnp.einsum(subscripts, x, w)` for a projection, in FP8 when `matmul` is "fp8" (same shape and dtype)."""
     if matmul == "bf16":
@@ -55,7 +66,7 @@ def project(subscripts: str, x: jax.Array, w: jax.Array, matmul: Matmul = "bf16"
     n = _contracted(subscripts)
     batch, kept = x.shape[: x.ndim - n], w.shape[n:]
     k = math.prod(w.shape[:n])
-    y = fp8.fp8_linear(x.reshape(*batch, k), w.reshape(k, math.prod(kept)), impl=fp8_impl)
+    y = fp8.fp8_linear(x.reshape(*batch, k), w.reshape(k, math.prod(kept)), impl=projection_impl(fp8_impl))
     return checkpoint_name(y.reshape(*batch, *kept), PROJECTION_OUTPUT)
 
 
@@ -80,7 +91,7 @@ def project_shared(
     if len(shapes) == 1:
         kept = weights[0].shape[n:]
         joined = jnp.stack(weights, axis=n + 1)  # [K..., kept0, G, kept1...]
-        y = fp8.fp8_linear(x.reshape(*batch, k), joined.reshape(k, -1), impl=fp8_impl)
+        y = fp8.fp8_linear(x.reshape(*batch, k), joined.reshape(k, -1), impl=projection_impl(fp8_impl))
         y = y.reshape(*batch, kept[0], len(weights), *kept[1:])
         outs = tuple(jnp.take(y, g, axis=len(batch) + 1) for g in range(len(weights)))
     else:
@@ -88,7 +99,7 @@ def project_shared(
             raise ValueError(f"project_shared: weights of different shapes {shapes} need a single kept axis")
         widths = [w.shape[n] for w in weights]
         joined = jnp.concatenate([w.reshape(k, -1) for w in weights], axis=1)
-        y = fp8.fp8_linear(x.reshape(*batch, k), joined, impl=fp8_impl)
+        y = fp8.fp8_linear(x.reshape(*batch, k), joined, impl=projection_impl(fp8_impl))
         outs = tuple(jnp.split(y, list(itertools.accumulate(widths))[:-1], axis=-1))
     return tuple(checkpoint_name(o, PROJECTION_OUTPUT) for o in outs)
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
-
 import jax
 import jax.numpy as jnp
 import optax
@@ -25,12 +23,6 @@ def learning_rate_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule
     return lambda step: base(step + 1)
 
 
-class ScaleByAdamFrozenVState(NamedTuple):
-    count: jax.Array  # updates made so far (int32 scalar)
-    mu: Any  # first moment, like the params
-    nu: Any  # second moment, like the params; constant after `freeze_after` updates
-
-
 def scale_by_adam_frozen_v(b1: float, b2: float, eps: float, freeze_after: int) -> optax.GradientTransformation:
     """optax.scale_by_adam whose second moment stops after `freeze_after` updates (1-bit Adam, Tang et al. 2021).
 
@@ -44,7 +36,7 @@ def scale_by_adam_frozen_v(b1: float, b2: float, eps: float, freeze_after: int) 
 
     def init_fn(params):
         zeros = optax.tree.zeros_like
-        return ScaleByAdamFrozenVState(count=jnp.zeros([], jnp.int32), mu=zeros(params), nu=zeros(params))
+        return optax.ScaleByAdamState(count=jnp.zeros([], jnp.int32), mu=zeros(params), nu=zeros(params))
 
     def update_fn(updates, state, params=None):
         del params
@@ -58,7 +50,7 @@ def scale_by_adam_frozen_v(b1: float, b2: float, eps: float, freeze_after: int) 
         updates = jax.tree.map(lambda m, v: m / (jnp.sqrt(v) + eps), mu_hat, nu_hat)
         mu = optax.tree.cast_like(mu, state.mu)
         nu = optax.tree.cast_like(nu, state.nu)
-        return updates, ScaleByAdamFrozenVState(count=count_inc, mu=mu, nu=nu)
+        return updates, optax.ScaleByAdamState(count=count_inc, mu=mu, nu=nu)
 
     return optax.GradientTransformation(init_fn, update_fn)
 
@@ -69,12 +61,15 @@ def make_optimizer(cfg: OptimConfig, total_steps: int, decay_mask) -> optax.Grad
     if cfg.clip_norm > 0:
         parts.append(optax.clip_by_global_norm(cfg.clip_norm))
     if cfg.freeze_variance_after > 0:
-        # adamw with scale_by_adam swapped for the frozen-variance version; weight decay and schedule as in adamw
-        parts += [
-            scale_by_adam_frozen_v(cfg.b1, cfg.b2, cfg.eps, cfg.freeze_variance_after),
-            optax.add_decayed_weights(cfg.weight_decay, decay_mask),
-            optax.scale_by_learning_rate(learning_rate_schedule(cfg, total_steps)),
-        ]
+        # adamw's own chain with scale_by_adam swapped for the frozen-variance version: the same state tree, so a
+        # checkpoint resumes with freezing switched on or off (resumed past N, v freezes at once, corrected by N)
+        parts.append(
+            optax.chain(
+                scale_by_adam_frozen_v(cfg.b1, cfg.b2, cfg.eps, cfg.freeze_variance_after),
+                optax.add_decayed_weights(cfg.weight_decay, decay_mask),
+                optax.scale_by_learning_rate(learning_rate_schedule(cfg, total_steps)),
+            )
+        )
         return optax.chain(*parts)
     parts.append(
         optax.adamw(

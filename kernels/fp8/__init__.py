@@ -48,12 +48,22 @@ __all__ = [
 IMPLS = ("auto", "reference", "triton", "interpret")
 
 
+def kernels_unavailable_reason() -> str | None:
+    """Why "auto" does not take the Triton kernels here, or None when it does."""
+    reason = triton_runtime.unavailable_reason()
+    if reason is None:
+        capability = getattr(jax.devices()[0], "compute_capability", None)  # "9.0" on an H100
+        if capability is not None and tuple(int(v) for v in str(capability).split(".")[:2]) < (8, 9):
+            reason = f"FP8 tensor cores need compute capability 8.9 or newer; this GPU has {capability}"
+    return reason
+
+
 def _runner(impl: str) -> str | None:
     """The Triton runner for `impl`, or None for the pure-JAX reference."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "auto":
-        return "triton" if triton_runtime.unavailable_reason() is None else None
+        return "triton" if kernels_unavailable_reason() is None else None
     return impl if impl in ("triton", "interpret") else None
 
 

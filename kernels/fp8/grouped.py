@@ -29,8 +29,9 @@ float32 rounding (~1e-7 relative), far under E4M3's 2^-4.
 `impl` (as `kernels.fp8.fp8_linear`: "auto" takes the Triton kernels on a CUDA GPU with jax-triton): with the
 kernels, Fprop and Dgrad run on the grouped block-scaled GEMM `launch.scaled_gmm`, which keeps the FP8 operands
 and applies the scales per 128-chunk (the same products; sums in another order). Both read the weight K-major:
-Fprop a transposed copy [E, N, K], Dgrad the saved wq [E, K, N] as stored (it reduces over N). The Wgrad stays
-on the float32 `ragged_dot` above: `scaled_gmm` has no token-contracting form.
+Fprop a transposed copy [E, N, K], Dgrad the saved wq [E, K, N] as stored (it reduces over N). The Wgrad runs
+on kernels.gmm's weight-gradient kernel in bf16 over the same FP8-rounded operands (`scaled_gmm` has no
+token-contracting form; the bf16 copy rounds each value once more, by at most 2^-8 relative).
 
 Saved for the backward: the FP8 activation and its tile scales, the FP8 weights and their block scales, and
 the group sizes; never the high-precision activation. Gradients come back in the operands' dtypes.
@@ -51,6 +52,7 @@ from kernels.fp8.ops import RUNNERS
 from kernels.fp8.quantize import dequantize_blocks, dequantize_tiles, quantize_blocks, quantize_tiles
 from kernels.gmm import launch as gmm_launch
 from kernels.gmm.batching import mapped
+from kernels.triton_runtime import varying_like
 
 __all__ = ["fp8_gmm", "quantize_expert_blocks", "dequantize_expert_blocks"]
 
@@ -124,31 +126,8 @@ def fp8_gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, out_dtype
     runner = _runner(impl)
     if 0 in (*lhs.shape, *rhs.shape):
         runner = None  # nothing to multiply: the reference gives the zeros
-    lhs, rhs = _varying_alike(lhs, rhs)
+    lhs, rhs = varying_like((lhs, rhs))  # inside shard_map: see triton_runtime.varying_like
     return _fp8_gmm(lhs, rhs, group_sizes.astype(jnp.int32), dtypes, runner)
-
-
-def _varying_axes(a: jax.Array) -> frozenset:
-    """The manual mesh axes over which `a` differs between devices (empty outside shard_map)."""
-    aval = jax.typeof(a)
-    manual = getattr(aval, "manual_axis_type", None)
-    return frozenset(manual.varying) if manual is not None else frozenset(getattr(aval, "vma", ()))
-
-
-def _varying_alike(*arrays: jax.Array) -> list[jax.Array]:
-    """Inside `shard_map`, mark every operand as varying over the mesh axes any of them varies over.
-
-    A custom_vjp's backward must return each cotangent with its input's type. Expert weights are often the
-    same on every device of the data axes while the tokens differ; the weight gradient computed from those
-    tokens then differs per device. Casting the weights to varying here puts the cast's transpose, the sum
-    over those axes, outside the custom_vjp, as plain autodiff would. Outside shard_map this changes nothing.
-    """
-    axes = frozenset().union(*(_varying_axes(a) for a in arrays))
-    out = []
-    for a in arrays:
-        missing = tuple(sorted(axes - _varying_axes(a)))
-        out.append(jax.lax.pcast(a, missing, to="varying") if missing else a)
-    return out
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(3, 4))

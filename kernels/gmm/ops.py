@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from kernels.gmm import launch
+from kernels.triton_runtime import varying_like
 
 __all__ = ["SUPPORTED_DTYPES", "triton_gmm"]
 
@@ -51,7 +52,8 @@ def triton_gmm(
     m, (e, k, n) = lhs.shape[0], rhs.shape
     if 0 in (m, e, k, n):  # nothing to compute; the product of an empty reduction is zero
         return jnp.zeros((m, n), out_dtype)
-    return _triton_gmm(lhs.astype(dtype), rhs.astype(dtype), group_sizes.astype(jnp.int32), runner, out_dtype)
+    lhs, rhs = varying_like((lhs.astype(dtype), rhs.astype(dtype)))  # inside shard_map: see varying_like
+    return _triton_gmm(lhs, rhs, group_sizes.astype(jnp.int32), runner, out_dtype)
 
 
 def check_shapes(name: str, lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> None:
