@@ -52,6 +52,7 @@ from kernels.fp8.ops import RUNNERS
 from kernels.fp8.quantize import dequantize_blocks, dequantize_tiles, quantize_blocks, quantize_tiles
 from kernels.gmm import launch as gmm_launch
 from kernels.gmm.batching import mapped
+from kernels.gmm.ops import check_shapes
 from kernels.triton_runtime import varying_like
 
 __all__ = ["fp8_gmm", "quantize_expert_blocks", "dequantize_expert_blocks"]
@@ -109,16 +110,7 @@ def fp8_gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, out_dtype
 
     Differentiable in lhs and rhs; `out_dtype` defaults to lhs's dtype. `impl`: see the module docstring.
     """
-    if lhs.ndim != 2 or rhs.ndim != 3 or group_sizes.ndim != 1:
-        raise ValueError(
-            f"fp8_gmm expects lhs [T, K], rhs [E, K, N], group_sizes [E]; got {lhs.shape}, {rhs.shape}, "
-            f"{group_sizes.shape}"
-        )
-    if lhs.shape[1] != rhs.shape[1] or rhs.shape[0] != group_sizes.shape[0]:
-        raise ValueError(
-            f"fp8_gmm shapes disagree: lhs {lhs.shape}, rhs {rhs.shape}, group_sizes {group_sizes.shape} "
-            "(need lhs[1] == rhs[1] and rhs[0] == group_sizes[0])"
-        )
+    check_shapes("fp8_gmm", lhs, rhs, group_sizes)
     for name, a in (("lhs", lhs), ("rhs", rhs)):
         if not jnp.issubdtype(a.dtype, jnp.floating):
             raise ValueError(f"fp8_gmm needs floating {name}, got {a.dtype}")

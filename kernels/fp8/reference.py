@@ -28,6 +28,8 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
+from kernels.gmm.ops import check_shapes
+
 __all__ = ["scaled_gmm", "scaled_matmul"]
 
 F32 = jnp.float32
@@ -101,16 +103,8 @@ def scaled_gmm(
     of K: out[t] += (lhs_c[t] @ rhs_c[g(t)]) * lhs_scales[t, c] * rhs_scales[g(t), c, n // 128].
     """
     block = 128
-    if lhs.ndim != 2 or rhs.ndim != 3 or group_sizes.ndim != 1:
-        raise ValueError(
-            f"scaled_gmm expects lhs [T, K], rhs [E, K, N], group_sizes [E]; got {lhs.shape}, {rhs.shape}, "
-            f"{group_sizes.shape}"
-        )
-    (t, k), (e, k_r, n) = lhs.shape, rhs.shape
-    if k != k_r or group_sizes.shape[0] != e:
-        raise ValueError(
-            f"scaled_gmm shapes disagree: lhs {lhs.shape}, rhs {rhs.shape}, group_sizes {group_sizes.shape}"
-        )
+    check_shapes("scaled_gmm", lhs, rhs, group_sizes)
+    (t, k), (e, _, n) = lhs.shape, rhs.shape
     chunks, n_blocks = math.ceil(k / block), math.ceil(n / block)
     if lhs_scales.shape != (t, chunks):
         raise ValueError(f"lhs_scales shape {lhs_scales.shape} must be {(t, chunks)} for lhs {lhs.shape}")
