@@ -12,8 +12,8 @@
 - "reference": the pure-JAX definitions (`kernels.fp8.reference`, `kernels.fp8.linear`);
 - "triton": the Triton kernels (`kernels.fp8.triton_kernels`, GPU through jax-triton);
 - "interpret": the same kernels in Triton's interpreter (CPU tests);
-- "auto": the Triton kernels where they can run (a CUDA GPU with triton and jax-triton importable), else the
-  reference.
+- "auto": the Triton kernels where they can run (a CUDA GPU of compute capability 8.9 or newer, with triton and
+  jax-triton importable), else the reference.
 
 `grouped.fp8_gmm` (the MoE experts) takes the same `impl`: its forward and input gradient run on `scaled_gmm`.
 
