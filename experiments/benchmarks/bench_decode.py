@@ -9,7 +9,10 @@ Roofline: a decode step must read the weights it uses and the cache it attends o
 weights a token of batch 1 touches (for MoE: the active parameters, shared and routed experts of one token)
 plus the cache of the positions in use; "read" bytes count what this implementation reads (all weights,
 every cached position of every slot, since decode attends over the whole slot with a mask). The bound is
-bytes / (bandwidth of a device-to-device copy measured in the same run).
+bytes / (bandwidth of a copy measured in the same run: `a + 1` over 2 GiB, timed on the GPU's clock from a
+profiler trace, as a host clock around the call would add the allocation and synchronisation of each call).
+Each row gives the step on the host's clock (what a server sees) and the GPU's busy time per step (the sum of
+its kernels' durations), and the roofline fractions of the host-clock step.
 
     python experiments/benchmarks/bench_decode.py experiments/dense_1b.yaml --batch 1 16 64 \
         --override model.param_dtype=bfloat16 --out experiments/benchmarks/bench_decode.jsonl
@@ -20,11 +23,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from timing import device_seconds  # noqa: E402
 
 from jaxdeep.model import count_params
 from jaxdeep.serve.loading import load_model
@@ -34,31 +43,30 @@ from jaxdeep.serve.runner import CacheGeometry, ModelRunner
 def copy_bandwidth(nbytes: int, repeats: int = 20) -> float:
     """Bytes per second of reading and writing one buffer on the first device (read + write counted)."""
     x = jnp.ones((nbytes // 4,), jnp.float32)
-    copy = jax.jit(lambda a: a + 1.0)
-    copy(x).block_until_ready()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        copy(x).block_until_ready()
-        times.append(time.perf_counter() - t0)
-    return 2 * nbytes / float(np.median(times))
+    return 2 * nbytes / device_seconds(jax.jit(lambda a: a + 1.0), x, calls=repeats)
 
 
 def tree_bytes(tree) -> int:
     return sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(tree))
 
 
-def time_decode(runner: ModelRunner, batch: int, context: int, steps: int) -> float:
-    cache = runner.new_cache()
+def time_decode(runner: ModelRunner, batch: int, context: int, steps: int) -> tuple[float, float]:
+    """Seconds per decode step on the host's clock, and the GPU's busy seconds per step."""
+    state = {"cache": runner.new_cache(), "position": context // 2 - 1}
     tokens = np.ones((batch,), np.int32)
-    start = context // 2
-    cache, logits = runner.decode(cache, tokens, np.full((batch,), start - 1, np.int32))  # compile + warm up
-    logits.block_until_ready()
+
+    def step():
+        state["position"] = min(state["position"] + 1, context - 1)
+        state["cache"], logits = runner.decode(state["cache"], tokens, np.full((batch,), state["position"], np.int32))
+        return logits
+
+    step().block_until_ready()  # compile + warm up
     t0 = time.perf_counter()
-    for i in range(steps):
-        cache, logits = runner.decode(cache, tokens, np.full((batch,), start + i, np.int32))
+    for _ in range(steps):
+        logits = step()
     logits.block_until_ready()
-    return (time.perf_counter() - t0) / steps
+    host = (time.perf_counter() - t0) / steps
+    return host, device_seconds(step, calls=min(steps, 20))
 
 
 def main() -> None:
@@ -88,7 +96,7 @@ def main() -> None:
             cfg, loaded.mesh, loaded.merge, loaded.params, loaded.model_state, geometry, unroll_layers=not args.scan
         )
         cache_bytes = tree_bytes(jax.eval_shape(runner.new_cache))
-        step_s = time_decode(runner, batch, args.context, args.steps)
+        step_s, busy_s = time_decode(runner, batch, args.context, args.steps)
         used_cache = cache_bytes * (args.context // 2) / args.context
         needed = active * itemsize + used_cache
         read = weight_bytes - counts["embedding"] * itemsize + cache_bytes
@@ -98,6 +106,7 @@ def main() -> None:
             "batch": batch,
             "context": args.context,
             "step_ms": step_s * 1e3,
+            "gpu_busy_ms": busy_s * 1e3,
             "tokens_per_s": batch / step_s,
             "copy_tb_s": bandwidth / 1e12,
             "needed_gb": needed / 1e9,
@@ -105,6 +114,7 @@ def main() -> None:
             "roofline_needed": needed / bandwidth / step_s,
             "roofline_read": read / bandwidth / step_s,
             "unroll": not args.scan,
+            "skinny": cfg.kernels.skinny,
             "xla_flags": os.environ.get("XLA_FLAGS", ""),
             "overrides": args.override,
         }
