@@ -182,9 +182,6 @@ class KernelsConfig:
     # FP8 GEMMs of precision.matmul=fp8 (kernels.fp8): "reference" (pure JAX), "triton" (Triton kernels, GPU),
     # "interpret" (the Triton kernels in Triton's interpreter, CPU tests) or "auto" (Triton where it can run)
     fp8: Literal["reference", "auto", "triton", "interpret"] = "auto"
-    # Serving's projections of a few rows (decode; kernels.skinny, a weight read near copy bandwidth): "auto"
-    # (the Triton kernel on one GPU, else the einsum), "triton", "interpret" (CPU tests) or "reference"
-    skinny: Literal["reference", "auto", "triton", "interpret"] = "auto"
 
 
 @dataclass(slots=True)

@@ -518,30 +518,6 @@ def test_failed_step_aborts_and_engine_recovers(dense):
         engine.close()
 
 
-def test_skinny_kernel_decode_equals_the_einsums(served):
-    """kernels.skinny routes decode's projections (one row per slot) through the skinny Triton kernel; run in
-    Triton's interpreter, its logits equal the einsum path's."""
-    import dataclasses
-
-    kind, loaded, engine, _ = served
-    cfg = dataclasses.replace(loaded.cfg, kernels=dataclasses.replace(loaded.cfg.kernels, skinny="interpret"))
-    geometry = CacheGeometry(num_slots=SLOTS, max_context=CONTEXT, prefill_chunk=CHUNK)
-    runner = ModelRunner(cfg, loaded.mesh, loaded.merge, loaded.params, loaded.model_state, geometry, FAST)
-    reference = engine.runner
-    assert reference.cfg.kernels.skinny == "auto"  # on this CPU: the einsums
-    prompt = _prompt(11, 4)
-    caches = [r.prefill_prompt(r.new_cache(), prompt, slot=1)[0] for r in (runner, reference)]
-    tokens_b, positions_b = np.arange(1, SLOTS + 1, dtype=np.int32), np.full(SLOTS, len(prompt), np.int32)
-    lowered = [r._decode.lower(r.params, r.model_state, c, tokens_b, positions_b).as_text() for r, c in
-               zip((runner, reference), caches, strict=True)]  # fmt: skip
-    assert "callback" in lowered[0] and "callback" not in lowered[1]  # the interpreter runs on the host
-    got, want = (
-        np.asarray(r.decode(c, tokens_b, positions_b)[1]) for r, c in zip((runner, reference), caches, strict=True)
-    )
-    # Both sum float32 products; only the order of the sums differs.
-    np.testing.assert_allclose(got, want, rtol=0, atol=RTOL * np.abs(want).max())
-
-
 # ----------------------------------------------------------------------------- sharded layouts
 
 

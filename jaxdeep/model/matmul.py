@@ -11,8 +11,6 @@ the FP8 kernels (`kernels.fp8`: "auto" takes the Triton kernels where they can r
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import itertools
 import math
 from collections.abc import Sequence
@@ -23,7 +21,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from jaxdeep import sharding
-from kernels import fp8, skinny
+from kernels import fp8
 from kernels.fp8.grouped import fp8_gmm
 from kernels.gmm import gmm
 
@@ -60,49 +58,10 @@ def projection_impl(fp8_impl: str) -> str:
     return fp8_impl
 
 
-# How bf16 projections of at most `skinny.MAX_ROWS` rows run (decode): "reference" (the einsum) unless a step is
-# traced inside `skinny_matmuls`, which serving does with config `kernels.skinny`.
-_SKINNY: contextvars.ContextVar[str] = contextvars.ContextVar("jaxdeep_skinny", default="reference")
-
-
-@contextlib.contextmanager
-def skinny_matmuls(impl: str):
-    """Projections with few rows traced inside this block run on `kernels.skinny` with `impl` ("auto" takes the
-    Triton kernel on one GPU, and the einsum on a mesh of several devices: see `projection_impl`)."""
-    if impl not in skinny.IMPLS:
-        raise ValueError(f"kernels.skinny must be one of {skinny.IMPLS}, got {impl!r}")
-    token = _SKINNY.set(impl)
-    try:
-        yield
-    finally:
-        _SKINNY.reset(token)
-
-
-def _skinny_impl(subscripts: str, x: jax.Array, w: jax.Array) -> tuple[str, int] | None:
-    """(implementation, contracted axes) when this projection runs on the skinny kernel, else None (the einsum)."""
-    impl = projection_impl(_SKINNY.get())
-    if impl == "reference" or x.dtype != w.dtype:
-        return None
-    try:
-        n = _contracted(subscripts)
-    except ValueError:  # not a projection of x's trailing axes: leave it to the einsum
-        return None
-    if math.prod(x.shape[: x.ndim - n]) > skinny.MAX_ROWS:
-        return None
-    return impl, n
-
-
 def project(subscripts: str, x: jax.Array, w: jax.Array, matmul: Matmul = "bf16", fp8_impl: str = "auto") -> jax.Array:
     """`jnp.einsum(subscripts, x, w)` for a projection, in FP8 when `matmul` is "fp8" (same shape and dtype)."""
     if matmul == "bf16":
-        chosen = _skinny_impl(subscripts, x, w)
-        if chosen is None:
-            return jnp.einsum(subscripts, x, w)
-        impl, n = chosen
-        batch, kept = x.shape[: x.ndim - n], w.shape[n:]
-        k = math.prod(w.shape[:n])
-        y = skinny.skinny_matmul(x.reshape(*batch, k), w.reshape(k, math.prod(kept)), impl=impl)
-        return y.reshape(*batch, *kept)
+        return jnp.einsum(subscripts, x, w)
     check_matmul(matmul)
     n = _contracted(subscripts)
     batch, kept = x.shape[: x.ndim - n], w.shape[n:]

@@ -180,7 +180,7 @@ class Transformer(nnx.Module):
         """Residual stream -> fp32 logits [batch, seq, vocab] (final norm, then the head)."""
         x_btd = self.final_norm(x_btd)
         head_dv = self.embed[...].T if self.cfg.tie_embeddings else self.head[...]
-        logits_btv = project("btd,dv->btv", x_btd, head_dv.astype(DTYPES[self.cfg.dtype]))
+        logits_btv = jnp.einsum("btd,dv->btv", x_btd, head_dv.astype(DTYPES[self.cfg.dtype]))
         return constrain(logits_btv, ("batch", "act_seq", "act_vocab")).astype(jnp.float32)
 
 

@@ -16,7 +16,6 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxdeep.config import ConfigError, ExperimentConfig
-from jaxdeep.model.matmul import skinny_matmuls
 from jaxdeep.serve import cache as kv
 from jaxdeep.serve.extend import model_functions
 from jaxdeep.sharding import use_rules
@@ -74,10 +73,8 @@ class ModelRunner:
         chunk, slots = geometry.prefill_chunk, geometry.num_slots
         pre_rules = prefill_rules(self.rules)
 
-        skinny = cfg.kernels.skinny
-
         def prefill(params, model_state, cache, tokens_t, slot, start, n_valid):
-            with use_rules(pre_rules, mesh), skinny_matmuls(skinny):
+            with use_rules(pre_rules, mesh):
                 model = merge(params, model_state)
                 positions_bt = (start + jnp.arange(chunk, dtype=jnp.int32))[None]
                 x_btd, cache = extend(
@@ -87,7 +84,7 @@ class ModelRunner:
                 return cache, logits(model, last_b1d)[0, 0]
 
         def decode(params, model_state, cache, tokens_b, positions_b):
-            with use_rules(self.rules, mesh), skinny_matmuls(skinny):
+            with use_rules(self.rules, mesh):
                 model = merge(params, model_state)
                 slot_b = jnp.arange(slots, dtype=jnp.int32)
                 x_btd, cache = extend(

@@ -15,7 +15,7 @@ from jaxdeep.model.deepseek.mtp import stacked_mtp
 from jaxdeep.model.deepseek.norm import DTYPES, RESIDUAL, RMSNorm
 from jaxdeep.model.deepseek.rope import rope_tables
 from jaxdeep.model.layers import normal_param
-from jaxdeep.model.matmul import Matmul, check_matmul, project, remat_policy
+from jaxdeep.model.matmul import Matmul, check_matmul, remat_policy
 from jaxdeep.sharding import constrain
 
 
@@ -68,7 +68,7 @@ class DeepSeekModel(nnx.Module):
 
     def _logits(self, h_btd: jax.Array) -> jax.Array:
         head_dv = self.embed[...].T if self.cfg.tie_embeddings else self.head[...]
-        logits_btv = project("btd,dv->btv", h_btd, head_dv.astype(DTYPES[self.cfg.dtype]))
+        logits_btv = jnp.einsum("btd,dv->btv", h_btd, head_dv.astype(DTYPES[self.cfg.dtype]))
         return constrain(logits_btv, ("batch", "act_seq", "act_vocab")).astype(jnp.float32)
 
     def _scan(self, stack, x_btd, cos_th, sin_th, extra_xs=None, step=None):
