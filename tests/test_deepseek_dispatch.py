@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdeep.model.deepseek.dispatch import gathered_experts, local_experts
+from jaxdeep.model.kernel_choice import KernelChoice
 
 
 def _problem(tokens: int, k: int, experts: int, seed: int = 0):
@@ -28,7 +29,7 @@ def test_gathered_experts_equal_the_grouped_matmuls_forward_and_gradients():
         y, _ = fn(x, chosen, w, gu, dn)
         return jnp.sum(jnp.sin(y))
 
-    grouped = lambda *a: local_experts(*a, impl="reference")
+    grouped = lambda *a: local_experts(*a, kernels=KernelChoice(gmm="reference"))
     y_want, n_want = grouped(x, chosen, weights, gate_up, down)
     y_got, n_got = gathered_experts(x, chosen, weights, gate_up, down)
     np.testing.assert_allclose(y_got, y_want, rtol=1e-5, atol=1e-5)
@@ -43,11 +44,11 @@ def test_auto_gathers_only_below_the_expert_count():
     few = _problem(tokens=3, k=2, experts=8)  # 6 copies < 8 experts: gathered
     many = _problem(tokens=5, k=2, experts=8)  # 10 copies: grouped matmuls
     for args in (few, many):
-        y_auto, _ = local_experts(*args, impl="auto")
-        y_ref, _ = local_experts(*args, impl="reference")
+        y_auto, _ = local_experts(*args, kernels=KernelChoice(gmm="auto"))
+        y_ref, _ = local_experts(*args, kernels=KernelChoice(gmm="reference"))
         np.testing.assert_allclose(y_auto, y_ref, rtol=1e-5, atol=1e-5)
-    hlo_few = jax.jit(lambda *a: local_experts(*a, impl="auto")).lower(*few).as_text()
-    hlo_many = jax.jit(lambda *a: local_experts(*a, impl="auto")).lower(*many).as_text()
+    hlo_few = jax.jit(lambda *a: local_experts(*a, kernels=KernelChoice(gmm="auto"))).lower(*few).as_text()
+    hlo_many = jax.jit(lambda *a: local_experts(*a, kernels=KernelChoice(gmm="auto"))).lower(*many).as_text()
     assert "stablehlo.sort" not in hlo_few and "stablehlo.sort" in hlo_many  # only the grouped path sorts copies
 
 
@@ -56,11 +57,11 @@ def test_experts_through_the_triton_kernels_match_the_reference():
     x, chosen, weights, gate_up, down = _problem(tokens=7, k=2, experts=4, seed=3)
 
     def loss(impl, x, gu, dn):
-        y, _ = local_experts(x, chosen, weights, gu, dn, impl=impl)
+        y, _ = local_experts(x, chosen, weights, gu, dn, kernels=KernelChoice(gmm=impl))
         return jnp.sum(jnp.sin(y))
 
-    got, _ = local_experts(x, chosen, weights, gate_up, down, impl="interpret")
-    want, _ = local_experts(x, chosen, weights, gate_up, down, impl="reference")
+    got, _ = local_experts(x, chosen, weights, gate_up, down, kernels=KernelChoice(gmm="interpret"))
+    want, _ = local_experts(x, chosen, weights, gate_up, down, kernels=KernelChoice(gmm="reference"))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     g_got = jax.grad(lambda *a: loss("interpret", *a), argnums=(0, 1, 2))(x, gate_up, down)
     g_want = jax.grad(lambda *a: loss("reference", *a), argnums=(0, 1, 2))(x, gate_up, down)

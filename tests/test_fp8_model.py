@@ -24,7 +24,7 @@ from flax import nnx
 
 import kernels.fp8
 from jaxdeep.config import ConfigError, load_config
-from jaxdeep.model import DeepSeekModel, Transformer, build_model
+from jaxdeep.model import DeepSeekModel, KernelChoice, Transformer, build_model
 from jaxdeep.model import matmul as model_matmul
 from kernels.fp8.grouped import fp8_gmm
 from tests.fast_compile import compiled
@@ -382,7 +382,7 @@ def test_bad_precision_gives_a_clear_error():
     with pytest.raises(ConfigError, match=r"kernels\.fp8: 'pallas' is not allowed; choose one of"):
         load_config(None, ["kernels.fp8=pallas"])
     with pytest.raises(ValueError, match="precision.matmul must be one of"):
-        Transformer(tiny_config().model, nnx.Rngs(0), matmul="fp16")
+        Transformer(tiny_config().model, nnx.Rngs(0), KernelChoice(matmul="fp16"))
 
 
 def test_fp8_train_step_on_an_expert_parallel_mesh_matches_one_device():

@@ -10,8 +10,8 @@ import optax
 import pytest
 from flax import nnx
 
-from jaxdeep.config import default_rules
-from jaxdeep.model import Transformer, count_params, flops_per_token, logical_axes_of
+from jaxdeep.config import default_rules, load_config
+from jaxdeep.model import KernelChoice, Transformer, build_model, count_params, flops_per_token, logical_axes_of
 from jaxdeep.model.layers import LayerNorm
 from jaxdeep.sharding import use_rules
 from tests.helpers import layout, max_rel_error, tiny_config
@@ -289,3 +289,20 @@ def test_layernorm_matches_float64_on_rows_with_large_mean():
     assert y.dtype == np.float32
     # fp32 sums of values near 1e3 leave errors of a few 1e-4; a one-pass E[x²] - E[x]² variance is off by ~0.3.
     np.testing.assert_allclose(y, want, rtol=0, atol=1e-3)
+
+
+# ----------------------------------------------------------------------------- kernel choice
+
+
+def test_kernel_choice_comes_from_the_config_and_leaves_the_parameters_alone():
+    assert KernelChoice.from_config(load_config(None, [])) == KernelChoice()  # same defaults as the config
+    overrides = ("kernels.norm=auto", "kernels.gmm=reference", "precision.matmul=fp8", "kernels.fp8=reference")
+    cfg = tiny_config(*overrides)
+    chosen = KernelChoice(norm="auto", gmm="reference", matmul="fp8", fp8="reference")
+    assert KernelChoice.from_config(cfg) == chosen
+    model = build_model(cfg, nnx.Rngs(0))
+    assert model.kernels == chosen and model.final_norm.impl == "auto"
+    shapes = lambda m: jax.tree.map(lambda a: (a.shape, a.dtype), nnx.to_pure_dict(nnx.state(m)))
+    assert shapes(model) == shapes(build_model(tiny_config(), nnx.Rngs(0)))
+    with pytest.raises(ValueError, match="precision.matmul must be one of"):
+        KernelChoice(matmul="fp16")

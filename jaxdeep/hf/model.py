@@ -12,6 +12,7 @@ from jax.sharding import Mesh
 
 from jaxdeep.config import MESH_AXES, ModelConfig, default_rules
 from jaxdeep.model.deepseek import DeepSeekModel, ModelOutput, RoutingBias
+from jaxdeep.model.kernel_choice import DEFAULT_KERNELS, KernelChoice
 from jaxdeep.model.layers import logical_axes_of
 from jaxdeep.sharding import Rules, tree_shardings, use_rules
 
@@ -23,8 +24,8 @@ def single_device_mesh() -> Mesh:
 class ModelStructure:
     """Graph, abstract state and shardings of a DeepSeek model config on a mesh (no weights)."""
 
-    def __init__(self, cfg: ModelConfig, mesh: Mesh, rules: Rules, norm_impl: str = "reference", gmm_impl="auto"):
-        abstract = nnx.eval_shape(lambda: DeepSeekModel(cfg, nnx.Rngs(0), norm_impl, gmm_impl))
+    def __init__(self, cfg: ModelConfig, mesh: Mesh, rules: Rules, kernels: KernelChoice = DEFAULT_KERNELS):
+        abstract = nnx.eval_shape(lambda: DeepSeekModel(cfg, nnx.Rngs(0), kernels))
         self.graphdef, self.abstract_params, self.abstract_model_state = nnx.split(abstract, nnx.Param, RoutingBias)
         self.cfg, self.mesh, self.rules = cfg, mesh, rules
         self.param_shardings = tree_shardings(logical_axes_of(self.abstract_params), rules, mesh)

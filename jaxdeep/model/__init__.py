@@ -8,17 +8,18 @@ from jaxdeep.config import ExperimentConfig, ModelConfig
 from jaxdeep.model import transformer
 from jaxdeep.model.deepseek import DeepSeekModel, RoutingBias
 from jaxdeep.model.deepseek import counts as deepseek_counts
+from jaxdeep.model.kernel_choice import KernelChoice
 from jaxdeep.model.layers import Param, logical_axes_of
 from jaxdeep.model.transformer import Transformer
 
 
 def build_model(cfg: ExperimentConfig, rngs: nnx.Rngs) -> nnx.Module:
     """The model `cfg.model.kind` names, with the kernel choices of `cfg.kernels` and the matmul precision of
-    `cfg.precision`."""
-    matmul, fp8_impl = cfg.precision.matmul, cfg.kernels.fp8
+    `cfg.precision` (as one `KernelChoice`)."""
+    kernels = KernelChoice.from_config(cfg)
     if cfg.model.kind == "deepseek":
-        return DeepSeekModel(cfg.model, rngs, cfg.kernels.norm, cfg.kernels.gmm, matmul, fp8_impl)
-    return Transformer(cfg.model, rngs, cfg.kernels.norm, matmul, fp8_impl)
+        return DeepSeekModel(cfg.model, rngs, kernels)
+    return Transformer(cfg.model, rngs, kernels)
 
 
 def count_params(cfg: ModelConfig) -> dict[str, int]:
@@ -37,6 +38,7 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
 
 __all__ = [
     "DeepSeekModel",
+    "KernelChoice",
     "Param",
     "RoutingBias",
     "Transformer",

@@ -5,8 +5,10 @@ Every projection of the models contracts the trailing axes of an activation with
 views the operands as x [..., K] and w [K, N] (K and N the products of the contracted and the kept weight
 axes) and calls `kernels.fp8.fp8_linear`. Merging axes there only joins an axis with the ones after it, so a
 sharded leading axis (heads, mlp, embed) stays the major part of the merged axis and keeps its split.
-The routed experts' grouped matmuls switch likewise in `grouped`. `fp8_impl` (config `kernels.fp8`) chooses
-the FP8 kernels (`kernels.fp8`: "auto" takes the Triton kernels where they can run).
+The routed experts' grouped matmuls switch likewise in `grouped`. The choice comes as a `KernelChoice`:
+`matmul` (config `precision.matmul`) picks the precision, `fp8` (config `kernels.fp8`) the FP8 kernels
+(`kernels.fp8`: "auto" takes the Triton kernels where they can run), `gmm` (config `kernels.gmm`) the grouped
+matmul in the compute dtype.
 """
 
 from __future__ import annotations
@@ -14,26 +16,18 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Sequence
-from typing import Literal
 
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from jaxdeep import sharding
+from jaxdeep.model.kernel_choice import DEFAULT_KERNELS, KernelChoice, Matmul, check_matmul
 from kernels import fp8
 from kernels.fp8.grouped import fp8_gmm
 from kernels.gmm import gmm
 
-Matmul = Literal["bf16", "fp8"]
-MATMULS = ("bf16", "fp8")
 PROJECTION_OUTPUT = "projection_output"  # checkpoint name of an FP8 projection's output (see remat_policy)
-
-
-def check_matmul(matmul: str) -> str:
-    if matmul not in MATMULS:
-        raise ValueError(f"precision.matmul must be one of {MATMULS}, got {matmul!r}")
-    return matmul
 
 
 def _contracted(subscripts: str) -> int:
@@ -58,20 +52,21 @@ def projection_impl(fp8_impl: str) -> str:
     return fp8_impl
 
 
-def project(subscripts: str, x: jax.Array, w: jax.Array, matmul: Matmul = "bf16", fp8_impl: str = "auto") -> jax.Array:
-    """`jnp.einsum(subscripts, x, w)` for a projection, in FP8 when `matmul` is "fp8" (same shape and dtype)."""
-    if matmul == "bf16":
+def project(subscripts: str, x: jax.Array, w: jax.Array, kernels: KernelChoice = DEFAULT_KERNELS) -> jax.Array:
+    """`jnp.einsum(subscripts, x, w)` for a projection, in FP8 when `kernels.matmul` is "fp8" (same shape and
+    dtype)."""
+    if kernels.matmul == "bf16":
         return jnp.einsum(subscripts, x, w)
-    check_matmul(matmul)
+    check_matmul(kernels.matmul)
     n = _contracted(subscripts)
     batch, kept = x.shape[: x.ndim - n], w.shape[n:]
     k = math.prod(w.shape[:n])
-    y = fp8.fp8_linear(x.reshape(*batch, k), w.reshape(k, math.prod(kept)), impl=projection_impl(fp8_impl))
+    y = fp8.fp8_linear(x.reshape(*batch, k), w.reshape(k, math.prod(kept)), impl=projection_impl(kernels.fp8))
     return checkpoint_name(y.reshape(*batch, *kept), PROJECTION_OUTPUT)
 
 
 def project_shared(
-    subscripts: str, x: jax.Array, weights: Sequence[jax.Array], matmul: Matmul = "bf16", fp8_impl: str = "auto"
+    subscripts: str, x: jax.Array, weights: Sequence[jax.Array], kernels: KernelChoice = DEFAULT_KERNELS
 ) -> tuple[jax.Array, ...]:
     """`project(subscripts, x, w)` for several weights applied to one input (q/k/v, gate/up, MLA's two down
     projections).
@@ -81,9 +76,9 @@ def project_shared(
     once: one FP8 copy of x is saved for the backward instead of one per weight. A 128 x 128 weight block may
     then span two of the joined weights, which is as valid a block as any other.
     """
-    if matmul == "bf16" or len(weights) == 1:
-        return tuple(project(subscripts, x, w, matmul, fp8_impl) for w in weights)
-    check_matmul(matmul)
+    if kernels.matmul == "bf16" or len(weights) == 1:
+        return tuple(project(subscripts, x, w, kernels) for w in weights)
+    check_matmul(kernels.matmul)
     n = _contracted(subscripts)
     batch = x.shape[: x.ndim - n]
     k = math.prod(x.shape[x.ndim - n :])
@@ -91,7 +86,7 @@ def project_shared(
     if len(shapes) == 1:
         kept = weights[0].shape[n:]
         joined = jnp.stack(weights, axis=n + 1)  # [K..., kept0, G, kept1...]
-        y = fp8.fp8_linear(x.reshape(*batch, k), joined.reshape(k, -1), impl=projection_impl(fp8_impl))
+        y = fp8.fp8_linear(x.reshape(*batch, k), joined.reshape(k, -1), impl=projection_impl(kernels.fp8))
         y = y.reshape(*batch, kept[0], len(weights), *kept[1:])
         outs = tuple(jnp.take(y, g, axis=len(batch) + 1) for g in range(len(weights)))
     else:
@@ -99,20 +94,20 @@ def project_shared(
             raise ValueError(f"project_shared: weights of different shapes {shapes} need a single kept axis")
         widths = [w.shape[n] for w in weights]
         joined = jnp.concatenate([w.reshape(k, -1) for w in weights], axis=1)
-        y = fp8.fp8_linear(x.reshape(*batch, k), joined, impl=projection_impl(fp8_impl))
+        y = fp8.fp8_linear(x.reshape(*batch, k), joined, impl=projection_impl(kernels.fp8))
         outs = tuple(jnp.split(y, list(itertools.accumulate(widths))[:-1], axis=-1))
     return tuple(checkpoint_name(o, PROJECTION_OUTPUT) for o in outs)
 
 
 def grouped(
-    lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, impl: str, matmul: Matmul = "bf16", fp8_impl: str = "auto"
+    lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, kernels: KernelChoice = DEFAULT_KERNELS
 ) -> jax.Array:
-    """The routed experts' grouped matmul: `kernels.gmm.gmm` (with `impl`), or `fp8_gmm` (with `fp8_impl`) for
-    "fp8"."""
-    if matmul == "bf16":
-        return gmm(lhs, rhs, group_sizes, impl=impl)
-    check_matmul(matmul)
-    return fp8_gmm(lhs, rhs, group_sizes, impl=fp8_impl)
+    """The routed experts' grouped matmul: `kernels.gmm.gmm` with the choice's `gmm` implementation, or, when its
+    `matmul` is "fp8", `fp8_gmm` with its `fp8` implementation."""
+    if kernels.matmul == "bf16":
+        return gmm(lhs, rhs, group_sizes, impl=kernels.gmm)
+    check_matmul(kernels.matmul)
+    return fp8_gmm(lhs, rhs, group_sizes, impl=kernels.fp8)
 
 
 def remat_policy(remat: str, matmul: Matmul = "bf16"):

@@ -9,8 +9,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxdeep.config import ModelConfig
+from jaxdeep.model.kernel_choice import DEFAULT_KERNELS, KernelChoice
 from jaxdeep.model.layers import LayerNorm, normal_param, rotary, scaled_init_std
-from jaxdeep.model.matmul import Matmul, check_matmul, project, project_shared, remat_policy
+from jaxdeep.model.matmul import project, project_shared, remat_policy
 from jaxdeep.parallel.collective_matmul import column_parallel, row_parallel
 from jaxdeep.sharding import constrain
 
@@ -18,7 +19,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, matmul: Matmul = "bf16", fp8_impl: str = "auto"):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, kernels: KernelChoice = DEFAULT_KERNELS):
         d, n, h = cfg.d_model, cfg.n_heads, cfg.head_dim
         pdt = DTYPES[cfg.param_dtype]
         self.wq = normal_param(rngs, (d, n, h), ("embed", "heads", "head_dim"), cfg.init_std, pdt)
@@ -27,15 +28,14 @@ class Attention(nnx.Module):
         out_std = scaled_init_std(cfg.init_std, cfg.n_layers)
         self.wo = normal_param(rngs, (n, h, d), ("heads", "head_dim", "embed"), out_std, pdt)
         self.cfg = cfg
-        self.matmul = matmul
-        self.fp8_impl = fp8_impl
+        self.kernels = kernels
 
     def __call__(self, x_btd: jax.Array, positions_bt: jax.Array) -> jax.Array:
         cfg, dt = self.cfg, DTYPES[self.cfg.dtype]
         heads = ("batch", "act_seq", "act_heads", None)
         overlap = "attention" in cfg.collective_matmul
-        products = functools.partial(project_shared, matmul=self.matmul, fp8_impl=self.fp8_impl)
-        product = functools.partial(project, matmul=self.matmul, fp8_impl=self.fp8_impl)
+        products = functools.partial(project_shared, kernels=self.kernels)
+        product = functools.partial(project, kernels=self.kernels)
         weights = (self.wq[...].astype(dt), self.wk[...].astype(dt), self.wv[...].astype(dt))
         qkv = column_parallel(
             "btd,dnh->btnh", x_btd, weights, ("embed", "heads", "head_dim"), heads, "heads", overlap, products
@@ -53,21 +53,20 @@ class Attention(nnx.Module):
 
 
 class Mlp(nnx.Module):
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, matmul: Matmul = "bf16", fp8_impl: str = "auto"):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, kernels: KernelChoice = DEFAULT_KERNELS):
         pdt = DTYPES[cfg.param_dtype]
         self.w_in = normal_param(rngs, (cfg.d_model, cfg.d_ff), ("embed", "mlp"), cfg.init_std, pdt)
         out_std = scaled_init_std(cfg.init_std, cfg.n_layers)
         self.w_out = normal_param(rngs, (cfg.d_ff, cfg.d_model), ("mlp", "embed"), out_std, pdt)
         self.dtype = DTYPES[cfg.dtype]
         self.overlap = "mlp" in cfg.collective_matmul
-        self.matmul = matmul
-        self.fp8_impl = fp8_impl
+        self.kernels = kernels
 
     def __call__(self, x_btd: jax.Array) -> jax.Array:
         hidden = ("batch", "act_seq", "act_mlp")
         w_in, w_out = self.w_in[...].astype(self.dtype), self.w_out[...].astype(self.dtype)
-        products = functools.partial(project_shared, matmul=self.matmul, fp8_impl=self.fp8_impl)
-        product = functools.partial(project, matmul=self.matmul, fp8_impl=self.fp8_impl)
+        products = functools.partial(project_shared, kernels=self.kernels)
+        product = functools.partial(project, kernels=self.kernels)
         (h_btf,) = column_parallel(
             "btd,df->btf", x_btd, (w_in,), ("embed", "mlp"), hidden, "mlp", self.overlap, products
         )
@@ -76,19 +75,12 @@ class Mlp(nnx.Module):
 
 
 class Block(nnx.Module):
-    def __init__(
-        self,
-        cfg: ModelConfig,
-        rngs: nnx.Rngs,
-        norm_impl: str = "reference",
-        matmul: Matmul = "bf16",
-        fp8_impl: str = "auto",
-    ):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, kernels: KernelChoice = DEFAULT_KERNELS):
         pdt = DTYPES[cfg.param_dtype]
-        self.attn_norm = LayerNorm(cfg.d_model, cfg.norm_eps, pdt, norm_impl)
-        self.attn = Attention(cfg, rngs, matmul, fp8_impl)
-        self.mlp_norm = LayerNorm(cfg.d_model, cfg.norm_eps, pdt, norm_impl)
-        self.mlp = Mlp(cfg, rngs, matmul, fp8_impl)
+        self.attn_norm = LayerNorm(cfg.d_model, cfg.norm_eps, pdt, kernels.norm)
+        self.attn = Attention(cfg, rngs, kernels)
+        self.mlp_norm = LayerNorm(cfg.d_model, cfg.norm_eps, pdt, kernels.norm)
+        self.mlp = Mlp(cfg, rngs, kernels)
         # With collective matmuls the residual stream stays split over the sequence between them (sequence
         # parallelism): the all-gather then happens inside the next column-parallel matmul, overlapped.
         self.residual_seq = "act_seq_parallel" if cfg.collective_matmul else "act_seq"
@@ -100,20 +92,14 @@ class Block(nnx.Module):
 
 
 class Transformer(nnx.Module):
-    """`matmul` ("bf16" or "fp8", config `precision.matmul`) chooses how the blocks' projections run; the
-    embedding and the output head stay in the compute dtype."""
+    """`kernels` (a `KernelChoice`, from config `kernels` and `precision`) chooses the norm kernels and how the
+    blocks' projections run: its `matmul` ("bf16" or "fp8", config `precision.matmul`) with `fp8` (config
+    `kernels.fp8`) on which FP8 kernels. The embedding and the output head stay in the compute dtype."""
 
-    def __init__(
-        self,
-        cfg: ModelConfig,
-        rngs: nnx.Rngs,
-        norm_impl: str = "reference",
-        matmul: Matmul = "bf16",
-        fp8_impl: str = "auto",
-    ):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, kernels: KernelChoice = DEFAULT_KERNELS):
         pdt = DTYPES[cfg.param_dtype]
         self.cfg = cfg
-        self.matmul = check_matmul(matmul)
+        self.kernels = kernels
         self.embed = normal_param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.init_std, pdt)
 
         # Blocks are stacked along a leading `layers` axis and run with a scan: one compiled block,
@@ -126,10 +112,10 @@ class Transformer(nnx.Module):
             transform_metadata={nnx.PARTITION_NAME: "layers"},
         )
         def make_blocks(rngs: nnx.Rngs) -> Block:
-            return Block(cfg, rngs, norm_impl, matmul, fp8_impl)
+            return Block(cfg, rngs, kernels)
 
         self.blocks = make_blocks(rngs)
-        self.final_norm = LayerNorm(cfg.d_model, cfg.norm_eps, pdt, norm_impl)
+        self.final_norm = LayerNorm(cfg.d_model, cfg.norm_eps, pdt, kernels.norm)
         if not cfg.tie_embeddings:
             self.head = normal_param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.init_std, pdt)
 
@@ -171,7 +157,7 @@ class Transformer(nnx.Module):
             body = lambda x, layer: (jnp.where(layer[1], run(x, layer[0]), x), None)
             xs = (block_state, layer_mask)
         if self.cfg.remat != "none":
-            policy = remat_policy(self.cfg.remat, self.matmul)
+            policy = remat_policy(self.cfg.remat, self.kernels.matmul)
             body = jax.checkpoint(body, policy=policy, prevent_cse=False)
         x_btd, _ = jax.lax.scan(body, x_btd, xs)
         return x_btd

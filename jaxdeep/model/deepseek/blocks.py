@@ -9,27 +9,17 @@ from jaxdeep.config import ModelConfig
 from jaxdeep.model.deepseek.mla import MultiHeadLatentAttention
 from jaxdeep.model.deepseek.moe import MoE, MoeStats, SwiGluMlp
 from jaxdeep.model.deepseek.norm import DTYPES, RESIDUAL, RMSNorm
-from jaxdeep.model.matmul import Matmul
+from jaxdeep.model.kernel_choice import DEFAULT_KERNELS, KernelChoice
 from jaxdeep.sharding import constrain
 
 
 class DecoderBlock(nnx.Module):
-    def __init__(
-        self,
-        cfg: ModelConfig,
-        rngs: nnx.Rngs,
-        moe: bool,
-        norm_impl: str = "reference",
-        gmm_impl: str = "auto",
-        matmul: Matmul = "bf16",
-        fp8_impl: str = "auto",
-    ):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, moe: bool, kernels: KernelChoice = DEFAULT_KERNELS):
         pdt = DTYPES[cfg.param_dtype]
-        self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps, pdt, norm_impl)
-        self.self_attn = MultiHeadLatentAttention(cfg, rngs, norm_impl, matmul, fp8_impl)
-        self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps, pdt, norm_impl)
-        mm = (matmul, fp8_impl)
-        self.mlp = MoE(cfg, rngs, gmm_impl, *mm) if moe else SwiGluMlp(cfg, cfg.d_ff, rngs, *mm)
+        self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps, pdt, kernels.norm)
+        self.self_attn = MultiHeadLatentAttention(cfg, rngs, kernels)
+        self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps, pdt, kernels.norm)
+        self.mlp = MoE(cfg, rngs, kernels) if moe else SwiGluMlp(cfg, cfg.d_ff, rngs, kernels)
         self.moe = moe
 
     def __call__(self, x_btd: jax.Array, cos_th: jax.Array, sin_th: jax.Array) -> tuple[jax.Array, MoeStats | None]:
@@ -42,21 +32,12 @@ class DecoderBlock(nnx.Module):
         return constrain(x_btd + y_btd, RESIDUAL), stats
 
 
-def stacked_blocks(
-    cfg: ModelConfig,
-    rngs: nnx.Rngs,
-    count: int,
-    moe: bool,
-    norm_impl: str,
-    gmm_impl: str,
-    matmul: Matmul = "bf16",
-    fp8_impl: str = "auto",
-):
+def stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs, count: int, moe: bool, kernels: KernelChoice = DEFAULT_KERNELS):
     """`count` blocks stacked on a leading `layers` axis (run with a scan: one compiled block)."""
 
     @nnx.split_rngs(splits=count)
     @nnx.vmap(in_axes=(0,), out_axes=0, axis_size=count, transform_metadata={nnx.PARTITION_NAME: "layers"})
     def make(rngs: nnx.Rngs) -> DecoderBlock:
-        return DecoderBlock(cfg, rngs, moe, norm_impl, gmm_impl, matmul, fp8_impl)
+        return DecoderBlock(cfg, rngs, moe, kernels)
 
     return make(rngs)

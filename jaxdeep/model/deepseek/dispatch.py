@@ -16,7 +16,8 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from jaxdeep import sharding
-from jaxdeep.model.matmul import Matmul, grouped
+from jaxdeep.model.kernel_choice import DEFAULT_KERNELS, KernelChoice
+from jaxdeep.model.matmul import grouped
 
 TOKENS = ("batch", "act_seq", None)
 GATE_UP = ("expert", "embed", None, "mlp")  # [E, d, 2, F]: gate and up projections side by side
@@ -28,16 +29,15 @@ def expert_mlp(
     group_sizes: jax.Array,
     gate_up_edcf: jax.Array,
     down_efd: jax.Array,
-    impl: str,
-    matmul: Matmul = "bf16",
-    fp8_impl: str = "auto",
+    kernels: KernelChoice = DEFAULT_KERNELS,
 ):
-    """SwiGLU experts over rows sorted by expert; rows past sum(group_sizes) give zeros. `matmul` "fp8" runs
-    both grouped matmuls through `kernels.fp8.grouped.fp8_gmm` with `fp8_impl` (then `impl` is not used)."""
+    """SwiGLU experts over rows sorted by expert; rows past sum(group_sizes) give zeros. Both grouped matmuls run
+    on the `gmm` implementation of `kernels`, or, when its `matmul` is "fp8", through
+    `kernels.fp8.grouped.fp8_gmm` on its `fp8` implementation (then `gmm` is not used)."""
     e, d, _, f = gate_up_edcf.shape
-    h_s2f = grouped(x_sd, gate_up_edcf.reshape(e, d, 2 * f), group_sizes, impl, matmul, fp8_impl).reshape(-1, 2, f)
+    h_s2f = grouped(x_sd, gate_up_edcf.reshape(e, d, 2 * f), group_sizes, kernels).reshape(-1, 2, f)
     h_sf = jax.nn.silu(h_s2f[:, 0]) * h_s2f[:, 1]
-    return grouped(h_sf, down_efd, group_sizes, impl, matmul, fp8_impl)
+    return grouped(h_sf, down_efd, group_sizes, kernels)
 
 
 def _combine(y_copies_sd: jax.Array, weights_tk: jax.Array) -> jax.Array:
@@ -56,20 +56,18 @@ def gathered_experts(x_td, experts_tk, weights_tk, gate_up_edcf, down_efd):
     return _combine(y_tkd.reshape(t * k, -1), weights_tk), jnp.int32(t * k)
 
 
-def local_experts(
-    x_td, experts_tk, weights_tk, gate_up_edcf, down_efd, impl: str, matmul: Matmul = "bf16", fp8_impl: str = "auto"
-):
-    """All experts on this device: one sort, two grouped matmuls, unsort, weighted sum — or, with impl "auto",
-    fewer token copies than experts and matmul "bf16", `gathered_experts`.
+def local_experts(x_td, experts_tk, weights_tk, gate_up_edcf, down_efd, kernels: KernelChoice = DEFAULT_KERNELS):
+    """All experts on this device: one sort, two grouped matmuls, unsort, weighted sum — or, with `kernels.gmm`
+    "auto", fewer token copies than experts and `kernels.matmul` "bf16", `gathered_experts`.
 
     Returns the float32 output [T, d] and the number of token copies the experts computed."""
     n_experts, k = gate_up_edcf.shape[0], experts_tk.shape[1]
-    if impl == "auto" and matmul == "bf16" and experts_tk.size < n_experts:
+    if kernels.gmm == "auto" and kernels.matmul == "bf16" and experts_tk.size < n_experts:
         return gathered_experts(x_td, experts_tk, weights_tk, gate_up_edcf, down_efd)
     flat = experts_tk.reshape(-1)
     order = jnp.argsort(flat, stable=True)
     group_sizes = jnp.bincount(flat, length=n_experts)
-    y_sorted = expert_mlp(x_td[order // k], group_sizes, gate_up_edcf, down_efd, impl, matmul, fp8_impl)
+    y_sorted = expert_mlp(x_td[order // k], group_sizes, gate_up_edcf, down_efd, kernels)
     y_copies = jnp.zeros_like(y_sorted).at[order].set(y_sorted)
     return _combine(y_copies, weights_tk), group_sizes.sum()
 
@@ -80,7 +78,7 @@ def _all_to_all(x_pcd: jax.Array, axes: tuple[str, ...]) -> jax.Array:
 
 
 def expert_parallel(
-    x_td, experts_tk, weights_tk, gate_up_edcf, down_efd, ep_axes, ep_size, impl, matmul="bf16", fp8_impl="auto"
+    x_td, experts_tk, weights_tk, gate_up_edcf, down_efd, ep_axes, ep_size, kernels: KernelChoice = DEFAULT_KERNELS
 ):
     """Experts split over `ep_axes` (this device holds E/ep_size of them, in order); returns as `local_experts`,
     the count being the copies this device's experts computed (for tokens of any device)."""
@@ -103,7 +101,7 @@ def expert_parallel(
 
     order_here = jnp.argsort(recv_e, stable=True)
     group_sizes = jnp.bincount(recv_e, length=local_e + 1)[:local_e]
-    y_sorted = expert_mlp(recv_x[order_here], group_sizes, gate_up_edcf, down_efd, impl, matmul, fp8_impl)
+    y_sorted = expert_mlp(recv_x[order_here], group_sizes, gate_up_edcf, down_efd, kernels)
     y_recv = jnp.zeros_like(y_sorted).at[order_here].set(y_sorted)
 
     y_back = _all_to_all(y_recv.reshape(ep_size, copies, d), ep_axes).reshape(-1, d)
@@ -123,9 +121,7 @@ def routed_experts(
     weights_btk,
     gate_up_edcf,
     down_efd,
-    impl: str = "auto",
-    matmul: Matmul = "bf16",
-    fp8_impl: str = "auto",
+    kernels: KernelChoice = DEFAULT_KERNELS,
 ):
     """Routed-expert output [b, t, d] (float32) of tokens x with their chosen experts and weights, and the
     number of token copies the experts computed (b·t·K when nothing is dropped)."""
@@ -139,9 +135,7 @@ def routed_experts(
             weights_btk.reshape(-1, k),
             gate_up_edcf,
             down_efd,
-            impl,
-            matmul,
-            fp8_impl,
+            kernels,
         )
         return y_td.reshape(b, t, d), computed
     mesh, token_spec = tokens
@@ -159,9 +153,9 @@ def routed_experts(
         bl, tl = x_btd.shape[:2]
         args = (x_btd.reshape(-1, d), experts_btk.reshape(-1, k), weights_btk.reshape(-1, k), gate_up_edcf, down_efd)
         if ep_size > 1:
-            y_td, computed = expert_parallel(*args, ep_axes, ep_size, impl, matmul, fp8_impl)
+            y_td, computed = expert_parallel(*args, ep_axes, ep_size, kernels)
         else:
-            y_td, computed = local_experts(*args, impl, matmul, fp8_impl)
+            y_td, computed = local_experts(*args, kernels)
         if mlp_axes:  # each device holds a slice of every expert's hidden units: sum the partial outputs
             y_td = jax.lax.psum(y_td, mlp_axes)
         # Every copy is computed on exactly one device of the token axes (replicas over the rest agree).

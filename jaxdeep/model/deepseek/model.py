@@ -14,8 +14,9 @@ from jaxdeep.model.deepseek.blocks import stacked_blocks
 from jaxdeep.model.deepseek.mtp import stacked_mtp
 from jaxdeep.model.deepseek.norm import DTYPES, RESIDUAL, RMSNorm
 from jaxdeep.model.deepseek.rope import rope_tables
+from jaxdeep.model.kernel_choice import DEFAULT_KERNELS, KernelChoice
 from jaxdeep.model.layers import normal_param
-from jaxdeep.model.matmul import Matmul, check_matmul, remat_policy
+from jaxdeep.model.matmul import remat_policy
 from jaxdeep.sharding import constrain
 
 
@@ -28,34 +29,27 @@ class ModelOutput(NamedTuple):
 
 
 class DeepSeekModel(nnx.Module):
-    """`matmul` ("bf16" or "fp8", config `precision.matmul`) chooses how the projections and the routed experts'
-    grouped matmuls run, `fp8_impl` (config `kernels.fp8`) on which FP8 kernels; the embedding, the output head,
-    the norms and the router stay in higher precision."""
+    """`kernels` (a `KernelChoice`, from config `kernels` and `precision`) chooses the norm and grouped-matmul
+    kernels and how the projections and the routed experts' grouped matmuls run: its `matmul` ("bf16" or "fp8",
+    config `precision.matmul`) with `fp8` (config `kernels.fp8`) on which FP8 kernels; the embedding, the output
+    head, the norms and the router stay in higher precision."""
 
-    def __init__(
-        self,
-        cfg: ModelConfig,
-        rngs: nnx.Rngs,
-        norm_impl: str = "reference",
-        gmm_impl: str = "auto",
-        matmul: Matmul = "bf16",
-        fp8_impl: str = "auto",
-    ):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, kernels: KernelChoice = DEFAULT_KERNELS):
         ds, pdt = cfg.deepseek, DTYPES[cfg.param_dtype]
         self.cfg = cfg
-        self.matmul = check_matmul(matmul)
+        self.kernels = kernels
         self.embed = normal_param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.init_std, pdt)
         n_dense = ds.first_k_dense_replace
         n_moe = cfg.n_layers - n_dense
         if n_dense:
-            self.dense_blocks = stacked_blocks(cfg, rngs, n_dense, False, norm_impl, gmm_impl, matmul, fp8_impl)
+            self.dense_blocks = stacked_blocks(cfg, rngs, n_dense, False, kernels)
         if n_moe:
-            self.moe_blocks = stacked_blocks(cfg, rngs, n_moe, True, norm_impl, gmm_impl, matmul, fp8_impl)
-        self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, pdt, norm_impl)
+            self.moe_blocks = stacked_blocks(cfg, rngs, n_moe, True, kernels)
+        self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, pdt, kernels.norm)
         if not cfg.tie_embeddings:
             self.head = normal_param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.init_std, pdt)
         if ds.num_nextn_predict_layers:
-            self.mtp = stacked_mtp(cfg, rngs, norm_impl, gmm_impl, matmul, fp8_impl)
+            self.mtp = stacked_mtp(cfg, rngs, kernels)
 
     def __call__(self, tokens_bt: jax.Array) -> jax.Array:
         """Token ids [batch, seq] -> float32 logits [batch, seq, vocab] (MTP modules are not run)."""
@@ -81,7 +75,7 @@ class DeepSeekModel(nnx.Module):
             return step(module, carry, extra) if step else module(carry, cos_th, sin_th)
 
         if self.cfg.remat != "none":
-            body = jax.checkpoint(body, policy=remat_policy(self.cfg.remat, self.matmul), prevent_cse=False)
+            body = jax.checkpoint(body, policy=remat_policy(self.cfg.remat, self.kernels.matmul), prevent_cse=False)
         return jax.lax.scan(body, x_btd, (state, extra_xs))
 
     def forward(self, tokens_bt: jax.Array, with_mtp: bool = True) -> ModelOutput:

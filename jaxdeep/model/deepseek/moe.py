@@ -12,30 +12,30 @@ from jaxdeep.config import ModelConfig
 from jaxdeep.model.deepseek.dispatch import DOWN, GATE_UP, routed_experts
 from jaxdeep.model.deepseek.norm import DTYPES
 from jaxdeep.model.deepseek.router import Router, expert_counts, sequence_balance_loss
+from jaxdeep.model.kernel_choice import DEFAULT_KERNELS, KernelChoice
 from jaxdeep.model.layers import normal_param, scaled_init_std
-from jaxdeep.model.matmul import Matmul, project, project_shared
+from jaxdeep.model.matmul import project, project_shared
 from jaxdeep.sharding import constrain
 
 
 class SwiGluMlp(nnx.Module):
     """down(silu(gate(x)) * up(x)): the dense layers' MLP and the shared experts (HF `gate_proj`, ...)."""
 
-    def __init__(self, cfg: ModelConfig, hidden: int, rngs: nnx.Rngs, matmul: Matmul = "bf16", fp8_impl: str = "auto"):
+    def __init__(self, cfg: ModelConfig, hidden: int, rngs: nnx.Rngs, kernels: KernelChoice = DEFAULT_KERNELS):
         pdt, std = DTYPES[cfg.param_dtype], cfg.init_std
         self.gate_proj = normal_param(rngs, (cfg.d_model, hidden), ("embed", "mlp"), std, pdt)
         self.up_proj = normal_param(rngs, (cfg.d_model, hidden), ("embed", "mlp"), std, pdt)
         out_std = scaled_init_std(std, cfg.n_layers)
         self.down_proj = normal_param(rngs, (hidden, cfg.d_model), ("mlp", "embed"), out_std, pdt)
         self.dtype = DTYPES[cfg.dtype]
-        self.matmul = matmul
-        self.fp8_impl = fp8_impl
+        self.kernels = kernels
 
     def __call__(self, x_btd: jax.Array) -> jax.Array:
-        dt, mm = self.dtype, (self.matmul, self.fp8_impl)
+        dt = self.dtype
         weights = (self.gate_proj[...].astype(dt), self.up_proj[...].astype(dt))
-        gate_btf, up_btf = project_shared("btd,df->btf", x_btd, weights, *mm)
+        gate_btf, up_btf = project_shared("btd,df->btf", x_btd, weights, self.kernels)
         h_btf = constrain(jax.nn.silu(gate_btf) * up_btf, ("batch", "act_seq", "act_mlp"))
-        return project("btf,fd->btd", h_btf, self.down_proj[...].astype(dt), *mm)
+        return project("btf,fd->btd", h_btf, self.down_proj[...].astype(dt), self.kernels)
 
 
 class RoutedExperts(nnx.Module):
@@ -55,18 +55,14 @@ class MoeStats(NamedTuple):
 
 
 class MoE(nnx.Module):
-    def __init__(
-        self, cfg: ModelConfig, rngs: nnx.Rngs, gmm_impl: str = "auto", matmul: Matmul = "bf16", fp8_impl: str = "auto"
-    ):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, kernels: KernelChoice = DEFAULT_KERNELS):
         ds = cfg.deepseek
         self.gate = Router(cfg.d_model, ds, rngs, cfg.init_std, DTYPES[cfg.param_dtype])
         self.experts = RoutedExperts(cfg, rngs)
         if ds.n_shared_experts:
-            self.shared_experts = SwiGluMlp(cfg, ds.n_shared_experts * ds.moe_intermediate_size, rngs, matmul, fp8_impl)
+            self.shared_experts = SwiGluMlp(cfg, ds.n_shared_experts * ds.moe_intermediate_size, rngs, kernels)
         self.cfg = cfg
-        self.gmm_impl = gmm_impl
-        self.matmul = matmul
-        self.fp8_impl = fp8_impl
+        self.kernels = kernels
 
     def __call__(self, x_btd: jax.Array) -> tuple[jax.Array, MoeStats]:
         ds, dt = self.cfg.deepseek, DTYPES[self.cfg.dtype]
@@ -76,8 +72,7 @@ class MoE(nnx.Module):
         weights_btk = routing.weights_tk.reshape(b, t, -1)
         gate_up = self.experts.gate_up_proj[...].astype(dt)
         down = self.experts.down_proj[...].astype(dt)
-        mm = (self.matmul, self.fp8_impl)
-        y_btd, computed = routed_experts(x_btd, experts_btk, weights_btk, gate_up, down, self.gmm_impl, *mm)
+        y_btd, computed = routed_experts(x_btd, experts_btk, weights_btk, gate_up, down, self.kernels)
         y_btd = y_btd.astype(dt)
         if ds.n_shared_experts:
             y_btd = y_btd + self.shared_experts(x_btd)
