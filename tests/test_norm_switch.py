@@ -22,6 +22,8 @@ def _step(impl, *overrides, **sizes):
 def test_dispatched_norm_per_shard_matches_reference_on_a_sharded_mesh():
     # On CPU "auto" resolves to the reference kernel, but runs it inside the per-shard wrapper:
     # this checks the wrapper's specs on a data × fsdp × tensor mesh.
+    if len(jax.devices()) < 8:
+        pytest.skip(f"needs 8 devices for a 2 x 2 x 2 mesh, {len(jax.devices())} here")
     ref = _step("reference", data=2, fsdp=2, tensor=2)
     auto = _step("auto", data=2, fsdp=2, tensor=2)
     assert max_rel_error(auto, ref) <= 1e-5

@@ -6,8 +6,8 @@
   launch parameters and argument order as on GPU, outputs pre-filled with NaN so unwritten elements
   fail. The interpreter rounds float32 -> bfloat16 toward zero (the GPU rounds to nearest), so its
   bf16 error is about twice the reference's; still well inside the bf16 tolerance.
-- Both kernel versions (2: a program per row tile; 3: persistent programs prefetching the next tile,
-  one-pass statistics for 16-bit inputs) run the same numerics tests; `use_variant` picks one.
+- The kernels hold scale/bias in registers or re-read them per tile (`use_variant` picks one); with
+  few SMs simulated, every persistent program walks several row tiles.
 - The dispatcher: "auto" takes the reference without a GPU, "fused" says why it cannot run.
 """
 
@@ -40,21 +40,20 @@ ARGS = {"rms_norm": ("x", "scale"), "add_rms_norm": ("x", "residual", "scale")} 
 _erf = np.vectorize(math.erf, otypes=[np.float64])
 
 
-# Kernel variants: version 2, and version 3 holding scale/bias in registers or re-reading them per tile.
-VARIANTS = ("v2", "v3", "v3-reload")
+# Kernel variants: scale/bias held in registers for a program's life (the default), or re-read per tile.
+VARIANTS = ("hold-params", "reload-params")
+KERNELS = {"layer_norm_fwd", "layer_norm_bwd", "rms_norm_fwd", "rms_norm_bwd"}
 
 
-def use_variant(monkeypatch, variant: str, num_sms: int | None = 2) -> list[str]:
+def use_variant(monkeypatch, variant: str = "hold-params", num_sms: int | None = 2) -> list[tuple[str, dict]]:
     """Select `variant` for both kernel families (launch.TUNING) for this test; returns the list that records
-    the name of every kernel launched from then on. With `num_sms`, the launchers see that many SMs (the
-    interpreter's, or the GPU's) and give them one persistent program each, so that programs take several
-    row tiles even in small tests."""
-    v3 = variant != "v2"
-    hold = variant != "v3-reload"
+    (name, meta-parameters) of every kernel launched from then on. With `num_sms`, the launchers see that many
+    SMs (the interpreter's, or the GPU's) and give them one persistent program each, so that programs take
+    several row tiles even in small tests."""
+    assert variant in VARIANTS, variant
+    hold = variant == "hold-params"
     for kind, tuning in launch.TUNING.items():
-        tuning = dataclasses.replace(
-            tuning, fwd_prefetch=v3, bwd_prefetch=v3, fwd_hold_params=hold, bwd_hold_params=hold
-        )
+        tuning = dataclasses.replace(tuning, fwd_hold_params=hold, bwd_hold_params=hold)
         if num_sms is not None:
             tuning = dataclasses.replace(tuning, fwd_warps_per_sm=1, bwd_programs_per_sm=1)
         monkeypatch.setitem(launch.TUNING, kind, tuning)
@@ -64,19 +63,21 @@ def use_variant(monkeypatch, variant: str, num_sms: int | None = 2) -> list[str]
     launched = []
     run = launch._run
 
-    def recording_run(runner, name, *args, **kwargs):
-        launched.append(name)
-        return run(runner, name, *args, **kwargs)
+    def recording_run(runner, name, inputs, out_shapes, cfg, meta, poison):
+        launched.append((name, meta))
+        return run(runner, name, inputs, out_shapes, cfg, meta, poison)
 
     monkeypatch.setattr(launch, "_run", recording_run)
     jax.clear_caches()  # traces made under another variant must not be reused
     return launched
 
 
-def assert_launched(launched: list[str], variant: str) -> None:
-    assert len(launched) >= 2, f"forward and backward kernels should have run: {launched}"
-    want_v3 = variant != "v2"
-    assert all(name.endswith("_v3") == want_v3 for name in launched), launched
+def assert_launched(launched: list[tuple[str, dict]], variant: str = "hold-params") -> None:
+    names = [name for name, _ in launched]
+    assert len(launched) >= 2, f"forward and backward kernels should have run: {names}"
+    assert {name.rsplit("_", 1)[1] for name in names} == {"fwd", "bwd"} and set(names) <= KERNELS, names
+    hold = variant == "hold-params"
+    assert all(meta["HOLD_PARAMS"] == hold for _, meta in launched), [(n, m["HOLD_PARAMS"]) for n, m in launched]
 
 
 def op_args(op: str) -> tuple[str, ...]:
@@ -272,14 +273,13 @@ INTERPRET_CASES = [
 
 
 @needs_triton
-@pytest.mark.parametrize("variant", ["v2", "v3"])
 @pytest.mark.parametrize("op,dtype,shape", INTERPRET_CASES, ids=lambda v: str(v))
-def test_interpreted_kernels_match_float64(op, dtype, shape, variant, monkeypatch):
-    launched = use_variant(monkeypatch, variant)
+def test_interpreted_kernels_match_float64(op, dtype, shape, monkeypatch):
+    launched = use_variant(monkeypatch)
     rng = np.random.default_rng(abs(hash((op, str(dtype), shape, "interp"))) % 2**32)
     args, cts = make_inputs(op, shape, dtype, rng, mean=0.3)
     check_against_oracle(op, "interpret", args, cts, TOL[jnp.dtype(dtype)])
-    assert_launched(launched, variant)
+    assert_launched(launched)
 
 
 # Scale/bias re-read per tile: the same code but for where the parameters are loaded; a few cases suffice.
@@ -288,39 +288,39 @@ RELOAD_CASES = [INTERPRET_CASES[i] for i in (1, 2, 5, 8, 9)]
 
 @needs_triton
 @pytest.mark.parametrize("op,dtype,shape", RELOAD_CASES, ids=lambda v: str(v))
-def test_interpreted_v3_reloading_params_match_float64(op, dtype, shape, monkeypatch):
-    launched = use_variant(monkeypatch, "v3-reload", num_sms=1)
+def test_interpreted_kernels_reloading_params_match_float64(op, dtype, shape, monkeypatch):
+    launched = use_variant(monkeypatch, "reload-params", num_sms=1)
     rng = np.random.default_rng(abs(hash((op, str(dtype), shape, "reload"))) % 2**32)
     args, cts = make_inputs(op, shape, dtype, rng, mean=-0.4)
     check_against_oracle(op, "interpret", args, cts, TOL[jnp.dtype(dtype)])
-    assert_launched(launched, "v3-reload")
+    assert_launched(launched, "reload-params")
 
 
 @needs_triton
-@pytest.mark.parametrize("variant", ["v2", "v3"])
 @pytest.mark.parametrize("op", ["layer_norm_gelu", "rms_norm"])
-def test_interpreted_kernels_under_jit_with_large_mean(op, variant, monkeypatch):
-    launched = use_variant(monkeypatch, variant)
+def test_interpreted_kernels_under_jit_with_large_mean(op, monkeypatch):
+    launched = use_variant(monkeypatch)
     rng = np.random.default_rng(11)
     args, cts = make_inputs(op, (10, 1024), F32, rng, mean=1e3, std=1.0)
     check_against_oracle(op, "interpret", args, cts, LARGE_MEAN_TOL_F32, jit=True)
-    assert_launched(launched, variant)
+    assert_launched(launched)
 
 
 @needs_triton
-def test_interpreted_v3_bf16_large_mean_uses_one_pass_statistics(monkeypatch):
-    launched = use_variant(monkeypatch, "v3")
+def test_interpreted_bf16_large_mean_uses_one_pass_statistics(monkeypatch):
+    launched = use_variant(monkeypatch)
     rng = np.random.default_rng(12)
     args, cts = make_inputs("layer_norm_gelu", (8, 2048), BF16, rng, mean=1e3, std=16.0)
     check_against_oracle("layer_norm_gelu", "interpret", args, cts, TOL[jnp.dtype(BF16)])
-    assert_launched(launched, "v3")
+    assert_launched(launched)
+    assert [meta["ONE_PASS"] for name, meta in launched if name == "layer_norm_fwd"] == [True], launched
 
 
 def _ln_stats_errors(x, one_pass: bool, runner: str = "interpret") -> tuple[float, float, float]:
-    """Relative errors of (mean, rstd, y) of the version-3 LayerNorm forward against float64."""
+    """Relative errors of (mean, rstd, y) of the LayerNorm forward kernel against float64."""
     m, n = x.shape
     w, b = jnp.ones(n, F32), jnp.zeros(n, F32)
-    cfg = launch.forward_config(n, rows=m, num_sms=1, programs_per_sm=1, prefetch=True, one_pass=one_pass)
+    cfg = launch.forward_config(n, rows=m, num_sms=1, programs_per_sm=1, one_pass=one_pass)
     y, mean, rstd = launch.layer_norm_fwd(x, w, b, eps=1e-5, activation=None, runner=runner, config=cfg, poison=True)
     x64 = np.asarray(x, np.float64)
     want_mean = x64.mean(-1)
@@ -354,20 +354,19 @@ def test_one_pass_statistics_error_bound_when_the_first_element_is_an_outlier():
     args, cts = make_inputs("layer_norm_gelu", (4, n), BF16, rng)  # bf16 input: one pass by default
     args["x"] = args["x"].at[:, 0].set(1e4)
     with pytest.MonkeyPatch.context() as mp:
-        launched = use_variant(mp, "v3")
+        launched = use_variant(mp)
         check_against_oracle("layer_norm_gelu", "interpret", args, cts, TOL[jnp.dtype(BF16)])
-    assert_launched(launched, "v3")
+    assert_launched(launched)
 
 
 @needs_triton
-@pytest.mark.parametrize("prefetch", [False, True], ids=["v2", "v3"])
 @pytest.mark.parametrize("op", ["layer_norm_gelu", "rms_norm"])
-def test_interpreted_backward_partials_with_more_tiles_than_programs(op, prefetch):
+def test_interpreted_backward_partials_with_more_tiles_than_programs(op):
     """Persistent backward grid: 3 programs over 37 rows in tiles of 8 (program 0 takes tiles 0 and 3)."""
     rng = np.random.default_rng(5)
     args, cts = make_inputs(op, (37, 512), F32, rng)
-    cfg = launch.backward_config(37, 512, num_sms=3, prefetch=prefetch)
-    assert (cfg.block_m, cfg.programs, cfg.prefetch) == (8, 3, prefetch)
+    cfg = launch.backward_config(37, 512, num_sms=3)
+    assert (cfg.block_m, cfg.programs) == (8, 3)
     _, want = oracle(op, args, cts)
     x, w = args["x"], args["scale"]
     if op == "rms_norm":
@@ -399,10 +398,10 @@ def test_launch_configs_cover_the_row(hidden):
     assert bwd.block_n == fwd.block_n and 1 <= bwd.programs <= 132 * 4
     small = launch.backward_config(3, hidden, num_sms=132)
     assert small.programs == -(-3 // small.block_m)  # never more programs than row tiles
-    v3 = launch.forward_config(hidden, rows=65536, num_sms=132, prefetch=True)
-    assert v3.prefetch and (v3.block_m, v3.block_n, v3.num_warps) == (fwd.block_m, fwd.block_n, fwd.num_warps)
-    assert 132 <= v3.programs <= 132 * 8 and v3.programs * v3.num_warps <= 132 * 32
-    assert launch.forward_config(hidden, rows=3, num_sms=132, prefetch=True).programs == small.programs
+    many = launch.forward_config(hidden, rows=65536, num_sms=132)
+    assert (many.block_m, many.block_n, many.num_warps) == (fwd.block_m, fwd.block_n, fwd.num_warps)
+    assert 132 <= many.programs <= 132 * 8 and many.programs * many.num_warps <= 132 * 32
+    assert launch.forward_config(hidden, rows=3, num_sms=132).programs == small.programs
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -2,9 +2,9 @@
 
 Every kernel output is checked twice: through the public ops (custom_vjp, jit) and through the launch
 functions with poisoned outputs (each output buffer pre-filled with NaN and aliased to the kernel's
-output), so an element the kernel never writes fails the test. Both kernel versions run (see
-`test_norms.use_variant`); "v3-reload" also pretends the GPU has 3 SMs, so that every persistent
-program walks many row tiles.
+output), so an element the kernel never writes fails the test. The kernel variants (see
+`test_norms.use_variant`) run: "hold-params" on the GPU's own SMs, and "reload-params" pretending the
+GPU has 3 SMs, so that every persistent program walks many row tiles.
 """
 
 import jax
@@ -41,8 +41,8 @@ def _seed(*key) -> int:
     return abs(hash(key)) % 2**32
 
 
-def _use(monkeypatch, variant: str) -> list[str]:
-    return use_variant(monkeypatch, variant, num_sms=3 if variant == "v3-reload" else None)
+def _use(monkeypatch, variant: str = "hold-params") -> list[tuple[str, dict]]:
+    return use_variant(monkeypatch, variant, num_sms=3 if variant == "reload-params" else None)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -57,12 +57,11 @@ def test_fused_ops_match_float64(op, dtype, shape, variant, monkeypatch):
     assert_launched(launched, variant)
 
 
-@pytest.mark.parametrize("variant", ["v2", "v3"])
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("op", OPS)
-def test_poisoned_kernel_outputs_are_all_written(op, dtype, shape, variant, monkeypatch):
-    launched = _use(monkeypatch, variant)
+def test_poisoned_kernel_outputs_are_all_written(op, dtype, shape, monkeypatch):
+    launched = _use(monkeypatch)
     rng = np.random.default_rng(_seed(op, str(dtype), shape, "poison"))
     args, cts = make_inputs(op, shape, dtype, rng, mean=-0.7)
     want_outs, want = oracle(op, args, cts, round_to=args["x"].dtype)
@@ -89,7 +88,7 @@ def test_poisoned_kernel_outputs_are_all_written(op, dtype, shape, variant, monk
         assert rel_err(o, want_o) < tol, f"output {i}"
     for name, g in got.items():
         assert rel_err(g, want[name]) < tol, f"grad {name}: {rel_err(g, want[name]):.2e}"
-    assert_launched(launched, variant)
+    assert_launched(launched)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -103,10 +102,10 @@ def test_large_mean_rows(op, variant, monkeypatch):
 
 
 @pytest.mark.parametrize("mean", [0.0, 1e3])
-def test_v3_one_pass_statistics_on_gpu(mean):
-    """Version 3's shifted one-pass statistics (forced on for float32 here) on large-mean rows, and their worst
-    case: all of a row's spread in its first element, bounded by ~hidden * float32 rounding (the reason they run
-    for 16-bit inputs only)."""
+def test_one_pass_statistics_on_gpu(mean):
+    """The LayerNorm forward's shifted one-pass statistics (forced on for float32 here) on large-mean rows, and
+    their worst case: all of a row's spread in its first element, bounded by ~hidden * float32 rounding (the reason
+    they run for 16-bit inputs only)."""
     rng = np.random.default_rng(_seed("one pass", mean))
     x = rng.normal(mean, 1.0, (64, 8192))
     assert max(_ln_stats_errors(jnp.asarray(x, F32), one_pass=True, runner="triton")) < LARGE_MEAN_TOL_F32
@@ -116,13 +115,13 @@ def test_v3_one_pass_statistics_on_gpu(mean):
 
 
 @pytest.mark.parametrize("hidden", [8192, 16384])
-def test_v3_bf16_rows_with_outlier_first_element(hidden, monkeypatch):
-    launched = _use(monkeypatch, "v3")
+def test_bf16_rows_with_outlier_first_element(hidden, monkeypatch):
+    launched = _use(monkeypatch)
     rng = np.random.default_rng(_seed("outlier", hidden))
     args, cts = make_inputs("layer_norm_gelu", (96, hidden), BF16, rng)
     args["x"] = args["x"].at[:, 0].set(1e4)
     check_against_oracle("layer_norm_gelu", "fused", args, cts, TOL[jnp.dtype(BF16)], jit=True)
-    assert_launched(launched, "v3")
+    assert_launched(launched)
 
 
 def test_bf16_params_and_leading_dims():
@@ -137,9 +136,8 @@ def test_auto_picks_the_kernel_on_gpu():
     assert norms._runner("auto", x.astype(jnp.float16)) is None
 
 
-@pytest.mark.parametrize("variant", ["v2", "v3"])
-def test_nan_input_row_stays_in_its_row(variant, monkeypatch):
-    _use(monkeypatch, variant)
+def test_nan_input_row_stays_in_its_row(monkeypatch):
+    _use(monkeypatch)
     rng = np.random.default_rng(4)
     x = rng.normal(size=(64, 1024)).astype(np.float32)
     x[5, 17] = np.nan
@@ -151,10 +149,9 @@ def test_nan_input_row_stays_in_its_row(variant, monkeypatch):
     np.testing.assert_array_equal(y[rows], want)
 
 
-@pytest.mark.parametrize("variant", ["v2", "v3"])
-def test_jit_vmap_free_grad_through_model_like_use(variant, monkeypatch):
+def test_jit_vmap_free_grad_through_model_like_use(monkeypatch):
     """Gradients through two stacked fused norms under jit equal the reference's (fp32)."""
-    _use(monkeypatch, variant)
+    _use(monkeypatch)
     rng = np.random.default_rng(9)
     x = jnp.asarray(rng.normal(size=(8, 128, 2048)), F32)
     r = jnp.asarray(rng.normal(size=x.shape), F32)

@@ -16,12 +16,11 @@ Per-row statistics (8 bytes a row) are not counted.
   python experiments/benchmarks/bench_norms.py                       # the issue's table, bf16
   python experiments/benchmarks/bench_norms.py --shapes 16384x8192 --markdown out.md
   python experiments/benchmarks/bench_norms.py --tune --markdown t.md  # pick launch variants first
-  python experiments/benchmarks/bench_norms.py --tune --vs-v2 --shapes 4096x1024 --budget 100
+  python experiments/benchmarks/bench_norms.py --tune --shapes 4096x1024 --budget 100
 
-`--tune` times the kernel versions side by side at 16384x8192 (version 2: a program per row tile;
-version 3: persistent programs prefetching the next tile, see kernels/norms/triton_kernels.py),
-prints the winner of each op and kernel family, and keeps the winners for the table. `--vs-v2` adds
-the version-2 kernel's time to every table row.
+`--tune` times launch variants of the kernels (see kernels/norms/launch.py) side by side at 16384x8192,
+the current tuning first, prints the winner of each op and kernel family against the current tuning,
+and keeps the winners for the table.
 """
 
 from __future__ import annotations
@@ -64,7 +63,6 @@ class Row:
     copy_us: float
     xla_us: float | None
     kernel_us: float
-    v2_us: float | None = None  # the version-2 kernel (with --vs-v2)
 
     def tbps(self, us: float | None) -> float | None:
         return None if us is None else self.bytes / (us * 1e-6) / 1e12
@@ -195,13 +193,8 @@ def tuning(tunings: dict):
         jax.clear_caches()
 
 
-def version2(tunings: dict) -> dict:
-    """The same launch tunings with the version-2 kernels."""
-    return {k: dataclasses.replace(t, fwd_prefetch=False, bwd_prefetch=False) for k, t in tunings.items()}
-
-
-def bench_shape(op, m, n, dtype, *, fwd_cfg=None, bwd_cfg=None, directions=("fwd", "bwd", "fwd+bwd"), baseline=None):
-    """Rows for one op and shape; with `baseline` (a TUNING dict) its kernels are timed too, as `v2_us`."""
+def bench_shape(op, m, n, dtype, *, fwd_cfg=None, bwd_cfg=None, directions=("fwd", "bwd", "fwd+bwd")):
+    """Rows for one op and shape."""
     itemsize = jnp.dtype(dtype).itemsize
     nbytes = effective_bytes(op, m, n, itemsize)
     ref, fwd, bwd, pub, names = op_functions(op)
@@ -217,21 +210,13 @@ def bench_shape(op, m, n, dtype, *, fwd_cfg=None, bwd_cfg=None, directions=("fwd
         t_copy = copy_time(nbytes["fwd"])
         t_ref = time_per_op(lambda d: ref(d), [(d,) for d in sets])
         t_ker = time_per_op(lambda d: fwd(d, fwd_cfg), [(d,) for d in sets])
-        row = Row(op, (m, n), jnp.dtype(dtype).name, "fwd", nbytes["fwd"], *us(t_copy, t_ref, t_ker))
-        if baseline is not None:
-            with tuning(baseline):
-                row.v2_us = time_per_op(lambda d: fwd(d), [(d,) for d in sets]) * 1e6
-        rows.append(row)
+        rows.append(Row(op, (m, n), jnp.dtype(dtype).name, "fwd", nbytes["fwd"], *us(t_copy, t_ref, t_ker)))
     if "bwd" in directions:
         fwd_jit = jax.jit(lambda d: fwd(d))
         stats = [fwd_jit(d) for d in sets]
         t_copy = copy_time(nbytes["bwd"])
         t_ker = time_per_op(lambda d, st: bwd(d, st, bwd_cfg), list(zip(sets, stats, strict=True)))
-        row = Row(op, (m, n), jnp.dtype(dtype).name, "bwd", nbytes["bwd"], *us(t_copy, None, t_ker))
-        if baseline is not None:
-            with tuning(baseline):
-                row.v2_us = time_per_op(lambda d, st: bwd(d, st), list(zip(sets, stats, strict=True))) * 1e6
-        rows.append(row)
+        rows.append(Row(op, (m, n), jnp.dtype(dtype).name, "bwd", nbytes["bwd"], *us(t_copy, None, t_ker)))
         del stats
     if "fwd+bwd" in directions:
 
@@ -263,9 +248,6 @@ def fmt_rows(rows: list[Row], markdown: bool) -> str:
     def cell(us, tb):
         return "—" if us is None else f"{us:8.1f} ({tb:4.2f})"
 
-    with_v2 = any(r.v2_us is not None for r in rows)
-    if with_v2:
-        head += ["v2 kernel µs (TB/s)", "v2 / kernel"]
     lines = []
     for r in rows:
         lines.append([
@@ -275,8 +257,6 @@ def fmt_rows(rows: list[Row], markdown: bool) -> str:
             "—" if r.xla_us is None else f"{r.xla_us / r.kernel_us:.2f}x",
             f"{r.kernel_us / r.copy_us:.2f}",
         ])  # fmt: skip
-        if with_v2:
-            lines[-1] += [cell(r.v2_us, r.tbps(r.v2_us)), "—" if r.v2_us is None else f"{r.v2_us / r.kernel_us:.2f}x"]
     if markdown:
         out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         out += ["| " + " | ".join(c.strip() for c in line) + " |" for line in lines]
@@ -287,23 +267,22 @@ def fmt_rows(rows: list[Row], markdown: bool) -> str:
     return "\n".join(out)
 
 
-# (label, launch.Tuning fields). The first of each list is version 2 as shipped; the rest are version 3.
+# (label, launch.Tuning fields changed from the current tuning). Each family's list is timed after the current tuning
+# itself ("current"), less the variants that leave it unchanged.
 TUNE_FWD = (
-    ("v2, 32 el/thread", dict(fwd_prefetch=False, fwd_elems_per_thread=32)),
-    ("v3, 32 el/thread", dict(fwd_prefetch=True, fwd_elems_per_thread=32)),
-    ("v3, 16 el/thread", dict(fwd_prefetch=True, fwd_elems_per_thread=16)),
-    ("v3, 8 el/thread", dict(fwd_prefetch=True, fwd_elems_per_thread=8)),
-    ("v3, 16 el/thread, params re-read", dict(fwd_prefetch=True, fwd_elems_per_thread=16, fwd_hold_params=False)),
-    ("v3, 16 el/thread, two-pass stats", dict(fwd_prefetch=True, fwd_elems_per_thread=16, fwd_one_pass=False)),
+    ("32 el/thread", dict(fwd_elems_per_thread=32)),
+    ("16 el/thread", dict(fwd_elems_per_thread=16)),
+    ("8 el/thread", dict(fwd_elems_per_thread=8)),
+    ("16 el/thread, params re-read", dict(fwd_elems_per_thread=16, fwd_hold_params=False)),
+    ("16 el/thread, two-pass stats", dict(fwd_elems_per_thread=16, fwd_one_pass=False)),
     # two 8192-wide rows per tile: twice the bytes in flight per program
-    ("v3, 16 el/thread, 16K-element tiles", dict(fwd_prefetch=True, fwd_elems_per_thread=16, fwd_tile_elems=16384)),
-    ("v3, 32 el/thread, 16K-element tiles", dict(fwd_prefetch=True, fwd_elems_per_thread=32, fwd_tile_elems=16384)),
-    ("v3, 16K tiles, params re-read", dict(fwd_prefetch=True, fwd_tile_elems=16384, fwd_hold_params=False)),
+    ("16 el/thread, 16K-element tiles", dict(fwd_elems_per_thread=16, fwd_tile_elems=16384)),
+    ("32 el/thread, 16K-element tiles", dict(fwd_elems_per_thread=32, fwd_tile_elems=16384)),
+    ("16K tiles, params re-read", dict(fwd_tile_elems=16384, fwd_hold_params=False)),
 )
 TUNE_BWD = (
-    ("v2, 16 el/thread", dict(bwd_prefetch=False, bwd_elems_per_thread=16, bwd_stages=1)),
-    ("v3, 16 el/thread", dict(bwd_prefetch=True, bwd_elems_per_thread=16)),
-    ("v3, 8 el/thread", dict(bwd_prefetch=True, bwd_elems_per_thread=8)),
+    ("16 el/thread", dict(bwd_elems_per_thread=16)),
+    ("8 el/thread", dict(bwd_elems_per_thread=8)),
 )
 TUNE_OPS = {"layer_norm": ("layer_norm_gelu",), "rms_norm": ("rms_norm", "add_rms_norm")}
 
@@ -315,8 +294,10 @@ def _rate_line(op: str, label: str, seconds: float, nbytes: float, copy: float) 
 
 def _winner_line(what: str, times: dict[str, float], copy: float | None = None) -> str:
     best = min(times, key=times.get)
-    base = next(iter(times))  # version 2 as shipped
-    if best == base:
+    base = next(iter(times))  # the current tuning
+    if len(times) == 1:
+        line = f"winner {what}: {best} (the only variant"
+    elif best == base:
         second = min((label for label in times if label != base), key=times.get)
         line = f"winner {what}: {best} (the best other, {second}, takes {times[second] / times[best]:.2f}x as long"
     else:
@@ -324,17 +305,32 @@ def _winner_line(what: str, times: dict[str, float], copy: float | None = None) 
     return line + (f"; {times[best] / copy:.2f}x copy)" if copy else ")")
 
 
+def _variants(base: launch.Tuning, table, *, layer_norm: bool) -> list[tuple[str, dict]]:
+    """("current", {}) and the entries of `table` that change `base` (one-pass statistics: LayerNorm only)."""
+    out = [("current", {})]
+    seen = [base]
+    for label, fields in table:
+        if "fwd_one_pass" in fields and not layer_norm:
+            continue
+        tuned = dataclasses.replace(base, **fields)
+        if tuned not in seen:
+            seen.append(tuned)
+            out.append((label, fields))
+    return out
+
+
 def tune(dtype, m=16384, n=8192) -> str:
     """Time the launch variants at one shape beside a copy of the same bytes, printing as it goes; the fastest
-    (summed over a family's ops) becomes launch.TUNING. Returns the winners of each kernel family."""
+    (summed over a family's ops) becomes launch.TUNING. Returns the winners of each kernel family, each compared
+    with the current tuning."""
     itemsize = jnp.dtype(dtype).itemsize
     print(f"tuning at {m}x{n} {jnp.dtype(dtype).name} ({launch.num_sms()} SMs)", flush=True)
     summary = []
     for kind, ops in TUNE_OPS.items():
         base = launch.TUNING[kind]
         variants = {
-            "fwd": [(lbl, f) for lbl, f in TUNE_FWD if kind == "layer_norm" or "fwd_one_pass" not in f],
-            "bwd": list(TUNE_BWD),
+            "fwd": _variants(base, TUNE_FWD, layer_norm=kind == "layer_norm"),
+            "bwd": _variants(base, TUNE_BWD, layer_norm=kind == "layer_norm"),
         }
         family = {direction: dict.fromkeys((lbl for lbl, _ in v), 0.0) for direction, v in variants.items()}
         for op in ops:
@@ -380,12 +376,12 @@ def _copy_time(nbytes: float, dtype, k: int) -> float:
 
 
 def check() -> bool:
-    """One small call of each fused op (both kernel versions) against the reference; prints the errors."""
+    """One small call of each fused op (scale/bias held in registers, and re-read per tile) against the reference;
+    prints the errors."""
 
     ok = True
-    v2 = version2(launch.TUNING)
-    v3 = {k: dataclasses.replace(t, fwd_prefetch=True, bwd_prefetch=True) for k, t in launch.TUNING.items()}
-    for version, tunings in (("v2", v2), ("v3", v3)):
+    reread = {k: dataclasses.replace(t, fwd_hold_params=False, bwd_hold_params=False) for k, t in launch.TUNING.items()}
+    for variant, tunings in (("params held", dict(launch.TUNING)), ("params re-read", reread)):
         with tuning(tunings):
             for dtype, tol in ((jnp.float32, 1e-5), (jnp.bfloat16, 1e-2)):
                 for op in OPS:
@@ -398,7 +394,7 @@ def check() -> bool:
                         g, w = g.astype(jnp.float32), w.astype(jnp.float32)
                         err = float(jnp.linalg.norm(g - w) / jnp.linalg.norm(w))
                         ok &= err < tol
-                        print(f"check {version} {op:16s} {jnp.dtype(dtype).name:8s} rel err {err:.2e}", flush=True)
+                        print(f"check {variant:14s} {op:16s} {jnp.dtype(dtype).name:8s} rel err {err:.2e}", flush=True)
     return ok
 
 
@@ -415,7 +411,6 @@ def main(argv=None) -> int:
     p.add_argument("--tune", action="store_true", help="first time launch variants at 16384x8192, keep the best")
     p.add_argument("--fwdbwd-shapes", default="16384x8192", help="shapes also timed forward+backward")
     p.add_argument("--check", action="store_true", help="only check each fused op against the reference")
-    p.add_argument("--vs-v2", action="store_true", help="also time the version-2 kernels in every table row")
     p.add_argument("--budget", type=float, default=None, help="seconds: start no new table shape after this")
     p.add_argument("--clock", choices=["device", "wall"], default="device", help="kernel time or host wall time")
     args = p.parse_args(argv)
@@ -430,7 +425,6 @@ def main(argv=None) -> int:
     dtype = jnp.dtype(args.dtype)
     if args.check:
         return 0 if check() else 1
-    baseline = version2(launch.TUNING) if args.vs_v2 else None
     if args.tune:
         print("\n" + tune(dtype), flush=True)
     shapes = parse_shapes(args.shapes) if args.shapes else ISSUE_SHAPES
@@ -448,9 +442,9 @@ def main(argv=None) -> int:
                 print(f"budget of {args.budget:.0f} s spent: skipping {op} {m}x{n}", flush=True)
                 continue
             directions = ("fwd", "bwd", "fwd+bwd") if (m, n) in fwdbwd else ("fwd", "bwd")
-            new = bench_shape(op, m, n, dtype, directions=directions, baseline=baseline)
+            new = bench_shape(op, m, n, dtype, directions=directions)
             rows += new
-            print(fmt_rows(rows, markdown=False).splitlines()[-len(new) :], sep="\n", flush=True)
+            print(*fmt_rows(rows, markdown=False).splitlines()[-len(new) :], sep="\n", flush=True)
             if args.markdown:  # rewritten after every shape, so a cut-short run still leaves its rows
                 args.markdown.write_text(header + fmt_rows(rows, markdown=True) + "\n")
     print("\n" + fmt_rows(rows, markdown=False))

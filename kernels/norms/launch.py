@@ -8,9 +8,8 @@
 Each op function takes and returns 2-D [rows, hidden] arrays and float32 per-row statistics; backward
 functions return per-program partial sums of the parameter gradients, shape [programs, hidden].
 
-A launch configuration with `prefetch` runs the version-3 kernels (`*_v3` in triton_kernels.py):
-persistent programs that load their next row tile while reducing the current one. Both versions
-compute the same values; `TUNING` says which one each kernel family uses.
+Every kernel runs on a persistent grid (see triton_kernels.py): `programs` programs, each taking row
+tiles g, g + programs, ... and loading its next tile while it reduces the current one.
 """
 
 from __future__ import annotations
@@ -36,16 +35,14 @@ def next_power_of_2(n: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class LaunchConfig:
-    """How one kernel is launched; `programs` is set for the persistent kernels (backward, version 3)."""
+    """How one kernel is launched: a persistent grid of `programs` programs over tiles of `block_m` rows."""
 
     block_m: int  # rows per tile
     block_n: int  # columns per tile: next power of two >= hidden
     num_warps: int
-    num_stages: int = 1
-    programs: int | None = None
-    prefetch: bool = False  # version 3: persistent programs, next tile's loads issued before this tile's reductions
-    hold_params: bool = True  # version 3: scale/bias held in registers for the program's life (else re-read per tile)
-    one_pass: bool | None = None  # version-3 LayerNorm forward: shifted one-reduction statistics; None: 16-bit x only
+    programs: int  # persistent grid size
+    hold_params: bool = True  # scale/bias held in registers for the program's life (else re-read per tile)
+    one_pass: bool | None = None  # LayerNorm forward: shifted one-reduction statistics; None: for 16-bit x only
 
 
 @dataclasses.dataclass
@@ -54,22 +51,19 @@ class Tuning:
 
     fwd_elems_per_thread: int = 32
     bwd_elems_per_thread: int = 16
-    bwd_stages: int = 1  # >1: the backward's row loop is software-pipelined (cp.async into shared memory)
     bwd_programs_per_sm: int = 1
-    fwd_prefetch: bool = False  # version-3 forward (persistent, register prefetch of the next tile)
-    fwd_warps_per_sm: int = 32  # version-3 forward grid: programs per SM = this / warps per program (at least 1)
-    fwd_hold_params: bool = True  # version 3: scale/bias in registers for the program's life, else re-read per tile
-    fwd_one_pass: bool | None = None  # version-3 LayerNorm statistics in one reduction; None: for 16-bit inputs only
-    bwd_prefetch: bool = False  # version-3 backward (register prefetch, c1/c2 in one reduction)
+    fwd_warps_per_sm: int = 32  # forward grid: programs per SM = this / warps per program (at least 1)
+    fwd_hold_params: bool = True  # scale/bias in registers for the program's life, else re-read per tile
+    fwd_one_pass: bool | None = None  # LayerNorm statistics in one reduction; None: for 16-bit inputs only
     bwd_hold_params: bool = True
     fwd_tile_elems: int = 4096  # forward: rows narrower than this are grouped until a tile holds this many elements
 
 
-# Picked at 16384 x 8192 bf16 by `bench_norms.py --tune --vs-v2` on an H200 (experiments/benchmarks/NORMS_NOTES.md):
-# version 3 won every op, 1.03-1.38x faster than version 2 (`Tuning()`, the H100 pick before version 3).
+# Picked at 16384 x 8192 bf16 by `bench_norms.py --tune` on an H200 (experiments/benchmarks/NORMS_NOTES.md), where
+# these kernels ran every op 1.03-1.38x faster than earlier ones that did not prefetch.
 TUNING = {
-    "layer_norm": Tuning(fwd_elems_per_thread=16, fwd_prefetch=True, bwd_prefetch=True),
-    "rms_norm": Tuning(fwd_elems_per_thread=8, fwd_prefetch=True, bwd_prefetch=True),
+    "layer_norm": Tuning(fwd_elems_per_thread=16),
+    "rms_norm": Tuning(fwd_elems_per_thread=8),
 }
 TILE_ELEMS = 4096  # backward: rows narrower than this are grouped until a tile holds this many elements
 
@@ -92,13 +86,11 @@ def forward_config(
     block_m = override.pop("block_m", max(1, tuning.fwd_tile_elems // block_n))
     warps = _warps_for(block_m * block_n, tuning.fwd_elems_per_thread)
     per_sm = override.pop("programs_per_sm", max(1, tuning.fwd_warps_per_sm // warps))
-    prefetch = override.pop("prefetch", tuning.fwd_prefetch)
     cfg = LaunchConfig(
         block_m,
         block_n,
         warps,
-        programs=_programs(rows, block_m, num_sms, per_sm) if prefetch else None,
-        prefetch=prefetch,
+        programs=_programs(rows, block_m, num_sms, per_sm),
         hold_params=tuning.fwd_hold_params,
         one_pass=tuning.fwd_one_pass,
     )
@@ -110,15 +102,12 @@ def backward_config(rows: int, hidden: int, num_sms: int, kind: str = "layer_nor
     block_n = next_power_of_2(hidden)
     block_m = override.pop("block_m", max(1, TILE_ELEMS // block_n))
     per_sm = override.pop("programs_per_sm", tuning.bwd_programs_per_sm)
-    prefetch = override.pop("prefetch", tuning.bwd_prefetch)
     warps = _warps_for(block_m * block_n, tuning.bwd_elems_per_thread)
     cfg = LaunchConfig(
         block_m,
         block_n,
         warps,
-        num_stages=1 if prefetch else tuning.bwd_stages,  # version 3 prefetches by hand
         programs=_programs(rows, block_m, num_sms, per_sm),
-        prefetch=prefetch,
         hold_params=tuning.bwd_hold_params,
     )
     return dataclasses.replace(cfg, **override)
@@ -133,21 +122,18 @@ def _sms(runner: str) -> int:
     return num_sms() if runner == "triton" else DEFAULT_NUM_SMS
 
 
-def _kernel(name: str, cfg: LaunchConfig, rows: int, meta: dict) -> tuple[str, tuple[int], dict]:
-    """Kernel name, grid and meta-parameters: version 2, or version 3 when `cfg.prefetch`."""
-    grid = (cfg.programs or -(-rows // cfg.block_m),)  # persistent, or one program per row tile
-    if not cfg.prefetch:
-        return name, grid, meta
-    meta = {k: v for k, v in meta.items() if k != "STAGES"}  # version 3 prefetches by hand
-    return name + "_v3", grid, dict(meta, HOLD_PARAMS=cfg.hold_params)
-
-
 # ----------------------------------------------------------------------------------------------------
 # Runners
 # ----------------------------------------------------------------------------------------------------
-def _run(runner: str, name, inputs, out_shapes, grid, cfg: LaunchConfig, meta, poison: bool):
-    warps, stages = cfg.num_warps, cfg.num_stages
-    return triton_runtime.run("kernels.norms", runner, name, inputs, out_shapes, grid, warps, stages, meta, poison)
+def _meta(cfg: LaunchConfig, **meta) -> dict:
+    """The kernel's meta-parameters: the op's own and the launch configuration's."""
+    return dict(meta, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HOLD_PARAMS=cfg.hold_params)
+
+
+def _run(runner: str, name, inputs, out_shapes, cfg: LaunchConfig, meta, poison: bool):
+    """Kernel `name` on its persistent grid; one stage, as the kernels prefetch their next tile themselves."""
+    grid, warps = (cfg.programs,), cfg.num_warps
+    return triton_runtime.run("kernels.norms", runner, name, inputs, out_shapes, grid, warps, 1, meta, poison)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -162,11 +148,10 @@ def layer_norm_fwd(x, w, b, *, eps, activation, runner="triton", poison=False, c
     m, n = x.shape
     cfg = config or forward_config(n, rows=m, num_sms=_sms(runner))
     out = [jax.ShapeDtypeStruct(x.shape, x.dtype), _f32([m]), _f32([m])]
-    meta = dict(N=n, EPS=float(eps), ACT=ACTIVATIONS[activation], BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n)
-    name, grid, meta = _kernel("layer_norm_fwd", cfg, m, meta)
-    if cfg.prefetch:  # one-pass statistics: worst case ~hidden x float32 rounding, fine below 16-bit rounding only
-        meta["ONE_PASS"] = jnp.dtype(x.dtype).itemsize <= 2 if cfg.one_pass is None else cfg.one_pass
-    y, mean, rstd = _run(runner, name, [x, w, b, m], out, grid, cfg, meta, poison)
+    # one-pass statistics: worst case ~hidden x float32 rounding, fine below 16-bit rounding only
+    one_pass = jnp.dtype(x.dtype).itemsize <= 2 if cfg.one_pass is None else cfg.one_pass
+    meta = _meta(cfg, N=n, EPS=float(eps), ACT=ACTIVATIONS[activation], ONE_PASS=one_pass)
+    y, mean, rstd = _run(runner, "layer_norm_fwd", [x, w, b, m], out, cfg, meta, poison)
     return y, mean, rstd
 
 
@@ -175,10 +160,9 @@ def layer_norm_bwd(x, w, b, dy, mean, rstd, *, activation, runner="triton", pois
     m, n = x.shape
     cfg = config or backward_config(m, n, _sms(runner), "layer_norm")
     out = [jax.ShapeDtypeStruct(x.shape, x.dtype), _f32([cfg.programs, n]), _f32([cfg.programs, n])]
-    meta = dict(N=n, ACT=ACTIVATIONS[activation], BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, STAGES=cfg.num_stages)
-    name, grid, meta = _kernel("layer_norm_bwd", cfg, m, meta)
+    meta = _meta(cfg, N=n, ACT=ACTIVATIONS[activation])
     inputs = [x, w, b, dy.astype(x.dtype), mean, rstd, m]
-    dx, dw, db = _run(runner, name, inputs, out, grid, cfg, meta, poison)
+    dx, dw, db = _run(runner, "layer_norm_bwd", inputs, out, cfg, meta, poison)
     return dx, dw, db
 
 
@@ -189,10 +173,9 @@ def rms_norm_fwd(x, residual, w, *, eps, runner="triton", poison=False, config=N
     has_res = residual is not None
     h_shape = x.shape if has_res else (1,)
     out = [jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct(h_shape, x.dtype), _f32([m])]
-    meta = dict(N=n, EPS=float(eps), HAS_RESIDUAL=has_res, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n)
-    name, grid, meta = _kernel("rms_norm_fwd", cfg, m, meta)
+    meta = _meta(cfg, N=n, EPS=float(eps), HAS_RESIDUAL=has_res)
     inputs = [x, residual.astype(x.dtype) if has_res else x, w, m]
-    y, h, rstd = _run(runner, name, inputs, out, grid, cfg, meta, poison)
+    y, h, rstd = _run(runner, "rms_norm_fwd", inputs, out, cfg, meta, poison)
     return y, (h if has_res else None), rstd
 
 
@@ -202,9 +185,8 @@ def rms_norm_bwd(x, w, dy, d_residual, rstd, *, runner="triton", poison=False, c
     cfg = config or backward_config(m, n, _sms(runner), "rms_norm")
     has_dres = d_residual is not None
     out = [jax.ShapeDtypeStruct(x.shape, x.dtype), _f32([cfg.programs, n])]
-    meta = dict(N=n, HAS_DRES=has_dres, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, STAGES=cfg.num_stages)
-    name, grid, meta = _kernel("rms_norm_bwd", cfg, m, meta)
+    meta = _meta(cfg, N=n, HAS_DRES=has_dres)
     dy = dy.astype(x.dtype)
     inputs = [x, w, dy, d_residual.astype(x.dtype) if has_dres else dy, rstd, m]
-    dx, dw = _run(runner, name, inputs, out, grid, cfg, meta, poison)
+    dx, dw = _run(runner, "rms_norm_bwd", inputs, out, cfg, meta, poison)
     return dx, dw

@@ -1,17 +1,19 @@
 """Triton kernels for LayerNorm(+GELU), RMSNorm and residual-add + RMSNorm, forward and backward.
 
-Layout: the input is a row-major [M, N] matrix; each program normalises a tile of BLOCK_M whole rows
-(BLOCK_N = next power of two >= N, masked), so a row is read from memory once and its statistics
-come from registers (two passes over registers: mean, then the centred second moment, which stays
-accurate for rows with a large mean and a small spread). All arithmetic is float32.
+Layout: the input is a row-major [M, N] matrix, taken in tiles of BLOCK_M whole rows (BLOCK_N = next
+power of two >= N, masked), so a row is read from memory once and its statistics come from registers.
+All arithmetic is float32.
 
-Backward kernels run on a persistent grid of G programs; program g takes row tiles g, g+G, g+2G, ...,
-writes dx for each, and accumulates its own share of the scale/bias gradients in registers. At the
-end it writes one row of a [G, N] float32 partial-sum buffer; the caller sums the G rows (a small
-reduction), so no program waits for another.
+Every kernel runs on a persistent grid of G programs (a few per SM); program g takes row tiles g, g+G,
+g+2G, ... At the top of each iteration it issues the loads of its next tile (masked off past the last
+row), so they are in flight while this tile's reductions wait on their barriers and while its results
+are stored: HBM does not idle between one tile's load and the next. With HOLD_PARAMS, scale/bias are
+loaded once per program and held in registers (one register per element each); otherwise they are
+re-read per tile (from L1), which leaves registers for more resident programs.
 
-Version 3 (`*_v3`, chosen by the launch configuration) computes the same values with persistent
-forward programs that prefetch their next row tile; see the section at the end of this file.
+The backward kernels write dx for each tile and accumulate the program's share of the scale/bias
+gradients in registers. At the end each program writes one row of a [G, N] float32 partial-sum
+buffer; the caller sums the G rows (a small reduction), so no program waits for another.
 
 Each kernel has a `*_poisoned` twin that takes one extra, already-filled buffer per output, aliased
 to that output by the caller: tests fill them with NaN so that an element the kernel fails to write
@@ -119,6 +121,14 @@ def _activation_grad(z, ACT: tl.constexpr):
     return grad
 
 
+# ----------------------------------------------------------------------------------------------------
+# Row tiles
+#
+# Pairs of sums over a row (LayerNorm's one-pass statistics; c1, c2 of its backward) are one reduction
+# of the two joined along a trailing axis of 2 (tl.join): the partial pairs cross warps through one
+# shared-memory exchange behind one barrier. (A tl.reduce over a tuple compiles to one exchange and
+# barrier per operand; seen in the PTX.)
+# ----------------------------------------------------------------------------------------------------
 @triton.jit
 def _tile(tile_id, M, N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     rows = tile_id * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -129,218 +139,6 @@ def _tile(tile_id, M, N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.conste
     return rows, row_ok, mask, offsets
 
 
-# ----------------------------------------------------------------------------------------------------
-# LayerNorm (+ activation)
-# ----------------------------------------------------------------------------------------------------
-@triton.jit
-def _layer_norm_fwd_body(
-    X, W, B, M, Y, MEAN, RSTD,
-    N: tl.constexpr, EPS: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):  # fmt: skip
-    rows, row_ok, mask, offsets = _tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N)
-    cols = tl.arange(0, BLOCK_N)
-    col_ok = cols < N
-    x = tl.load(X + offsets, mask=mask, other=0.0).to(tl.float32)
-    mean = tl.reduce(x, 1, _SUM) / N
-    xc = x - mean[:, None]
-    if N != BLOCK_N:  # padded columns must not add (0 - mean)^2
-        xc = tl.where(mask, xc, 0.0)
-    rstd = 1.0 / tl.sqrt(tl.reduce(xc * xc, 1, _SUM) / N + EPS)
-    w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
-    b = tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)
-    z = xc * rstd[:, None] * w[None, :] + b[None, :]
-    y = _activation(z, ACT)
-    tl.store(Y + offsets, y.to(Y.dtype.element_ty), mask=mask)
-    tl.store(MEAN + rows, mean, mask=row_ok)
-    tl.store(RSTD + rows, rstd, mask=row_ok)
-
-
-@triton.jit
-def layer_norm_fwd(
-    X, W, B, M, Y, MEAN, RSTD,
-    N: tl.constexpr, EPS: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):  # fmt: skip
-    _layer_norm_fwd_body(X, W, B, M, Y, MEAN, RSTD, N, EPS, ACT, BLOCK_M, BLOCK_N)
-
-
-@triton.jit
-def layer_norm_fwd_poisoned(
-    X, W, B, M, Y_FILL, MEAN_FILL, RSTD_FILL, Y, MEAN, RSTD,
-    N: tl.constexpr, EPS: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):  # fmt: skip
-    _layer_norm_fwd_body(X, W, B, M, Y, MEAN, RSTD, N, EPS, ACT, BLOCK_M, BLOCK_N)
-
-
-@triton.jit
-def _layer_norm_bwd_body(
-    X, W, B, DY, MEAN, RSTD, M, DX, DW, DB,
-    N: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    STAGES: tl.constexpr,
-):  # fmt: skip
-    pid = tl.program_id(0)
-    num_programs = tl.num_programs(0)
-    cols = tl.arange(0, BLOCK_N)
-    col_ok = cols < N
-    w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
-    if ACT != 0:
-        b = tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)
-    acc_dw = tl.full([BLOCK_M, BLOCK_N], 0.0, tl.float32)
-    acc_db = tl.full([BLOCK_M, BLOCK_N], 0.0, tl.float32)
-    num_tiles = (M + BLOCK_M - 1) // BLOCK_M
-    for tile_id in tl.range(pid, num_tiles, num_programs, num_stages=STAGES):
-        rows, row_ok, mask, offsets = _tile(tile_id, M, N, BLOCK_M, BLOCK_N)
-        x = tl.load(X + offsets, mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(DY + offsets, mask=mask, other=0.0).to(tl.float32)
-        mean = tl.load(MEAN + rows, mask=row_ok, other=0.0)
-        rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
-        xhat = (x - mean[:, None]) * rstd[:, None]
-        if N != BLOCK_N:
-            xhat = tl.where(mask, xhat, 0.0)
-        if ACT != 0:
-            dz = dy * _activation_grad(xhat * w[None, :] + b[None, :], ACT)
-        else:
-            dz = dy
-        acc_dw += dz * xhat
-        acc_db += dz
-        dxhat = dz * w[None, :]
-        c1 = tl.reduce(dxhat, 1, _SUM) / N
-        c2 = tl.reduce(dxhat * xhat, 1, _SUM) / N
-        dx = (dxhat - c1[:, None] - xhat * c2[:, None]) * rstd[:, None]
-        tl.store(DX + offsets, dx.to(DX.dtype.element_ty), mask=mask)
-    tl.store(DW + pid * N + cols, tl.reduce(acc_dw, 0, _SUM), mask=col_ok)
-    tl.store(DB + pid * N + cols, tl.reduce(acc_db, 0, _SUM), mask=col_ok)
-
-
-@triton.jit
-def layer_norm_bwd(
-    X, W, B, DY, MEAN, RSTD, M, DX, DW, DB,
-    N: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    STAGES: tl.constexpr,
-):  # fmt: skip
-    _layer_norm_bwd_body(X, W, B, DY, MEAN, RSTD, M, DX, DW, DB, N, ACT, BLOCK_M, BLOCK_N, STAGES)
-
-
-@triton.jit
-def layer_norm_bwd_poisoned(
-    X, W, B, DY, MEAN, RSTD, M, DX_FILL, DW_FILL, DB_FILL, DX, DW, DB,
-    N: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    STAGES: tl.constexpr,
-):  # fmt: skip
-    _layer_norm_bwd_body(X, W, B, DY, MEAN, RSTD, M, DX, DW, DB, N, ACT, BLOCK_M, BLOCK_N, STAGES)
-
-
-# ----------------------------------------------------------------------------------------------------
-# RMSNorm, optionally after a residual add (h = x + r, stored, then normalised)
-# ----------------------------------------------------------------------------------------------------
-@triton.jit
-def _rms_norm_fwd_body(
-    X, R, W, M, Y, H, RSTD,
-    N: tl.constexpr, EPS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):  # fmt: skip
-    rows, row_ok, mask, offsets = _tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N)
-    cols = tl.arange(0, BLOCK_N)
-    x = tl.load(X + offsets, mask=mask, other=0.0).to(tl.float32)
-    if HAS_RESIDUAL:
-        r = tl.load(R + offsets, mask=mask, other=0.0).to(tl.float32)
-        h = (x + r).to(H.dtype.element_ty)
-        tl.store(H + offsets, h, mask=mask)
-        x = h.to(tl.float32)
-    rstd = 1.0 / tl.sqrt(tl.reduce(x * x, 1, _SUM) / N + EPS)
-    w = tl.load(W + cols, mask=cols < N, other=0.0).to(tl.float32)
-    y = x * rstd[:, None] * w[None, :]
-    tl.store(Y + offsets, y.to(Y.dtype.element_ty), mask=mask)
-    tl.store(RSTD + rows, rstd, mask=row_ok)
-
-
-@triton.jit
-def rms_norm_fwd(
-    X, R, W, M, Y, H, RSTD,
-    N: tl.constexpr, EPS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):  # fmt: skip
-    _rms_norm_fwd_body(X, R, W, M, Y, H, RSTD, N, EPS, HAS_RESIDUAL, BLOCK_M, BLOCK_N)
-
-
-@triton.jit
-def rms_norm_fwd_poisoned(
-    X, R, W, M, Y_FILL, H_FILL, RSTD_FILL, Y, H, RSTD,
-    N: tl.constexpr, EPS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):  # fmt: skip
-    _rms_norm_fwd_body(X, R, W, M, Y, H, RSTD, N, EPS, HAS_RESIDUAL, BLOCK_M, BLOCK_N)
-
-
-@triton.jit
-def _rms_norm_bwd_body(
-    X, W, DY, DRES, RSTD, M, DX, DW,
-    N: tl.constexpr, HAS_DRES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    STAGES: tl.constexpr,
-):  # fmt: skip
-    pid = tl.program_id(0)
-    num_programs = tl.num_programs(0)
-    cols = tl.arange(0, BLOCK_N)
-    col_ok = cols < N
-    w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
-    acc_dw = tl.full([BLOCK_M, BLOCK_N], 0.0, tl.float32)
-    num_tiles = (M + BLOCK_M - 1) // BLOCK_M
-    for tile_id in tl.range(pid, num_tiles, num_programs, num_stages=STAGES):
-        rows, row_ok, mask, offsets = _tile(tile_id, M, N, BLOCK_M, BLOCK_N)
-        x = tl.load(X + offsets, mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(DY + offsets, mask=mask, other=0.0).to(tl.float32)
-        rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
-        xhat = x * rstd[:, None]
-        acc_dw += dy * xhat
-        dxhat = dy * w[None, :]
-        c2 = tl.reduce(dxhat * xhat, 1, _SUM) / N
-        dx = (dxhat - xhat * c2[:, None]) * rstd[:, None]
-        if HAS_DRES:
-            dx += tl.load(DRES + offsets, mask=mask, other=0.0).to(tl.float32)
-        tl.store(DX + offsets, dx.to(DX.dtype.element_ty), mask=mask)
-    tl.store(DW + pid * N + cols, tl.reduce(acc_dw, 0, _SUM), mask=col_ok)
-
-
-@triton.jit
-def rms_norm_bwd(
-    X, W, DY, DRES, RSTD, M, DX, DW,
-    N: tl.constexpr, HAS_DRES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    STAGES: tl.constexpr,
-):  # fmt: skip
-    _rms_norm_bwd_body(X, W, DY, DRES, RSTD, M, DX, DW, N, HAS_DRES, BLOCK_M, BLOCK_N, STAGES)
-
-
-@triton.jit
-def rms_norm_bwd_poisoned(
-    X, W, DY, DRES, RSTD, M, DX_FILL, DW_FILL, DX, DW,
-    N: tl.constexpr, HAS_DRES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    STAGES: tl.constexpr,
-):  # fmt: skip
-    _rms_norm_bwd_body(X, W, DY, DRES, RSTD, M, DX, DW, N, HAS_DRES, BLOCK_M, BLOCK_N, STAGES)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Version 3: persistent programs that prefetch the next row tile into registers
-#
-# The grid is a few programs per SM; program g takes row tiles g, g+G, g+2G, ... At the top of each
-# iteration it issues the loads of its next tile (masked off past the last row), so they are in flight
-# while this tile's reductions wait on their barriers and while its results are stored: HBM no longer
-# idles between one tile's load and the next. With HOLD_PARAMS, scale/bias are loaded once per program
-# and held in registers (costing one register per element each); otherwise they are re-read per tile
-# (from L1), which leaves registers for more resident programs.
-#
-# LayerNorm statistics with ONE_PASS take one reduction: sums of d = x - s and d^2, with s = x[row, 0]
-# loaded beside the row, so mean = s + sum(d) / N and var = sum(d^2) / N - (sum(d) / N)^2. The shift
-# keeps rows with a large mean exact (d is small). The cancellation in var is bounded because
-# (x[row, 0] - mean)^2 <= N var: it amplifies the float32 rounding of sum(d^2) (a few 2^-24) at most
-# ~N times, so the variance is off by <~1e-3 relative at N = 8192 in the worst case (all of a row's
-# spread in its first element), below bf16's rounding (2^-9) but far above fp32's: the launcher picks
-# ONE_PASS for 16-bit inputs only. Without it, the version-2 statistics (mean, then centred moment).
-#
-# Pairs of sums over a row (one-pass statistics; c1, c2 of the LayerNorm backward) are one reduction
-# of the two joined along a trailing axis of 2 (tl.join): the partial pairs cross warps through one
-# shared-memory exchange behind one barrier. (A tl.reduce over a tuple compiles to one exchange and
-# barrier per operand; seen in the PTX.)
-# ----------------------------------------------------------------------------------------------------
 @triton.jit
 def _row_sums(a, b):
     """(sum of a, sum of b) over axis 1, as one reduction of the joined pairs."""
@@ -362,8 +160,20 @@ def _load_rows(PTR, tile_id, M, BLOCK_M: tl.constexpr, STRIDE: tl.constexpr):
     return tl.load(PTR + rows.to(tl.int64) * STRIDE, mask=rows < M, other=0.0)
 
 
+# ----------------------------------------------------------------------------------------------------
+# LayerNorm (+ activation)
+#
+# Statistics with ONE_PASS take one reduction: sums of d = x - s and d^2, with s = x[row, 0] loaded
+# beside the row, so mean = s + sum(d) / N and var = sum(d^2) / N - (sum(d) / N)^2. The shift keeps
+# rows with a large mean exact (d is small). The cancellation in var is bounded because
+# (x[row, 0] - mean)^2 <= N var: it amplifies the float32 rounding of sum(d^2) (a few 2^-24) at most
+# ~N times, so the variance is off by <~1e-3 relative at N = 8192 in the worst case (all of a row's
+# spread in its first element), below bf16's rounding (2^-9) but far above fp32's: the launcher picks
+# ONE_PASS for 16-bit inputs only. Without it, two reductions over registers: the mean, then the
+# centred second moment, which stays accurate for rows with a large mean and a small spread.
+# ----------------------------------------------------------------------------------------------------
 @triton.jit
-def _layer_norm_fwd_v3_body(
+def _layer_norm_fwd_body(
     X, W, B, M, Y, MEAN, RSTD,
     N: tl.constexpr, EPS: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HOLD_PARAMS: tl.constexpr, ONE_PASS: tl.constexpr,
@@ -411,25 +221,25 @@ def _layer_norm_fwd_v3_body(
 
 
 @triton.jit
-def layer_norm_fwd_v3(
+def layer_norm_fwd(
     X, W, B, M, Y, MEAN, RSTD,
     N: tl.constexpr, EPS: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HOLD_PARAMS: tl.constexpr, ONE_PASS: tl.constexpr,
 ):  # fmt: skip
-    _layer_norm_fwd_v3_body(X, W, B, M, Y, MEAN, RSTD, N, EPS, ACT, BLOCK_M, BLOCK_N, HOLD_PARAMS, ONE_PASS)
+    _layer_norm_fwd_body(X, W, B, M, Y, MEAN, RSTD, N, EPS, ACT, BLOCK_M, BLOCK_N, HOLD_PARAMS, ONE_PASS)
 
 
 @triton.jit
-def layer_norm_fwd_v3_poisoned(
+def layer_norm_fwd_poisoned(
     X, W, B, M, Y_FILL, MEAN_FILL, RSTD_FILL, Y, MEAN, RSTD,
     N: tl.constexpr, EPS: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HOLD_PARAMS: tl.constexpr, ONE_PASS: tl.constexpr,
 ):  # fmt: skip
-    _layer_norm_fwd_v3_body(X, W, B, M, Y, MEAN, RSTD, N, EPS, ACT, BLOCK_M, BLOCK_N, HOLD_PARAMS, ONE_PASS)
+    _layer_norm_fwd_body(X, W, B, M, Y, MEAN, RSTD, N, EPS, ACT, BLOCK_M, BLOCK_N, HOLD_PARAMS, ONE_PASS)
 
 
 @triton.jit
-def _layer_norm_bwd_v3_body(
+def _layer_norm_bwd_body(
     X, W, B, DY, MEAN, RSTD, M, DX, DW, DB,
     N: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HOLD_PARAMS: tl.constexpr,
@@ -484,25 +294,28 @@ def _layer_norm_bwd_v3_body(
 
 
 @triton.jit
-def layer_norm_bwd_v3(
+def layer_norm_bwd(
     X, W, B, DY, MEAN, RSTD, M, DX, DW, DB,
     N: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HOLD_PARAMS: tl.constexpr,
 ):  # fmt: skip
-    _layer_norm_bwd_v3_body(X, W, B, DY, MEAN, RSTD, M, DX, DW, DB, N, ACT, BLOCK_M, BLOCK_N, HOLD_PARAMS)
+    _layer_norm_bwd_body(X, W, B, DY, MEAN, RSTD, M, DX, DW, DB, N, ACT, BLOCK_M, BLOCK_N, HOLD_PARAMS)
 
 
 @triton.jit
-def layer_norm_bwd_v3_poisoned(
+def layer_norm_bwd_poisoned(
     X, W, B, DY, MEAN, RSTD, M, DX_FILL, DW_FILL, DB_FILL, DX, DW, DB,
     N: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HOLD_PARAMS: tl.constexpr,
 ):  # fmt: skip
-    _layer_norm_bwd_v3_body(X, W, B, DY, MEAN, RSTD, M, DX, DW, DB, N, ACT, BLOCK_M, BLOCK_N, HOLD_PARAMS)
+    _layer_norm_bwd_body(X, W, B, DY, MEAN, RSTD, M, DX, DW, DB, N, ACT, BLOCK_M, BLOCK_N, HOLD_PARAMS)
 
 
+# ----------------------------------------------------------------------------------------------------
+# RMSNorm, optionally after a residual add (h = x + r, stored, then normalised)
+# ----------------------------------------------------------------------------------------------------
 @triton.jit
-def _rms_norm_fwd_v3_body(
+def _rms_norm_fwd_body(
     X, R, W, M, Y, H, RSTD,
     N: tl.constexpr, EPS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, HOLD_PARAMS: tl.constexpr,
@@ -536,25 +349,25 @@ def _rms_norm_fwd_v3_body(
 
 
 @triton.jit
-def rms_norm_fwd_v3(
+def rms_norm_fwd(
     X, R, W, M, Y, H, RSTD,
     N: tl.constexpr, EPS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, HOLD_PARAMS: tl.constexpr,
 ):  # fmt: skip
-    _rms_norm_fwd_v3_body(X, R, W, M, Y, H, RSTD, N, EPS, HAS_RESIDUAL, BLOCK_M, BLOCK_N, HOLD_PARAMS)
+    _rms_norm_fwd_body(X, R, W, M, Y, H, RSTD, N, EPS, HAS_RESIDUAL, BLOCK_M, BLOCK_N, HOLD_PARAMS)
 
 
 @triton.jit
-def rms_norm_fwd_v3_poisoned(
+def rms_norm_fwd_poisoned(
     X, R, W, M, Y_FILL, H_FILL, RSTD_FILL, Y, H, RSTD,
     N: tl.constexpr, EPS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, HOLD_PARAMS: tl.constexpr,
 ):  # fmt: skip
-    _rms_norm_fwd_v3_body(X, R, W, M, Y, H, RSTD, N, EPS, HAS_RESIDUAL, BLOCK_M, BLOCK_N, HOLD_PARAMS)
+    _rms_norm_fwd_body(X, R, W, M, Y, H, RSTD, N, EPS, HAS_RESIDUAL, BLOCK_M, BLOCK_N, HOLD_PARAMS)
 
 
 @triton.jit
-def _rms_norm_bwd_v3_body(
+def _rms_norm_bwd_body(
     X, W, DY, DRES, RSTD, M, DX, DW,
     N: tl.constexpr, HAS_DRES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HOLD_PARAMS: tl.constexpr,
@@ -598,18 +411,18 @@ def _rms_norm_bwd_v3_body(
 
 
 @triton.jit
-def rms_norm_bwd_v3(
+def rms_norm_bwd(
     X, W, DY, DRES, RSTD, M, DX, DW,
     N: tl.constexpr, HAS_DRES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HOLD_PARAMS: tl.constexpr,
 ):  # fmt: skip
-    _rms_norm_bwd_v3_body(X, W, DY, DRES, RSTD, M, DX, DW, N, HAS_DRES, BLOCK_M, BLOCK_N, HOLD_PARAMS)
+    _rms_norm_bwd_body(X, W, DY, DRES, RSTD, M, DX, DW, N, HAS_DRES, BLOCK_M, BLOCK_N, HOLD_PARAMS)
 
 
 @triton.jit
-def rms_norm_bwd_v3_poisoned(
+def rms_norm_bwd_poisoned(
     X, W, DY, DRES, RSTD, M, DX_FILL, DW_FILL, DX, DW,
     N: tl.constexpr, HAS_DRES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HOLD_PARAMS: tl.constexpr,
 ):  # fmt: skip
-    _rms_norm_bwd_v3_body(X, W, DY, DRES, RSTD, M, DX, DW, N, HAS_DRES, BLOCK_M, BLOCK_N, HOLD_PARAMS)
+    _rms_norm_bwd_body(X, W, DY, DRES, RSTD, M, DX, DW, N, HAS_DRES, BLOCK_M, BLOCK_N, HOLD_PARAMS)
