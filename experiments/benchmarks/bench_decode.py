@@ -114,7 +114,6 @@ def main() -> None:
             "roofline_needed": needed / bandwidth / step_s,
             "roofline_read": read / bandwidth / step_s,
             "unroll": not args.scan,
-            "skinny": cfg.kernels.skinny,
             "xla_flags": os.environ.get("XLA_FLAGS", ""),
             "overrides": args.override,
         }
