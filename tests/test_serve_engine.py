@@ -566,7 +566,7 @@ def test_hugging_face_directory_serves_the_same_tokens(models, tmp_path):
 
     from jaxdeep import hf
     from jaxdeep.hf.model import HFModel
-    from jaxdeep.serve.loading import load_engine
+    from jaxdeep.serve.loading import load_engine, load_model
 
     _, loaded, engine, _ = models.get("deepseek")
     hf.save(HFModel(loaded.cfg.model, loaded.params, loaded.model_state), tmp_path)
@@ -586,6 +586,8 @@ def test_hugging_face_directory_serves_the_same_tokens(models, tmp_path):
         assert chat == [2, 4, 5, 6, 7, 8, 9]
         request = GenerationRequest("h", _prompt(10, 60), _greedy(8))
         assert served.generate(request, timeout=120).tokens == same_eos.generate(request, timeout=60).tokens
+        chosen = load_model(tmp_path, ["kernels.gmm=reference"])  # kernel overrides reach an imported model
+        assert chosen.merge(chosen.params, chosen.model_state).kernels.gmm == "reference"
     finally:
         served.close()
         same_eos.close()

@@ -14,7 +14,7 @@ import jax
 from flax import nnx
 
 from jaxdeep.config import MESH_AXES, ConfigError, ExperimentConfig, load_config, save_config
-from jaxdeep.model import RoutingBias, build_model
+from jaxdeep.model import KernelChoice, RoutingBias, build_model
 from jaxdeep.serve.api import Tokenizer
 from jaxdeep.serve.tokenizers import ByteTokens, HFTokens
 
@@ -146,7 +146,7 @@ def from_hf_dir(hf_dir: Path, overrides: Sequence[str], devices: Sequence | None
     dtype = cfg.model.dtype if any(o.startswith("model.dtype=") for o in overrides) else None
     model, model_cfg = hf.load(hf_dir, mesh=mesh, rules=cfg.sharding.rules, dtype=dtype)
     cfg.model = serving_config(ExperimentConfig(model=model_cfg)).model
-    structure = ModelStructure(cfg.model, mesh, cfg.sharding.rules)
+    structure = ModelStructure(cfg.model, mesh, cfg.sharding.rules, KernelChoice.from_config(cfg))
     merge = _merge_fn(structure.graphdef, structure.abstract_params, structure.abstract_model_state)
     if (hf_dir / "tokenizer.json").is_file():
         tokenizer: Tokenizer = HFTokens(hf_dir)
