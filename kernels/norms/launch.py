@@ -59,8 +59,9 @@ class Tuning:
     fwd_tile_elems: int = 4096  # forward: rows narrower than this are grouped until a tile holds this many elements
 
 
-# Picked at 16384 x 8192 bf16 by `bench_norms.py --tune` on an H200 (experiments/benchmarks/NORMS_NOTES.md), where
-# these kernels ran every op 1.03-1.38x faster than earlier ones that did not prefetch.
+# Picked at 16384 x 8192 bf16 by `bench_norms.py --tune` on an H200 on the host's clock (NORMS_NOTES.md run 3),
+# where these kernels ran every op 1.03-1.38x faster than earlier ones that did not prefetch; re-checked on the
+# GPU's clock (run 6: one variant wins at width 8192 only, so these stay).
 TUNING = {
     "layer_norm": Tuning(fwd_elems_per_thread=16),
     "rms_norm": Tuning(fwd_elems_per_thread=8),
