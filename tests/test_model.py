@@ -306,3 +306,5 @@ def test_kernel_choice_comes_from_the_config_and_leaves_the_parameters_alone():
     assert shapes(model) == shapes(build_model(tiny_config(), nnx.Rngs(0)))
     with pytest.raises(ValueError, match="precision.matmul must be one of"):
         KernelChoice(matmul="fp16")
+    with pytest.raises(TypeError, match="kernels must be a KernelChoice"):
+        Transformer(cfg.model, nnx.Rngs(0), "fused")  # the norm implementation where the choice goes

@@ -46,3 +46,10 @@ class KernelChoice:
 
 
 DEFAULT_KERNELS = KernelChoice()  # the config's defaults; the default argument of the constructors and helpers
+
+
+def check_kernels(kernels: object) -> KernelChoice:
+    """`kernels` itself, or a TypeError for anything else (such as the separate strings models once took)."""
+    if not isinstance(kernels, KernelChoice):
+        raise TypeError(f"kernels must be a KernelChoice (e.g. KernelChoice.from_config(cfg)), got {kernels!r}")
+    return kernels

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxdeep.config import ModelConfig
-from jaxdeep.model.kernel_choice import DEFAULT_KERNELS, KernelChoice
+from jaxdeep.model.kernel_choice import DEFAULT_KERNELS, KernelChoice, check_kernels
 from jaxdeep.model.layers import LayerNorm, normal_param, rotary, scaled_init_std
 from jaxdeep.model.matmul import project, project_shared, remat_policy
 from jaxdeep.parallel.collective_matmul import column_parallel, row_parallel
@@ -99,7 +99,7 @@ class Transformer(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, kernels: KernelChoice = DEFAULT_KERNELS):
         pdt = DTYPES[cfg.param_dtype]
         self.cfg = cfg
-        self.kernels = kernels
+        self.kernels = check_kernels(kernels)
         self.embed = normal_param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.init_std, pdt)
 
         # Blocks are stacked along a leading `layers` axis and run with a scan: one compiled block,

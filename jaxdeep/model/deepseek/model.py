@@ -14,7 +14,7 @@ from jaxdeep.model.deepseek.blocks import stacked_blocks
 from jaxdeep.model.deepseek.mtp import stacked_mtp
 from jaxdeep.model.deepseek.norm import DTYPES, RESIDUAL, RMSNorm
 from jaxdeep.model.deepseek.rope import rope_tables
-from jaxdeep.model.kernel_choice import DEFAULT_KERNELS, KernelChoice
+from jaxdeep.model.kernel_choice import DEFAULT_KERNELS, KernelChoice, check_kernels
 from jaxdeep.model.layers import normal_param
 from jaxdeep.model.matmul import remat_policy
 from jaxdeep.sharding import constrain
@@ -37,7 +37,7 @@ class DeepSeekModel(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, kernels: KernelChoice = DEFAULT_KERNELS):
         ds, pdt = cfg.deepseek, DTYPES[cfg.param_dtype]
         self.cfg = cfg
-        self.kernels = kernels
+        self.kernels = check_kernels(kernels)
         self.embed = normal_param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.init_std, pdt)
         n_dense = ds.first_k_dense_replace
         n_moe = cfg.n_layers - n_dense
