@@ -11,8 +11,8 @@ plus the cache of the positions in use; "read" bytes count what this implementat
 every cached position of every slot, since decode attends over the whole slot with a mask). The bound is
 bytes / (bandwidth of a copy measured in the same run: `a + 1` over 2 GiB, timed on the GPU's clock from a
 profiler trace, as a host clock around the call would add the allocation and synchronisation of each call).
-Each row gives the step on the host's clock (what a server sees) and the GPU's busy time per step (the sum of
-its kernels' durations), and the roofline fractions of the host-clock step.
+Each row gives the step on the host's clock (what a server sees) and the GPU's busy time per step (from a
+profiler trace, `timing.device_seconds`), and the roofline fractions of the host-clock step.
 
     python experiments/benchmarks/bench_decode.py experiments/dense_1b.yaml --batch 1 16 64 \
         --override model.param_dtype=bfloat16 --out experiments/benchmarks/bench_decode.jsonl

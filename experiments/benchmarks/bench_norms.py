@@ -4,8 +4,8 @@ For each op and shape, in one run: XLA reference (jitted), the Triton kernel, an
 on 32-bit words) over a buffer holding the op's byte count (half read, half written), forward; then
 backward (kernel only: XLA fuses its backward with the forward) and forward+backward. Times are per op:
 each timed call runs the op over K distinct input sets (K large enough that one call moves >= ~4 GB, so
-the L2 cache drops out). By default the time is the GPU's: the kernels' durations in a profiler trace of
-several calls, summed and divided by calls x K (`--clock wall` times each call on the host clock
+the L2 cache drops out). By default the time is the GPU's: its busy time in a profiler trace of several
+calls (`timing.device_seconds`), divided by calls x K (`--clock wall` times each call on the host clock
 instead, which adds dispatch and synchronisation to every call).
 
 Effective bytes (the fewest any implementation must move):
@@ -88,8 +88,8 @@ TIMING = {"clock": "device"}
 
 
 def time_per_op(fn, sets, reps: int = 7, warmup: int = 1) -> float:
-    """Seconds per op of jitted fn mapped over the K input sets in one call: summed kernel time of `reps` calls
-    (device clock), or the median wall time of a call (wall clock), divided by K."""
+    """Seconds per op of jitted fn mapped over the K input sets in one call: the GPU's busy time over `reps` calls
+    per call (device clock), or the median wall time of a call (wall clock), divided by K."""
     multi = jax.jit(lambda sets: [fn(*s) for s in sets])
     for _ in range(warmup):
         jax.block_until_ready(multi(sets))
@@ -202,19 +202,15 @@ def bench_shape(op, m, n, dtype, *, fwd_cfg=None, bwd_cfg=None, directions=("fwd
     k = n_sets(nbytes["fwd"], resident_per_set(op, act_bytes))
     sets = make_sets(op, m, n, dtype, k)
     rows = []
-
-    def copy_time(total):
-        return _copy_time(total, dtype, k)
-
     if "fwd" in directions:
-        t_copy = copy_time(nbytes["fwd"])
+        t_copy = _copy_time(nbytes["fwd"], k)
         t_ref = time_per_op(lambda d: ref(d), [(d,) for d in sets])
         t_ker = time_per_op(lambda d: fwd(d, fwd_cfg), [(d,) for d in sets])
         rows.append(Row(op, (m, n), jnp.dtype(dtype).name, "fwd", nbytes["fwd"], *us(t_copy, t_ref, t_ker)))
     if "bwd" in directions:
         fwd_jit = jax.jit(lambda d: fwd(d))
         stats = [fwd_jit(d) for d in sets]
-        t_copy = copy_time(nbytes["bwd"])
+        t_copy = _copy_time(nbytes["bwd"], k)
         t_ker = time_per_op(lambda d, st: bwd(d, st, bwd_cfg), list(zip(sets, stats, strict=True)))
         rows.append(Row(op, (m, n), jnp.dtype(dtype).name, "bwd", nbytes["bwd"], *us(t_copy, None, t_ker)))
         del stats
@@ -229,7 +225,7 @@ def bench_shape(op, m, n, dtype, *, fwd_cfg=None, bwd_cfg=None, directions=("fwd
 
             return run
 
-        t_copy = copy_time(nbytes["fwd+bwd"])
+        t_copy = _copy_time(nbytes["fwd+bwd"], k)
         t_ref = time_per_op(fwd_bwd("reference"), [(d,) for d in sets])
         t_ker = time_per_op(fwd_bwd("fused"), [(d,) for d in sets])
         rows.append(Row(op, (m, n), jnp.dtype(dtype).name, "fwd+bwd", nbytes["fwd+bwd"], *us(t_copy, t_ref, t_ker)))
@@ -341,7 +337,7 @@ def tune(dtype, m=16384, n=8192) -> str:
             fwd_jit = jax.jit(lambda d, f=fwd: f(d))
             stats = [fwd_jit(d) for d in sets]
             for direction, vs in variants.items():
-                copy = _copy_time(nbytes[direction], dtype, k)
+                copy = _copy_time(nbytes[direction], k)
                 print(_rate_line(op, f"{direction} copy of the same bytes", copy, nbytes[direction], copy), flush=True)
                 times = {}
                 for label, fields in vs:
@@ -366,10 +362,9 @@ def tune(dtype, m=16384, n=8192) -> str:
     return "\n".join(summary)
 
 
-def _copy_time(nbytes: float, dtype, k: int) -> float:
+def _copy_time(nbytes: float, k: int) -> float:
     """Seconds per call of a plain pass over `nbytes` (half read, half written): `b + 1` on 32-bit words, the
     fastest elementwise program XLA emits (a 16-bit `x * 2` ran at 3.3 TB/s where this ran at 4.3 on an H200)."""
-    del dtype  # the bytes are what count
     words = int(nbytes / 2 / 4)
     bufs = [jnp.full((words,), i, jnp.uint32) for i in range(k)]
     return time_per_op(lambda b: b + 1, [(b,) for b in bufs])

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from jaxdeep import sharding
-from jaxdeep.model.kernel_choice import DEFAULT_KERNELS, KernelChoice, Matmul, check_matmul
+from jaxdeep.model.kernel_choice import DEFAULT_KERNELS, KernelChoice, Matmul
 from kernels import fp8
 from kernels.fp8.grouped import fp8_gmm
 from kernels.gmm import gmm
@@ -57,7 +57,6 @@ def project(subscripts: str, x: jax.Array, w: jax.Array, kernels: KernelChoice =
     dtype)."""
     if kernels.matmul == "bf16":
         return jnp.einsum(subscripts, x, w)
-    check_matmul(kernels.matmul)
     n = _contracted(subscripts)
     batch, kept = x.shape[: x.ndim - n], w.shape[n:]
     k = math.prod(w.shape[:n])
@@ -78,7 +77,6 @@ def project_shared(
     """
     if kernels.matmul == "bf16" or len(weights) == 1:
         return tuple(project(subscripts, x, w, kernels) for w in weights)
-    check_matmul(kernels.matmul)
     n = _contracted(subscripts)
     batch = x.shape[: x.ndim - n]
     k = math.prod(x.shape[x.ndim - n :])
@@ -106,7 +104,6 @@ def grouped(
     `matmul` is "fp8", `fp8_gmm` with its `fp8` implementation."""
     if kernels.matmul == "bf16":
         return gmm(lhs, rhs, group_sizes, impl=kernels.gmm)
-    check_matmul(kernels.matmul)
     return fp8_gmm(lhs, rhs, group_sizes, impl=kernels.fp8)
 
 
