@@ -180,8 +180,9 @@ class KernelsConfig:
     # "interpret" (the Triton kernels in Triton's interpreter, CPU tests) or "auto" (fastest available here)
     gmm: Literal["reference", "auto", "triton", "interpret"] = "auto"
     # FP8 GEMMs of precision.matmul=fp8 (kernels.fp8): "reference" (pure JAX), "triton" (Triton kernels, GPU),
-    # "interpret" (the Triton kernels in Triton's interpreter, CPU tests) or "auto" (Triton where it can run)
-    fp8: Literal["reference", "auto", "triton", "interpret"] = "auto"
+    # "mosaic" (Triton quantisers, GEMMs on the Pallas Mosaic GPU kernel; Hopper), "interpret" (the Triton kernels
+    # in Triton's interpreter, CPU tests) or "auto" (mosaic on Hopper, else Triton where it can run)
+    fp8: Literal["reference", "auto", "triton", "interpret", "mosaic"] = "auto"
 
 
 @dataclass(slots=True)

@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 
 from kernels import fp8, triton_runtime
-from kernels.fp8 import launch, reference
+from kernels.fp8 import launch, mosaic_gemm, reference
 from kernels.fp8.grouped import fp8_gmm
 from kernels.fp8.ops import TritonOps
 from tests.helpers import run_after_triton_import
@@ -464,6 +464,10 @@ def test_bad_arguments_raise_clear_errors():
         fp8.scaled_gmm(lq.astype(BF16), ls, rq, rs, gs, impl="interpret")
     with pytest.raises(ValueError, match="runner must be one of"):
         TritonOps("cuda")
+    with pytest.raises(ValueError, match="gemms must be one of"):
+        TritonOps("triton", gemms="cutlass")
+    with pytest.raises(ValueError, match="Hopper GPU only"):
+        TritonOps("interpret", gemms="mosaic")
     with pytest.raises(ValueError, match="K = w.shape"):
         fp8.fp8_linear(jnp.ones((3, 8)), jnp.ones((9, 4)), impl="interpret")
 
@@ -550,6 +554,73 @@ def test_gpu_scaled_matmul_layouts_match_reference(m, k, n):
     assert relnorm(launch.scaled_matmul_nt(xq, xs, jnp.asarray(wq.T), ws, config=cfg, **GPU), want) < GPU_GEMM_TOL
 
 
+@pytest.mark.skipif(fp8.mosaic_unavailable_reason() is None, reason="the Mosaic GEMM can run here")
+def test_mosaic_refuses_to_run_where_it_cannot_with_the_reason():
+    xq, xs, wq, ws = quantised_operands(128, 128, 128, seed=3)
+    with pytest.raises(RuntimeError, match="kernels.fp8=mosaic cannot run here"):
+        fp8.scaled_matmul(xq, xs, wq, ws, impl="mosaic")
+
+
+def test_mosaic_tiling_rules():
+    cfg = mosaic_gemm.MosaicGemmConfig()
+    assert mosaic_gemm.supported(4096, 7168, 2048, cfg)
+    assert not mosaic_gemm.supported(4096, 576, 7168, cfg), "N = 576 is no multiple of 128: the Triton GEMM takes it"
+    assert not mosaic_gemm.supported(3000, 1024, 1024, cfg)
+    assert mosaic_gemm.supported(256, 1024, 1024, mosaic_gemm.MosaicGemmConfig(k_chunks=2))
+    assert not mosaic_gemm.supported(256, 1024, 1152, mosaic_gemm.MosaicGemmConfig(k_chunks=2))
+    with pytest.raises(ValueError, match="split and grid_minor"):
+        mosaic_gemm.MosaicGemmConfig(split="k")
+    with pytest.raises(ValueError, match="multiple of 64"):
+        mosaic_gemm.MosaicGemmConfig(wg_rows=96)
+
+
+needs_mosaic = pytest.mark.skipif(
+    fp8.mosaic_unavailable_reason() is not None, reason=f"{fp8.mosaic_unavailable_reason()}"
+)
+MOSAIC_CONFIGS = [
+    mosaic_gemm.MosaicGemmConfig(),
+    mosaic_gemm.MosaicGemmConfig(k_chunks=2, stages=2),
+    mosaic_gemm.MosaicGemmConfig(split="n", grid_minor="n", band=4),
+]
+
+
+@pytest.mark.gpu
+@needs_mosaic
+@pytest.mark.parametrize("cfg", MOSAIC_CONFIGS, ids=str)
+@pytest.mark.parametrize("m,k,n", [(2048, 7168, 2048), (4096, 2048, 7168), (256, 1024, 512)], ids=str)
+def test_gpu_mosaic_gemm_matches_reference(m, k, n, cfg):
+    xq, xs, wq, ws = quantised_operands(m, k, n, seed=k + 7)
+    wq_t = jnp.asarray(wq.T)
+    want = reference.scaled_matmul(xq, xs, wq, ws)
+    run = jax.jit(lambda *a: mosaic_gemm.scaled_matmul_nt(*a, F32, cfg))
+    assert relnorm(run(xq, xs, wq_t, ws), want) < GPU_GEMM_TOL
+    y = mosaic_gemm.scaled_matmul_nt(xq, xs, wq_t, ws, BF16, cfg)
+    assert y.dtype == BF16 and relnorm(y, want) < 1e-2
+    # The check can fail: the row scales of the wrong chunk give a visibly different product.
+    assert relnorm(run(xq, jnp.roll(xs, 1, axis=1), wq_t, ws), want) > 10 * GPU_GEMM_TOL
+
+
+@pytest.mark.gpu
+@needs_mosaic
+@pytest.mark.parametrize("m,k,n", [(2048, 4096, 1408), (1024, 1024, 256)], ids=str)
+def test_gpu_mosaic_linear_gemms_match_the_triton_ones(m, k, n):
+    """fprop, dgrad and wgrad (per-column scales) on the layouts TritonOps keeps, against the Triton kernels."""
+    xq, xs, wq, ws = quantised_operands(m, k, n, seed=m + 1)
+    dyq, dys = fp8.quantize_tiles(jnp.asarray(heavy_tailed(m + 2, (m, n))))
+    xtq, xts = fp8.quantize_tiles(jnp.asarray(heavy_tailed(m + 3, (k, m))))
+    dytq, dyts = fp8.quantize_tiles(jnp.asarray(heavy_tailed(m + 4, (n, m))))
+    wq_t = jnp.asarray(wq.T)
+    pairs = [
+        (mosaic_gemm.fprop(xq, xs, wq_t, ws, F32), launch.fprop(xq, xs, wq_t, ws, F32, **GPU)),
+        (mosaic_gemm.dgrad(dyq, dys, wq, ws, F32), launch.dgrad(dyq, dys, wq, ws, F32, **GPU)),
+        (mosaic_gemm.wgrad(xtq, xts, dytq, dyts, F32), launch.wgrad(xtq, xts, dytq, dyts, F32, **GPU)),
+    ]
+    for name, (got, want) in zip(("fprop", "dgrad", "wgrad"), pairs, strict=True):
+        assert relnorm(got, want) < GPU_GEMM_TOL, name
+    per_column = reference.scaled_matmul(xtq, xts, dytq.T, dyts.T, block_n=1)
+    assert relnorm(pairs[2][0], per_column) < GPU_GEMM_TOL
+
+
 def _gpu_linear_against_emulation(impl: str, m: int, k: int, n: int) -> dict:
     """Normwise errors of fp8_linear on the GPU (jitted forward and backward) against the float64 value of exactly
     the quantised computation, from the host quantisers (tests/test_fp8.py)."""
@@ -571,6 +642,19 @@ LINEAR_TOLS = {"y": 1e-3, "dx": 1e-2, "dw": 2e-3}
 def test_gpu_fp8_linear_on_the_kernels_is_the_quantised_product(m, k, n):
     errors = _gpu_linear_against_emulation("triton", m, k, n)
     assert all(errors[name] < LINEAR_TOLS[name] for name in errors), errors
+
+
+@pytest.mark.gpu
+@needs_mosaic
+@pytest.mark.parametrize("m,k,n,mosaic_calls", [(4096, 2048, 1408, 3), (3000, 1000, 700, 0)], ids=str)
+def test_gpu_fp8_linear_on_mosaic_is_the_quantised_product(m, k, n, mosaic_calls, monkeypatch):
+    """All three GEMMs on the Mosaic kernel where the shapes tile; the Triton GEMM takes the others."""
+    calls = []
+    kernel = mosaic_gemm.scaled_matmul_nt
+    monkeypatch.setattr(mosaic_gemm, "scaled_matmul_nt", lambda *a, **kw: calls.append(1) or kernel(*a, **kw))
+    errors = _gpu_linear_against_emulation("mosaic", m, k, n)
+    assert all(errors[name] < LINEAR_TOLS[name] for name in errors), errors
+    assert len(calls) == mosaic_calls
 
 
 @pytest.mark.gpu

@@ -4,7 +4,8 @@ In one run:
 - GEMM, per shape [M, K] x [K, N]: XLA's bf16 `jnp.dot`; XLA's own FP8 dot (`jnp.dot` of E4M3 operands with a
   float32 result: no scales at all, so a ceiling rather than a competitor); our pure-JAX `scaled_matmul`
   reference under jit; our Triton `scaled_matmul` with the weight K-major ([N, K], the layout the FP8 tensor
-  cores take, what `fp8_linear` uses) and with the weight read as stored ([K, N], N-major), scaling included.
+  cores take, what `fp8_linear` uses) and with the weight read as stored ([K, N], N-major), scaling included;
+  on Hopper also the Pallas Mosaic GPU kernel (`kernels/fp8/mosaic_gemm.py`), weight K-major, where shapes tile.
   Shapes: 8192^3, and DeepSeek-V3 layers for M = 4096 and 16384 tokens.
 - Quantisers on [M, K] activations / [K, N] weights: TB/s of bytes read + written, against a copy kernel
   (XLA, uint8 x + 1) moving the same number of bytes.
@@ -36,19 +37,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import timing  # noqa: E402  (experiments/benchmarks/timing.py, next to this script)
 
 from kernels import fp8  # noqa: E402
-from kernels.fp8 import launch, reference  # noqa: E402
+from kernels.fp8 import launch, mosaic_gemm, reference  # noqa: E402
 from kernels.gmm import launch as gmm_launch  # noqa: E402
 
 E4M3 = jnp.float8_e4m3fn
 BF16, F32 = jnp.bfloat16, jnp.float32
 SHARED_MEMORY_BYTES = 227 * 1024  # per block on Hopper
 TIMING = {"warmup": 2, "inner": 10}  # one each under the interpreter (see main)
+CLOCK = {"clock": "wall"}  # "device": the GPU's busy time from a profiler trace (timing.device_seconds)
 
 
 # ----------------------------------------------------------------------------------------------------
 # Timing (experiments/benchmarks/timing.py; one warm-up and one call per sample under the interpreter)
 # ----------------------------------------------------------------------------------------------------
 def try_time(fn, *args, reps: int) -> float | str:
+    if CLOCK["clock"] == "device":
+        try:
+            return timing.device_seconds(fn, *args, calls=reps)
+        except Exception as e:  # the row says why, as timing.try_time does
+            return f"failed: {type(e).__name__}: {str(e).splitlines()[0][:100]}"
     return timing.try_time(fn, *args, reps=reps, **TIMING)
 
 
@@ -125,6 +132,9 @@ def bench_gemm(shapes, runner: str, reps: int, skip_reference: bool, config=None
         kmajor = lambda *a: launch.scaled_matmul_nt(*a, BF16, runner=runner, config=config)  # noqa: E731
         nmajor = lambda *a: launch.scaled_matmul(*a, BF16, runner=runner, config=config)  # noqa: E731
         fns.append(("triton scaled_matmul, w K-major", jax.jit(kmajor), (xq, xs, wq_t, ws)))
+        if runner == "triton" and fp8.mosaic_unavailable_reason() is None and mosaic_gemm.supported(g.m, g.n, g.k):
+            mosaic = lambda *a: mosaic_gemm.scaled_matmul_nt(*a, BF16)  # noqa: E731
+            fns.append(("mosaic scaled_matmul, w K-major", jax.jit(mosaic), (xq, xs, wq_t, ws)))
         fns.append(("triton scaled_matmul, w N-major", jax.jit(nmajor), (xq, xs, wq, ws)))
         for impl, fn, args in fns:
             t = try_time(fn, *args, reps=reps)
@@ -231,7 +241,10 @@ def main(argv=None) -> None:
     p.add_argument("--tiny", action="store_true", help="tiny shapes (checks the script, e.g. on a CPU)")
     p.add_argument("--tune", action="store_true", help="sweep launch configurations before the tables")
     p.add_argument("--skip-reference", action="store_true", help="skip the slow pure-JAX reference GEMM")
+    p.add_argument("--shapes", default="", help="GEMM shapes whose name contains this text (e.g. 8192), all if empty")
+    p.add_argument("--clock", default="wall", choices=("wall", "device"), help="host clock, or the GPU's busy time")
     args = p.parse_args(argv)
+    CLOCK["clock"] = args.clock
     reps = 1 if args.runner == "interpret" else args.reps
     if args.runner == "interpret":
         TIMING.update(warmup=1, inner=1)
@@ -244,7 +257,8 @@ def main(argv=None) -> None:
     if args.tune:
         tune(args.runner, reps, args.tiny)
     if "gemm" in sections:
-        bench_gemm(gemm_shapes(args.tiny), args.runner, reps, args.skip_reference)
+        shapes = [g for g in gemm_shapes(args.tiny) if args.shapes in g.name]
+        bench_gemm(shapes, args.runner, reps, args.skip_reference)
     if "quantize" in sections:
         bench_quantize(args.runner, reps, args.tiny)
     if "grouped" in sections:

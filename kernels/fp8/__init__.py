@@ -12,8 +12,10 @@
 - "reference": the pure-JAX definitions (`kernels.fp8.reference`, `kernels.fp8.linear`);
 - "triton": the Triton kernels (`kernels.fp8.triton_kernels`, GPU through jax-triton);
 - "interpret": the same kernels in Triton's interpreter (CPU tests);
-- "auto": the Triton kernels where they can run (a CUDA GPU of compute capability 8.9 or newer, with triton and
-  jax-triton importable), else the reference.
+- "mosaic": the Triton quantisers with the block-scaled GEMMs on the warp-specialised Pallas Mosaic GPU kernel
+  (`mosaic_gemm.py`, Hopper only) wherever the shapes tile exactly, the Triton GEMM elsewhere;
+- "auto": "mosaic" on a Hopper GPU, the Triton kernels on other GPUs where they can run (compute capability 8.9
+  or newer, with triton and jax-triton importable), else the reference.
 
 `grouped.fp8_gmm` (the MoE experts) takes the same `impl`: its forward and input gradient run on `scaled_gmm`.
 
@@ -28,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from kernels import triton_runtime
-from kernels.fp8 import launch, linear, reference
+from kernels.fp8 import launch, linear, mosaic_gemm, reference
 from kernels.fp8.ops import TritonOps
 from kernels.fp8.quantize import E4M3, E4M3_MAX, dequantize_blocks, dequantize_tiles, quantize_blocks, quantize_tiles
 
@@ -45,7 +47,7 @@ __all__ = [
     "scaled_matmul",
 ]
 
-IMPLS = ("auto", "reference", "triton", "interpret")
+IMPLS = ("auto", "reference", "triton", "interpret", "mosaic")
 
 
 def kernels_unavailable_reason() -> str | None:
@@ -58,13 +60,34 @@ def kernels_unavailable_reason() -> str | None:
     return reason
 
 
+def mosaic_unavailable_reason() -> str | None:
+    """Why the Mosaic GPU GEMMs cannot run here, or None when they can (Hopper: `wgmma` is sm_90 only)."""
+    reason = kernels_unavailable_reason()
+    if reason is None:
+        capability = str(getattr(jax.devices()[0], "compute_capability", ""))
+        if not capability.startswith("9."):
+            reason = f"the Mosaic GPU FP8 GEMM uses Hopper's wgmma (compute capability 9.x); this GPU has {capability}"
+    return reason
+
+
 def _runner(impl: str) -> str | None:
     """The Triton runner for `impl`, or None for the pure-JAX reference."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "auto":
         return "triton" if kernels_unavailable_reason() is None else None
+    if impl == "mosaic":
+        if (reason := mosaic_unavailable_reason()) is not None:
+            raise RuntimeError(f"kernels.fp8=mosaic cannot run here: {reason}")
+        return "triton"
     return impl if impl in ("triton", "interpret") else None
+
+
+def _gemms(impl: str) -> str:
+    """Which block-scaled GEMM kernel `impl` runs with the Triton quantisers: "mosaic" or "triton"."""
+    if impl == "mosaic" or (impl == "auto" and mosaic_unavailable_reason() is None):
+        return "mosaic"
+    return "triton"
 
 
 def _check_fp8(**arrays) -> None:
@@ -100,6 +123,9 @@ def scaled_matmul(
     if 0 in (*xq.shape, wq.shape[1]):
         return ref(xq, x_scales, wq, w_scales)  # nothing to compute: zeros
     x_scales, w_scales = x_scales.astype(jnp.float32), w_scales.astype(jnp.float32)
+    (m, k), n = xq.shape, wq.shape[1]
+    if block_n == launch.TILE and _gemms(impl) == "mosaic" and mosaic_gemm.supported(m, n, k):
+        return mosaic_gemm.scaled_matmul_nt(xq, x_scales, wq.T, w_scales, out_dtype)
     return launch.scaled_matmul_nt(xq, x_scales, wq.T, w_scales, out_dtype, block_n=block_n, runner=runner)
 
 
@@ -137,4 +163,5 @@ def fp8_linear(x: jax.Array, w: jax.Array, *, out_dtype=None, impl: str = "auto"
     runner = _runner(impl)
     if runner is None or 0 in (*x.shape, *w.shape):
         return linear.fp8_linear(x, w, out_dtype=out_dtype)
-    return linear.fp8_linear(x, w, out_dtype=out_dtype, ops=TritonOps(runner))
+    gemms = _gemms(impl) if runner == "triton" else "triton"
+    return linear.fp8_linear(x, w, out_dtype=out_dtype, ops=TritonOps(runner, gemms))

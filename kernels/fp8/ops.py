@@ -9,6 +9,9 @@ tokens, stored transposed [N, M], for Wgrad); the saved FP8 x re-tiled along the
 the reduction axis contiguous: Dgrad reads the saved wq [K, N] as its K-major [N, K] operand, and Wgrad reads
 the two transposed copies.
 
+With `gemms="mosaic"` (Hopper) the three GEMMs run on the warp-specialised Pallas Mosaic GPU kernel of
+`mosaic_gemm.py` wherever their shapes tile exactly, and on the Triton kernel elsewhere; the quantisers stay Triton.
+
 Residuals are those of the reference layer: (xq, x_scales, wq, w_scales). Under `jax.vmap` (per-replica
 gradients) each element runs the kernels once (`kernels.gmm.batching.mapped`): a kernel call has no batching rule.
 """
@@ -20,12 +23,13 @@ from functools import partial
 
 import jax.numpy as jnp
 
-from kernels.fp8 import launch
+from kernels.fp8 import launch, mosaic_gemm
 from kernels.gmm.batching import mapped
 
-__all__ = ["RUNNERS", "TritonOps"]
+__all__ = ["GEMMS", "RUNNERS", "TritonOps"]
 
 RUNNERS = ("triton", "interpret")
+GEMMS = ("triton", "mosaic")
 F32 = jnp.float32
 
 
@@ -34,10 +38,21 @@ class TritonOps:
     """`forward` / `backward` of the FP8 linear layer (see `linear.ReferenceOps`) on runner "triton" or "interpret"."""
 
     runner: str = "triton"
+    gemms: str = "triton"  # "mosaic": the block-scaled GEMMs on the Pallas Mosaic GPU kernel where shapes tile
 
     def __post_init__(self):
         if self.runner not in RUNNERS:
             raise ValueError(f"runner must be one of {RUNNERS}, got {self.runner!r}")
+        if self.gemms not in GEMMS:
+            raise ValueError(f"gemms must be one of {GEMMS}, got {self.gemms!r}")
+        if self.gemms == "mosaic" and self.runner != "triton":
+            raise ValueError("gemms='mosaic' runs on a Hopper GPU only; it needs runner='triton'")
+
+    def _gemm(self, name: str, m: int, n: int, k: int):
+        """The GEMM `name` (fprop, dgrad, wgrad) for an [M, K] @ [K, N] product."""
+        if self.gemms == "mosaic" and mosaic_gemm.supported(m, n, k):
+            return getattr(mosaic_gemm, name)
+        return partial(getattr(launch, name), runner=self.runner)
 
     def forward(self, x, w, out_dtype):
         return mapped(partial(self._forward, out_dtype=out_dtype))(x, w)
@@ -49,13 +64,15 @@ class TritonOps:
         run = dict(runner=self.runner)
         xq, x_scales = launch.quantize_rows(x, **run)
         wq, w_scales, wq_t = launch.quantize_blocks(w, transposed=True, **run)
-        y = launch.fprop(xq, x_scales, wq_t, w_scales, out_dtype, **run)
+        (m, k), n = x.shape, w.shape[1]
+        y = self._gemm("fprop", m, n, k)(xq, x_scales, wq_t, w_scales, out_dtype)
         return y, (xq, x_scales, wq, w_scales)
 
     def _backward(self, xq, x_scales, wq, w_scales, dy):
         run = dict(runner=self.runner)
         dyq, dy_scales, dytq, dyt_scales = launch.quantize_rows_and_cols(dy, **run)
-        dx = launch.dgrad(dyq, dy_scales, wq, w_scales, F32, **run)
+        (m, n), k = dy.shape, wq.shape[0]
+        dx = self._gemm("dgrad", m, k, n)(dyq, dy_scales, wq, w_scales, F32)
         xtq, xt_scales = launch.requantize_cols(xq, x_scales, **run)
-        dw = launch.wgrad(xtq, xt_scales, dytq, dyt_scales, F32, **run)
+        dw = self._gemm("wgrad", k, n, m)(xtq, xt_scales, dytq, dyt_scales, F32)
         return dx, dw
