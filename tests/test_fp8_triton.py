@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 
 from kernels import fp8, triton_runtime
-from kernels.fp8 import launch, mosaic_gemm, mosaic_gmm, reference
+from kernels.fp8 import launch, mosaic_gemm, reference
 from kernels.fp8.grouped import fp8_gmm
 from kernels.fp8.ops import TritonOps
 from tests.helpers import run_after_triton_import
@@ -689,24 +689,6 @@ def test_gpu_scaled_gmm_matches_reference(e, t, k, n):
 
 
 @pytest.mark.gpu
-@needs_mosaic
-@pytest.mark.parametrize("e,t,k,n", [(64, 8192, 2048, 1408), (16, 3000, 1024, 768), (8, 256, 128, 128)], ids=str)
-def test_gpu_mosaic_gmm_matches_reference(e, t, k, n):
-    sizes = skewed_group_sizes(e, t)
-    lq, ls, rq, rs, gs = gmm_operands(sizes, t, k, n, seed=k + 5)
-    want = reference.scaled_gmm(lq, ls, rq, rs, gs)
-    rq_t = jnp.asarray(rq.transpose(0, 2, 1))
-    got = mosaic_gmm.scaled_gmm_nt(lq, ls, rq_t, rs, gs, F32)
-    assert relnorm(got, want) < GPU_GEMM_TOL
-    assert not np.any(np.asarray(got[sum(sizes) :], np.float32)), "rows past the groups must be zero"
-    # The check can fail: rows handed to the neighbouring group's weight give a visibly different product.
-    shifted = jnp.asarray(np.roll(sizes, 1), jnp.int32)
-    assert relnorm(mosaic_gmm.scaled_gmm_nt(lq, ls, rq_t, rs, shifted, F32), want) > 10 * GPU_GEMM_TOL
-    y = jax.jit(lambda *a: fp8.scaled_gmm(*a, BF16))(lq, ls, rq, rs, gs)  # the dispatcher's "auto"
-    assert y.dtype == BF16 and relnorm(y, want) < 1e-2
-
-
-@pytest.mark.gpu
 @pytest.mark.parametrize("e,t,k,n", [(64, 8192, 2048, 1408), (16, 3000, 1000, 700)], ids=str)
 def test_gpu_fp8_gmm_matches_reference_under_jit(e, t, k, n):
     sizes = skewed_group_sizes(e, t)
@@ -719,14 +701,7 @@ def test_gpu_fp8_gmm_matches_reference_under_jit(e, t, k, n):
     tols = {"y": 1e-2, "dx": 1e-2, "dw": WGRAD_BF16_TOL}  # y and dx come back in x's dtype (bf16); dw: bf16 operands
     assert all(errors[name] < tols[name] for name in errors), errors
     assert not np.any(np.asarray(got[0][sum(sizes) :], np.float32))
-    kernels = "triton"
-    if fp8.mosaic_unavailable_reason() is None:  # Hopper: the Mosaic GEMMs, within the same tolerances
-        kernels = "mosaic"
-        on_mosaic = fn(x, w, gs, dy, "mosaic")
-        errors = {name: relnorm(g, r) for name, g, r in zip(("y", "dx", "dw"), on_mosaic, want, strict=True)}
-        assert all(errors[name] < tols[name] for name in errors), errors
-        assert not np.any(np.asarray(on_mosaic[0][sum(sizes) :], np.float32))
-    for a, b in zip(fn(x, w, gs, dy, "auto"), fn(x, w, gs, dy, kernels), strict=True):  # "auto" takes the kernels
+    for a, b in zip(fn(x, w, gs, dy, "auto"), got, strict=True):  # "auto" takes the kernels here
         np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
 
 

@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import timing  # noqa: E402  (experiments/benchmarks/timing.py, next to this script)
 
 from kernels import fp8  # noqa: E402
-from kernels.fp8 import launch, mosaic_gemm, mosaic_gmm, reference  # noqa: E402
+from kernels.fp8 import launch, mosaic_gemm, reference  # noqa: E402
 from kernels.gmm import launch as gmm_launch  # noqa: E402
 
 E4M3 = jnp.float8_e4m3fn
@@ -189,9 +189,6 @@ def bench_grouped(runner: str, reps: int, tiny: bool, config=None) -> None:
          (lq, ls, rq_t, rs_t, gs)),
         ("fp8 scaled_gmm, rhs N-major", lambda *a: launch.scaled_gmm(*a, BF16, **run), (lq, ls, rq, rs, gs)),
     ]  # fmt: skip
-    if runner == "triton" and fp8.mosaic_unavailable_reason() is None:
-        mosaic = lambda lq, ls, rq_t, rs, gs: mosaic_gmm.scaled_gmm_nt(lq, ls, rq_t, rs, gs, BF16)  # noqa: E731
-        fns.append(("fp8 mosaic scaled_gmm, rhs K-major", mosaic, (lq, ls, rq_t, rs, gs)))
     rows = []
     for name, fn, args in fns:
         tt = try_time(jax.jit(fn), *args, reps=reps)

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from kernels import triton_runtime
-from kernels.fp8 import launch, linear, mosaic_gemm, mosaic_gmm, reference
+from kernels.fp8 import launch, linear, mosaic_gemm, reference
 from kernels.fp8.ops import TritonOps
 from kernels.fp8.quantize import E4M3, E4M3_MAX, dequantize_blocks, dequantize_tiles, quantize_blocks, quantize_tiles
 
@@ -152,9 +152,6 @@ def scaled_gmm(
     (t, k), (e, _, n) = lhs.shape, rhs.shape
     if 0 in (t, k, e, n):
         return jnp.zeros((t, n), out_dtype)
-    if _gemms(impl) == "mosaic" and k % launch.TILE == 0 and n % launch.TILE == 0:
-        rhs_t = rhs.transpose(0, 2, 1)
-        return mosaic_gmm.scaled_gmm_nt(lhs, lhs_scales, rhs_t, rhs_scales, group_sizes.astype(jnp.int32), out_dtype)
     return launch.scaled_gmm(
         lhs, lhs_scales.astype(jnp.float32), rhs.transpose(0, 2, 1), rhs_scales.astype(jnp.float32).transpose(0, 2, 1),
         group_sizes.astype(jnp.int32), out_dtype, rhs_transposed=True, runner=runner,

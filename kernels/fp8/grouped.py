@@ -47,7 +47,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-from kernels.fp8 import _gemms, _runner, launch, mosaic_gmm
+from kernels.fp8 import _runner, launch
 from kernels.fp8.ops import RUNNERS
 from kernels.fp8.quantize import dequantize_blocks, dequantize_tiles, quantize_blocks, quantize_tiles
 from kernels.gmm import launch as gmm_launch
@@ -96,13 +96,7 @@ def _scaled_by_group(runner: str):
     return mapped(partial(launch.scaled_gmm, out_dtype=F32, rhs_transposed=True, runner=runner))
 
 
-def _mosaic_by_group(aq, a_scales, bq_t, b_scales_t, group_sizes):
-    """The same product on the Pallas Mosaic GPU kernel (Hopper), which takes the [E, R/128, C/128] scales."""
-    return mosaic_gmm.scaled_gmm_nt(aq, a_scales, bq_t, b_scales_t.transpose(0, 2, 1), group_sizes, F32)
-
-
-# "mosaic" runs the forward and input-gradient GEMMs on the Mosaic kernel and the rest on the Triton runner.
-_SCALED_BY_GROUP = {runner: _scaled_by_group(runner) for runner in RUNNERS} | {"mosaic": mapped(_mosaic_by_group)}
+_SCALED_BY_GROUP = {runner: _scaled_by_group(runner) for runner in RUNNERS}
 
 
 def _wgrad_by_group(a_tk, b_tn, group_sizes, runner: str):
@@ -124,8 +118,6 @@ def fp8_gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, out_dtype
     runner = _runner(impl)
     if 0 in (*lhs.shape, *rhs.shape):
         runner = None  # nothing to multiply: the reference gives the zeros
-    elif runner == "triton" and _gemms(impl) == "mosaic" and lhs.shape[1] % 128 == 0 and rhs.shape[2] % 128 == 0:
-        runner = "mosaic"
     lhs, rhs = varying_like((lhs, rhs))  # inside shard_map: see triton_runtime.varying_like
     return _fp8_gmm(lhs, rhs, group_sizes.astype(jnp.int32), dtypes, runner)
 
@@ -166,8 +158,7 @@ def _backward(dtypes, runner, residuals, dy):
     if runner is None:
         dw = _tokens_by_group(xt_hat, dyt_hat, group_sizes)
     else:  # no FP8 kernel reduces over tokens yet: the bf16 grouped kernel on the FP8-rounded values (README.md)
-        wgrad_runner = "triton" if runner == "mosaic" else runner
-        dw = _wgrad_by_group(xt_hat.astype(BF16), dyt_hat.astype(BF16), group_sizes, wgrad_runner)
+        dw = _wgrad_by_group(xt_hat.astype(BF16), dyt_hat.astype(BF16), group_sizes, runner)
     return dx.astype(x_dtype), dw.astype(w_dtype), None
 
 

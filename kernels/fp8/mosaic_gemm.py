@@ -58,10 +58,7 @@ class MosaicGemmConfig:
         return TILE_K * self.k_chunks
 
 
-DEFAULT_CONFIG = MosaicGemmConfig()
-
-
-def supported(m: int, n: int, k: int, cfg: MosaicGemmConfig = DEFAULT_CONFIG) -> bool:
+def supported(m: int, n: int, k: int, cfg: MosaicGemmConfig = MosaicGemmConfig()) -> bool:
     return m % cfg.cta_rows == 0 and n % cfg.cta_cols == 0 and k % cfg.step_k == 0
 
 
@@ -71,7 +68,7 @@ def scaled_matmul_nt(
     bt: jax.Array,
     b_scale: jax.Array,
     out_dtype=jnp.bfloat16,
-    cfg: MosaicGemmConfig = DEFAULT_CONFIG,
+    cfg: MosaicGemmConfig = MosaicGemmConfig(),
     *,
     b_per_column: bool = False,
 ) -> jax.Array:
@@ -204,16 +201,16 @@ def scaled_matmul_nt(
 
 
 # The three GEMMs of the FP8 linear layer (`launch.fprop`, `dgrad`, `wgrad`), operands as `TritonOps` keeps them.
-def fprop(xq, xs, wq_t, ws, out_dtype, cfg: MosaicGemmConfig = DEFAULT_CONFIG):
+def fprop(xq, xs, wq_t, ws, out_dtype, cfg: MosaicGemmConfig = MosaicGemmConfig()):
     """y [M, N] = xq [M, K] @ w, the weight given transposed (wq_t [N, K]) with its block scales ws [K/128, N/128]."""
     return scaled_matmul_nt(xq, xs, wq_t, ws, out_dtype, cfg)
 
 
-def dgrad(dyq, dys, wq, ws, out_dtype, cfg: MosaicGemmConfig = DEFAULT_CONFIG):
+def dgrad(dyq, dys, wq, ws, out_dtype, cfg: MosaicGemmConfig = MosaicGemmConfig()):
     """dx [M, K] = dyq [M, N] @ wq [K, N]^T: wq as stored is this GEMM's K-major operand (it reduces over N)."""
     return scaled_matmul_nt(dyq, dys, wq, ws.T, out_dtype, cfg)
 
 
-def wgrad(xtq, xts, dytq, dyts, out_dtype, cfg: MosaicGemmConfig = DEFAULT_CONFIG):
+def wgrad(xtq, xts, dytq, dyts, out_dtype, cfg: MosaicGemmConfig = MosaicGemmConfig()):
     """dw [K, N] = xtq [K, M] @ dytq [N, M]^T over the tokens M, both tiled 128 x 1 along M: one scale per column."""
     return scaled_matmul_nt(xtq, xts, dytq, dyts.T, out_dtype, cfg, b_per_column=True)
