@@ -138,6 +138,10 @@ class TopkConfig:
     warmup_stages: int = 4  # distinct densities in the warm-up (each compiles its own exchange)
     momentum: float = 0.0  # DGC momentum correction (velocity accumulated before selection), in [0, 1); 0 = off
     local_clip_norm: float = 0.0  # DGC local clipping: each replica clips to this × sqrt(replicas); 0 = off
+    # "rms": each replica clips its gradient (optim.clip_norm) and divides it by its own RMS (Adam's second moment,
+    # optim.b2 and optim.eps) before selecting, and the optimizer after the exchange is momentum alone
+    # (jaxdeep/optim/README.md, "Preconditioning before the exchange")
+    precondition: Literal["none", "rms"] = "none"
 
 
 @dataclass(slots=True)
@@ -453,6 +457,11 @@ def validate(cfg: ExperimentConfig) -> None:
         raise ConfigError("optim.warmup_steps, optim.clip_norm and optim.weight_decay must be >= 0")
     if o.freeze_variance_after < 0:
         raise ConfigError(f"optim.freeze_variance_after: must be >= 0 (0 = never), got {o.freeze_variance_after}")
+    if o.freeze_variance_after > 0 and o.compression != "none" and o.topk.precondition == "rms":
+        raise ConfigError(
+            "optim.freeze_variance_after does not combine with optim.topk.precondition=rms: the second moment is "
+            "then each replica's, before the exchange; set one of them off"
+        )
     if m.head_dim % 2:
         raise ConfigError(f"model.head_dim: rotary embeddings need an even head_dim, got {m.head_dim}")
     validate_topk(o.topk)
@@ -509,6 +518,11 @@ def validate_topk(tk: TopkConfig) -> None:
         raise ConfigError(f"{key}.momentum: must be in [0, 1), got {tk.momentum}")
     if tk.feedback == "ef21" and tk.momentum > 0:
         raise ConfigError(f"{key}.feedback=ef21 does not combine with {key}.momentum > 0; set one of them off")
+    if tk.precondition == "rms" and tk.momentum > 0:
+        raise ConfigError(
+            f"{key}.precondition=rms does not combine with {key}.momentum > 0: the optimizer after the exchange "
+            "already is momentum (optim.b1); set one of them off"
+        )
 
 
 def validate_deepseek(m: ModelConfig) -> None:

@@ -82,8 +82,8 @@ def test_topk_feedback_reaches_the_transform_options():
     from jaxdeep.optim.build import topk_options
 
     cfg = load_config(None, ["optim.compression=topk", "optim.topk.feedback=ef21"])
-    assert topk_options(cfg.optim.topk).feedback == "ef21"
-    assert topk_options(load_config(None, []).optim.topk).feedback == "residual"
+    assert topk_options(cfg.optim).feedback == "ef21"
+    assert topk_options(load_config(None, []).optim).feedback == "residual"
 
 
 def test_scientific_notation_float_override():

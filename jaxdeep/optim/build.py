@@ -9,14 +9,18 @@ import jax
 from jax.sharding import Mesh
 
 import meshes
-from jaxdeep.config import ConfigError, ExperimentConfig, TopkConfig
+from jaxdeep.config import ConfigError, ExperimentConfig, OptimConfig
 from jaxdeep.optim.plan import make_plan, replica_axes_of
 from jaxdeep.optim.reduction import CompressedReduction, compressed_reduction
 from jaxdeep.optim.topk import TopkOptions
 
 
-def topk_options(cfg: TopkConfig, seed: int = 0) -> TopkOptions:
-    return TopkOptions(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}, seed=seed)
+def topk_options(optim: OptimConfig, seed: int = 0) -> TopkOptions:
+    """optim.topk's options; with precondition "rms" the replicas also take Adam's b2 and eps and the global-norm
+    clip from `optim`, since the optimizer after the exchange no longer applies them."""
+    topk = optim.topk
+    fields = {f.name: getattr(topk, f.name) for f in dataclasses.fields(topk)}
+    return TopkOptions(**fields, b2=optim.b2, eps=optim.eps, clip_norm=optim.clip_norm, seed=seed)
 
 
 def topology_of(cfg: ExperimentConfig, mesh: Mesh) -> meshes.Topology:
@@ -49,4 +53,4 @@ def build_compression(
         )
     topology = topology_of(cfg, mesh) if topology is None else topology
     plan = make_plan(mode, mesh, topology, replica_axes)
-    return compressed_reduction(plan, topk_options(cfg.optim.topk, cfg.train.seed), abstract_params, param_shardings)
+    return compressed_reduction(plan, topk_options(cfg.optim, cfg.train.seed), abstract_params, param_shardings)

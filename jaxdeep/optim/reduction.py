@@ -95,8 +95,8 @@ def compressed_reduction(
     # State fields in TopkState order after `count`: per replica (a leading replica dimension), except the mean
     # estimate, which is the same on every replica and laid out like the parameters. Fields the options do not
     # keep are empty tuples.
-    kept = (options.keeps_residual, options.momentum > 0, options.ef21, options.ef21)
-    per_replica = (True, True, True, False)
+    kept = options.kept_fields
+    per_replica = (True, True, True, False, True)
     state_specs = TopkState(
         PartitionSpec(),
         *(optional(on, per_replica_specs if r else param_specs) for on, r in zip(kept, per_replica, strict=True)),

@@ -15,6 +15,10 @@ With `feedback="ef21"`, steps 3 and 5 change: a replica selects among the differ
 its estimate (what the others know of it), sets its estimate to the gradient where it sent, and the output is the
 mean of all replicas' estimates rather than the mean of what was sent this step.
 
+With `precondition="rms"`, step 1 clips to `clip_norm` instead, and before step 3 each replica (hierarchical: each
+fast group) divides its gradient by its own running RMS, Adam's second moment; the optimizer after the exchange
+then applies momentum only (README.md, "Preconditioning before the exchange").
+
 Tensors with fewer than `min_size` entries per device skip all this and go through a dense `psum`.
 """
 
@@ -36,6 +40,7 @@ from jaxdeep.optim.layout import Bucket, ExchangeLayout, Selection, plan_layout,
 from jaxdeep.optim.selection import Method, select
 
 Feedback = Literal["residual", "ef21"]
+Precondition = Literal["none", "rms"]
 
 
 class TopkState(NamedTuple):
@@ -44,6 +49,7 @@ class TopkState(NamedTuple):
     velocity: Any  # per replica, DGC momentum-corrected velocity; () without momentum correction
     estimate: Any = ()  # per replica, what the others know of its gradient (feedback "ef21"); () otherwise
     mean_estimate: Any = ()  # the mean of all replicas' estimates, the same on each (feedback "ef21"); () otherwise
+    second_moment: Any = ()  # per replica, the moving mean of its squared gradient (precondition "rms"); () otherwise
 
 
 @dataclass(frozen=True)
@@ -60,6 +66,10 @@ class TopkOptions:
     warmup_stages: int = 4  # densities during the warm-up (each compiles its own exchange)
     momentum: float = 0.0  # DGC momentum correction factor; 0 = off
     local_clip_norm: float = 0.0  # DGC local clipping: each replica clips to this × sqrt(replicas); 0 = off
+    precondition: Precondition = "none"  # "rms": each replica divides its gradient by its own RMS before selecting
+    b2: float = 0.95  # decay of the second moment (precondition "rms")
+    eps: float = 1e-8  # added to the RMS (precondition "rms")
+    clip_norm: float = 0.0  # precondition "rms": each replica clips its gradient to this norm first; 0 = off
     seed: int = 0  # seed of the sampled selection
 
     def __post_init__(self) -> None:
@@ -75,6 +85,19 @@ class TopkOptions:
             raise ValueError(f"feedback must be 'residual' or 'ef21', got {self.feedback!r}")
         if self.feedback == "ef21" and self.momentum > 0:
             raise ValueError("feedback 'ef21' does not combine with momentum correction; set momentum=0")
+        if self.precondition not in ("none", "rms"):
+            raise ValueError(f"precondition must be 'none' or 'rms', got {self.precondition!r}")
+        if not 0.0 <= self.b2 < 1.0 or self.eps < 0 or self.clip_norm < 0:
+            raise ValueError("b2 must be in [0, 1), eps and clip_norm >= 0")
+
+    @property
+    def rms(self) -> bool:
+        return self.precondition == "rms"
+
+    @property
+    def kept_fields(self) -> tuple[bool, ...]:
+        """Which of TopkState's fields after `count` these options keep (the others are empty tuples)."""
+        return (self.keeps_residual, self.momentum > 0, self.ef21, self.ef21, self.rms)
 
     @property
     def ef21(self) -> bool:
@@ -130,6 +153,7 @@ class BucketState(NamedTuple):
     velocity: jax.Array | None
     estimate: jax.Array | None
     mean_estimate: jax.Array | None
+    second_moment: jax.Array | None
 
 
 class BucketResult(NamedTuple):
@@ -137,6 +161,7 @@ class BucketResult(NamedTuple):
     residual: jax.Array | None  # [size] this replica's unsent mass (nonzero only on its own chunk)
     velocity: jax.Array | None  # [size] this replica's masked DGC velocity
     estimate: jax.Array | None  # [size] ef21: what the others know of this replica's gradient (its own chunk)
+    second_moment: jax.Array | None  # [size] rms: this replica's moving mean of its squared gradient (own chunk)
 
 
 def compress_bucket(
@@ -149,8 +174,12 @@ def compress_bucket(
     axes: AxisNames,
     fast_axes: AxisNames,
     n_replicas: int,
+    v_correction: jax.Array | float = 1.0,
 ) -> BucketResult:
-    """Compress and exchange one flat vector; see the module docstring for the steps."""
+    """Compress and exchange one flat vector; see the module docstring for the steps.
+
+    `v_correction`: the bias correction of the second moment after this update, 1 - b2**(count + 1) (rms only).
+    """
     n, c = bucket.size, bucket.chunk
     fast = _axes_size(fast_axes) if fast_axes else 1
     # This replica's own chunk of the fast-tier group (the whole vector when there is no fast tier).
@@ -173,6 +202,10 @@ def compress_bucket(
         grad_c = grad_n
     residual_c, velocity_c, estimate_c = own(state_n.residual), own(state_n.velocity), own(state_n.estimate)
 
+    new_moment = None
+    if opts.rms:
+        grad_c, new_moment = rms_normalize(grad_c / fast, own(state_n.second_moment), opts, v_correction)
+        n_replicas //= fast  # what is exchanged is already each fast group's mean
     signal_c = grad_c
     if opts.momentum > 0:
         velocity_c = opts.momentum * velocity_c + grad_c
@@ -198,7 +231,15 @@ def compress_bucket(
         mean_n = lax.all_gather(mean_c, fast_axes, tiled=True, to="invarying")[:n]
     else:
         mean_n = mean_c
-    return BucketResult(mean_n, spread(new_residual), spread(new_velocity), spread(new_estimate))
+    return BucketResult(mean_n, spread(new_residual), spread(new_velocity), spread(new_estimate), spread(new_moment))
+
+
+def rms_normalize(
+    grad: jax.Array, moment: jax.Array, opts: TopkOptions, v_correction: jax.Array | float
+) -> tuple[jax.Array, jax.Array]:
+    """(grad / its bias-corrected RMS, the updated moving mean of grad²): RMSprop's step, taken per replica."""
+    moment = opts.b2 * moment + (1 - opts.b2) * jnp.square(grad)
+    return grad / (jnp.sqrt(moment / v_correction) + opts.eps), moment
 
 
 def _exchange(
@@ -210,6 +251,7 @@ def _exchange(
     key: jax.Array,
     axes: AxisNames,
     fast_axes: AxisNames,
+    v_correction: jax.Array | float = 1.0,
 ) -> tuple[list, BucketState]:
     """`states`: per-leaf lists (or None) of each state field."""
     all_axes = (*axes, *fast_axes)
@@ -219,8 +261,16 @@ def _exchange(
     for group in layout.dense_groups:
         # Small tensors: a dense sum, inside the fast tier first as the compressed ones are.
         dense = _concat(leaves, group)
-        dense = lax.psum(lax.psum(dense, fast_axes), axes) if fast_axes else lax.psum(dense, axes)
-        dense = dense / n_replicas
+        if opts.rms:
+            fast = _axes_size(fast_axes) if fast_axes else 1
+            group_mean = lax.psum(dense, fast_axes) / fast if fast_axes else dense
+            dense, moment = rms_normalize(group_mean, _concat(states.second_moment, group), opts, v_correction)
+            # Equal within each fast group, so the mean over every replica is the mean over the groups.
+            dense = lax.psum(dense, all_axes) / n_replicas
+            _split_into(new.second_moment, moment, group, leaves)
+        else:
+            dense = lax.psum(lax.psum(dense, fast_axes), axes) if fast_axes else lax.psum(dense, axes)
+            dense = dense / n_replicas
         _split_into(out, dense, group, leaves)
     for b, bucket in enumerate(layout.buckets):
         result = compress_bucket(
@@ -233,9 +283,11 @@ def _exchange(
             axes,
             fast_axes,
             n_replicas,
+            v_correction,
         )
         _split_into(out, result.mean, bucket.leaves, leaves)
-        flat = BucketState(result.residual, result.velocity, result.estimate, result.mean if opts.ef21 else None)
+        mean_estimate = result.mean if opts.ef21 else None
+        flat = BucketState(result.residual, result.velocity, result.estimate, mean_estimate, result.second_moment)
         for store, value in zip(new, flat, strict=True):
             if store is not None:
                 _split_into(store, value, bucket.leaves, leaves)
@@ -274,6 +326,7 @@ def topk_compression(
             velocity=zeros() if opts.momentum > 0 else (),
             estimate=zeros() if opts.ef21 else (),
             mean_estimate=zeros() if opts.ef21 else (),
+            second_moment=zeros() if opts.rms else (),
         )
 
     def update(grads: Any, state: TopkState, params: Any = None) -> tuple[Any, TopkState]:
@@ -281,15 +334,20 @@ def topk_compression(
         leaves, treedef = jax.tree.flatten(grads)
         fast = _axes_size(fast_axes) if fast_axes else 1
         layout = layout_for([x.size for x in leaves], opts, fast, shard_axes)
+        per_leaf = shard_axes if shard_axes is not None else [()] * len(leaves)
         if opts.local_clip_norm > 0:
             n_replicas = _axes_size((*axes, *fast_axes))
-            per_leaf = shard_axes if shard_axes is not None else [()] * len(leaves)
             leaves = clip_local(leaves, per_leaf, opts.local_clip_norm * math.sqrt(n_replicas))
-        kept = (opts.keeps_residual, opts.momentum > 0, opts.ef21, opts.ef21)
-        fields = (state.residual, state.velocity, state.estimate, state.mean_estimate)
+        if opts.rms and opts.clip_norm > 0:
+            leaves = clip_local(leaves, per_leaf, opts.clip_norm)
+        kept = opts.kept_fields
+        fields = (state.residual, state.velocity, state.estimate, state.mean_estimate, state.second_moment)
         states = BucketState(*(jax.tree.leaves(f) if on else None for on, f in zip(kept, fields, strict=True)))
         key = jax.random.fold_in(jax.random.key(opts.seed), state.count)
-        run = partial(_exchange, layout=layout, opts=opts, key=key, axes=axes, fast_axes=fast_axes)
+        v_correction = 1 - opts.b2 ** (state.count + 1).astype(jnp.float32)
+        run = partial(
+            _exchange, layout=layout, opts=opts, key=key, axes=axes, fast_axes=fast_axes, v_correction=v_correction
+        )
         branches = [partial(run, ratio=r) for r in opts.ratios]
         if len(branches) == 1:
             out, new = branches[0](leaves, states)

@@ -56,7 +56,18 @@ def scale_by_adam_frozen_v(b1: float, b2: float, eps: float, freeze_after: int) 
 
 
 def make_optimizer(cfg: OptimConfig, total_steps: int, decay_mask) -> optax.GradientTransformation:
-    """`decay_mask`: pytree of bools like the params, True where weight decay applies."""
+    """`decay_mask`: pytree of bools like the params, True where weight decay applies.
+
+    With `optim.topk.precondition: rms` the replicas have already clipped their gradients and divided them by
+    their RMS before the compressed exchange (jaxdeep/optim/topk.py), so what remains here is Adam's first moment
+    (bias-corrected), weight decay and the learning rate.
+    """
+    if cfg.compression != "none" and cfg.topk.precondition == "rms":
+        return optax.chain(
+            optax.ema(cfg.b1, debias=True),
+            optax.add_decayed_weights(cfg.weight_decay, decay_mask),
+            optax.scale_by_learning_rate(learning_rate_schedule(cfg, total_steps)),
+        )
     parts = []
     if cfg.clip_norm > 0:
         parts.append(optax.clip_by_global_norm(cfg.clip_norm))
