@@ -82,6 +82,8 @@ def main() -> None:
     rows = []
     if args.skip_dense and args.out and Path(args.out).exists():
         rows += [json.loads(line) for line in Path(args.out).read_text().splitlines() if '"dense"' in line][-1:]
+    if args.skip_dense and not rows:  # say so now, not after hours of training when the table needs it
+        parser.error(f"--skip-dense compares against the dense line of --out, and {args.out} has none")
     with tempfile.TemporaryDirectory(prefix="jaxdeep_conv_") as tmp:
         for name, overrides in variants:
             row = run_one(args.config, name, [*args.override, *overrides], args.window, Path(tmp))
