@@ -51,12 +51,7 @@ CLOCK = {"clock": "wall"}  # "device": the GPU's busy time from a profiler trace
 # Timing (experiments/benchmarks/timing.py; one warm-up and one call per sample under the interpreter)
 # ----------------------------------------------------------------------------------------------------
 def try_time(fn, *args, reps: int) -> float | str:
-    if CLOCK["clock"] == "device":
-        try:
-            return timing.device_seconds(fn, *args, calls=reps)
-        except Exception as e:  # the row says why, as timing.try_time does
-            return f"failed: {type(e).__name__}: {str(e).splitlines()[0][:100]}"
-    return timing.try_time(fn, *args, reps=reps, **TIMING)
+    return timing.try_time(fn, *args, reps=reps, device=CLOCK["clock"] == "device", **TIMING)
 
 
 def rate(amount: float, t, unit: float) -> str:

@@ -31,9 +31,12 @@ def median_seconds(fn, *args, reps: int, warmup: int = 2, inner: int = 10) -> fl
     return statistics.median(times)
 
 
-def try_time(fn, *args, reps: int, warmup: int = 2, inner: int = 10) -> float | str:
-    """Seconds, or a one-line reason when the call cannot run (for example out of memory)."""
+def try_time(fn, *args, reps: int, warmup: int = 2, inner: int = 10, device: bool = False) -> float | str:
+    """Seconds, or a one-line reason when the call cannot run (for example out of memory). `device`: the GPU's busy
+    time over `reps` calls (`device_seconds`) instead of the host clock."""
     try:
+        if device:
+            return device_seconds(fn, *args, calls=reps)
         return median_seconds(fn, *args, reps=reps, warmup=warmup, inner=inner)
     except Exception as e:  # XLA and Triton errors alike: the row says why
         return f"failed: {type(e).__name__}: {str(e).splitlines()[0][:100]}"

@@ -17,7 +17,8 @@
 - "auto": "mosaic" on a Hopper GPU, the Triton kernels on other GPUs where they can run (compute capability 8.9
   or newer, with triton and jax-triton importable), else the reference.
 
-`grouped.fp8_gmm` (the MoE experts) takes the same `impl`: its forward and input gradient run on `scaled_gmm`.
+`grouped.fp8_gmm` (the MoE experts) takes the same `impl`: its forward and input gradient run on `scaled_gmm`
+(on the Triton kernel with "mosaic" too: the grouped Mosaic kernel measured slower, RESULTS.md).
 
 See README.md for the recipe, the error bounds, the kernels and where this deviates from DeepSeek-V3.
 """
