@@ -5,12 +5,14 @@ In one run:
   float32 result: no scales at all, so a ceiling rather than a competitor); our pure-JAX `scaled_matmul`
   reference under jit; our Triton `scaled_matmul` with the weight K-major ([N, K], the layout the FP8 tensor
   cores take, what `fp8_linear` uses) and with the weight read as stored ([K, N], N-major), scaling included;
-  on Hopper also the Pallas Mosaic GPU kernel (`kernels/fp8/mosaic_gemm.py`), weight K-major, where shapes tile.
+  on Hopper also the Pallas Mosaic GPU kernel (`kernels/fp8/mosaic_gemm.py`), weight K-major, where shapes tile;
+  with `--cublas`, cuBLAS's block-scaled FP8 GEMM through PyTorch (the peers' kernel) on the same card.
   Shapes: 8192^3, and DeepSeek-V3 layers for M = 4096 and 16384 tokens.
 - Quantisers on [M, K] activations / [K, N] weights: TB/s of bytes read + written, against a copy kernel
   (XLA, uint8 x + 1) moving the same number of bytes.
 - Grouped GEMM (MoE experts, E=64, T=65536, D=2048, F=1408, equal groups): FP8 `scaled_gmm` (rhs K-major and
-  as stored) against the bf16 Triton grouped GEMM of kernels/gmm.
+  as stored) and, on Hopper, the Mosaic grouped kernel (`kernels/fp8/mosaic_gmm.py`), against the bf16 Triton
+  grouped GEMM of kernels/gmm.
 Times are medians of several samples after warm-up, each sample the mean of back-to-back calls synchronised
 once with `jax.block_until_ready`.
 
@@ -37,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import timing  # noqa: E402  (experiments/benchmarks/timing.py, next to this script)
 
 from kernels import fp8  # noqa: E402
-from kernels.fp8 import launch, mosaic_gemm, reference  # noqa: E402
+from kernels.fp8 import launch, mosaic_gemm, mosaic_gmm, reference  # noqa: E402
 from kernels.gmm import launch as gmm_launch  # noqa: E402
 
 E4M3 = jnp.float8_e4m3fn
@@ -109,7 +111,7 @@ def gemm_operands(g: Gemm, seed: int = 0):
 # ----------------------------------------------------------------------------------------------------
 # Sections
 # ----------------------------------------------------------------------------------------------------
-def bench_gemm(shapes, runner: str, reps: int, skip_reference: bool, config=None) -> None:
+def bench_gemm(shapes, runner: str, reps: int, skip_reference: bool, config=None, cublas: bool = False) -> None:
     print_rows("GEMM (bf16 output; scaling included for scaled_matmul)", "shape | impl | time | TFLOP/s", [])
     for g in shapes:
         x, w, xq, xs, wq, ws, wq_t = gemm_operands(g)
@@ -134,6 +136,40 @@ def bench_gemm(shapes, runner: str, reps: int, skip_reference: bool, config=None
         for impl, fn, args in fns:
             t = try_time(fn, *args, reps=reps)
             print(f"| {g.name} | {impl} | {ms(t)} | {rate(flops, t, 1e12)} |", flush=True)  # row by row: long runs
+        if cublas:
+            t = cublas_block_scaled_seconds(g, reps)
+            impl = "cuBLAS block-scaled (torch scaled_mm, CUDA events)"
+            print(f"| {g.name} | {impl} | {ms(t)} | {rate(flops, t, 1e12)} |", flush=True)
+
+
+def cublas_block_scaled_seconds(g: Gemm, reps: int) -> float:
+    """cuBLAS's DeepSeek-style block-scaled FP8 GEMM (1 x 128 activation tiles, 128 x 128 weight blocks, bf16
+    out) through PyTorch, the peer baseline on the same card. Timed with CUDA events around `reps` back-to-back
+    calls: the GPU's time, as `--clock device` times ours."""
+    import torch
+    import torch.nn.functional as tf
+
+    recipe = tf.ScalingType
+    tiles = getattr(recipe, "BlockWise1x128", None) or recipe.Blockwise_1x128
+    blocks = getattr(recipe, "BlockWise128x128", None) or recipe.Blockwise_128x128
+    x = torch.randn(g.m, g.k, device="cuda").to(torch.float8_e4m3fn)
+    w_t = torch.randn(g.n, g.k, device="cuda").to(torch.float8_e4m3fn)  # K-major: passed as its transpose
+    x_scales = (torch.rand(g.m, g.k // 128, device="cuda") + 0.5).t().contiguous().t()  # M-major, as cuBLAS wants
+    k_blocks = -(-(g.k // 128) // 4) * 4  # cuBLAS pads the K blocks of 128 x 128 scales to a multiple of 4
+    w_scales = (torch.rand(g.n // 128, k_blocks, device="cuda") + 0.5).t()
+    call = lambda: tf.scaled_mm(x, w_t.t(), x_scales, tiles, w_scales, blocks, output_dtype=torch.bfloat16)  # noqa: E731
+    for _ in range(3):
+        call()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    samples = []
+    for _ in range(5):
+        start.record()
+        for _ in range(reps):
+            call()
+        end.record()
+        torch.cuda.synchronize()
+        samples.append(start.elapsed_time(end) / 1e3 / reps)
+    return float(np.median(samples))
 
 
 def bench_quantize(runner: str, reps: int, tiny: bool) -> None:
@@ -184,6 +220,9 @@ def bench_grouped(runner: str, reps: int, tiny: bool, config=None) -> None:
          (lq, ls, rq_t, rs_t, gs)),
         ("fp8 scaled_gmm, rhs N-major", lambda *a: launch.scaled_gmm(*a, BF16, **run), (lq, ls, rq, rs, gs)),
     ]  # fmt: skip
+    if runner == "triton" and fp8.mosaic_unavailable_reason() is None:
+        mosaic = lambda lq, ls, rq_t, rs, gs: mosaic_gmm.scaled_gmm_nt(lq, ls, rq_t, rs, gs, BF16)  # noqa: E731
+        fns.append(("fp8 mosaic scaled_gmm, rhs K-major", mosaic, (lq, ls, rq_t, rs, gs)))
     rows = []
     for name, fn, args in fns:
         tt = try_time(jax.jit(fn), *args, reps=reps)
@@ -238,6 +277,7 @@ def main(argv=None) -> None:
     p.add_argument("--skip-reference", action="store_true", help="skip the slow pure-JAX reference GEMM")
     p.add_argument("--shapes", default="", help="GEMM shapes whose name contains this text (e.g. 8192), all if empty")
     p.add_argument("--clock", default="wall", choices=("wall", "device"), help="host clock, or the GPU's busy time")
+    p.add_argument("--cublas", action="store_true", help="add cuBLAS's block-scaled GEMM (needs PyTorch with CUDA)")
     args = p.parse_args(argv)
     CLOCK["clock"] = args.clock
     reps = 1 if args.runner == "interpret" else args.reps
@@ -253,7 +293,7 @@ def main(argv=None) -> None:
         tune(args.runner, reps, args.tiny)
     if "gemm" in sections:
         shapes = [g for g in gemm_shapes(args.tiny) if args.shapes in g.name]
-        bench_gemm(shapes, args.runner, reps, args.skip_reference)
+        bench_gemm(shapes, args.runner, reps, args.skip_reference, cublas=args.cublas)
     if "quantize" in sections:
         bench_quantize(args.runner, reps, args.tiny)
     if "grouped" in sections:
