@@ -154,9 +154,9 @@ def cublas_block_scaled_seconds(g: Gemm, reps: int) -> float:
     blocks = getattr(recipe, "BlockWise128x128", None) or recipe.Blockwise_128x128
     x = torch.randn(g.m, g.k, device="cuda").to(torch.float8_e4m3fn)
     w_t = torch.randn(g.n, g.k, device="cuda").to(torch.float8_e4m3fn)  # K-major: passed as its transpose
-    x_scales = (torch.rand(g.m, g.k // 128, device="cuda") + 0.5).t().contiguous().t()  # M-major, as cuBLAS wants
+    x_scales = (torch.rand(g.m, -(-g.k // 128), device="cuda") + 0.5).t().contiguous().t()  # M-major, as cuBLAS wants
     k_blocks = -(-(g.k // 128) // 4) * 4  # cuBLAS pads the K blocks of 128 x 128 scales to a multiple of 4
-    w_scales = (torch.rand(g.n // 128, k_blocks, device="cuda") + 0.5).t()
+    w_scales = (torch.rand(-(-g.n // 128), k_blocks, device="cuda") + 0.5).t()
     call = lambda: tf.scaled_mm(x, w_t.t(), x_scales, tiles, w_scales, blocks, output_dtype=torch.bfloat16)  # noqa: E731
     for _ in range(3):
         call()

@@ -73,6 +73,8 @@ def scaled_gmm_nt(
     swizzle = 128
     operand = (plgpu.TilingTransform((8, swizzle)), plgpu.SwizzleTransform(swizzle))
     half = BLOCK_M // 2
+    out_elems = swizzle // jnp.dtype(out_dtype).itemsize
+    out_transforms = (plgpu.TilingTransform((8, out_elems)), plgpu.SwizzleTransform(swizzle))
 
     def kernel(meta_gmem, a_gmem, as_gmem, bt_gmem, bs_gmem, out_gmem):
         def pipeline(body, context, state=None):
@@ -97,10 +99,13 @@ def scaled_gmm_nt(
         @functools.partial(
             pl.run_scoped,
             allocations=pipeline(ignore, ignore).get_allocations(a_gmem, bt_gmem.at[0], as_gmem),
-            out_smem=plgpu.SMEM((2, half, TILE_N), out_dtype),  # untiled: any run of rows can be stored
+            # Whole 64-row halves (most of them) leave through a swizzled buffer, free of bank conflicts; the
+            # halves at group boundaries through an untiled one, from which any run of rows can be stored.
+            out_swizzled=plgpu.SMEM((2, half, TILE_N), out_dtype, transforms=out_transforms),
+            out_smem=plgpu.SMEM((2, half, TILE_N), out_dtype),
             collective_axes="wg",
         )
-        def scope(allocations, out_smem):
+        def scope(allocations, out_swizzled, out_smem):
             wg = lax.axis_index("wg")
             tiles = meta_gmem[0] * n_tiles
 
@@ -120,19 +125,28 @@ def scaled_gmm_nt(
                     def context(run):
                         acc = run(plgpu.layout_cast(jnp.zeros((half, TILE_N), jnp.float32), plgpu.Layout.WGMMA))
                         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                        out_smem[wg] = acc.astype(out_dtype)
-                        plgpu.commit_smem()
                         row0 = block * BLOCK_M + wg * half
-                        offset, size = first, half
-                        while size >= 1:  # a ladder of static TMA boxes covers any count of rows
 
-                            @pl.when((count & size) != 0)
-                            def _(offset=offset, size=size):
-                                src = out_smem.at[wg, pl.ds(offset, size)]
-                                plgpu.copy_smem_to_gmem(src, out_gmem.at[pl.ds(row0 + offset, size), cols])
+                        @pl.when(count == half)
+                        def _():
+                            out_swizzled[wg] = acc.astype(out_dtype)
+                            plgpu.commit_smem()
+                            plgpu.copy_smem_to_gmem(out_swizzled.at[wg], out_gmem.at[pl.ds(row0, half), cols])
 
-                            offset = offset + (count & size)
-                            size //= 2
+                        @pl.when(count < half)
+                        def _():
+                            out_smem[wg] = acc.astype(out_dtype)
+                            plgpu.commit_smem()
+                            offset, size = first, half // 2
+                            while size >= 1:  # a ladder of static TMA boxes covers any count of rows
+
+                                @pl.when((count & size) != 0)
+                                def _(offset=offset, size=size):
+                                    src = out_smem.at[wg, pl.ds(offset, size)]
+                                    plgpu.copy_smem_to_gmem(src, out_gmem.at[pl.ds(row0 + offset, size), cols])
+
+                                offset = offset + (count & size)
+                                size //= 2
 
                     def step(idx, a_smem, bt_smem, as_smem, acc):
                         (s,) = idx
