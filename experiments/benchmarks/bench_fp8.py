@@ -11,8 +11,7 @@ In one run:
 - Quantisers on [M, K] activations / [K, N] weights: TB/s of bytes read + written, against a copy kernel
   (XLA, uint8 x + 1) moving the same number of bytes.
 - Grouped GEMM (MoE experts, E=64, T=65536, D=2048, F=1408, equal groups): FP8 `scaled_gmm` (rhs K-major and
-  as stored) and, on Hopper, the Mosaic grouped kernel (`kernels/fp8/mosaic_gmm.py`), against the bf16 Triton
-  grouped GEMM of kernels/gmm.
+  as stored) against the bf16 Triton grouped GEMM of kernels/gmm.
 Times are medians of several samples after warm-up, each sample the mean of back-to-back calls synchronised
 once with `jax.block_until_ready`.
 
@@ -39,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import timing  # noqa: E402  (experiments/benchmarks/timing.py, next to this script)
 
 from kernels import fp8  # noqa: E402
-from kernels.fp8 import launch, mosaic_gemm, mosaic_gmm, reference  # noqa: E402
+from kernels.fp8 import launch, mosaic_gemm, reference  # noqa: E402
 from kernels.gmm import launch as gmm_launch  # noqa: E402
 
 E4M3 = jnp.float8_e4m3fn
@@ -220,9 +219,6 @@ def bench_grouped(runner: str, reps: int, tiny: bool, config=None) -> None:
          (lq, ls, rq_t, rs_t, gs)),
         ("fp8 scaled_gmm, rhs N-major", lambda *a: launch.scaled_gmm(*a, BF16, **run), (lq, ls, rq, rs, gs)),
     ]  # fmt: skip
-    if runner == "triton" and fp8.mosaic_unavailable_reason() is None:
-        mosaic = lambda lq, ls, rq_t, rs, gs: mosaic_gmm.scaled_gmm_nt(lq, ls, rq_t, rs, gs, BF16)  # noqa: E731
-        fns.append(("fp8 mosaic scaled_gmm, rhs K-major", mosaic, (lq, ls, rq_t, rs, gs)))
     rows = []
     for name, fn, args in fns:
         tt = try_time(jax.jit(fn), *args, reps=reps)
