@@ -226,6 +226,30 @@ def bench_grouped(runner: str, reps: int, tiny: bool, config=None) -> None:
     print_rows(f"Grouped GEMM forward (E={e}, T={t}, D={d}, F={f}, equal groups)", "impl | time | TFLOP/s", rows)
 
 
+MOSAIC_SWEEP = (
+    mosaic_gemm.MosaicGemmConfig(chain=False),
+    mosaic_gemm.MosaicGemmConfig(),
+    mosaic_gemm.MosaicGemmConfig(k_chunks=2, stages=2),
+    mosaic_gemm.MosaicGemmConfig(band=16),
+)
+
+
+def sweep_mosaic(shapes, reps: int) -> None:
+    """Launch configurations of the Mosaic GEMM (Hopper) on the given shapes; `chained` says whether each SM ran
+    one pipeline across its tiles."""
+    print_rows("Mosaic GEMM launch configurations", "shape | config | chained | time | TFLOP/s", [])
+    sms = jax.devices()[0].core_count
+    for g in shapes:
+        _, _, xq, xs, _, ws, wq_t = gemm_operands(g)
+        for cfg in MOSAIC_SWEEP:
+            if not mosaic_gemm.supported(g.m, g.n, g.k, cfg):
+                continue
+            fn = jax.jit(lambda *a, cfg=cfg: mosaic_gemm.scaled_matmul_nt(*a, BF16, cfg))
+            t = try_time(fn, xq, xs, wq_t, ws, reps=reps)
+            chained = mosaic_gemm.chains(g.m, g.n, g.k, cfg, sms)
+            print(f"| {g.name} | {cfg} | {chained} | {ms(t)} | {rate(2.0 * g.m * g.n * g.k, t, 1e12)} |", flush=True)
+
+
 def tune_quantize(runner: str, reps: int, tiny: bool) -> None:
     """Rows per program and warps of the quantisers."""
     m, k = (256, 384) if tiny else (16384, 7168)
@@ -274,6 +298,7 @@ def main(argv=None) -> None:
     p.add_argument("--shapes", default="", help="GEMM shapes whose name contains this text (e.g. 8192), all if empty")
     p.add_argument("--clock", default="wall", choices=("wall", "device"), help="host clock, or the GPU's busy time")
     p.add_argument("--cublas", action="store_true", help="add cuBLAS's block-scaled GEMM (needs PyTorch with CUDA)")
+    p.add_argument("--mosaic-sweep", action="store_true", help="time the Mosaic GEMM's launch configs (Hopper)")
     args = p.parse_args(argv)
     CLOCK["clock"] = args.clock
     reps = 1 if args.runner == "interpret" else args.reps
@@ -287,8 +312,10 @@ def main(argv=None) -> None:
     sections = args.sections.split(",")
     if args.tune:
         tune(args.runner, reps, args.tiny)
+    shapes = [g for g in gemm_shapes(args.tiny) if args.shapes in g.name]
+    if args.mosaic_sweep:
+        sweep_mosaic(shapes, reps)
     if "gemm" in sections:
-        shapes = [g for g in gemm_shapes(args.tiny) if args.shapes in g.name]
         bench_gemm(shapes, args.runner, reps, args.skip_reference, cublas=args.cublas)
     if "quantize" in sections:
         bench_quantize(args.runner, reps, args.tiny)
