@@ -16,7 +16,7 @@ room for fewer stages). Shapes must tile exactly (M and N by 128, K by 128); `su
 
 Each SM runs one persistent CTA over its output tiles, and (`chain`) one pipeline across them: the memory
 warpgroup starts loading the next tile while the compute warpgroups still store this one, so a tile's pipeline
-fill and epilogue no longer stall the tensor cores (+1-9% on the shapes measured).
+fill and epilogue no longer stall the tensor cores (+0.3-14% on the shapes measured, most where K is short).
 """
 
 from __future__ import annotations
