@@ -128,14 +128,20 @@ def test_per_replica_gradients_are_not_reduced_across_replicas(sparse_run):
         assert len({data_of[d] for d in ids}) == 1, f"collective across data replicas: {group}"
 
 
-def test_error_feedback_state_survives_a_checkpoint_round_trip(sparse_run, tmp_path):
-    setup, _, state, _, step = sparse_run
+RMS = ("optim.compression=topk", "optim.topk.ratio=0.05", "optim.topk.precondition=rms", "optim.b1=0.0")
+
+
+@pytest.mark.parametrize("run", ["momentum", "rms"])
+def test_error_feedback_state_survives_a_checkpoint_round_trip(run, sparse_run, tmp_path):
+    """The residual with DGC's velocity, or with the per-replica second moment of `precondition: rms`."""
+    setup, _, state, _, step = sparse_run if run == "momentum" else _train(*RMS, **DATA_FSDP_TENSOR)
     ckpt = Checkpointer(tmp_path, async_save=False)
     ckpt.save(2, state, {"position": 0})
     restored, _ = ckpt.restore(setup.abstract_train_state)
     ckpt.close()
     comp = restored["opt_state"][0]
-    assert np.abs(np.asarray(comp.residual["embed"])).sum() > 0 and np.abs(np.asarray(comp.velocity["embed"])).sum() > 0
+    extra = comp.velocity if run == "momentum" else comp.second_moment
+    assert np.abs(np.asarray(comp.residual["embed"])).sum() > 0 and np.abs(np.asarray(extra["embed"])).sum() > 0
     for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(state), strict=True):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
         assert got.sharding.is_equivalent_to(want.sharding, got.ndim)
