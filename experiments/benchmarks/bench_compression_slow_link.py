@@ -5,8 +5,8 @@ through veth links and a bridge, every link shaped with `tc` (tbf: rate, and net
 Collectives between processes travel as TCP (gloo) over those links; inside a process they stay in memory/loopback.
 So `topology: auto` sees two tiers: `local` (one process) and `network` (the shaped links).
 
-    sudo python experiments/benchmarks/bench_compression_slow_link.py --rate 1gbit --delay 1ms \\
-        --variant dense= --variant "topk_hier=optim.compression=topk_hierarchical"
+    sudo python experiments/benchmarks/bench_compression_slow_link.py --rate 100mbit --devices 1 --steps 300 \\
+        --variant dense= --variant "topk_rms=optim.compression=topk,optim.topk.precondition=rms,optim.b1=0"
 
 For each variant every process trains the same model from the same seed on the same data, and reports per step:
 wall time (median over the timed steps), bytes its network interface sent (tx counter of the namespace's veth),
@@ -31,24 +31,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 NETNS_ETC = Path("/etc/netns")  # `ip netns exec NS` bind-mounts /etc/netns/NS/hosts over /etc/hosts
 
-# A model whose gradient is large next to its compute (4.8M parameters, one 16-token sequence per device and
-# step): the regime where the gradient exchange dominates a step. Each variant runs in about a minute on 2 cores.
-DEFAULT_OVERRIDES = [
-    "model.d_model=256",
-    "model.n_layers=2",
-    "model.n_heads=4",
-    "model.head_dim=64",
-    "model.d_ff=4096",
-    "model.dtype=float32",
-    "data.max_bytes=2000000",
-    "data.seq_len=16",
-    "data.global_batch_size=4",
-    "optim.lr=1e-3",
-    "optim.warmup_steps=5",
-    "train.eval_batches=2",
-    "mesh.data=-1",
-    "mesh.topology=auto",
-]
+# A model whose gradient is large next to its compute: the regime where the gradient exchange dominates a step.
+DEFAULT_CONFIG = REPO / "experiments" / "compression_slow_link.yaml"
 
 
 def _run(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -257,7 +241,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30, help="training steps per variant (same for all)")
     parser.add_argument("--warmup", type=int, default=3, help="first steps left out of the timings")
     parser.add_argument("--loss-window", type=int, default=5, help="final loss = mean over the last N steps")
-    parser.add_argument("--config", default=None, help="experiment YAML (default: the built-in model below)")
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="experiment YAML (default: %(default)s)")
     parser.add_argument("--override", action="append", default=[], help="section.key=value for every variant")
     parser.add_argument("--variant", action="append", default=[], help="NAME=override[,override...]; NAME= for dense")
     parser.add_argument("--repeats", type=int, default=1, help="run all variants this many times, interleaved")
@@ -276,7 +260,7 @@ def main() -> None:
         variants.append({"name": name, "overrides": [o for o in overrides.split(",") if o]})
     spec = {
         "config": args.config,
-        "overrides": (DEFAULT_OVERRIDES if args.config is None else []) + args.override,
+        "overrides": args.override,
         "variants": variants,
         "steps": args.steps,
         "warmup": args.warmup,
