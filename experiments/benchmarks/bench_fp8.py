@@ -136,7 +136,10 @@ def bench_gemm(shapes, runner: str, reps: int, skip_reference: bool, config=None
             t = try_time(fn, *args, reps=reps)
             print(f"| {g.name} | {impl} | {ms(t)} | {rate(flops, t, 1e12)} |", flush=True)  # row by row: long runs
         if cublas:
-            t = cublas_block_scaled_seconds(g, reps)
+            try:
+                t = cublas_block_scaled_seconds(g, reps)
+            except Exception as err:  # a row that says why, not the end of a long run
+                t = f"failed: {type(err).__name__}: {str(err)[:120]}"
             impl = "cuBLAS block-scaled (torch scaled_mm, CUDA events)"
             print(f"| {g.name} | {impl} | {ms(t)} | {rate(flops, t, 1e12)} |", flush=True)
 
@@ -154,8 +157,9 @@ def cublas_block_scaled_seconds(g: Gemm, reps: int) -> float:
     x = torch.randn(g.m, g.k, device="cuda").to(torch.float8_e4m3fn)
     w_t = torch.randn(g.n, g.k, device="cuda").to(torch.float8_e4m3fn)  # K-major: passed as its transpose
     x_scales = (torch.rand(g.m, -(-g.k // 128), device="cuda") + 0.5).t().contiguous().t()  # M-major, as cuBLAS wants
-    k_blocks = -(-(g.k // 128) // 4) * 4  # cuBLAS pads the K blocks of 128 x 128 scales to a multiple of 4
-    w_scales = (torch.rand(-(-g.n // 128), k_blocks, device="cuda") + 0.5).t()
+    k_blocks = -(-g.k // 128)
+    padded = -(-k_blocks // 4) * 4  # cuBLAS wants the rows of the 128 x 128 scales padded to a multiple of 4
+    w_scales = (torch.rand(-(-g.n // 128), padded, device="cuda") + 0.5)[:, :k_blocks].t()
     call = lambda: tf.scaled_mm(x, w_t.t(), x_scales, tiles, w_scales, blocks, output_dtype=torch.bfloat16)  # noqa: E731
     for _ in range(3):
         call()
@@ -237,6 +241,9 @@ MOSAIC_SWEEP = (
 def sweep_mosaic(shapes, reps: int) -> None:
     """Launch configurations of the Mosaic GEMM (Hopper) on the given shapes; `chained` says whether each SM ran
     one pipeline across its tiles."""
+    reason = fp8.mosaic_unavailable_reason()
+    if reason:
+        raise SystemExit(f"--mosaic-sweep: {reason}")
     print_rows("Mosaic GEMM launch configurations", "shape | config | chained | time | TFLOP/s", [])
     sms = jax.devices()[0].core_count
     for g in shapes:
