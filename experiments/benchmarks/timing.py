@@ -53,17 +53,9 @@ def busy_ns(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
-def device_seconds(fn, *args, calls: int = 20) -> float:
-    """Device seconds of one call of `fn(*args)`: the time the GPU was busy during `calls` calls, divided by
-    `calls`.
-
-    `fn` runs once to warm up (compilation), then `calls` times inside `jax.profiler.trace`. Busy time is the union
-    of the events on every line whose name contains "Stream" (the kernels and copies each CUDA stream ran) of a
-    plane whose name starts with "/device:GPU:", so work that overlaps on two streams counts once; with several
-    GPUs, the busiest one counts. Raises RuntimeError when the trace holds no such events (for example when `fn`
-    ran on a CPU). The profiler itself slows short kernels slightly, so this can exceed an unprofiled host-clock
-    time of a program that keeps the GPU busy throughout.
-    """
+def gpu_events(fn, *args, calls: int = 20) -> dict[str, list[tuple[str, float, float]]]:
+    """(kernel name, start ns, duration ns) of every event on a CUDA stream line of each GPU plane of a profiler
+    trace of `calls` calls of `fn(*args)`, after one call outside the trace (compilation)."""
     jax.block_until_ready(fn(*args))
     with tempfile.TemporaryDirectory() as tmpdir:
         with jax.profiler.trace(tmpdir):
@@ -74,16 +66,31 @@ def device_seconds(fn, *args, calls: int = 20) -> float:
         paths = sorted(pathlib.Path(tmpdir).rglob("*.xplane.pb"))
         if not paths:
             raise RuntimeError(f"the profiler wrote no *.xplane.pb under {tmpdir}")
-        per_device: dict[str, list[tuple[float, float]]] = {}
+        per_device: dict[str, list[tuple[str, float, float]]] = {}
         for path in paths:
             data = jax.profiler.ProfileData.from_file(str(path))
             for plane in data.planes:
                 if not plane.name.startswith("/device:GPU:"):
                     continue
-                intervals = per_device.setdefault(plane.name, [])
+                events = per_device.setdefault(plane.name, [])
                 for line in plane.lines:
                     if "Stream" in line.name:
-                        intervals.extend((event.start_ns, event.duration_ns) for event in line.events)
+                        events.extend((event.name, event.start_ns, event.duration_ns) for event in line.events)
     if not any(per_device.values()):
         raise RuntimeError("no GPU stream events in the profiler trace (did fn run on a GPU?)")
-    return max(busy_ns(intervals) for intervals in per_device.values()) * 1e-9 / calls
+    return per_device
+
+
+def device_seconds(fn, *args, calls: int = 20) -> float:
+    """Device seconds of one call of `fn(*args)`: the time the GPU was busy during `calls` calls, divided by
+    `calls`.
+
+    Busy time is the union of the events on every line whose name contains "Stream" (the kernels and copies each
+    CUDA stream ran) of a plane whose name starts with "/device:GPU:" (`gpu_events`), so work that overlaps on two
+    streams counts once; with several GPUs, the busiest one counts. Raises RuntimeError when the trace holds no
+    such events (for example when `fn` ran on a CPU). The profiler itself slows short kernels slightly, so this can
+    exceed an unprofiled host-clock time of a program that keeps the GPU busy throughout.
+    """
+    per_device = gpu_events(fn, *args, calls=calls)
+    busiest = max(busy_ns([(start, duration) for _, start, duration in events]) for events in per_device.values())
+    return busiest * 1e-9 / calls
