@@ -573,6 +573,8 @@ def test_mosaic_tiling_rules():
     assert not mosaic_gemm.chains(2048, 2048, 7168, cfg, sms=132), "256 tiles: some SMs would run only one"
     assert not mosaic_gemm.chains(4096, 7168, 1408, cfg, sms=132), "11 steps per tile: the ring would not align"
     assert not mosaic_gemm.chains(4096, 7168, 2048, mosaic_gemm.MosaicGemmConfig(chain=False), sms=132)
+    assert mosaic_gemm.chains(4096, 2048, 256, cfg, sms=132), "2 steps, so 2 stages in flight: the ring aligns"
+    assert not mosaic_gemm.chains(4096, 2048, 0, cfg, sms=132)
     with pytest.raises(ValueError, match="split and grid_minor"):
         mosaic_gemm.MosaicGemmConfig(split="k")
     with pytest.raises(ValueError, match="multiple of 64"):

@@ -73,7 +73,7 @@ def chains(m: int, n: int, k: int, cfg: MosaicGemmConfig, sms: int) -> bool:
     shapes restart the pipeline per tile."""
     steps = k // cfg.step_k
     tiles = (m // cfg.cta_rows) * (n // cfg.cta_cols)
-    return cfg.chain and tiles >= 2 * sms and steps % min(cfg.stages, steps) == 0
+    return cfg.chain and steps > 0 and tiles >= 2 * sms and steps % min(cfg.stages, steps) == 0
 
 
 def scaled_matmul_nt(
