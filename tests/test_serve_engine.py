@@ -158,6 +158,35 @@ def test_decode_logits_match_full_forward(served):
         assert cache["moe_blocks"]["latent"].shape == (2, SLOTS, CONTEXT, 16)
 
 
+@pytest.mark.parametrize("decode_layout", [True, False])
+def test_one_sequence_decode_matches_full_forward(served, decode_layout):
+    """One slot: every projection sees a single row (`single_row_product`, and for DeepSeek the gathered experts of
+    one token), with the weights in the serving layout (input dims minor) or the model's."""
+    kind, loaded, _, forward = served
+    runner = ModelRunner(
+        loaded.cfg,
+        loaded.mesh,
+        loaded.merge,
+        loaded.params,
+        loaded.model_state,
+        CacheGeometry(1, CONTEXT, CHUNK),
+        compiler_options=FAST,
+        decode_layout=decode_layout,
+    )
+    params = runner.params
+    wo = params["blocks"]["attn"]["wo"] if kind == "dense" else params["moe_blocks"]["self_attn"]["o_proj"]
+    assert wo.format.layout.major_to_minor == ((0, 3, 1, 2) if decode_layout else (0, 1, 2, 3))
+    prompt = _prompt(11, 5)
+    cache, logits_v = runner.prefill_prompt(runner.new_cache(), prompt, slot=0)
+    seq, decoded = list(prompt), [np.asarray(logits_v)]
+    for _ in range(6):
+        seq.append(int(np.argmax(decoded[-1])))
+        cache, logits_bv = runner.decode(cache, [seq[-1]], [len(seq) - 1])
+        decoded.append(np.asarray(logits_bv[0]))
+    full = forward(np.asarray([seq]))[0, len(prompt) - 1 :]
+    np.testing.assert_allclose(np.stack(decoded), full, rtol=0, atol=RTOL * np.abs(full).max())
+
+
 def test_engine_greedy_is_argmax_of_full_forward(served):
     _, _, engine, forward = served
     for seed, (n_prompt, n_new) in enumerate([(5, 12), (17, 9)]):

@@ -33,7 +33,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from timing import device_seconds  # noqa: E402
+from timing import device_seconds, gpu_events  # noqa: E402
 
 from jaxdeep.model import count_params
 from jaxdeep.serve.loading import load_model
@@ -50,8 +50,9 @@ def tree_bytes(tree) -> int:
     return sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(tree))
 
 
-def time_decode(runner: ModelRunner, batch: int, context: int, steps: int) -> tuple[float, float]:
-    """Seconds per decode step on the host's clock, and the GPU's busy seconds per step."""
+def time_decode(runner: ModelRunner, batch: int, context: int, steps: int, top: int = 0):
+    """Seconds per decode step on the host's clock, the GPU's busy seconds per step, and the `top` kernel names
+    by GPU time per step: [(name, (µs per step, kernels per step))]."""
     state = {"cache": runner.new_cache(), "position": context // 2 - 1}
     tokens = np.ones((batch,), np.int32)
 
@@ -66,7 +67,16 @@ def time_decode(runner: ModelRunner, batch: int, context: int, steps: int) -> tu
         logits = step()
     logits.block_until_ready()
     host = (time.perf_counter() - t0) / steps
-    return host, device_seconds(step, calls=min(steps, 20))
+    calls = min(steps, 20)
+    busy = device_seconds(step, calls=calls)
+    if not top:
+        return host, busy, []
+    per_name: dict[str, list[float]] = {}
+    for events in gpu_events(step, calls=calls).values():
+        for name, _, duration_ns in events:
+            per_name.setdefault(name, []).append(duration_ns)
+    ranked = sorted(per_name.items(), key=lambda kv: -sum(kv[1]))[:top]
+    return host, busy, [(name, (sum(d) / calls / 1e3, len(d) // calls)) for name, d in ranked]
 
 
 def main() -> None:
@@ -78,6 +88,14 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--copy-bytes", type=int, default=2**31)
     ap.add_argument("--scan", action="store_true", help="loop over the layer stack (ModelRunner unroll_layers=False)")
+    ap.add_argument(
+        "--layout",
+        nargs="+",
+        choices=["decode", "model"],
+        default=["decode"],
+        help="projection weights with their input dims minor (the engine's default) or as the model keeps them",
+    )
+    ap.add_argument("--top", type=int, default=0, help="print the N kernels that take the most GPU time per step")
     ap.add_argument("--out", default=None, help="append one JSON line per batch size here")
     args = ap.parse_args()
 
@@ -90,13 +108,20 @@ def main() -> None:
     bandwidth = copy_bandwidth(args.copy_bytes)
     device = jax.devices()[0].device_kind
     print(f"{cfg.name} on {device}: weights {weight_bytes / 1e9:.2f} GB, copy bandwidth {bandwidth / 1e12:.2f} TB/s")
-    for batch in args.batch:
+    for layout, batch in [(layout, batch) for layout in args.layout for batch in args.batch]:
         geometry = CacheGeometry(num_slots=batch, max_context=args.context, prefill_chunk=batch)
         runner = ModelRunner(
-            cfg, loaded.mesh, loaded.merge, loaded.params, loaded.model_state, geometry, unroll_layers=not args.scan
+            cfg,
+            loaded.mesh,
+            loaded.merge,
+            loaded.params,
+            loaded.model_state,
+            geometry,
+            unroll_layers=not args.scan,
+            decode_layout=layout == "decode",
         )
         cache_bytes = tree_bytes(jax.eval_shape(runner.new_cache))
-        step_s, busy_s = time_decode(runner, batch, args.context, args.steps)
+        step_s, busy_s, top = time_decode(runner, batch, args.context, args.steps, args.top)
         used_cache = cache_bytes * (args.context // 2) / args.context
         needed = active * itemsize + used_cache
         read = weight_bytes - counts["embedding"] * itemsize + cache_bytes
@@ -114,10 +139,13 @@ def main() -> None:
             "roofline_needed": needed / bandwidth / step_s,
             "roofline_read": read / bandwidth / step_s,
             "unroll": not args.scan,
+            "layout": layout,
             "xla_flags": os.environ.get("XLA_FLAGS", ""),
             "overrides": args.override,
         }
         print(json.dumps(row))
+        for name, (us, count) in top:
+            print(f"    {us:8.1f} µs per step in {count:3d} kernels  {name}")
         if args.out:
             with open(args.out, "a") as f:
                 f.write(json.dumps(row) + "\n")

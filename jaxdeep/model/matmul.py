@@ -52,10 +52,27 @@ def projection_impl(fp8_impl: str) -> str:
     return fp8_impl
 
 
+def single_row_product(subscripts: str, x: jax.Array, w: jax.Array) -> jax.Array:
+    """`jnp.einsum(subscripts, x, w)` for an x of one row (batch-1 decode) as a multiply and a float32 sum over the
+    contracted axes. XLA runs that as one row reduction, which streams a weight stored with its contracted axes
+    minor (the serving layout, `jaxdeep/serve/layout.py`) near the copy rate; as a dot it reads it at about half
+    that (experiments/benchmarks/RESULTS.md)."""
+    n = _contracted(subscripts)
+    batch, kept = x.shape[: x.ndim - n], w.shape[n:]
+    # The contracted axes go last in the logical order too, so the fusion reduces its minor dimensions whatever
+    # layouts XLA picks for its intermediates (a gather of expert weights, say).
+    w_out_in = jnp.moveaxis(w, tuple(range(n)), tuple(range(w.ndim - n, w.ndim)))
+    x_in = x.reshape(x.shape[x.ndim - n :]).astype(jnp.float32)
+    y = jnp.sum(w_out_in.astype(jnp.float32) * x_in, axis=tuple(range(w.ndim - n, w.ndim)))
+    return y.reshape(*batch, *kept).astype(jnp.result_type(x, w))
+
+
 def project(subscripts: str, x: jax.Array, w: jax.Array, kernels: KernelChoice = DEFAULT_KERNELS) -> jax.Array:
     """`jnp.einsum(subscripts, x, w)` for a projection, in FP8 when `kernels.matmul` is "fp8" (same shape and
-    dtype)."""
+    dtype); a single row (decode of one sequence) as `single_row_product`."""
     if kernels.matmul == "bf16":
+        if math.prod(x.shape[: x.ndim - _contracted(subscripts)]) == 1:
+            return single_row_product(subscripts, x, w)
         return jnp.einsum(subscripts, x, w)
     n = _contracted(subscripts)
     batch, kept = x.shape[: x.ndim - n], w.shape[n:]

@@ -15,6 +15,7 @@ from flax import nnx
 
 from jaxdeep.model.deepseek.rope import apply_rope, inverse_frequencies
 from jaxdeep.model.layers import rotary
+from jaxdeep.model.matmul import project
 from jaxdeep.serve import cache as kv
 from jaxdeep.sharding import constrain
 
@@ -63,7 +64,7 @@ def extend_dense(model, cache: dict, tokens_bt, positions_bt, slot_b, all_slots:
         attn = block.attn
         h_btd = block.attn_norm(x_btd)
         q_btnh, k_btnh, v_btnh = (
-            constrain(jnp.einsum("btd,dnh->btnh", h_btd, w[...].astype(dt)), HEADS) for w in (attn.wq, attn.wk, attn.wv)
+            constrain(project("btd,dnh->btnh", h_btd, w[...].astype(dt)), HEADS) for w in (attn.wq, attn.wk, attn.wv)
         )
         q_btnh = rotary(q_btnh, positions_bt, cfg.rope_theta)
         k_btnh = rotary(k_btnh, positions_bt, cfg.rope_theta)
@@ -75,7 +76,7 @@ def extend_dense(model, cache: dict, tokens_bt, positions_bt, slot_b, all_slots:
         scores = jnp.einsum("btnh,bsnh->bnts", q_btnh, keys_bsnh) * (cfg.head_dim**-0.5)
         probs = _softmax(constrain(scores, SCORES), _causal_mask(positions_bt, keys_bsnh.shape[1]))
         o_btnh = constrain(jnp.einsum("bnts,bsnh->btnh", probs.astype(dt), values_bsnh), HEADS)
-        x_btd = constrain(x_btd + jnp.einsum("btnh,nhd->btd", o_btnh, attn.wo[...].astype(dt)), RESIDUAL)
+        x_btd = constrain(x_btd + project("btnh,nhd->btd", o_btnh, attn.wo[...].astype(dt)), RESIDUAL)
         return constrain(x_btd + block.mlp(block.mlp_norm(x_btd)), RESIDUAL), cache
 
     x_btd = model.embed_tokens(tokens_bt)
@@ -111,16 +112,16 @@ def absorbed_mla(attn, h_btd, cache: dict, layer, positions_bt, slot_b, read_row
     ds, dt = cfg.deepseek, DTYPES[cfg.dtype]
     nope, c = ds.qk_nope_head_dim, ds.kv_lora_rank
     if ds.q_lora_rank is None:
-        q_btnh = jnp.einsum("btd,dnh->btnh", h_btd, attn.q_proj[...].astype(dt))
+        q_btnh = project("btd,dnh->btnh", h_btd, attn.q_proj[...].astype(dt))
     else:
-        q_btr = jnp.einsum("btd,dr->btr", h_btd, attn.q_a_proj[...].astype(dt))
-        q_btnh = jnp.einsum("btr,rnh->btnh", attn.q_a_layernorm(q_btr), attn.q_b_proj[...].astype(dt))
+        q_btr = project("btd,dr->btr", h_btd, attn.q_a_proj[...].astype(dt))
+        q_btnh = project("btr,rnh->btnh", attn.q_a_layernorm(q_btr), attn.q_b_proj[...].astype(dt))
     q_btnh = constrain(q_btnh, HEADS)
     cos_bth, sin_bth = rope
     q_nope_btnh = q_btnh[..., :nope]
     q_rope_btnh = _rope_bt(q_btnh[..., nope:], cos_bth, sin_bth, ds.rope_interleave)
 
-    kv_a_btc = jnp.einsum("btd,dc->btc", h_btd, attn.kv_a_proj_with_mqa[...].astype(dt))
+    kv_a_btc = project("btd,dc->btc", h_btd, attn.kv_a_proj_with_mqa[...].astype(dt))
     latent_btc = attn.kv_a_layernorm(kv_a_btc[..., :c])
     k_rope_btr = _rope_bt(kv_a_btc[:, :, None, c:], cos_bth, sin_bth, ds.rope_interleave)[:, :, 0]
     cache = {
@@ -137,7 +138,7 @@ def absorbed_mla(attn, h_btd, cache: dict, layer, positions_bt, slot_b, read_row
     probs = _softmax(constrain(scores * attn.scale, SCORES), _causal_mask(positions_bt, latent_bsc.shape[1]))
     o_latent_btnc = constrain(jnp.einsum("bnts,bsc->btnc", probs.astype(dt), latent_bsc), HEADS)
     o_btnh = constrain(jnp.einsum("btnc,cnh->btnh", o_latent_btnc, w_uv_cnh), HEADS)
-    return jnp.einsum("btnh,nhd->btd", o_btnh, attn.o_proj[...].astype(dt)), cache
+    return project("btnh,nhd->btd", o_btnh, attn.o_proj[...].astype(dt)), cache
 
 
 def extend_deepseek(model, cache: dict, tokens_bt, positions_bt, slot_b, all_slots: bool, unroll: bool = False):

@@ -18,6 +18,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxdeep.config import ConfigError, ExperimentConfig
 from jaxdeep.serve import cache as kv
 from jaxdeep.serve.extend import model_functions
+from jaxdeep.serve.layout import to_decode_layout
 from jaxdeep.sharding import use_rules
 
 
@@ -47,7 +48,8 @@ class ModelRunner:
     merge(params, model_state) builds the nnx model from parameter trees (already placed on the mesh);
     compiler_options go to XLA (e.g. a lower backend optimisation level where compile time dominates);
     unroll_layers lays the layer stack out straight instead of looping over it: longer compile, 16-20% faster
-    decode of the dense 1B model on an H200 (experiments/benchmarks/RESULTS.md)."""
+    decode of the dense 1B model on an H200; decode_layout keeps a copy of the projection weights with their
+    input dimensions minor (`layout.py`), which decode streams faster (experiments/benchmarks/RESULTS.md)."""
 
     def __init__(
         self,
@@ -59,15 +61,19 @@ class ModelRunner:
         geometry: CacheGeometry,
         compiler_options: dict | None = None,
         unroll_layers: bool = True,
+        decode_layout: bool = True,
     ):
         self.cfg, self.mesh, self.geometry = cfg, mesh, geometry
         self.rules = {k: list(v) for k, v in cfg.sharding.rules.items()}
         self._check(geometry)
+        if decode_layout:
+            params, param_sh = to_decode_layout(params)
+        else:
+            param_sh = jax.tree.map(lambda a: a.sharding, params)
         self.params, self.model_state = params, model_state
         self.layout = kv.cache_layout(cfg.model, geometry.num_slots, geometry.max_context)
         self.cache_shardings = kv.cache_shardings(self.layout, self.rules, mesh)
         replicated = NamedSharding(mesh, PartitionSpec())
-        param_sh = jax.tree.map(lambda a: a.sharding, params)
         state_sh = jax.tree.map(lambda a: a.sharding, model_state)
         extend, logits = model_functions(cfg.model.kind)
         chunk, slots = geometry.prefill_chunk, geometry.num_slots

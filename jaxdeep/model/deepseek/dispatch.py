@@ -17,7 +17,7 @@ from jax.sharding import PartitionSpec
 
 from jaxdeep import sharding
 from jaxdeep.model.kernel_choice import DEFAULT_KERNELS, KernelChoice
-from jaxdeep.model.matmul import grouped
+from jaxdeep.model.matmul import grouped, single_row_product
 
 TOKENS = ("batch", "act_seq", None)
 GATE_UP = ("expert", "embed", None, "mlp")  # [E, d, 2, F]: gate and up projections side by side
@@ -50,6 +50,18 @@ def gathered_experts(x_td, experts_tk, weights_tk, gate_up_edcf, down_efd):
     """Each token copy multiplied by its own expert's weights, gathered: for few copies (decode), where a grouped
     matmul would read every expert's weights to compute a handful of rows. Returns as `local_experts`."""
     t, k = experts_tk.shape
+    if t == 1:  # one token (batch-1 decode): row reductions over the gathered weights, as `single_row_product`
+        h_kcf = single_row_product("d,dkcf->kcf", x_td[0], jnp.moveaxis(gate_up_edcf[experts_tk[0]], 0, 1))
+        h_kf = jax.nn.silu(h_kcf[:, 0]) * h_kcf[:, 1]
+        # One slice per chosen expert, not a gather: XLA lays a gather's output out row-major, which would make the
+        # sum over f a strided walk of a weight stored f-minor (the serving layout); a slice keeps its layout.
+        y_kd = jnp.stack(
+            [
+                single_row_product("f,fd->d", h_kf[i], jax.lax.dynamic_index_in_dim(down_efd, e, keepdims=False))
+                for i, e in enumerate(experts_tk[0])
+            ]
+        )
+        return _combine(y_kd, weights_tk), jnp.int32(k)
     h_tkcf = jnp.einsum("td,tkdcf->tkcf", x_td, gate_up_edcf[experts_tk])
     h_tkf = jax.nn.silu(h_tkcf[:, :, 0]) * h_tkcf[:, :, 1]
     y_tkd = jnp.einsum("tkf,tkfd->tkd", h_tkf, down_efd[experts_tk])

@@ -1,0 +1,66 @@
+"""Projection weights stored with their input dimensions minor, the memory layout a decode step reads best.
+
+A decode step multiplies a few rows by every weight matrix. With the model's own layout, [in, out], each output
+sums down a column of the weight: a strided walk that XLA runs at about a quarter of the copy bandwidth on an
+H200. Stored [out, in] (input dimensions minor), each output is a contiguous row and the product streams the
+weight at close to the copy rate (experiments/benchmarks/RESULTS.md). Only the physical layout changes: shapes,
+logical axes, shardings and the model code stay as they are, and XLA adapts the prefill GEMMs to the layout.
+"""
+
+from __future__ import annotations
+
+import jax
+from jax.experimental.layout import Format, Layout
+
+# Projection name -> (dimensions of one matrix, how many of them are inputs). Leading dimensions beyond these
+# (the layer stack, the experts) stay major. The output head and the router are left alone: the head already
+# streams at the copy rate, the router is tiny; kv_b_proj is read along both of its ends by absorbed MLA.
+PROJECTIONS: dict[str, tuple[int, int]] = {
+    # dense transformer
+    "wq": (3, 1),
+    "wk": (3, 1),
+    "wv": (3, 1),
+    "wo": (3, 2),
+    "w_in": (2, 1),
+    "w_out": (2, 1),
+    # DeepSeek: MLA, dense and shared MLPs, routed experts
+    "q_proj": (3, 1),
+    "q_a_proj": (2, 1),
+    "q_b_proj": (3, 1),
+    "kv_a_proj_with_mqa": (2, 1),
+    "o_proj": (3, 2),
+    "gate_proj": (2, 1),
+    "up_proj": (2, 1),
+    "down_proj": (2, 1),
+    "gate_up_proj": (3, 1),
+}
+
+
+def inputs_minor(ndim: int, matrix_dims: int, input_dims: int) -> tuple[int, ...]:
+    """major_to_minor order that keeps the leading (stack) dimensions major, then the outputs, then the inputs."""
+    lead = ndim - matrix_dims
+    if lead < 0 or not 0 < input_dims < matrix_dims:
+        raise ValueError(f"a {ndim}-d array cannot hold a {matrix_dims}-d matrix with {input_dims} input dims")
+    inputs = tuple(range(lead, lead + input_dims))
+    return tuple(range(lead)) + tuple(range(lead + input_dims, ndim)) + inputs
+
+
+def decode_formats(params) -> object:
+    """For each leaf of a placed parameter tree: its Format with the input dimensions minor when it is a
+    projection (`PROJECTIONS`, by its name in the tree), else its current format."""
+
+    def one(path, leaf):
+        name = getattr(path[-1], "key", None) if path else None
+        if name not in PROJECTIONS:
+            return leaf.format
+        matrix_dims, input_dims = PROJECTIONS[name]
+        return Format(Layout(major_to_minor=inputs_minor(leaf.ndim, matrix_dims, input_dims)), leaf.sharding)
+
+    return jax.tree_util.tree_map_with_path(one, params)
+
+
+def to_decode_layout(params):
+    """(a copy of params laid out by `decode_formats`, their formats for a jit's in_shardings). The caller's
+    tree is left as it was: drop it to free its memory."""
+    formats = decode_formats(params)
+    return jax.device_put(params, formats), formats
