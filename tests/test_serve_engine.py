@@ -187,6 +187,22 @@ def test_one_sequence_decode_matches_full_forward(served, decode_layout):
     np.testing.assert_allclose(np.stack(decoded), full, rtol=0, atol=RTOL * np.abs(full).max())
 
 
+def test_decode_writes_only_its_positions_and_idle_slots_only_their_last(served):
+    _, _, engine, _ = served
+    runner = engine.runner
+    cache = runner.new_cache()
+    cache, _ = runner.prefill_prompt(cache, _prompt(9, 6), slot=1)
+    before = jax.tree.map(np.asarray, cache)
+    tokens_b, positions_b = np.full(SLOTS, 7, np.int32), np.full(SLOTS, CONTEXT + 3, np.int32)
+    positions_b[1] = 9
+    after = jax.tree.map(np.asarray, runner.decode(cache, tokens_b, positions_b)[0])
+    for old, new in zip(jax.tree.leaves(before), jax.tree.leaves(after), strict=True):
+        changed = np.argwhere(np.any(old != new, axis=tuple(range(3, old.ndim))))  # (layer, slot, position)
+        allowed = {(1, 9)} | {(slot, CONTEXT - 1) for slot in range(SLOTS) if slot != 1}
+        assert {(int(s), int(p)) for _, s, p in changed} <= allowed
+        assert (1, 9) in {(int(s), int(p)) for _, s, p in changed}
+
+
 def test_engine_greedy_is_argmax_of_full_forward(served):
     _, _, engine, forward = served
     for seed, (n_prompt, n_new) in enumerate([(5, 12), (17, 9)]):

@@ -73,3 +73,21 @@ def test_decode_layout_moves_only_projections_and_keeps_values():
     product = lambda t: jnp.einsum("d,ldnh->lnh", t["embed"][0], t["blocks"]["attn"]["wq"])
     want = product(jax.tree.map(np.asarray, tree))
     np.testing.assert_allclose(np.asarray(jax.jit(product, in_shardings=(formats,))(relaid)), np.asarray(want))
+
+
+def test_decode_layer_norm_against_float64():
+    from jaxdeep.model.layers import LayerNorm
+    from jaxdeep.serve.extend import _decode_layer_norm
+
+    norm = LayerNorm(256, 1e-5, jnp.float32)
+    kx, ks, kb = jax.random.split(jax.random.key(7), 3)
+    norm.scale[...] = 1.0 + 0.1 * jax.random.normal(ks, (256,))
+    norm.bias[...] = 0.1 * jax.random.normal(kb, (256,))
+    # An ordinary row, a row whose mean lies 10^5 standard deviations from zero, a wide row off zero: the one-pass
+    # statistics about the first element hold on all three.
+    x = jax.random.normal(kx, (3, 1, 256), jnp.float32) * jnp.array([1.0, 0.01, 30.0])[:, None, None]
+    x = x + jnp.array([0.0, 1000.0, -5.0])[:, None, None]
+    x64 = np.asarray(x, np.float64)
+    z = (x64 - x64.mean(-1, keepdims=True)) / np.sqrt(x64.var(-1, keepdims=True) + 1e-5)
+    want = z * np.asarray(norm.scale[...], np.float64) + np.asarray(norm.bias[...], np.float64)
+    np.testing.assert_allclose(np.asarray(_decode_layer_norm(norm, x)), want, rtol=0, atol=2e-6)

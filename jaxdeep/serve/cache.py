@@ -72,11 +72,16 @@ def init_cache(cfg: ModelConfig, layout, shardings):
     return jax.jit(make, out_shardings=shardings)()
 
 
-def write(cache_lsx: jax.Array, new_btx: jax.Array, layer, slot_b: jax.Array, positions_bt: jax.Array) -> jax.Array:
-    """Store new entries of layer `layer` at (slot_b[b], positions_bt[b, t]); positions past the end are dropped
-    (padding of a last prefill chunk, idle decode slots)."""
+def write(
+    cache_lsx: jax.Array, new_btx: jax.Array, layer, slot_b: jax.Array, positions_bt: jax.Array, drop: bool = True
+) -> jax.Array:
+    """Store new entries of layer `layer` at (slot_b[b], positions_bt[b, t]). Positions past the end are dropped
+    (the padding of a last prefill chunk), or with `drop` False written at the last position instead: for decode,
+    whose only such positions are idle slots' (nothing reads an idle row, and a request writes each position
+    before it reads it), and where dropping costs two more kernels per write (read the old entry, select)."""
     rows_bt = jnp.broadcast_to(slot_b[:, None], positions_bt.shape)
-    return cache_lsx.at[layer, rows_bt, positions_bt].set(new_btx.astype(cache_lsx.dtype), mode="drop")
+    new_btx = new_btx.astype(cache_lsx.dtype)
+    return cache_lsx.at[layer, rows_bt, positions_bt].set(new_btx, mode="drop" if drop else "clip")
 
 
 def read(cache_lsx: jax.Array, layer, slot_b: jax.Array | None) -> jax.Array:

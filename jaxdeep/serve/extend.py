@@ -55,29 +55,45 @@ def _scan_layers(stack: nnx.Module, x_btd: jax.Array, cache: dict, layer_fn, unr
 # ----------------------------------------------------------------------------- dense transformer
 
 
+def _decode_layer_norm(norm, x_btd: jax.Array) -> jax.Array:
+    """The model's `LayerNorm` (its scale, bias and eps) for decode, with the statistics of a row taken in one pass
+    about a shift to the row's first element: var = E[(x - x0)^2] - E[x - x0]^2 in float32. XLA then reduces the
+    row once where the two-pass form takes two kernels in a row; with the shift the cancellation stays small
+    unless a row's mean lies many standard deviations from its first element."""
+    x32 = x_btd.astype(jnp.float32)
+    shifted = x32 - x32[..., :1]
+    mean = jnp.mean(shifted, axis=-1, keepdims=True)
+    var = jnp.maximum(jnp.mean(shifted * shifted, axis=-1, keepdims=True) - mean * mean, 0.0)
+    z = (shifted - mean) * jax.lax.rsqrt(var + norm.eps)
+    return (z * norm.scale[...].astype(jnp.float32) + norm.bias[...].astype(jnp.float32)).astype(x_btd.dtype)
+
+
 def extend_dense(model, cache: dict, tokens_bt, positions_bt, slot_b, all_slots: bool, unroll: bool = False):
     """The dense `Transformer`: per-head K and V cached."""
     cfg, dt = model.cfg, DTYPES[model.cfg.dtype]
     read_rows = None if all_slots else slot_b
 
+    decoding = tokens_bt.shape[1] == 1
+    norm = _decode_layer_norm if decoding else (lambda module, x: module(x))
+
     def layer_fn(block, x_btd, cache, layer):
         attn = block.attn
-        h_btd = block.attn_norm(x_btd)
+        h_btd = norm(block.attn_norm, x_btd)
         q_btnh, k_btnh, v_btnh = (
             constrain(project("btd,dnh->btnh", h_btd, w[...].astype(dt)), HEADS) for w in (attn.wq, attn.wk, attn.wv)
         )
         q_btnh = rotary(q_btnh, positions_bt, cfg.rope_theta)
         k_btnh = rotary(k_btnh, positions_bt, cfg.rope_theta)
         cache = {
-            "k": kv.write(cache["k"], k_btnh, layer, slot_b, positions_bt),
-            "v": kv.write(cache["v"], v_btnh, layer, slot_b, positions_bt),
+            "k": kv.write(cache["k"], k_btnh, layer, slot_b, positions_bt, drop=not all_slots),
+            "v": kv.write(cache["v"], v_btnh, layer, slot_b, positions_bt, drop=not all_slots),
         }
         keys_bsnh, values_bsnh = kv.read(cache["k"], layer, read_rows), kv.read(cache["v"], layer, read_rows)
         scores = jnp.einsum("btnh,bsnh->bnts", q_btnh, keys_bsnh) * (cfg.head_dim**-0.5)
         probs = _softmax(constrain(scores, SCORES), _causal_mask(positions_bt, keys_bsnh.shape[1]))
         o_btnh = constrain(jnp.einsum("bnts,bsnh->btnh", probs.astype(dt), values_bsnh), HEADS)
         x_btd = constrain(x_btd + project("btnh,nhd->btd", o_btnh, attn.wo[...].astype(dt)), RESIDUAL)
-        return constrain(x_btd + block.mlp(block.mlp_norm(x_btd)), RESIDUAL), cache
+        return constrain(x_btd + block.mlp(norm(block.mlp_norm, x_btd)), RESIDUAL), cache
 
     x_btd = model.embed_tokens(tokens_bt)
     x_btd, blocks = _scan_layers(model.blocks, x_btd, cache["blocks"], layer_fn, unroll)
@@ -124,9 +140,10 @@ def absorbed_mla(attn, h_btd, cache: dict, layer, positions_bt, slot_b, read_row
     kv_a_btc = project("btd,dc->btc", h_btd, attn.kv_a_proj_with_mqa[...].astype(dt))
     latent_btc = attn.kv_a_layernorm(kv_a_btc[..., :c])
     k_rope_btr = _rope_bt(kv_a_btc[:, :, None, c:], cos_bth, sin_bth, ds.rope_interleave)[:, :, 0]
+    drop = read_rows is not None  # decode (all slots) clamps its idle slots' positions instead: see kv.write
     cache = {
-        "latent": kv.write(cache["latent"], latent_btc, layer, slot_b, positions_bt),
-        "k_rope": kv.write(cache["k_rope"], k_rope_btr, layer, slot_b, positions_bt),
+        "latent": kv.write(cache["latent"], latent_btc, layer, slot_b, positions_bt, drop),
+        "k_rope": kv.write(cache["k_rope"], k_rope_btr, layer, slot_b, positions_bt, drop),
     }
     latent_bsc, k_rope_bsr = kv.read(cache["latent"], layer, read_rows), kv.read(cache["k_rope"], layer, read_rows)
 

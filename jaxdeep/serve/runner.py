@@ -152,8 +152,9 @@ class ModelRunner:
         return cache, logits
 
     def decode(self, cache: dict, tokens_b, positions_b) -> tuple[dict, jax.Array]:
-        """One token per slot at its own position (a position >= max_context leaves that slot untouched);
-        returns the new cache and float32 logits [slots, vocab]."""
+        """One token per slot at its own position; returns the new cache and float32 logits [slots, vocab]. A
+        position >= max_context marks an idle slot: its logits mean nothing, and its own cache row may change at
+        the last position (`cache.write`), never another slot's."""
         return self._decode(
             self.params, self.model_state, cache, np.asarray(tokens_b, np.int32), np.asarray(positions_b, np.int32)
         )
