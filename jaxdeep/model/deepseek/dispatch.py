@@ -50,18 +50,17 @@ def gathered_experts(x_td, experts_tk, weights_tk, gate_up_edcf, down_efd):
     """Each token copy multiplied by its own expert's weights, gathered: for few copies (decode), where a grouped
     matmul would read every expert's weights to compute a handful of rows. Returns as `local_experts`."""
     t, k = experts_tk.shape
-    if t == 1:  # one token (batch-1 decode): row reductions over the gathered weights, as `single_row_product`
-        h_kcf = single_row_product("d,dkcf->kcf", x_td[0], jnp.moveaxis(gate_up_edcf[experts_tk[0]], 0, 1))
-        h_kf = jax.nn.silu(h_kcf[:, 0]) * h_kcf[:, 1]
-        # One slice per chosen expert, not a gather: XLA lays a gather's output out row-major, which would make the
-        # sum over f a strided walk of a weight stored f-minor (the serving layout); a slice keeps its layout.
-        y_kd = jnp.stack(
-            [
-                single_row_product("f,fd->d", h_kf[i], jax.lax.dynamic_index_in_dim(down_efd, e, keepdims=False))
-                for i, e in enumerate(experts_tk[0])
-            ]
-        )
-        return _combine(y_kd, weights_tk), jnp.int32(k)
+    if t == 1:  # one token (batch-1 decode): each chosen expert's product as a row reduction
+        # One slice per expert, not a gather: XLA lays a gather's output out as it sees fit, at times making the sum
+        # a strided walk of the weight (7x slower on an H200); a slice keeps the weight's own layout, which in the
+        # serving layout (jaxdeep/serve/layout.py) has the summed axis minor.
+        y_kd = []
+        for e in experts_tk[0]:
+            gate_up_dcf = jax.lax.dynamic_index_in_dim(gate_up_edcf, e, keepdims=False)
+            h_cf = single_row_product("d,dcf->cf", x_td[0], gate_up_dcf)
+            h_f = jax.nn.silu(h_cf[0]) * h_cf[1]
+            y_kd.append(single_row_product("f,fd->d", h_f, jax.lax.dynamic_index_in_dim(down_efd, e, keepdims=False)))
+        return _combine(jnp.stack(y_kd), weights_tk), jnp.int32(k)
     h_tkcf = jnp.einsum("td,tkdcf->tkcf", x_td, gate_up_edcf[experts_tk])
     h_tkf = jax.nn.silu(h_tkcf[:, :, 0]) * h_tkcf[:, :, 1]
     y_tkd = jnp.einsum("tkf,tkfd->tkd", h_tkf, down_efd[experts_tk])
