@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxdeep.model.matmul import project, single_row_product
-from jaxdeep.serve.layout import decode_formats, inputs_minor, to_decode_layout
+from jaxdeep.model.matmul import project, row_reductions, single_row_product
+from jaxdeep.serve.layout import decode_formats, inputs_minor, relaid_groups, to_decode_layout, weight_group
 
 
 @pytest.mark.parametrize(
@@ -29,15 +29,62 @@ def test_single_row_product_is_the_einsum(subscripts, x_shape, w_shape):
     got = single_row_product(subscripts, x, w)
     assert got.shape == want.shape and got.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(np.asarray(project(subscripts, x, w)), want, rtol=1e-5, atol=1e-5)
+    # In bf16: the same products summed in float32, rounded once, like an einsum with float32 accumulation.
+    xb, wb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+    got_b = single_row_product(subscripts, xb, wb)
+    assert got_b.dtype == jnp.bfloat16
+    want_b = jnp.einsum(subscripts, xb, wb, preferred_element_type=jnp.float32).astype(jnp.bfloat16)
+    np.testing.assert_allclose(np.asarray(got_b, np.float32), np.asarray(want_b, np.float32), rtol=1e-2, atol=1e-2)
 
 
-def test_single_row_product_keeps_bf16_and_sums_in_fp32():
-    x = jnp.full((1, 4096), 1.0, jnp.bfloat16)
-    w = jnp.full((4096, 2), 1.0 / 64, jnp.bfloat16)
-    y = single_row_product("bk,kn->bn", x, w)
-    assert y.dtype == jnp.bfloat16
-    np.testing.assert_array_equal(np.asarray(y, np.float32), 64.0)  # a bf16 running sum would stall at 4 or 8
+def _reduce_dtypes(fn, *args) -> set[str]:
+    """Input dtypes of the reduce_sum equations of a fresh trace of fn (traces are cached per function, and
+    `row_reductions` is read while tracing), nested jaxprs included."""
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "reduce_sum":
+                yield str(eqn.invars[0].aval.dtype)
+            for value in eqn.params.values():
+                inner = getattr(value, "jaxpr", value)
+                if hasattr(inner, "eqns"):
+                    yield from walk(inner)
+
+    return set(walk(jax.make_jaxpr(lambda *a: fn(*a))(*args).jaxpr))
+
+
+def test_project_takes_row_reductions_only_where_asked_and_for_one_row():
+    x1 = jnp.ones((1, 1, 8), jnp.bfloat16)
+    x4 = jnp.ones((2, 2, 8), jnp.bfloat16)
+    w = jnp.ones((8, 3), jnp.bfloat16)
+    product = lambda x, w: project("btd,df->btf", x, w)
+    assert _reduce_dtypes(product, x1, w) == set()  # the model's layout: an einsum
+    with row_reductions(["experts"]):
+        assert _reduce_dtypes(product, x1, w) == set()
+    with row_reductions(["projections"]):
+        assert _reduce_dtypes(product, x1, w) == {"float32"}  # summed in float32, not bf16
+        assert _reduce_dtypes(product, x4, w) == set()  # several rows: still the einsum
+    assert _reduce_dtypes(product, x1, w) == set()  # the context ends with the block
+
+
+def test_relaid_groups_skip_weights_that_kernels_read():
+    from jaxdeep.model import KernelChoice
+
+    no_triton = "no GPU"
+    assert relaid_groups(KernelChoice(), no_triton) == ("projections", "experts")
+    assert relaid_groups(KernelChoice(), None) == ("projections",)  # the grouped Triton matmul reads the experts
+    assert relaid_groups(KernelChoice(gmm="reference"), None) == ("projections", "experts")
+    assert relaid_groups(KernelChoice(gmm="triton"), no_triton) == ("projections",)
+    assert relaid_groups(KernelChoice(matmul="fp8"), no_triton) == ()
+
+
+def test_weight_groups_by_path():
+    key = jax.tree_util.DictKey
+    assert weight_group((key("moe_blocks"), key("mlp"), key("experts"), key("down_proj"))) == "experts"
+    assert weight_group((key("moe_blocks"), key("mlp"), key("shared_experts"), key("down_proj"))) == "projections"
+    assert weight_group((key("blocks"), key("attn"), key("wo"))) == "projections"
+    assert weight_group((key("moe_blocks"), key("mlp"), key("gate"), key("weight"))) is None
+    assert weight_group((key("head"),)) is None
 
 
 def test_inputs_minor_orders_stack_outputs_inputs():

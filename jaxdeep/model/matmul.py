@@ -13,9 +13,11 @@ matmul in the compute dtype.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -52,6 +54,27 @@ def projection_impl(fp8_impl: str) -> str:
     return fp8_impl
 
 
+_ROW_REDUCTIONS: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar("row_reductions", default=frozenset())
+
+
+@contextlib.contextmanager
+def row_reductions(groups: Iterable[str]):
+    """While tracing inside: single-row products with the weights of `groups` ("projections": `project`'s;
+    "experts": the routed experts' of one token) run as `single_row_product`. The caller promises those weights
+    are stored with their contracted axes minor (the serving layout, `jaxdeep/serve/layout.py`); on the model's
+    own layout the same reduction would walk each weight with a stride, and an einsum is faster."""
+    token = _ROW_REDUCTIONS.set(frozenset(groups))
+    try:
+        yield
+    finally:
+        _ROW_REDUCTIONS.reset(token)
+
+
+def row_reduction_for(group: str) -> bool:
+    """Whether single-row products of weight group `group` run as row reductions here (`row_reductions`)."""
+    return group in _ROW_REDUCTIONS.get()
+
+
 def single_row_product(subscripts: str, x: jax.Array, w: jax.Array) -> jax.Array:
     """`jnp.einsum(subscripts, x, w)` for an x of one row (batch-1 decode) as a multiply and a float32 sum over the
     contracted axes. XLA runs that as one row reduction, which streams a weight stored with its contracted axes
@@ -69,9 +92,9 @@ def single_row_product(subscripts: str, x: jax.Array, w: jax.Array) -> jax.Array
 
 def project(subscripts: str, x: jax.Array, w: jax.Array, kernels: KernelChoice = DEFAULT_KERNELS) -> jax.Array:
     """`jnp.einsum(subscripts, x, w)` for a projection, in FP8 when `kernels.matmul` is "fp8" (same shape and
-    dtype); a single row (decode of one sequence) as `single_row_product`."""
+    dtype); a single row as `single_row_product` inside `row_reductions(["projections"])`."""
     if kernels.matmul == "bf16":
-        if math.prod(x.shape[: x.ndim - _contracted(subscripts)]) == 1:
+        if row_reduction_for("projections") and math.prod(x.shape[: x.ndim - _contracted(subscripts)]) == 1:
             return single_row_product(subscripts, x, w)
         return jnp.einsum(subscripts, x, w)
     n = _contracted(subscripts)

@@ -242,7 +242,9 @@ class InferenceEngine:
             return
         slots, context = self.geometry.num_slots, self.geometry.max_context
         tokens_b = np.zeros((slots,), np.int32)
-        positions_b = np.full((slots,), context, np.int32)  # idle slots: writes fall past the end and are dropped
+        # Slots not decoding sit past the end: their writes land on their own last position, which no request
+        # reaches (prompt + max_tokens <= max_context, and the last token is never fed back).
+        positions_b = np.full((slots,), context, np.int32)
         for seq in ready:
             tokens_b[seq.slot], positions_b[seq.slot] = seq.generated[-1], seq.cached
         self._cache, logits_bv = self.runner.decode(self._cache, tokens_b, positions_b)

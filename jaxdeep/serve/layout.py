@@ -45,22 +45,44 @@ def inputs_minor(ndim: int, matrix_dims: int, input_dims: int) -> tuple[int, ...
     return tuple(range(lead)) + tuple(range(lead + input_dims, ndim)) + inputs
 
 
-def decode_formats(params) -> object:
+GROUPS = ("projections", "experts")  # the routed experts' weights sit under a module named `experts`
+
+
+def weight_group(path) -> str | None:
+    """ "experts", "projections" or None (not re-laid) for a parameter at `path` in the tree."""
+    keys = [getattr(entry, "key", None) for entry in path]
+    if not keys or keys[-1] not in PROJECTIONS:
+        return None
+    return "experts" if "experts" in keys[:-1] else "projections"
+
+
+def decode_formats(params, groups=GROUPS) -> object:
     """For each leaf of a placed parameter tree: its Format with the input dimensions minor when it is a
-    projection (`PROJECTIONS`, by its name in the tree), else its current format."""
+    projection of one of `groups` (`weight_group`), else its current format."""
 
     def one(path, leaf):
-        name = getattr(path[-1], "key", None) if path else None
-        if name not in PROJECTIONS:
+        if weight_group(path) not in groups:
             return leaf.format
-        matrix_dims, input_dims = PROJECTIONS[name]
+        matrix_dims, input_dims = PROJECTIONS[path[-1].key]
         return Format(Layout(major_to_minor=inputs_minor(leaf.ndim, matrix_dims, input_dims)), leaf.sharding)
 
     return jax.tree_util.tree_map_with_path(one, params)
 
 
-def to_decode_layout(params):
-    """(a copy of params laid out by `decode_formats`, their formats for a jit's in_shardings). The caller's
-    tree is left as it was: drop it to free its memory."""
-    formats = decode_formats(params)
+def relaid_groups(kernels, triton_unavailable: str | None) -> tuple[str, ...]:
+    """The weight groups decode may re-lay out: only weights no custom kernel reads, since a Triton or Mosaic kernel
+    takes its operands row-major and XLA would copy a re-laid weight back before every call. FP8 projections go
+    through such kernels; the routed experts do whenever the grouped Triton matmul can run (prefill, and decode
+    of more token copies than experts)."""
+    if kernels.matmul != "bf16":
+        return ()
+    if kernels.gmm == "reference" or (kernels.gmm == "auto" and triton_unavailable is not None):
+        return GROUPS
+    return ("projections",)
+
+
+def to_decode_layout(params, groups=GROUPS):
+    """(a copy of params laid out by `decode_formats`, their formats for a jit's in_shardings). Leaves that keep
+    their layout are shared with the caller's tree, the others are new: drop the caller's tree to free them."""
+    formats = decode_formats(params, groups)
     return jax.device_put(params, formats), formats

@@ -16,10 +16,13 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxdeep.config import ConfigError, ExperimentConfig
+from jaxdeep.model import KernelChoice
+from jaxdeep.model.matmul import row_reductions
 from jaxdeep.serve import cache as kv
 from jaxdeep.serve.extend import model_functions
-from jaxdeep.serve.layout import to_decode_layout
+from jaxdeep.serve.layout import relaid_groups, to_decode_layout
 from jaxdeep.sharding import use_rules
+from kernels.triton_runtime import unavailable_reason
 
 
 @dataclass(frozen=True)
@@ -48,8 +51,10 @@ class ModelRunner:
     merge(params, model_state) builds the nnx model from parameter trees (already placed on the mesh);
     compiler_options go to XLA (e.g. a lower backend optimisation level where compile time dominates);
     unroll_layers lays the layer stack out straight instead of looping over it: longer compile, 16-20% faster
-    decode of the dense 1B model on an H200; decode_layout keeps a copy of the projection weights with their
-    input dimensions minor (`layout.py`), which decode streams faster (experiments/benchmarks/RESULTS.md)."""
+    decode of the dense 1B model on an H200; decode_layout keeps a copy of the projection weights that no custom
+    kernel reads with their input dimensions minor (`layout.py`, `relaid` names the groups), and runs single-row
+    products on them as row reductions: batch-1 decode about 1.8x faster on an H200
+    (experiments/benchmarks/RESULTS.md). Those weights then take memory twice while the caller keeps `params`."""
 
     def __init__(
         self,
@@ -66,10 +71,9 @@ class ModelRunner:
         self.cfg, self.mesh, self.geometry = cfg, mesh, geometry
         self.rules = {k: list(v) for k, v in cfg.sharding.rules.items()}
         self._check(geometry)
-        if decode_layout:
-            params, param_sh = to_decode_layout(params)
-        else:
-            param_sh = jax.tree.map(lambda a: a.sharding, params)
+        # Weights re-laid for decode, and the products that then run as row reductions (layout.py).
+        self.relaid = relaid_groups(KernelChoice.from_config(cfg), unavailable_reason()) if decode_layout else ()
+        params, param_sh = to_decode_layout(params, self.relaid)
         self.params, self.model_state = params, model_state
         self.layout = kv.cache_layout(cfg.model, geometry.num_slots, geometry.max_context)
         self.cache_shardings = kv.cache_shardings(self.layout, self.rules, mesh)
@@ -79,8 +83,10 @@ class ModelRunner:
         chunk, slots = geometry.prefill_chunk, geometry.num_slots
         pre_rules = prefill_rules(self.rules)
 
+        relaid = self.relaid
+
         def prefill(params, model_state, cache, tokens_t, slot, start, n_valid):
-            with use_rules(pre_rules, mesh):
+            with use_rules(pre_rules, mesh), row_reductions(relaid):
                 model = merge(params, model_state)
                 positions_bt = (start + jnp.arange(chunk, dtype=jnp.int32))[None]
                 x_btd, cache = extend(
@@ -90,7 +96,7 @@ class ModelRunner:
                 return cache, logits(model, last_b1d)[0, 0]
 
         def decode(params, model_state, cache, tokens_b, positions_b):
-            with use_rules(self.rules, mesh):
+            with use_rules(self.rules, mesh), row_reductions(relaid):
                 model = merge(params, model_state)
                 slot_b = jnp.arange(slots, dtype=jnp.int32)
                 x_btd, cache = extend(
