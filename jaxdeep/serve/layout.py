@@ -1,10 +1,11 @@
 """Projection weights stored with their input dimensions minor, the memory layout a decode step reads best.
 
 A decode step multiplies a few rows by every weight matrix. With the model's own layout, [in, out], each output
-sums down a column of the weight: a strided walk that XLA runs at about a quarter of the copy bandwidth on an
-H200. Stored [out, in] (input dimensions minor), each output is a contiguous row and the product streams the
-weight at close to the copy rate (experiments/benchmarks/RESULTS.md). Only the physical layout changes: shapes,
-logical axes, shardings and the model code stay as they are, and XLA adapts the prefill GEMMs to the layout.
+sums down a column of the weight, which XLA ran at a quarter to a half of the copy bandwidth on an H200. Stored
+[out, in] (input dimensions minor), each output is a contiguous row, and a row reduction streams the weight at
+about 3 TB/s (experiments/benchmarks/RESULTS.md). Only the physical layout changes: shapes, logical axes,
+shardings and the model code stay as they are, and XLA adapts its prefill GEMMs to the layout. Weights that
+custom kernels read are left as they are (`relaid_groups`).
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ GROUPS = ("projections", "experts")  # the routed experts' weights sit under a m
 
 
 def weight_group(path) -> str | None:
-    """ "experts", "projections" or None (not re-laid) for a parameter at `path` in the tree."""
+    """The group of the parameter at `path` in the tree: "experts", "projections", or None (never re-laid)."""
     keys = [getattr(entry, "key", None) for entry in path]
     if not keys or keys[-1] not in PROJECTIONS:
         return None
