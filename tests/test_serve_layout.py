@@ -138,3 +138,11 @@ def test_decode_layer_norm_against_float64():
     z = (x64 - x64.mean(-1, keepdims=True)) / np.sqrt(x64.var(-1, keepdims=True) + 1e-5)
     want = z * np.asarray(norm.scale[...], np.float64) + np.asarray(norm.bias[...], np.float64)
     np.testing.assert_allclose(np.asarray(_decode_layer_norm(norm, x)), want, rtol=0, atol=2e-6)
+
+
+def test_donated_layout_frees_only_the_relaid_originals():
+    tree = {"attn": {"wq": jnp.ones((2, 4, 3, 2))}, "norm": {"scale": jnp.ones((4,))}}
+    relaid, _ = to_decode_layout(tree, donate=True)
+    assert tree["attn"]["wq"].is_deleted() and not relaid["attn"]["wq"].is_deleted()
+    assert relaid["norm"]["scale"] is tree["norm"]["scale"] and not tree["norm"]["scale"].is_deleted()
+    np.testing.assert_array_equal(np.asarray(relaid["attn"]["wq"]), 1.0)

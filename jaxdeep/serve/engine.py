@@ -93,13 +93,22 @@ class InferenceEngine:
         max_waiting: int = 64,
         model_name: str | None = None,
         compiler_options: dict | None = None,
+        own_params: bool = False,
     ) -> InferenceEngine:
         """num_slots: sequences decoded together; max_context: positions per slot (default: the model's training
         length; for HF models max_position_embeddings, at most 4096); prefill_chunk: prompt tokens per prefill call;
-        max_waiting: queued requests before submit raises QueueFull."""
+        max_waiting: queued requests before submit raises QueueFull; own_params: the engine takes over
+        `loaded.params` (the runner frees each weight it re-lays out; `loaded` must not be used after)."""
         geometry = CacheGeometry(num_slots, max_context or loaded.context_limit, prefill_chunk)
         runner = ModelRunner(
-            loaded.cfg, loaded.mesh, loaded.merge, loaded.params, loaded.model_state, geometry, compiler_options
+            loaded.cfg,
+            loaded.mesh,
+            loaded.merge,
+            loaded.params,
+            loaded.model_state,
+            geometry,
+            compiler_options,
+            donate_params=own_params,
         )
         return cls(runner, loaded.tokenizer, model_name or loaded.name, max_waiting)
 

@@ -82,8 +82,13 @@ def relaid_groups(kernels, triton_unavailable: str | None) -> tuple[str, ...]:
     return ("projections",)
 
 
-def to_decode_layout(params, groups=GROUPS):
-    """(a copy of params laid out by `decode_formats`, their formats for a jit's in_shardings). Leaves that keep
-    their layout are shared with the caller's tree, the others are new: drop the caller's tree to free them."""
+def to_decode_layout(params, groups=GROUPS, donate: bool = False):
+    """(params laid out by `decode_formats`, their formats for a jit's in_shardings). Leaves that keep their layout
+    are shared with the caller's tree. The others are copies; with `donate` each original is freed as soon as its
+    copy exists (the caller's tree is then spent), so memory peaks at one weight more instead of twice them."""
     formats = decode_formats(params, groups)
-    return jax.device_put(params, formats), formats
+
+    def one(leaf, fmt):
+        return leaf if fmt == leaf.format else jax.device_put(leaf, fmt, donate=donate)
+
+    return jax.tree.map(one, params, formats), formats

@@ -181,4 +181,4 @@ def load_engine(target: str | Path, overrides: Sequence[str] = (), **engine_opti
 
     devices = engine_options.pop("devices", None)
     loaded = load_model(target, overrides, devices)
-    return InferenceEngine.from_loaded(loaded, **engine_options)
+    return InferenceEngine.from_loaded(loaded, **engine_options, own_params=True)  # `loaded` ends here

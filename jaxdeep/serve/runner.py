@@ -54,7 +54,8 @@ class ModelRunner:
     decode of the dense 1B model on an H200; decode_layout keeps a copy of the projection weights that no custom
     kernel reads with their input dimensions minor (`layout.py`, `relaid` names the groups), and runs single-row
     products on them as row reductions: batch-1 decode about 1.8x faster on an H200
-    (experiments/benchmarks/RESULTS.md). Those weights then take memory twice while the caller keeps `params`."""
+    (experiments/benchmarks/RESULTS.md). Those weights take memory twice while the caller keeps `params`, unless
+    donate_params hands them over: each original is freed once its copy exists, and the caller's tree is spent."""
 
     def __init__(
         self,
@@ -67,13 +68,14 @@ class ModelRunner:
         compiler_options: dict | None = None,
         unroll_layers: bool = True,
         decode_layout: bool = True,
+        donate_params: bool = False,
     ):
         self.cfg, self.mesh, self.geometry = cfg, mesh, geometry
         self.rules = {k: list(v) for k, v in cfg.sharding.rules.items()}
         self._check(geometry)
         # Weights re-laid for decode, and the products that then run as row reductions (layout.py).
         self.relaid = relaid_groups(KernelChoice.from_config(cfg), unavailable_reason()) if decode_layout else ()
-        params, param_sh = to_decode_layout(params, self.relaid)
+        params, param_sh = to_decode_layout(params, self.relaid, donate=donate_params)
         self.params, self.model_state = params, model_state
         self.layout = kv.cache_layout(cfg.model, geometry.num_slots, geometry.max_context)
         self.cache_shardings = kv.cache_shardings(self.layout, self.rules, mesh)
