@@ -21,3 +21,14 @@ def test_benchmark_script_imports(path, monkeypatch):
     monkeypatch.setitem(sys.modules, spec.name, module)
     spec.loader.exec_module(module)  # top level only: `main()` runs under `if __name__ == "__main__"`
     assert callable(getattr(module, "main", None)) or path.stem == "timing"
+
+
+def test_trace_summaries_count_overlap_once_and_kernels_per_call(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import timing
+
+    # Two calls on one GPU; kernel b overlaps a by 5 ns on another stream each time.
+    events = {"/device:GPU:0": [("a", 0, 10.0), ("b", 5, 10.0), ("a", 20, 10.0), ("a", 40, 10.0), ("b", 45, 10.0)]}
+    events["/device:GPU:0"].append(("a", 60, 10.0))
+    assert timing.busy_seconds(events, calls=2) * 1e9 == pytest.approx(25.0)  # (15 + 10 + 15 + 10) / 2
+    assert timing.kernel_totals(events, calls=2) == {"a": (20.0, 2), "b": (10.0, 1)}

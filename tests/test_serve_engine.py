@@ -163,15 +163,8 @@ def test_one_sequence_decode_matches_full_forward(served, decode_layout):
     """One slot: every projection sees a single row (`single_row_product`, and for DeepSeek the gathered experts of
     one token), with the weights in the serving layout (input dims minor) or the model's."""
     kind, loaded, _, forward = served
-    runner = ModelRunner(
-        loaded.cfg,
-        loaded.mesh,
-        loaded.merge,
-        loaded.params,
-        loaded.model_state,
-        CacheGeometry(1, CONTEXT, CHUNK),
-        compiler_options=FAST,
-        decode_layout=decode_layout,
+    runner = ModelRunner.from_loaded(
+        loaded, CacheGeometry(1, CONTEXT, CHUNK), compiler_options=FAST, decode_layout=decode_layout
     )
     assert runner.relaid == (("projections", "experts") if decode_layout else ())  # no Triton on this backend
     params = runner.params
@@ -219,9 +212,7 @@ def test_engine_greedy_is_argmax_of_full_forward(served):
 def test_chunked_prefill_equals_one_shot(served):
     _, loaded, engine, _ = served
     prompt = _prompt(21, 4)
-    one_shot = ModelRunner(
-        loaded.cfg, loaded.mesh, loaded.merge, loaded.params, loaded.model_state, CacheGeometry(SLOTS, CONTEXT, 24)
-    )
+    one_shot = ModelRunner.from_loaded(loaded, CacheGeometry(SLOTS, CONTEXT, 24))
     cache_a, logits_a = engine.runner.prefill_prompt(engine.runner.new_cache(), prompt, slot=1)
     cache_b, logits_b = one_shot.prefill_prompt(one_shot.new_cache(), prompt, slot=1)
     np.testing.assert_allclose(logits_a, logits_b, rtol=0, atol=RTOL * np.abs(logits_b).max())

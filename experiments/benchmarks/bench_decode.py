@@ -21,6 +21,7 @@ profiler trace, `timing.device_seconds`), and the roofline fractions of the host
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -33,7 +34,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from timing import device_seconds, gpu_events  # noqa: E402
+from timing import busy_seconds, device_seconds, gpu_events, kernel_totals  # noqa: E402
 
 from jaxdeep.model import count_params
 from jaxdeep.serve.loading import load_model
@@ -68,15 +69,9 @@ def time_decode(runner: ModelRunner, batch: int, context: int, steps: int, top: 
     logits.block_until_ready()
     host = (time.perf_counter() - t0) / steps
     calls = min(steps, 20)
-    busy = device_seconds(step, calls=calls)
-    if not top:
-        return host, busy, []
-    per_name: dict[str, list[float]] = {}
-    for events in gpu_events(step, calls=calls).values():
-        for name, _, duration_ns in events:
-            per_name.setdefault(name, []).append(duration_ns)
-    ranked = sorted(per_name.items(), key=lambda kv: -sum(kv[1]))[:top]
-    return host, busy, [(name, (sum(d) / calls / 1e3, len(d) // calls)) for name, d in ranked]
+    events = gpu_events(step, calls=calls)  # one trace for both figures
+    ranked = sorted(kernel_totals(events, calls).items(), key=lambda kv: -kv[1][0])[:top]
+    return host, busy_seconds(events, calls), [(name, (ns / 1e3, count)) for name, (ns, count) in ranked]
 
 
 def main() -> None:
@@ -108,17 +103,10 @@ def main() -> None:
     bandwidth = copy_bandwidth(args.copy_bytes)
     device = jax.devices()[0].device_kind
     print(f"{cfg.name} on {device}: weights {weight_bytes / 1e9:.2f} GB, copy bandwidth {bandwidth / 1e12:.2f} TB/s")
-    for layout, batch in [(layout, batch) for layout in args.layout for batch in args.batch]:
+    for layout, batch in itertools.product(args.layout, args.batch):
         geometry = CacheGeometry(num_slots=batch, max_context=args.context, prefill_chunk=batch)
-        runner = ModelRunner(
-            cfg,
-            loaded.mesh,
-            loaded.merge,
-            loaded.params,
-            loaded.model_state,
-            geometry,
-            unroll_layers=not args.scan,
-            decode_layout=layout == "decode",
+        runner = ModelRunner.from_loaded(
+            loaded, geometry, unroll_layers=not args.scan, decode_layout=layout == "decode"
         )
         cache_bytes = tree_bytes(jax.eval_shape(runner.new_cache))
         step_s, busy_s, top = time_decode(runner, batch, args.context, args.steps, args.top)

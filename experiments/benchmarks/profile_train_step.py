@@ -62,13 +62,14 @@ def profile(config: str, overrides: list[str], steps: int, top: int) -> None:
         return metrics
 
     jax.block_until_ready(step())  # one more warm step than gpu_events takes
-    events = next(iter(timing.gpu_events(step, calls=steps).values()))  # the first GPU
+    first_gpu = dict([next(iter(timing.gpu_events(step, calls=steps).items()))])
+    totals = timing.kernel_totals(first_gpu, steps)
     by_category, by_kernel = collections.Counter(), collections.Counter()
-    for name, _, duration in events:
-        by_category[category(name)] += duration / steps / 1e6
-        by_kernel[name] += duration / steps / 1e6
+    for name, (ns, _) in totals.items():
+        by_category[category(name)] += ns / 1e6
+        by_kernel[name] += ns / 1e6
     print(f"## {' '.join(overrides) or 'as configured'}: {sum(by_category.values()):.1f} ms of kernels per step, "
-          f"{len(events) / steps:.0f} kernels")  # fmt: skip
+          f"{sum(count for _, count in totals.values())} kernels")  # fmt: skip
     for name, ms in by_category.most_common():
         print(f"| {name} | {ms:.2f} ms |")
     for name, ms in by_kernel.most_common(top):

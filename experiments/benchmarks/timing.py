@@ -91,6 +91,19 @@ def device_seconds(fn, *args, calls: int = 20) -> float:
     such events (for example when `fn` ran on a CPU). The profiler itself slows short kernels slightly, so this can
     exceed an unprofiled host-clock time of a program that keeps the GPU busy throughout.
     """
-    per_device = gpu_events(fn, *args, calls=calls)
+    return busy_seconds(gpu_events(fn, *args, calls=calls), calls)
+
+
+def busy_seconds(per_device: dict[str, list[tuple[str, float, float]]], calls: int) -> float:
+    """Busy seconds per call of the busiest GPU in `gpu_events`' result (see `device_seconds`)."""
     busiest = max(busy_ns([(start, duration) for _, start, duration in events]) for events in per_device.values())
     return busiest * 1e-9 / calls
+
+
+def kernel_totals(per_device: dict[str, list[tuple[str, float, float]]], calls: int) -> dict[str, tuple[float, int]]:
+    """Kernel name -> (ns per call, launches per call), over all GPUs of `gpu_events`' result."""
+    totals: dict[str, list[float]] = {}
+    for events in per_device.values():
+        for name, _, duration in events:
+            totals.setdefault(name, []).append(duration)
+    return {name: (sum(d) / calls, len(d) // calls) for name, d in totals.items()}

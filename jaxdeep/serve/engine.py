@@ -100,16 +100,7 @@ class InferenceEngine:
         max_waiting: queued requests before submit raises QueueFull; own_params: the engine takes over
         `loaded.params` (the runner frees each weight it re-lays out; `loaded` must not be used after)."""
         geometry = CacheGeometry(num_slots, max_context or loaded.context_limit, prefill_chunk)
-        runner = ModelRunner(
-            loaded.cfg,
-            loaded.mesh,
-            loaded.merge,
-            loaded.params,
-            loaded.model_state,
-            geometry,
-            compiler_options,
-            donate_params=own_params,
-        )
+        runner = ModelRunner.from_loaded(loaded, geometry, compiler_options=compiler_options, donate_params=own_params)
         return cls(runner, loaded.tokenizer, model_name or loaded.name, max_waiting)
 
     # ------------------------------------------------------------------------- the Engine protocol

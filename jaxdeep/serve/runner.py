@@ -85,10 +85,8 @@ class ModelRunner:
         chunk, slots = geometry.prefill_chunk, geometry.num_slots
         pre_rules = prefill_rules(self.rules)
 
-        relaid = self.relaid
-
         def prefill(params, model_state, cache, tokens_t, slot, start, n_valid):
-            with use_rules(pre_rules, mesh), row_reductions(relaid):
+            with use_rules(pre_rules, mesh), row_reductions(self.relaid):
                 model = merge(params, model_state)
                 positions_bt = (start + jnp.arange(chunk, dtype=jnp.int32))[None]
                 x_btd, cache = extend(
@@ -98,7 +96,7 @@ class ModelRunner:
                 return cache, logits(model, last_b1d)[0, 0]
 
         def decode(params, model_state, cache, tokens_b, positions_b):
-            with use_rules(self.rules, mesh), row_reductions(relaid):
+            with use_rules(self.rules, mesh), row_reductions(self.relaid):
                 model = merge(params, model_state)
                 slot_b = jnp.arange(slots, dtype=jnp.int32)
                 x_btd, cache = extend(
@@ -120,6 +118,11 @@ class ModelRunner:
             donate_argnums=(2,),
             compiler_options=compiler_options,
         )
+
+    @classmethod
+    def from_loaded(cls, loaded, geometry: CacheGeometry, **options) -> ModelRunner:
+        """The runner of a `loading.LoadedModel`; options as the constructor's."""
+        return cls(loaded.cfg, loaded.mesh, loaded.merge, loaded.params, loaded.model_state, geometry, **options)
 
     def _check(self, g: CacheGeometry) -> None:
         if self.mesh.shape.get("pipeline", 1) > 1:
