@@ -197,6 +197,35 @@ def test_decode_writes_only_its_positions_and_idle_slots_only_their_last(served)
         assert (1, 9) in {(int(s), int(p)) for _, s, p in changed}
 
 
+def test_decode_sample_carries_the_batch_on_the_device(served):
+    """`decode_sample` = `decode` then `sample` of its logits; active slots move one position and one token on,
+    idle slots stay; a batch rebuilt on the host hits the same compiled step."""
+    from jaxdeep.serve.sampling import sample
+
+    _, _, engine, _ = served
+    runner = engine.runner
+    cache, _ = runner.prefill_prompt(runner.new_cache(), _prompt(6, 8), slot=1)
+    cache, _ = runner.prefill_prompt(cache, _prompt(9, 9), slot=3)
+    tokens, positions = np.array([0, 5, 0, 7], np.int32), np.array([CONTEXT, 6, CONTEXT, 9], np.int32)
+    temperature, top_k = np.array([0, 0.8, 0, 1.0], np.float32), np.array([0, 5, 0, 0], np.int32)
+    top_p, seed, index = np.array([1, 0.9, 1, 1], np.float32), np.array([0, 2**32 - 1, 0, 4], np.uint32), np.arange(4)
+    expect_cache, logits = runner.decode(jax.tree.map(jnp.copy, cache), tokens, positions)
+    expect = np.asarray(sample(logits, temperature, top_k, top_p, seed, index.astype(np.int32)))
+    batch = runner.decode_batch(tokens, positions, temperature, top_k, top_p, seed, index)
+    cache, following, sampled = runner.decode_sample(cache, batch)
+    np.testing.assert_array_equal(np.asarray(sampled), expect)
+    for got, want in zip(jax.tree.leaves(cache), jax.tree.leaves(expect_cache), strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    active = positions < CONTEXT
+    np.testing.assert_array_equal(np.asarray(following.tokens), np.where(active, expect, tokens))
+    np.testing.assert_array_equal(np.asarray(following.positions), positions + active)
+    np.testing.assert_array_equal(np.asarray(following.index), index + active)
+    np.testing.assert_array_equal(np.asarray(following.seed), seed)
+    cache, _, _ = runner.decode_sample(cache, following)
+    runner.decode_sample(cache, runner.decode_batch(tokens, positions + 2, temperature, top_k, top_p, seed, index))
+    assert runner._decode_sample._cache_size() == 1
+
+
 def test_engine_greedy_is_argmax_of_full_forward(served):
     _, _, engine, forward = served
     for seed, (n_prompt, n_new) in enumerate([(5, 12), (17, 9)]):

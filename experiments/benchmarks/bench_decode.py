@@ -1,9 +1,11 @@
 """Decode speed of the serving engine's jitted step against the HBM roofline, and throughput against batch size.
 
 For each batch size: one `ModelRunner` with that many slots, a cache of `--context` positions per slot, and
-`--steps` timed decode steps (every slot decodes one token per step, at position `--context // 2` onwards). The
-step is timed bare, without sampling or the engine thread, to see how close the model's own step comes to
-the memory bound.
+`--steps` timed decode steps (every slot decodes one token per step, at position `--context // 2` onwards). A step
+is what the engine runs per token: `ModelRunner.decode_sample` (the model's step and greedy sampling, the batch
+kept on the device) and the sampled tokens brought back to the host, without the engine's thread or HTTP.
+`--inputs host` times the model's step alone with tokens and positions sent from the host each step
+(`ModelRunner.decode`, what the engine ran before `decode_sample`).
 
 Roofline: a decode step must read the weights it uses and the cache it attends over. "needed" bytes count the
 weights a token of batch 1 touches (for MoE: the active parameters, shared and routed experts of one token)
@@ -51,22 +53,33 @@ def tree_bytes(tree) -> int:
     return sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(tree))
 
 
-def time_decode(runner: ModelRunner, batch: int, context: int, steps: int, top: int = 0):
+def time_decode(runner: ModelRunner, batch: int, context: int, steps: int, top: int = 0, inputs: str = "device"):
     """Seconds per decode step on the host's clock, the GPU's busy seconds per step, and the `top` kernel names
-    by GPU time per step: [(name, (µs per step, kernels per step))]."""
-    state = {"cache": runner.new_cache(), "position": context // 2 - 1}
+    by GPU time per step: [(name, (µs per step, kernels per step))]. inputs "device": the engine's step
+    (`decode_sample`, tokens back on the host each step); "host": `decode` with inputs sent from the host."""
+    start = context // 2
+    state = {"cache": runner.new_cache(), "position": start - 1}
     tokens = np.ones((batch,), np.int32)
+    zeros = np.zeros((batch,), np.int32)
+    state["batch"] = runner.decode_batch(tokens, np.full((batch,), start), zeros, zeros, np.ones(batch), zeros, zeros)
 
-    def step():
+    def engine_step():
+        state["cache"], state["batch"], sampled = runner.decode_sample(state["cache"], state["batch"])
+        return sampled
+
+    def host_step():
         state["position"] = min(state["position"] + 1, context - 1)
         state["cache"], logits = runner.decode(state["cache"], tokens, np.full((batch,), state["position"], np.int32))
         return logits
 
-    step().block_until_ready()  # compile + warm up
+    step = engine_step if inputs == "device" else host_step
+    jax.block_until_ready(step())  # compile + warm up
     t0 = time.perf_counter()
     for _ in range(steps):
-        logits = step()
-    logits.block_until_ready()
+        out = step()
+        if inputs == "device":
+            np.asarray(out)  # the engine reads each step's tokens before the next
+    jax.block_until_ready(out)
     host = (time.perf_counter() - t0) / steps
     calls = min(steps, 20)
     events = gpu_events(step, calls=calls)  # one trace for both figures
@@ -90,6 +103,12 @@ def main() -> None:
         default=["decode"],
         help="projection weights with their input dims minor (the engine's default) or as the model keeps them",
     )
+    ap.add_argument(
+        "--inputs",
+        choices=["device", "host"],
+        default="device",
+        help="device: the engine's step (decode_sample); host: the model's step with inputs sent each step",
+    )
     ap.add_argument("--top", type=int, default=0, help="print the N kernels that take the most GPU time per step")
     ap.add_argument("--out", default=None, help="append one JSON line per batch size here")
     args = ap.parse_args()
@@ -109,7 +128,7 @@ def main() -> None:
             loaded, geometry, unroll_layers=not args.scan, decode_layout=layout == "decode"
         )
         cache_bytes = tree_bytes(jax.eval_shape(runner.new_cache))
-        step_s, busy_s, top = time_decode(runner, batch, args.context, args.steps, args.top)
+        step_s, busy_s, top = time_decode(runner, batch, args.context, args.steps, args.top, args.inputs)
         used_cache = cache_bytes * (args.context // 2) / args.context
         needed = active * itemsize + used_cache
         read = weight_bytes - counts["embedding"] * itemsize + cache_bytes
@@ -128,6 +147,8 @@ def main() -> None:
             "roofline_read": read / bandwidth / step_s,
             "unroll": not args.scan,
             "layout": layout,
+            "inputs": args.inputs,
+            "decode_kernels": runner.decode_kernels,
             "xla_flags": os.environ.get("XLA_FLAGS", ""),
             "overrides": args.override,
         }

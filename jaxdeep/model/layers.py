@@ -86,12 +86,18 @@ class LayerNorm(nnx.Module):
         )(x_btd, scale, bias)
 
 
+def rotary_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """cos and sin [..., head_dim / 2] of `rotary` at `positions` [...]."""
+    half = head_dim // 2
+    freqs = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angles = positions[..., None].astype(jnp.float32) * freqs
+    return jnp.cos(angles), jnp.sin(angles)
+
+
 def rotary(x_btnh: jax.Array, positions_bt: jax.Array, theta: float) -> jax.Array:
     """Rotary position embedding (rotate-half form) on the last axis."""
-    half = x_btnh.shape[-1] // 2
-    freqs = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
-    angles_bth = positions_bt[..., None].astype(jnp.float32) * freqs
-    sin, cos = jnp.sin(angles_bth)[:, :, None, :], jnp.cos(angles_bth)[:, :, None, :]
+    cos, sin = rotary_tables(positions_bt, x_btnh.shape[-1], theta)
+    sin, cos = sin[:, :, None, :], cos[:, :, None, :]
     x1, x2 = jnp.split(x_btnh.astype(jnp.float32), 2, axis=-1)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return out.astype(x_btnh.dtype)

@@ -77,6 +77,9 @@ class InferenceEngine:
         self._cancelled: set[str] = set()
         self._ids: set[str] = set()  # request ids queued or running
         self._last_batch = 0
+        # The decode batch lives on the device between steps (`ModelRunner.decode_sample`); it is sent again only
+        # when the requests in the slots change (`_batch_key`).
+        self._batch, self._batch_key = None, None
         self._closed = False
         self._cond = threading.Condition()
         self._seeds = random.SystemRandom()
@@ -240,34 +243,53 @@ class InferenceEngine:
         ready = [s for s in self._slots if s is not None and s.decoding and s.generated]
         if not ready:
             return
-        slots, context = self.geometry.num_slots, self.geometry.max_context
-        tokens_b = np.zeros((slots,), np.int32)
-        # Slots not decoding sit past the end: their writes land on their own last position, which no request
-        # reaches (prompt + max_tokens <= max_context, and the last token is never fed back).
-        positions_b = np.full((slots,), context, np.int32)
-        for seq in ready:
-            tokens_b[seq.slot], positions_b[seq.slot] = seq.generated[-1], seq.cached
-        self._cache, logits_bv = self.runner.decode(self._cache, tokens_b, positions_b)
+        key = tuple((seq.slot, seq) for seq in ready)  # _Sequence compares by identity; the key holds them alive
+        if key != self._batch_key or self._batch is None:
+            self._batch, self._batch_key = self._decode_batch(ready), key
+        self._cache, self._batch, sampled_d = self.runner.decode_sample(self._cache, self._batch)
         self._last_batch = len(ready)
+        sampled = np.asarray(sampled_d)
         for seq in ready:
             seq.cached += 1
-        rows = [None] * slots
-        for seq in ready:
-            rows[seq.slot] = seq
-        sampled = self._sample(logits_bv, rows)
-        for seq in ready:
             self._accept(seq, int(sampled[seq.slot]))
 
-    def _sample(self, logits_bv, rows: list[_Sequence | None]) -> np.ndarray:
-        """Per-row parameters; rows without a request sample greedily and are ignored."""
+    def _decode_batch(self, ready: list[_Sequence]):
+        """The device's decode batch for these requests. Slots not decoding sit past the end: their writes land on
+        their own last position, which no request reaches (prompt + max_tokens <= max_context, and the last token
+        is never fed back)."""
+        slots, context = self.geometry.num_slots, self.geometry.max_context
+        tokens, positions, index = (
+            np.zeros(slots, np.int32),
+            np.full(slots, context, np.int32),
+            np.zeros(slots, np.int32),
+        )
+        rows: list[_Sequence | None] = [None] * slots
+        for seq in ready:
+            tokens[seq.slot], positions[seq.slot], index[seq.slot] = seq.generated[-1], seq.cached, len(seq.generated)
+            rows[seq.slot] = seq
+        temperature, top_k, top_p, seed = self._sampling_rows(rows)
+        return self.runner.decode_batch(tokens, positions, temperature, top_k, top_p, seed, index)
+
+    def _sampling_rows(self, rows: list[_Sequence | None]):
+        """Per-row temperature, top_k, top_p and seed; rows without a request sample greedily (and are ignored)."""
         n = len(rows)
         temperature, top_p = np.zeros((n,), np.float32), np.ones((n,), np.float32)
-        top_k, seed, index = np.zeros((n,), np.int32), np.zeros((n,), np.uint32), np.zeros((n,), np.int32)
+        top_k, seed = np.zeros((n,), np.int32), np.zeros((n,), np.uint32)
         for i, seq in enumerate(rows):
             if seq is not None:
                 p = seq.request.params
-                temperature[i], top_k[i], top_p[i] = p.temperature, min(p.top_k, logits_bv.shape[-1]), p.top_p
-                seed[i], index[i] = seq.seed, len(seq.generated)
+                temperature[i], top_k[i], top_p[i], seed[i] = (
+                    p.temperature,
+                    min(p.top_k, self.vocab_size),
+                    p.top_p,
+                    seq.seed,
+                )
+        return temperature, top_k, top_p, seed
+
+    def _sample(self, logits_bv, rows: list[_Sequence | None]) -> np.ndarray:
+        """Sampled ids of `logits_bv`'s rows with the requests' parameters (rows without one: greedy, ignored)."""
+        temperature, top_k, top_p, seed = self._sampling_rows(rows)
+        index = np.array([0 if seq is None else len(seq.generated) for seq in rows], np.int32)
         return np.asarray(sample(logits_bv, temperature, top_k, top_p, seed, index))
 
     def _accept(self, seq: _Sequence, token: int) -> None:
@@ -309,6 +331,7 @@ class InferenceEngine:
     def _abort_running(self) -> None:
         for seq in [s for s in self._slots if s is not None]:
             self._finish(seq, "abort")
+        self._batch = None  # donated to the failed step, perhaps
         try:  # a failed step may have consumed the donated cache: start from a fresh one
             self._cache = self.runner.new_cache()
         except Exception:

@@ -14,10 +14,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxdeep.model.deepseek.rope import apply_rope, inverse_frequencies
-from jaxdeep.model.layers import rotary
+from jaxdeep.model.layers import rotary, rotary_tables
 from jaxdeep.model.matmul import project
 from jaxdeep.serve import cache as kv
-from jaxdeep.sharding import constrain
+from jaxdeep.sharding import active_spec, constrain
+from kernels.decode import write_attend
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 RESIDUAL = ("batch", "act_seq", "act_embed")
@@ -34,6 +35,31 @@ def _causal_mask(positions_bt: jax.Array, context: int) -> jax.Array:
 def _softmax(scores_bnts: jax.Array, mask_b1ts: jax.Array) -> jax.Array:
     scores_bnts = jnp.where(mask_b1ts, scores_bnts.astype(jnp.float32), -jnp.inf)
     return jax.nn.softmax(scores_bnts, axis=-1)
+
+
+def _write_attend(q_bnh, k_bnh, v_bnh, tables, cache: dict, layer, positions_b, scale: float, impl: str):
+    """`kernels.decode.write_attend` on the layer's new query, key and value, per shard of the mesh where there is
+    one: a kernel is opaque to the SPMD partitioner, and slots and heads are independent, so each device handles
+    its own. Returns (out [b, n, h], cache)."""
+
+    def run(q, k, v, cos, sin, k_cache, v_cache, layer, positions):
+        return write_attend(q, k, v, cos, sin, k_cache, v_cache, layer, positions, scale, impl)
+
+    args = (q_bnh, k_bnh, v_bnh, *tables, cache["k"], cache["v"], layer, positions_b)
+    spec = active_spec(("batch", "act_heads", None))
+    if spec is None:
+        out, k_cache, v_cache = run(*args)
+    else:
+        mesh, heads = spec
+        _, rows = active_spec(("batch", None))
+        _, cache_spec = active_spec(("layers", "batch", None, "act_heads", None))
+        _, pos_spec = active_spec(("batch",))
+        specs = (heads, heads, heads, rows, rows, cache_spec, cache_spec, jax.sharding.PartitionSpec(), pos_spec)
+        out_specs = (heads, cache_spec, cache_spec)
+        out, k_cache, v_cache = jax.shard_map(run, mesh=mesh, in_specs=specs, out_specs=out_specs, check_vma=False)(
+            *args
+        )
+    return out, {"k": k_cache, "v": v_cache}
 
 
 def _scan_layers(stack: nnx.Module, x_btd: jax.Array, cache: dict, layer_fn, unroll: bool) -> tuple[jax.Array, dict]:
@@ -68,13 +94,19 @@ def _decode_layer_norm(norm, x_btd: jax.Array) -> jax.Array:
     return (z * norm.scale[...].astype(jnp.float32) + norm.bias[...].astype(jnp.float32)).astype(x_btd.dtype)
 
 
-def extend_dense(model, cache: dict, tokens_bt, positions_bt, slot_b, all_slots: bool, unroll: bool = False):
-    """The dense `Transformer`: per-head K and V cached."""
+def extend_dense(
+    model, cache: dict, tokens_bt, positions_bt, slot_b, all_slots: bool, unroll: bool = False, kernels: str = "xla"
+):
+    """The dense `Transformer`: per-head K and V cached. `kernels` (config `kernels.decode`): "xla" attends with
+    jnp code; otherwise decode (one token for every slot) attends with `kernels.decode` (impl `kernels`)."""
     cfg, dt = model.cfg, DTYPES[model.cfg.dtype]
     read_rows = None if all_slots else slot_b
 
     decoding = tokens_bt.shape[1] == 1
     norm = _decode_layer_norm if decoding else (lambda module, x: module(x))
+    attention_kernel = decoding and all_slots and kernels != "xla"
+    scale = cfg.head_dim**-0.5
+    tables = rotary_tables(positions_bt[:, 0], cfg.head_dim, cfg.rope_theta) if attention_kernel else None
 
     def layer_fn(block, x_btd, cache, layer):
         attn = block.attn
@@ -82,16 +114,22 @@ def extend_dense(model, cache: dict, tokens_bt, positions_bt, slot_b, all_slots:
         q_btnh, k_btnh, v_btnh = (
             constrain(project("btd,dnh->btnh", h_btd, w[...].astype(dt)), HEADS) for w in (attn.wq, attn.wk, attn.wv)
         )
-        q_btnh = rotary(q_btnh, positions_bt, cfg.rope_theta)
-        k_btnh = rotary(k_btnh, positions_bt, cfg.rope_theta)
-        cache = {
-            "k": kv.write(cache["k"], k_btnh, layer, slot_b, positions_bt, drop=not all_slots),
-            "v": kv.write(cache["v"], v_btnh, layer, slot_b, positions_bt, drop=not all_slots),
-        }
-        keys_bsnh, values_bsnh = kv.read(cache["k"], layer, read_rows), kv.read(cache["v"], layer, read_rows)
-        scores = jnp.einsum("btnh,bsnh->bnts", q_btnh, keys_bsnh) * (cfg.head_dim**-0.5)
-        probs = _softmax(constrain(scores, SCORES), _causal_mask(positions_bt, keys_bsnh.shape[1]))
-        o_btnh = constrain(jnp.einsum("bnts,bsnh->btnh", probs.astype(dt), values_bsnh), HEADS)
+        if attention_kernel:  # rotation, cache write and attention in one kernel
+            o_bnh, cache = _write_attend(
+                q_btnh[:, 0], k_btnh[:, 0], v_btnh[:, 0], tables, cache, layer, positions_bt[:, 0], scale, kernels
+            )
+            o_btnh = constrain(o_bnh[:, None], HEADS)
+        else:
+            q_btnh = rotary(q_btnh, positions_bt, cfg.rope_theta)
+            k_btnh = rotary(k_btnh, positions_bt, cfg.rope_theta)
+            cache = {
+                "k": kv.write(cache["k"], k_btnh, layer, slot_b, positions_bt, drop=not all_slots),
+                "v": kv.write(cache["v"], v_btnh, layer, slot_b, positions_bt, drop=not all_slots),
+            }
+            keys_bsnh, values_bsnh = kv.read(cache["k"], layer, read_rows), kv.read(cache["v"], layer, read_rows)
+            scores = jnp.einsum("btnh,bsnh->bnts", q_btnh, keys_bsnh) * scale
+            probs = _softmax(constrain(scores, SCORES), _causal_mask(positions_bt, keys_bsnh.shape[1]))
+            o_btnh = constrain(jnp.einsum("bnts,bsnh->btnh", probs.astype(dt), values_bsnh), HEADS)
         x_btd = constrain(x_btd + project("btnh,nhd->btd", o_btnh, attn.wo[...].astype(dt)), RESIDUAL)
         return constrain(x_btd + block.mlp(norm(block.mlp_norm, x_btd)), RESIDUAL), cache
 
@@ -158,9 +196,12 @@ def absorbed_mla(attn, h_btd, cache: dict, layer, positions_bt, slot_b, read_row
     return project("btnh,nhd->btd", o_btnh, attn.o_proj[...].astype(dt)), cache
 
 
-def extend_deepseek(model, cache: dict, tokens_bt, positions_bt, slot_b, all_slots: bool, unroll: bool = False):
+def extend_deepseek(
+    model, cache: dict, tokens_bt, positions_bt, slot_b, all_slots: bool, unroll: bool = False, kernels: str = "xla"
+):
     """The `DeepSeekModel`: dense then MoE blocks, MLA on the latent cache; MoE layers route and dispatch with
-    the model's own code (bias-adjusted selection, as in training). MTP modules are not used."""
+    the model's own code (bias-adjusted selection, as in training). MTP modules are not used. `kernels` as for
+    `extend_dense` (no DeepSeek step uses a decode kernel yet)."""
     read_rows = None if all_slots else slot_b
     rope = _rope_tables_bt(positions_bt, model.cfg)
 

@@ -7,8 +7,10 @@ each compiles once, whatever is being served. The cache is donated: XLA updates 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +23,9 @@ from jaxdeep.model.matmul import row_reductions
 from jaxdeep.serve import cache as kv
 from jaxdeep.serve.extend import model_functions
 from jaxdeep.serve.layout import relaid_groups, to_decode_layout
+from jaxdeep.serve.sampling import sample_rows
 from jaxdeep.sharding import use_rules
+from kernels.decode import resolve
 from kernels.triton_runtime import unavailable_reason
 
 
@@ -30,6 +34,31 @@ class CacheGeometry:
     num_slots: int  # sequences decoded together (cache rows)
     max_context: int  # positions per slot: prompt + generated tokens must fit
     prefill_chunk: int  # prompt tokens per prefill call
+
+
+class DecodeBatch(NamedTuple):
+    """What one decode step of every slot takes, kept on the device between steps: each slot's last token, its
+    position (>= max_context: idle) and its sampling parameters (as `sampling.sample` takes them; `index` is the
+    index of the next token in its request's completion)."""
+
+    tokens: jax.Array
+    positions: jax.Array
+    temperature: jax.Array
+    top_k: jax.Array
+    top_p: jax.Array
+    seed: jax.Array
+    index: jax.Array
+
+
+def decode_kernels(choice: str) -> str:
+    """What config `kernels.decode` runs as here: "xla", or an impl of `kernels.decode` ("pallas", "interpret")."""
+    if choice == "xla":
+        return "xla"
+    try:
+        impl = resolve(choice)
+    except ValueError as e:  # "pallas" where it cannot run
+        raise ConfigError(f"kernels.decode: {e}; set kernels.decode=auto or xla") from None
+    return "xla" if impl == "reference" else impl
 
 
 def _batch_shards(rules, mesh: Mesh, name: str) -> int:
@@ -82,6 +111,7 @@ class ModelRunner:
         replicated = NamedSharding(mesh, PartitionSpec())
         state_sh = jax.tree.map(lambda a: a.sharding, model_state)
         extend, logits = model_functions(cfg.model.kind)
+        self.decode_kernels = decode_kernels(cfg.kernels.decode)
         chunk, slots = geometry.prefill_chunk, geometry.num_slots
         pre_rules = prefill_rules(self.rules)
 
@@ -100,9 +130,28 @@ class ModelRunner:
                 model = merge(params, model_state)
                 slot_b = jnp.arange(slots, dtype=jnp.int32)
                 x_btd, cache = extend(
-                    model, cache, tokens_b[:, None], positions_b[:, None], slot_b, all_slots=True, unroll=unroll_layers
+                    model,
+                    cache,
+                    tokens_b[:, None],
+                    positions_b[:, None],
+                    slot_b,
+                    all_slots=True,
+                    unroll=unroll_layers,
+                    kernels=self.decode_kernels,
                 )
                 return cache, logits(model, x_btd)[:, 0]
+
+        def decode_sample(params, model_state, cache, batch: DecodeBatch):
+            cache, logits_bv = decode(params, model_state, cache, batch.tokens, batch.positions)
+            tokens_b = sample_rows(logits_bv, batch.temperature, batch.top_k, batch.top_p, batch.seed, batch.index)
+            active = batch.positions < geometry.max_context
+            step = active.astype(jnp.int32)
+            following = batch._replace(
+                tokens=jnp.where(active, tokens_b, batch.tokens),
+                positions=batch.positions + step,
+                index=batch.index + step,
+            )
+            return cache, following, tokens_b
 
         self._prefill = jax.jit(
             prefill,
@@ -116,6 +165,15 @@ class ModelRunner:
             in_shardings=(param_sh, state_sh, self.cache_shardings, replicated, replicated),
             out_shardings=(self.cache_shardings, replicated),
             donate_argnums=(2,),
+            compiler_options=compiler_options,
+        )
+
+        batch_sh = DecodeBatch(*[replicated] * len(DecodeBatch._fields))
+        self._decode_sample = jax.jit(
+            decode_sample,
+            in_shardings=(param_sh, state_sh, self.cache_shardings, batch_sh),
+            out_shardings=(self.cache_shardings, batch_sh, replicated),
+            donate_argnums=(2, 3),
             compiler_options=compiler_options,
         )
 
@@ -161,6 +219,35 @@ class ModelRunner:
         for start in range(0, len(tokens), chunk):
             cache, logits = self.prefill(cache, tokens[start : start + chunk], slot, start)
         return cache, logits
+
+    def decode_batch(self, tokens_b, positions_b, temperature_b, top_k_b, top_p_b, seed_b, index_b) -> DecodeBatch:
+        """A `DecodeBatch` on the device from per-slot host values (two transfers: integers, then floats)."""
+        ints = np.stack(
+            [
+                np.asarray(a).astype(np.int64).astype(np.uint32).view(np.int32)
+                for a in (tokens_b, positions_b, top_k_b, seed_b, index_b)
+            ]
+        )
+        floats = np.stack([np.asarray(temperature_b, np.float32), np.asarray(top_p_b, np.float32)])
+        return self._unpack_batch(ints, floats)
+
+    @functools.cached_property
+    def _unpack_batch(self):
+        def unpack(ints, floats):
+            tokens, positions, top_k, seed, index = ints
+            seed = jax.lax.bitcast_convert_type(seed, jnp.uint32)
+            return DecodeBatch(tokens, positions, floats[0], top_k, floats[1], seed, index)
+
+        # Placed as decode_sample returns it, so both kinds of batch hit the same compiled step.
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+        return jax.jit(unpack, out_shardings=DecodeBatch(*[replicated] * len(DecodeBatch._fields)))
+
+    def decode_sample(self, cache: dict, batch: DecodeBatch) -> tuple[dict, DecodeBatch, jax.Array]:
+        """One decode step of every slot and the next token of each, without leaving the device: returns the new
+        cache, the batch of the following step (each active slot's sampled token, position and index one on; idle
+        slots unchanged) and the sampled tokens [slots]. Cache and batch are donated, so the steps of a generation
+        reuse the same buffers and the host sends nothing while the slots keep their requests."""
+        return self._decode_sample(self.params, self.model_state, cache, batch)
 
     def decode(self, cache: dict, tokens_b, positions_b) -> tuple[dict, jax.Array]:
         """One token per slot at its own position; returns the new cache and float32 logits [slots, vocab]. A

@@ -31,8 +31,10 @@ def _sample_row(logits_v, temperature, top_k, top_p, seed, index):
     return jnp.where(temperature == 0.0, greedy, drawn)
 
 
-@jax.jit
-def sample(logits_bv, temperature_b, top_k_b, top_p_b, seed_b, index_b):
+def sample_rows(logits_bv, temperature_b, top_k_b, top_p_b, seed_b, index_b):
     """Token ids [b]. temperature 0 = argmax; top_k 0 = no cut; seed_b uint32, index_b = the token's index in
     its request's completion (so a resampled batch gives every request the same draws)."""
     return jax.vmap(_sample_row)(logits_bv, temperature_b, top_k_b, top_p_b, seed_b, index_b)
+
+
+sample = jax.jit(sample_rows)

@@ -1,0 +1,84 @@
+"""Decode kernels for serving: the per-layer work of one new token per sequence in few launches.
+
+A batch-1 decode step of a 1B model on XLA alone runs ~20 small kernels per layer; each costs the GPU 1.5-2.5 µs
+whatever its size, which caps the step far below the memory roofline (experiments/benchmarks/RESULTS.md).
+These kernels do a layer's attention over the cache (and, for MoE models, the chosen experts) in one launch
+or two. They are forward-only (serving does not differentiate).
+
+`impl`:
+- "pallas": Pallas kernels on the Triton backend (CUDA GPU; a ValueError elsewhere, saying why). See
+  `runtime.py` for why this backend and not jax-triton or Mosaic GPU;
+- "interpret": the same kernels run on the host (CPU tests);
+- "reference": pure JAX (`attention.reference`);
+- "auto": "pallas" where it can run, else "reference".
+"""
+
+from __future__ import annotations
+
+import jax
+
+from kernels.decode import attention, runtime
+
+__all__ = ["IMPLS", "decode_attention", "resolve", "write_attend"]
+
+IMPLS = ("auto", "pallas", "interpret", "reference")
+
+
+def resolve(impl: str) -> str:
+    """The implementation `impl` runs as here: "pallas", "interpret" or "reference" (ValueError on bad values, or
+    for "pallas" where it cannot run)."""
+    if impl not in IMPLS:
+        raise ValueError(f"decode kernels: impl must be one of {IMPLS}, got {impl!r}")
+    reason = runtime.unavailable_reason() if impl in ("auto", "pallas") else None
+    if impl == "pallas" and reason:
+        raise ValueError(f"decode kernels: 'pallas' cannot run here: {reason}")
+    if impl == "auto":
+        return "reference" if reason else "pallas"
+    return impl
+
+
+def decode_attention(
+    q_bnh: jax.Array,
+    k_cache: jax.Array,
+    v_cache: jax.Array,
+    layer,
+    positions_b: jax.Array,
+    scale: float,
+    impl: str = "auto",
+) -> jax.Array:
+    """One query per sequence over its cache slot (see `attention`): q [b, n, h], caches [layers, b, positions, n, h],
+    `layer` an int or int32 scalar, positions [b]. Returns [b, n, h] in q's dtype."""
+    impl = resolve(impl)
+    if impl == "reference":
+        return attention.reference(q_bnh, k_cache, v_cache, layer, positions_b, scale)
+    reason = attention.check(q_bnh, k_cache, v_cache)
+    if reason:
+        raise ValueError(f"decode_attention: {reason}")
+    return attention.pallas(q_bnh, k_cache, v_cache, layer, positions_b, scale, interpret=impl == "interpret")
+
+
+def write_attend(
+    q_bnh: jax.Array,
+    k_bnh: jax.Array,
+    v_bnh: jax.Array,
+    cos_bh: jax.Array,
+    sin_bh: jax.Array,
+    k_cache: jax.Array,
+    v_cache: jax.Array,
+    layer,
+    positions_b: jax.Array,
+    scale: float,
+    impl: str = "auto",
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """A decode layer's attention from its projections: rotate the new query and key (tables [b, h/2] at each
+    row's position), store key and value in the caches at that position (clamped into the cache) and attend
+    (`attention.write_attend_reference`). Returns (out [b, n, h], k_cache, v_cache); the kernel updates the
+    caches in place."""
+    impl = resolve(impl)
+    args = (q_bnh, k_bnh, v_bnh, cos_bh, sin_bh, k_cache, v_cache, layer, positions_b, scale)
+    if impl == "reference":
+        return attention.write_attend_reference(*args)
+    reason = attention.check(q_bnh, k_cache, v_cache)
+    if reason:
+        raise ValueError(f"write_attend: {reason}")
+    return attention.write_attend(*args, interpret=impl == "interpret")

@@ -1,0 +1,229 @@
+"""One query token per sequence attending to its slot of a per-head KV cache (dense-model decode).
+
+`q_bnh` [b, n, h] (already rotated) attends, head by head, to `k_cache` / `v_cache` [layers, slots, positions, n, h]
+at layer `layer`, slot b, positions 0 ... `positions_b[b]` (later entries are stale and never read). Returns
+[b, n, h] in q's dtype.
+
+The kernel splits each slot's positions into chunks (flash-decoding): one program per (sequence, head, chunk)
+runs an online softmax over its chunk in blocks of `BLOCK` positions, stopping at the query's position, and writes
+its unnormalised output with its running max and sum. A small XLA reduction merges the chunks. With a few chunks
+per head the programs fill the GPU at batch 1, where one program per head would leave most SMs idle.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from kernels.decode import runtime
+
+BLOCK = 64  # positions per step of a program's loop (with CHUNK, the fastest of a sweep on an H200 at batch 1-64)
+CHUNK = 128  # positions per program
+
+
+def reference(q_bnh, k_cache, v_cache, layer, positions_b, scale: float) -> jax.Array:
+    """Plain softmax attention over the visible positions, in float32."""
+    keys, values = k_cache[layer].astype(jnp.float32), v_cache[layer].astype(jnp.float32)
+    scores = jnp.einsum("bnh,bsnh->bns", q_bnh.astype(jnp.float32), keys) * scale
+    visible = jnp.arange(keys.shape[1])[None, None, :] <= positions_b[:, None, None]
+    probs = jax.nn.softmax(jnp.where(visible, scores, -jnp.inf), axis=-1)
+    return jnp.einsum("bns,bsnh->bnh", probs, values).astype(q_bnh.dtype)
+
+
+def _chunk_kernel(layer_ref, pos_ref, q_ref, k_ref, v_ref, o_ref, stats_ref, *, scale, chunk, block, head_dim):
+    b, n, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    context = k_ref.shape[2]
+    # An idle slot's position lies past the cache (`jaxdeep/serve/cache.write`): it reads the whole row.
+    layer, last = layer_ref[0], jnp.minimum(pos_ref[b], context - 1)
+    q = q_ref[b, n, :].astype(jnp.float32) * scale
+    start = s * chunk
+    visible = jnp.clip(last + 1 - start, 0, chunk)
+
+    def step(i, carry):
+        m, total, acc = carry
+        first = start + i * block
+        valid = first + jnp.arange(block) <= last
+        mask = jnp.broadcast_to(valid[:, None], (block, head_dim))
+        k = runtime.load(k_ref.at[layer, b, pl.ds(first, block), n, :], mask)
+        v = runtime.load(v_ref.at[layer, b, pl.ds(first, block), n, :], mask)
+        scores = jnp.where(valid, jnp.sum(k.astype(jnp.float32) * q[None, :], axis=1), -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(scores))
+        p = jnp.exp(scores - m_new)
+        alpha = jnp.exp(m - m_new)
+        return m_new, total * alpha + jnp.sum(p), acc * alpha + jnp.sum(p[:, None] * v.astype(jnp.float32), axis=0)
+
+    # A finite start for the max: exp(start - max) is then 0, never nan, for chunks the query sees nothing of.
+    init = (jnp.float32(-1e30), jnp.float32(0.0), jnp.zeros((head_dim,), jnp.float32))
+    m, total, acc = lax.fori_loop(0, (visible + block - 1) // block, step, init)
+    o_ref[s, b, n, :] = acc
+    stats_ref[s, b, n, :] = jnp.where(jnp.arange(2) == 0, m, total)
+
+
+def _merge(o_sbnh, stats_sbn2, dtype):
+    m_sbn, l_sbn = stats_sbn2[..., 0], stats_sbn2[..., 1]
+    w_sbn = jnp.exp(m_sbn - jnp.max(m_sbn, axis=0))
+    out = jnp.sum(w_sbn[..., None] * o_sbnh, axis=0) / jnp.sum(w_sbn * l_sbn, axis=0)[..., None]
+    return out.astype(dtype)
+
+
+def pallas(
+    q_bnh,
+    k_cache,
+    v_cache,
+    layer,
+    positions_b,
+    scale: float,
+    interpret: bool = False,
+    poison: bool = False,
+    chunk: int = CHUNK,
+    block: int = BLOCK,
+    num_warps: int = 4,
+):
+    """The chunked kernel (Pallas, Triton backend; `interpret` runs it on the host)."""
+    b, n, h = q_bnh.shape
+    chunks = -(-k_cache.shape[2] // chunk)
+    kernel = functools.partial(_chunk_kernel, scale=scale, chunk=chunk, block=block, head_dim=h)
+    o, stats = runtime.call(
+        kernel,
+        grid=(b, n, chunks),
+        inputs=(jnp.reshape(layer, (1,)).astype(jnp.int32), positions_b.astype(jnp.int32), q_bnh, k_cache, v_cache),
+        out_shapes=(
+            jax.ShapeDtypeStruct((chunks, b, n, h), jnp.float32),
+            jax.ShapeDtypeStruct((chunks, b, n, 2), jnp.float32),
+        ),
+        num_warps=num_warps,
+        interpret=interpret,
+        poison=poison,
+    )
+    return _merge(o, stats, q_bnh.dtype)
+
+
+def check(q_bnh, k_cache, v_cache) -> str | None:
+    """Why the kernel cannot take these shapes, or None."""
+    h = q_bnh.shape[-1]
+    if k_cache.shape != v_cache.shape or k_cache.ndim != 5 or k_cache.shape[3:] != q_bnh.shape[1:]:
+        return f"cache {k_cache.shape} / {v_cache.shape} does not match queries {q_bnh.shape}"
+    if h & (h - 1):
+        return f"head_dim {h} is not a power of two"
+    return None
+
+
+# ----------------------------------------------------------------------------- rotary + cache write + attention
+
+
+def rotate(x_bnh, cos_bh, sin_bh):
+    """Rotary embedding (rotate-half form, as `jaxdeep.model.layers.rotary`) with per-row tables [b, h/2], in
+    float32."""
+    x1, x2 = jnp.split(x_bnh.astype(jnp.float32), 2, axis=-1)
+    cos, sin = cos_bh[:, None, :], sin_bh[:, None, :]
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def write_attend_reference(q_bnh, k_bnh, v_bnh, cos_bh, sin_bh, k_cache, v_cache, layer, positions_b, scale: float):
+    """Rotate the new query and key, store key and value at each row's position (clamped into the cache, as
+    `jaxdeep.serve.cache.write` does for idle slots) and attend: returns (out [b, n, h], k_cache, v_cache)."""
+    rows = jnp.arange(q_bnh.shape[0])
+    at = jnp.minimum(positions_b, k_cache.shape[2] - 1)
+    k_cache = k_cache.at[layer, rows, at].set(rotate(k_bnh, cos_bh, sin_bh).astype(k_cache.dtype))
+    v_cache = v_cache.at[layer, rows, at].set(v_bnh.astype(v_cache.dtype))
+    out = reference(rotate(q_bnh, cos_bh, sin_bh), k_cache, v_cache, layer, at, scale).astype(q_bnh.dtype)
+    return out, k_cache, v_cache
+
+
+def _write_attend_kernel(
+    layer_ref, pos_ref, cos_ref, sin_ref, q_ref, kn_ref, vn_ref, k_ref, v_ref,  # inputs
+    o_ref, stats_ref, k_out, v_out,  # outputs; k_out and v_out share k_ref's and v_ref's buffers
+    *, scale, chunk, block, head_dim,
+):  # fmt: skip
+    b, n, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    half = head_dim // 2
+    lo, hi = pl.ds(0, half), pl.ds(half, half)
+    layer, last = layer_ref[0], jnp.minimum(pos_ref[b], k_ref.shape[2] - 1)
+    cos, sin = cos_ref[b, :], sin_ref[b, :]
+
+    def rotated(ref):
+        x1, x2 = ref[b, n, lo].astype(jnp.float32), ref[b, n, hi].astype(jnp.float32)
+        return x1 * cos - x2 * sin, x2 * cos + x1 * sin
+
+    q1, q2 = rotated(q_ref)
+    q1, q2 = q1 * scale, q2 * scale
+    start = s * chunk
+    owner = last // chunk == s  # this program's chunk holds the new entry: it stores it and counts it
+
+    @pl.when(owner)
+    def _():
+        k1, k2 = rotated(kn_ref)
+        k_out[layer, b, last, n, lo] = k1.astype(k_out.dtype)
+        k_out[layer, b, last, n, hi] = k2.astype(k_out.dtype)
+        v_out[layer, b, last, n, :] = vn_ref[b, n, :].astype(v_out.dtype)
+
+    def step(i, carry):
+        m, total, acc = carry
+        first = start + i * block
+        valid = first + jnp.arange(block) < last  # earlier entries only: the new one comes from registers
+        half_mask = jnp.broadcast_to(valid[:, None], (block, half))
+        k1 = runtime.load(k_ref.at[layer, b, pl.ds(first, block), n, lo], half_mask).astype(jnp.float32)
+        k2 = runtime.load(k_ref.at[layer, b, pl.ds(first, block), n, hi], half_mask).astype(jnp.float32)
+        v = runtime.load(
+            v_ref.at[layer, b, pl.ds(first, block), n, :], jnp.broadcast_to(valid[:, None], (block, head_dim))
+        )
+        scores = jnp.where(valid, jnp.sum(k1 * q1[None, :], axis=1) + jnp.sum(k2 * q2[None, :], axis=1), -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(scores))
+        p = jnp.exp(scores - m_new)
+        alpha = jnp.exp(m - m_new)
+        return m_new, total * alpha + jnp.sum(p), acc * alpha + jnp.sum(p[:, None] * v.astype(jnp.float32), axis=0)
+
+    init = (jnp.float32(-1e30), jnp.float32(0.0), jnp.zeros((head_dim,), jnp.float32))
+    visible = jnp.clip(last - start, 0, chunk)
+    m, total, acc = lax.fori_loop(0, (visible + block - 1) // block, step, init)
+    # The new entry, for the owner only (elsewhere its weight is exp(-inf) = 0).
+    k1, k2 = rotated(kn_ref)
+    score = jnp.where(owner, jnp.sum(k1 * q1) + jnp.sum(k2 * q2), -jnp.inf)
+    m_new = jnp.maximum(m, score)
+    p, alpha = jnp.exp(score - m_new), jnp.exp(m - m_new)
+    acc = acc * alpha + p * vn_ref[b, n, :].astype(jnp.float32)
+    o_ref[s, b, n, :] = acc
+    stats_ref[s, b, n, :] = jnp.where(jnp.arange(2) == 0, m_new, total * alpha + p)
+
+
+def write_attend(
+    q_bnh,
+    k_bnh,
+    v_bnh,
+    cos_bh,
+    sin_bh,
+    k_cache,
+    v_cache,
+    layer,
+    positions_b,
+    scale: float,
+    interpret: bool = False,
+    poison: bool = False,
+    chunk: int = CHUNK,
+    block: int = BLOCK,
+    num_warps: int = 4,
+):
+    """`write_attend_reference` as one kernel launch; the caches are updated in place."""
+    b, n, h = q_bnh.shape
+    chunks = -(-k_cache.shape[2] // chunk)
+    kernel = functools.partial(_write_attend_kernel, scale=scale, chunk=chunk, block=block, head_dim=h)
+    layer = jnp.reshape(layer, (1,)).astype(jnp.int32)
+    tables = (cos_bh.astype(jnp.float32), sin_bh.astype(jnp.float32))
+    o, stats, k_cache, v_cache = runtime.call(
+        kernel,
+        grid=(b, n, chunks),
+        inputs=(layer, positions_b.astype(jnp.int32), *tables, q_bnh, k_bnh, v_bnh, k_cache, v_cache),
+        out_shapes=(
+            jax.ShapeDtypeStruct((chunks, b, n, h), jnp.float32),  # each chunk's unnormalised output
+            jax.ShapeDtypeStruct((chunks, b, n, 2), jnp.float32),  # its running max and sum
+        ),
+        in_place=(7, 8),
+        num_warps=num_warps,
+        interpret=interpret,
+        poison=poison,
+    )
+    return _merge(o, stats, q_bnh.dtype), k_cache, v_cache

@@ -1,0 +1,172 @@
+"""Serving's decode kernels (`kernels.decode`): the Pallas kernels (run on the host in interpret mode here, compiled
+on a GPU) against the pure-JAX references, their lowering to Triton, and the runner's decode through them."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxdeep.config import ConfigError, load_config
+from jaxdeep.serve.loading import from_config
+from jaxdeep.serve.runner import CacheGeometry, ModelRunner
+from kernels.decode import attention, decode_attention, resolve
+from tests.fast_compile import FAST
+from tests.helpers import TINY
+
+TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
+
+
+def _attention_inputs(dtype, layers=3, slots=4, context=300, heads=2, head_dim=64, seed=0):
+    ks = jax.random.split(jax.random.key(seed), 3)
+    k = jax.random.normal(ks[0], (layers, slots, context, heads, head_dim), jnp.float32).astype(dtype)
+    v = jax.random.normal(ks[1], (layers, slots, context, heads, head_dim), jnp.float32).astype(dtype)
+    q = (2 * jax.random.normal(ks[2], (slots, heads, head_dim), jnp.float32)).astype(dtype)
+    return q, k, v
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_attention_kernel_matches_reference(dtype):
+    """Positions at a chunk's first entry, mid-block, the cache's end, and an idle slot past it (reads the whole
+    row); a context that is a multiple of neither the chunk nor the block; outputs poisoned first."""
+    q, k, v = _attention_inputs(dtype)
+    positions = jnp.array([0, 129, 299, 305], jnp.int32)
+    scale = 64**-0.5
+    want = attention.reference(q.astype(jnp.float32), k, v, 1, jnp.minimum(positions, 299), scale)
+    got = attention.pallas(q, k, v, jnp.int32(1), positions, scale, interpret=True, poison=True)
+    assert got.dtype == dtype and not np.isnan(np.asarray(got, np.float32)).any()
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=0, atol=TOL[dtype] * float(jnp.abs(want).max()))
+    # Entries past a query's position never count: garbage there changes nothing.
+    stale = k.at[:, 1, 130:].set(1e4)
+    got_stale = attention.pallas(q, stale, v, jnp.int32(1), positions, scale, interpret=True)
+    np.testing.assert_array_equal(np.asarray(got_stale[:2]), np.asarray(got[:2]))
+
+
+def _tables(positions, head_dim, theta=10000.0):
+    angles = positions[:, None].astype(jnp.float32) * theta ** (-jnp.arange(head_dim // 2) / (head_dim // 2))
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_write_attend_kernel_matches_reference(dtype):
+    """Rotation, cache write and attention in one kernel: the same output and caches as the reference, at a
+    chunk's first entry, mid-block, the cache's end and an idle slot past it; nothing else in the caches moves."""
+    q, k_cache, v_cache = _attention_inputs(dtype)
+    _, k_new, v_new = _attention_inputs(dtype, layers=1, seed=1)
+    k_new, v_new = k_new[0, :, 0], v_new[0, :, 0]  # [slots, heads, head_dim]
+    positions = jnp.array([0, 129, 299, 305], jnp.int32)
+    cos, sin = _tables(positions, 64)
+    args = (q, k_new, v_new, cos, sin, k_cache, v_cache)
+    want, want_k, want_v = attention.write_attend_reference(*args, 1, positions, 0.125)
+    got, got_k, got_v = attention.write_attend(*args, jnp.int32(1), positions, 0.125, interpret=True, poison=True)
+    assert got.dtype == dtype and not np.isnan(np.asarray(got, np.float32)).any()
+    atol = TOL[dtype] * float(jnp.abs(want.astype(jnp.float32)).max())
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=0, atol=atol)
+    np.testing.assert_array_equal(np.asarray(got_v), np.asarray(want_v))
+    np.testing.assert_allclose(np.asarray(got_k, np.float32), np.asarray(want_k, np.float32), rtol=0, atol=1e-5)
+    changed = np.argwhere(np.any(np.asarray(got_k) != np.asarray(k_cache), axis=(3, 4)))
+    assert {tuple(int(i) for i in c) for c in changed} == {(1, 0, 0), (1, 1, 129), (1, 2, 299), (1, 3, 299)}
+
+
+def test_write_attend_reads_nothing_past_the_position():
+    q, k_cache, v_cache = _attention_inputs(jnp.float32, context=200)
+    positions = jnp.array([5, 64, 130, 199], jnp.int32)
+    cos, sin = _tables(positions, 64)
+    args = (q, q, q, cos, sin)
+    out, _, _ = attention.write_attend(*args, k_cache, v_cache, jnp.int32(0), positions, 0.125, interpret=True)
+    after = jnp.arange(200)[None, :, None, None] > positions[:, None, None, None]
+    garbage = jnp.where(after[None], 1e4, k_cache), jnp.where(after[None], jnp.nan, v_cache)
+    out2, _, _ = attention.write_attend(*args, *garbage, jnp.int32(0), positions, 0.125, interpret=True)
+    np.testing.assert_array_equal(np.asarray(out2), np.asarray(out))
+
+
+def test_attention_kernel_lowers_to_triton():
+    """The Pallas-to-Triton lowering runs on any host: an op the backend lacks fails here, not first on a GPU."""
+    q, k, v = _attention_inputs(jnp.bfloat16)
+    fn = lambda q, k, v, layer, pos: attention.pallas(q, k, v, layer, pos, 0.125)  # noqa: E731
+    text = jax.jit(fn).trace(q, k, v, jnp.int32(0), jnp.zeros(4, jnp.int32)).lower(lowering_platforms=("cuda",))
+    assert "__gpu$xla.gpu.triton" in text.as_text()
+    cos, sin = _tables(jnp.zeros(4, jnp.int32), 64)
+    fused = lambda *a: attention.write_attend(*a, 0.125)  # noqa: E731
+    args = (q, q, q, cos, sin, k, v, jnp.int32(0), jnp.zeros(4, jnp.int32))
+    assert "__gpu$xla.gpu.triton" in jax.jit(fused).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def test_dispatch_and_bad_input():
+    q, k, v = _attention_inputs(jnp.float32, context=40)
+    pos = jnp.array([3, 0, 39, 12], jnp.int32)
+    np.testing.assert_allclose(
+        decode_attention(q, k, v, 2, pos, 0.3, impl="interpret"), decode_attention(q, k, v, 2, pos, 0.3), atol=1e-5
+    )
+    if jax.default_backend() == "cpu":
+        assert resolve("auto") == "reference"
+        with pytest.raises(ValueError, match="'pallas' cannot run here: no GPU"):
+            resolve("pallas")
+    with pytest.raises(ValueError, match="impl must be one of"):
+        resolve("triton")
+    with pytest.raises(ValueError, match="head_dim 48 is not a power of two"):
+        decode_attention(q[..., :48], k[..., :48], v[..., :48], 0, pos, 0.3, impl="interpret")
+
+
+def _runner(kernels: str, **mesh):
+    axes = [f"mesh.{a}={n}" for a, n in mesh.items()]
+    cfg = load_config(None, [*TINY, "model.init_std=0.3", f"kernels.decode={kernels}", *axes])
+    loaded = from_config(cfg, compiler_options=FAST)
+    return loaded, ModelRunner.from_loaded(loaded, CacheGeometry(4, 40, 8), compiler_options=FAST)
+
+
+@pytest.mark.parametrize("mesh", [{}, {"tensor": 2, "data": 2}])
+def test_decode_through_the_kernel_matches_the_full_forward(mesh):
+    """Slots at different positions (one idle) decode through the kernel, per shard on a mesh; each active slot's
+    logits equal the full forward's at its position."""
+    loaded, runner = _runner("interpret", **mesh)
+    assert runner.decode_kernels == "interpret"
+    forward = jax.jit(lambda p, s, t: loaded.merge(p, s)(t), compiler_options=FAST)
+    rng = np.random.default_rng(1)
+    prompts = {0: rng.integers(1, 256, 5).tolist(), 2: rng.integers(1, 256, 17).tolist(), 3: [7]}
+    cache = runner.new_cache()
+    for slot, prompt in prompts.items():
+        cache, _ = runner.prefill_prompt(cache, prompt[:-1] or prompt, slot)
+    tokens = np.array([prompts[0][-1], 1, prompts[2][-1], 7], np.int32)
+    positions = np.array([4, 40, 16, 0], np.int32)  # slot 1 idle
+    _, logits = runner.decode(cache, tokens, positions)
+    for slot, prompt in prompts.items():
+        full = np.asarray(forward(loaded.params, loaded.model_state, np.asarray([prompt])))[0, -1]
+        np.testing.assert_allclose(np.asarray(logits[slot]), full, rtol=0, atol=1e-5 * np.abs(full).max())
+
+
+def test_pallas_where_it_cannot_run_names_the_setting():
+    if jax.default_backend() != "cpu":
+        pytest.skip("checks the error on a host without a GPU")
+    with pytest.raises(ConfigError, match="kernels.decode"):
+        _runner("pallas")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_write_attend_kernel_on_gpu(dtype):
+    q, k, v = _attention_inputs(dtype, layers=2, slots=8, context=1000, heads=16, head_dim=128, seed=3)
+    positions = jnp.array([0, 1, 127, 128, 511, 998, 999, 1500], jnp.int32)
+    cos, sin = _tables(positions, 128)
+    args = (q, q * 0.5, q * 2, cos, sin, k, v)
+    want, want_k, want_v = attention.write_attend_reference(*args, 1, positions, 128**-0.5)
+    got, got_k, got_v = jax.jit(lambda *a: attention.write_attend(*a, 128**-0.5, poison=True))(
+        *args, jnp.int32(1), positions
+    )
+    assert not np.isnan(np.asarray(got, np.float32)).any()
+    atol = TOL[dtype] * float(jnp.abs(want.astype(jnp.float32)).max())
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=0, atol=atol)
+    np.testing.assert_allclose(np.asarray(got_k, np.float32), np.asarray(want_k, np.float32), rtol=0, atol=1e-2)
+    np.testing.assert_array_equal(np.asarray(got_v), np.asarray(want_v))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_attention_kernel_on_gpu(dtype):
+    q, k, v = _attention_inputs(dtype, layers=2, slots=8, context=1000, heads=16, head_dim=128, seed=3)
+    positions = jnp.array([0, 1, 127, 128, 511, 998, 999, 1500], jnp.int32)
+    want = attention.reference(q.astype(jnp.float32), k, v, 1, jnp.minimum(positions, 999), 128**-0.5)
+    got = jax.jit(lambda *a: attention.pallas(*a, 128**-0.5, poison=True))(q, k, v, jnp.int32(1), positions)
+    assert not np.isnan(np.asarray(got, np.float32)).any()
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=0, atol=TOL[dtype] * float(jnp.abs(want).max()))
