@@ -3,7 +3,8 @@
 For each batch size: one `ModelRunner` with that many slots, a cache of `--context` positions per slot, and
 `--steps` timed decode steps (every slot decodes one token per step, at position `--context // 2` onwards). A step
 is what the engine runs per token: `ModelRunner.decode_sample` (the model's step and greedy sampling, the batch
-kept on the device) and the sampled tokens brought back to the host, without the engine's thread or HTTP.
+kept on the device), then the tokens of the step before brought back to the host (the engine launches a step
+before it reads the last one), without the engine's thread or HTTP.
 `--inputs host` times the model's step alone with tokens and positions sent from the host each step
 (`ModelRunner.decode`, what the engine ran before `decode_sample`).
 
@@ -56,7 +57,8 @@ def tree_bytes(tree) -> int:
 def time_decode(runner: ModelRunner, batch: int, context: int, steps: int, top: int = 0, inputs: str = "device"):
     """Seconds per decode step on the host's clock, the GPU's busy seconds per step, and the `top` kernel names
     by GPU time per step: [(name, (µs per step, kernels per step))]. inputs "device": the engine's step
-    (`decode_sample`, tokens back on the host each step); "host": `decode` with inputs sent from the host."""
+    (`decode_sample`, each step's tokens read on the host after the next is launched); "host": `decode` with
+    inputs sent from the host."""
     start = context // 2
     state = {"cache": runner.new_cache(), "position": start - 1}
     tokens = np.ones((batch,), np.int32)
@@ -65,6 +67,9 @@ def time_decode(runner: ModelRunner, batch: int, context: int, steps: int, top: 
 
     def engine_step():
         state["cache"], state["batch"], sampled = runner.decode_sample(state["cache"], state["batch"])
+        previous, state["pending"] = state.get("pending"), sampled
+        if previous is not None:
+            np.asarray(previous)  # the engine reads a step's tokens once the next one is launched
         return sampled
 
     def host_step():
@@ -77,8 +82,6 @@ def time_decode(runner: ModelRunner, batch: int, context: int, steps: int, top: 
     t0 = time.perf_counter()
     for _ in range(steps):
         out = step()
-        if inputs == "device":
-            np.asarray(out)  # the engine reads each step's tokens before the next
     jax.block_until_ready(out)
     host = (time.perf_counter() - t0) / steps
     calls = min(steps, 20)

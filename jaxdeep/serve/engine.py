@@ -77,9 +77,12 @@ class InferenceEngine:
         self._cancelled: set[str] = set()
         self._ids: set[str] = set()  # request ids queued or running
         self._last_batch = 0
-        # The decode batch lives on the device between steps (`ModelRunner.decode_sample`); it is sent again only
-        # when the requests in the slots change (`_batch_key`).
-        self._batch, self._batch_key = None, None
+        # The decode batch lives on the device between steps (`ModelRunner.decode_sample`): `_rows` says which
+        # request each of its rows decodes, and only rows whose request changes are sent again. A step is launched
+        # before the tokens of the one before are read (`_in_flight`), so the host's launch overlaps the GPU's work.
+        self._batch = None
+        self._rows: list[_Sequence | None] = [None] * self.geometry.num_slots
+        self._in_flight: tuple | None = None
         self._closed = False
         self._cond = threading.Condition()
         self._seeds = random.SystemRandom()
@@ -210,7 +213,8 @@ class InferenceEngine:
         return sum(1 for s in self._waiting if s.request.request_id not in self._cancelled)
 
     def _has_work(self) -> bool:
-        return bool(self._waiting or self._cancelled or any(s is not None for s in self._slots))
+        running = any(s is not None for s in self._slots)
+        return bool(self._waiting or self._cancelled or running or self._in_flight is not None)
 
     def _take_cancelled(self) -> list[_Sequence]:
         """Remove cancelled requests from the queue and their slots (so `_admit` can refill them); the caller
@@ -241,34 +245,55 @@ class InferenceEngine:
                 (token,) = self._sample(logits_v[None], [seq])
                 self._accept(seq, token)
         ready = [s for s in self._slots if s is not None and s.decoding and s.generated]
-        if not ready:
-            return
-        key = tuple((seq.slot, seq) for seq in ready)  # _Sequence compares by identity; the key holds them alive
-        if key != self._batch_key or self._batch is None:
-            self._batch, self._batch_key = self._decode_batch(ready), key
-        self._cache, self._batch, sampled_d = self.runner.decode_sample(self._cache, self._batch)
-        self._last_batch = len(ready)
-        sampled = np.asarray(sampled_d)
-        for seq in ready:
-            seq.cached += 1
-            self._accept(seq, int(sampled[seq.slot]))
+        launched = self._launch_decode(ready) if ready else None
+        if self._in_flight is not None:
+            self._read_decode(*self._in_flight)
+        self._in_flight = launched
 
-    def _decode_batch(self, ready: list[_Sequence]):
-        """The device's decode batch for these requests. Slots not decoding sit past the end: their writes land on
-        their own last position, which no request reaches (prompt + max_tokens <= max_context, and the last token
-        is never fed back)."""
-        slots, context = self.geometry.num_slots, self.geometry.max_context
-        tokens, positions, index = (
-            np.zeros(slots, np.int32),
-            np.full(slots, context, np.int32),
-            np.zeros(slots, np.int32),
-        )
-        rows: list[_Sequence | None] = [None] * slots
+    def _launch_decode(self, ready: list[_Sequence]) -> tuple:
+        """Bring the device batch up to date (rows whose request joined or left) and launch one decode step.
+        Returns what `_read_decode` needs once it is done."""
+        want: list[_Sequence | None] = [None] * self.geometry.num_slots
         for seq in ready:
-            tokens[seq.slot], positions[seq.slot], index[seq.slot] = seq.generated[-1], seq.cached, len(seq.generated)
-            rows[seq.slot] = seq
+            want[seq.slot] = seq
+        changed = [a is not b for a, b in zip(want, self._rows, strict=True)]
+        if self._batch is None or any(changed):
+            self._batch = self._decode_batch(want, None if self._batch is None else changed)
+        self._rows = want
+        self._cache, self._batch, sampled = self.runner.decode_sample(self._cache, self._batch)
+        self._last_batch = len(ready)
+        return sampled, [(seq.slot, seq) for seq in ready]
+
+    def _read_decode(self, sampled, rows: list[tuple[int, _Sequence]]) -> None:
+        """Accept a launched step's tokens, for the requests still in their slots (one that finished meanwhile
+        decoded a step past its end: that token is dropped, and its cache write stays in its own row)."""
+        sampled = np.asarray(sampled)
+        for slot, seq in rows:
+            if self._slots[slot] is seq:
+                seq.cached += 1
+                self._accept(seq, int(sampled[slot]))
+
+    def _decode_batch(self, rows: list[_Sequence | None], changed: list[bool] | None):
+        """The device's decode batch for these rows (a request, or None: idle), sent whole (`changed` None) or only
+        the changed rows. An idle row sits past the end: its writes land on its own last position, which no
+        request reaches (prompt + max_tokens <= max_context, and a request's last token is fed back at most once,
+        at a position below max_context)."""
+        slots, context = self.geometry.num_slots, self.geometry.max_context
+        tokens, index = np.zeros(slots, np.int32), np.zeros(slots, np.int32)
+        positions = np.full(slots, context, np.int32)
+        for seq in rows:
+            if seq is not None:
+                tokens[seq.slot], positions[seq.slot], index[seq.slot] = (
+                    seq.generated[-1],
+                    seq.cached,
+                    len(seq.generated),
+                )
         temperature, top_k, top_p, seed = self._sampling_rows(rows)
-        return self.runner.decode_batch(tokens, positions, temperature, top_k, top_p, seed, index)
+        if changed is None:
+            return self.runner.decode_batch(tokens, positions, temperature, top_k, top_p, seed, index)
+        return self.runner.decode_batch(
+            tokens, positions, temperature, top_k, top_p, seed, index, into=self._batch, rows=changed
+        )
 
     def _sampling_rows(self, rows: list[_Sequence | None]):
         """Per-row temperature, top_k, top_p and seed; rows without a request sample greedily (and are ignored)."""
@@ -331,7 +356,7 @@ class InferenceEngine:
     def _abort_running(self) -> None:
         for seq in [s for s in self._slots if s is not None]:
             self._finish(seq, "abort")
-        self._batch = None  # donated to the failed step, perhaps
+        self._batch, self._rows, self._in_flight = None, [None] * self.geometry.num_slots, None  # donated, perhaps
         try:  # a failed step may have consumed the donated cache: start from a fresh one
             self._cache = self.runner.new_cache()
         except Exception:

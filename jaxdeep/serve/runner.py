@@ -220,27 +220,39 @@ class ModelRunner:
             cache, logits = self.prefill(cache, tokens[start : start + chunk], slot, start)
         return cache, logits
 
-    def decode_batch(self, tokens_b, positions_b, temperature_b, top_k_b, top_p_b, seed_b, index_b) -> DecodeBatch:
-        """A `DecodeBatch` on the device from per-slot host values (two transfers: integers, then floats)."""
-        ints = np.stack(
-            [
-                np.asarray(a).astype(np.int64).astype(np.uint32).view(np.int32)
-                for a in (tokens_b, positions_b, top_k_b, seed_b, index_b)
-            ]
-        )
+    def decode_batch(
+        self, tokens_b, positions_b, temperature_b, top_k_b, top_p_b, seed_b, index_b, into=None, rows=None
+    ) -> DecodeBatch:
+        """A `DecodeBatch` on the device from per-slot host values (two transfers: integers, then floats). With
+        `into` (a device batch, donated) and `rows` (bool [slots]): `into` with only those rows replaced."""
+        columns = (tokens_b, positions_b, top_k_b, seed_b, index_b)  # the seeds' uint32 bits travel as int32
+        ints = np.stack([np.asarray(a).astype(np.int64).astype(np.uint32).view(np.int32) for a in columns])
         floats = np.stack([np.asarray(temperature_b, np.float32), np.asarray(top_p_b, np.float32)])
-        return self._unpack_batch(ints, floats)
+        if into is None:
+            return self._unpack_batch(ints, floats)
+        return self._merge_batch(into, np.asarray(rows, bool), ints, floats)
+
+    def _batch_jit(self, fn, **options):
+        # Placed as decode_sample returns its batch, so every batch hits the same compiled step.
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+        return jax.jit(fn, out_shardings=DecodeBatch(*[replicated] * len(DecodeBatch._fields)), **options)
+
+    @staticmethod
+    def _unpack(ints, floats) -> DecodeBatch:
+        tokens, positions, top_k, seed, index = ints
+        seed = jax.lax.bitcast_convert_type(seed, jnp.uint32)
+        return DecodeBatch(tokens, positions, floats[0], top_k, floats[1], seed, index)
 
     @functools.cached_property
     def _unpack_batch(self):
-        def unpack(ints, floats):
-            tokens, positions, top_k, seed, index = ints
-            seed = jax.lax.bitcast_convert_type(seed, jnp.uint32)
-            return DecodeBatch(tokens, positions, floats[0], top_k, floats[1], seed, index)
+        return self._batch_jit(self._unpack)
 
-        # Placed as decode_sample returns it, so both kinds of batch hit the same compiled step.
-        replicated = NamedSharding(self.mesh, PartitionSpec())
-        return jax.jit(unpack, out_shardings=DecodeBatch(*[replicated] * len(DecodeBatch._fields)))
+    @functools.cached_property
+    def _merge_batch(self):
+        def merge(batch, rows, ints, floats):
+            return jax.tree.map(lambda new, old: jnp.where(rows, new, old), self._unpack(ints, floats), batch)
+
+        return self._batch_jit(merge, donate_argnums=(0,))
 
     def decode_sample(self, cache: dict, batch: DecodeBatch) -> tuple[dict, DecodeBatch, jax.Array]:
         """One decode step of every slot and the next token of each, without leaving the device: returns the new
