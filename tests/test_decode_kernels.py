@@ -11,7 +11,7 @@ import pytest
 from jaxdeep.config import ConfigError, load_config
 from jaxdeep.serve.loading import from_config
 from jaxdeep.serve.runner import CacheGeometry, ModelRunner
-from kernels.decode import attention, decode_attention, resolve
+from kernels.decode import attention, chosen_experts, experts, resolve, write_attend
 from tests.fast_compile import FAST
 from tests.helpers import TINY
 
@@ -24,23 +24,6 @@ def _attention_inputs(dtype, layers=3, slots=4, context=300, heads=2, head_dim=6
     v = jax.random.normal(ks[1], (layers, slots, context, heads, head_dim), jnp.float32).astype(dtype)
     q = (2 * jax.random.normal(ks[2], (slots, heads, head_dim), jnp.float32)).astype(dtype)
     return q, k, v
-
-
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_attention_kernel_matches_reference(dtype):
-    """Positions at a chunk's first entry, mid-block, the cache's end, and an idle slot past it (reads the whole
-    row); a context that is a multiple of neither the chunk nor the block; outputs poisoned first."""
-    q, k, v = _attention_inputs(dtype)
-    positions = jnp.array([0, 129, 299, 305], jnp.int32)
-    scale = 64**-0.5
-    want = attention.reference(q.astype(jnp.float32), k, v, 1, jnp.minimum(positions, 299), scale)
-    got = attention.pallas(q, k, v, jnp.int32(1), positions, scale, interpret=True, poison=True)
-    assert got.dtype == dtype and not np.isnan(np.asarray(got, np.float32)).any()
-    np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=0, atol=TOL[dtype] * float(jnp.abs(want).max()))
-    # Entries past a query's position never count: garbage there changes nothing.
-    stale = k.at[:, 1, 130:].set(1e4)
-    got_stale = attention.pallas(q, stale, v, jnp.int32(1), positions, scale, interpret=True)
-    np.testing.assert_array_equal(np.asarray(got_stale[:2]), np.asarray(got[:2]))
 
 
 def _tables(positions, head_dim, theta=10000.0):
@@ -81,12 +64,9 @@ def test_write_attend_reads_nothing_past_the_position():
     np.testing.assert_array_equal(np.asarray(out2), np.asarray(out))
 
 
-def test_attention_kernel_lowers_to_triton():
+def test_write_attend_lowers_to_triton():
     """The Pallas-to-Triton lowering runs on any host: an op the backend lacks fails here, not first on a GPU."""
     q, k, v = _attention_inputs(jnp.bfloat16)
-    fn = lambda q, k, v, layer, pos: attention.pallas(q, k, v, layer, pos, 0.125)  # noqa: E731
-    text = jax.jit(fn).trace(q, k, v, jnp.int32(0), jnp.zeros(4, jnp.int32)).lower(lowering_platforms=("cuda",))
-    assert "__gpu$xla.gpu.triton" in text.as_text()
     cos, sin = _tables(jnp.zeros(4, jnp.int32), 64)
     fused = lambda *a: attention.write_attend(*a, 0.125)  # noqa: E731
     args = (q, q, q, cos, sin, k, v, jnp.int32(0), jnp.zeros(4, jnp.int32))
@@ -96,24 +76,72 @@ def test_attention_kernel_lowers_to_triton():
 def test_dispatch_and_bad_input():
     q, k, v = _attention_inputs(jnp.float32, context=40)
     pos = jnp.array([3, 0, 39, 12], jnp.int32)
-    np.testing.assert_allclose(
-        decode_attention(q, k, v, 2, pos, 0.3, impl="interpret"), decode_attention(q, k, v, 2, pos, 0.3), atol=1e-5
-    )
+    cos, sin = _tables(pos, 64)
+    args = (q, q, q, cos, sin, k, v, 2, pos, 0.3)
+    for got, want in zip(write_attend(*args, impl="interpret"), write_attend(*args), strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-5)
     if jax.default_backend() == "cpu":
         assert resolve("auto") == "reference"
         with pytest.raises(ValueError, match="'pallas' cannot run here: no GPU"):
             resolve("pallas")
     with pytest.raises(ValueError, match="impl must be one of"):
         resolve("triton")
+    odd = (q[..., :48], q[..., :48], q[..., :48], cos[:, :24], sin[:, :24], k[..., :48], v[..., :48], 0, pos, 0.3)
     with pytest.raises(ValueError, match="head_dim 48 is not a power of two"):
-        decode_attention(q[..., :48], k[..., :48], v[..., :48], 0, pos, 0.3, impl="interpret")
+        write_attend(*odd, impl="interpret")
 
 
-def _runner(kernels: str, **mesh):
+def _expert_inputs(dtype, n_experts=8, hidden=44, d=96, seed=0):
+    ks = jax.random.split(jax.random.key(seed), 3)
+    gate_up = (0.2 * jax.random.normal(ks[0], (n_experts, 2, hidden, d), jnp.float32)).astype(dtype)
+    down = (0.2 * jax.random.normal(ks[1], (n_experts, d, hidden), jnp.float32)).astype(dtype)
+    return jax.random.normal(ks[2], (d,), jnp.float32).astype(dtype), gate_up, down
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_chosen_experts_kernel_matches_reference(dtype):
+    """Hidden and model widths that are not powers of two and not multiples of the rows per program; an expert
+    chosen twice; outputs poisoned first."""
+    x, gate_up, down = _expert_inputs(dtype)
+    chosen, weights = jnp.array([5, 0, 7, 5], jnp.int32), jnp.array([0.4, 0.3, 0.2, 0.1], jnp.float32)
+    want = experts.reference(x, chosen, weights, gate_up, down)
+    got = experts.pallas(x, chosen, weights, gate_up, down, interpret=True, poison=True)
+    assert got.dtype == jnp.float32 and not np.isnan(np.asarray(got)).any()
+    np.testing.assert_allclose(got, want, rtol=0, atol=TOL[dtype] * float(jnp.abs(want).max()))
+    np.testing.assert_allclose(chosen_experts(x, chosen, weights, gate_up, down, impl="reference"), want, atol=1e-6)
+
+
+def test_chosen_experts_lower_to_triton():
+    x, gate_up, down = _expert_inputs(jnp.bfloat16, n_experts=64, hidden=1408, d=2048)
+    args = (x, jnp.arange(6, dtype=jnp.int32), jnp.ones(6), gate_up, down)
+    text = jax.jit(experts.pallas).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("__gpu$xla.gpu.triton") == 2
+
+
+def _runner(kernels: str, slots: int = 4, deepseek: bool = False, **mesh):
     axes = [f"mesh.{a}={n}" for a, n in mesh.items()]
-    cfg = load_config(None, [*TINY, "model.init_std=0.3", f"kernels.decode={kernels}", *axes])
+    if deepseek:
+        from tests.test_serve_engine import DEEPSEEK, EXPERIMENTS
+
+        cfg = load_config(EXPERIMENTS / "deepseek_tiny.yaml", [*DEEPSEEK, f"kernels.decode={kernels}", *axes])
+    else:
+        cfg = load_config(None, [*TINY, "model.init_std=0.3", f"kernels.decode={kernels}", *axes])
     loaded = from_config(cfg, compiler_options=FAST)
-    return loaded, ModelRunner.from_loaded(loaded, CacheGeometry(4, 40, 8), compiler_options=FAST)
+    return loaded, ModelRunner.from_loaded(loaded, CacheGeometry(slots, 40, 8), compiler_options=FAST)
+
+
+def test_one_token_deepseek_decode_through_the_experts_kernel():
+    """Batch-1 DeepSeek decode: the chosen experts run on the kernel; logits equal the full forward's."""
+    loaded, runner = _runner("interpret", slots=1, deepseek=True)
+    assert runner.relaid == ("projections", "experts")
+    forward = jax.jit(lambda p, s, t: loaded.merge(p, s)(t), compiler_options=FAST)
+    prompt = np.random.default_rng(2).integers(1, 256, 9).tolist()
+    cache, _ = runner.prefill_prompt(runner.new_cache(), prompt[:-1], 0)
+    traced = runner._decode.trace(runner.params, runner.model_state, cache, np.ones(1, np.int32), np.ones(1, np.int32))
+    assert str(traced.jaxpr).count("pallas_call") == 2  # gate/up and down, in the body of the MoE stack's scan
+    _, logits = runner.decode(cache, [prompt[-1]], [len(prompt) - 1])
+    full = np.asarray(forward(loaded.params, loaded.model_state, np.asarray([prompt])))[0, -1]
+    np.testing.assert_allclose(np.asarray(logits[0]), full, rtol=0, atol=1e-5 * np.abs(full).max())
 
 
 @pytest.mark.parametrize("mesh", [{}, {"tensor": 2, "data": 2}])
@@ -163,10 +191,10 @@ def test_write_attend_kernel_on_gpu(dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_attention_kernel_on_gpu(dtype):
-    q, k, v = _attention_inputs(dtype, layers=2, slots=8, context=1000, heads=16, head_dim=128, seed=3)
-    positions = jnp.array([0, 1, 127, 128, 511, 998, 999, 1500], jnp.int32)
-    want = attention.reference(q.astype(jnp.float32), k, v, 1, jnp.minimum(positions, 999), 128**-0.5)
-    got = jax.jit(lambda *a: attention.pallas(*a, 128**-0.5, poison=True))(q, k, v, jnp.int32(1), positions)
-    assert not np.isnan(np.asarray(got, np.float32)).any()
-    np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=0, atol=TOL[dtype] * float(jnp.abs(want).max()))
+def test_chosen_experts_kernel_on_gpu(dtype):
+    x, gate_up, down = _expert_inputs(dtype, n_experts=64, hidden=1408, d=2048, seed=4)
+    chosen, weights = jnp.array([63, 0, 17, 17, 5, 40], jnp.int32), jnp.linspace(0.3, 0.05, 6)
+    want = experts.reference(x, chosen, weights, gate_up, down)
+    got = jax.jit(lambda *a: experts.pallas(*a, poison=True))(x, chosen, weights, gate_up, down)
+    assert not np.isnan(np.asarray(got)).any()
+    np.testing.assert_allclose(got, want, rtol=0, atol=TOL[dtype] * float(jnp.abs(want).max()))

@@ -70,6 +70,25 @@ def row_reductions(groups: Iterable[str]):
         _ROW_REDUCTIONS.reset(token)
 
 
+_DECODE_KERNELS: contextvars.ContextVar[str] = contextvars.ContextVar("decode_kernels", default="xla")
+
+
+@contextlib.contextmanager
+def decode_kernels(impl: str):
+    """While tracing inside: single-token work that has a serving kernel (`kernels.decode`) runs on it with
+    implementation `impl` ("pallas" or "interpret"; "xla" keeps the model's code). Set by the serving runner."""
+    token = _DECODE_KERNELS.set(impl)
+    try:
+        yield
+    finally:
+        _DECODE_KERNELS.reset(token)
+
+
+def decode_kernel() -> str:
+    """The `kernels.decode` implementation single-token work runs on here (`decode_kernels`), or "xla"."""
+    return _DECODE_KERNELS.get()
+
+
 def row_reduction_for(group: str) -> bool:
     """Whether single-row products of weight group `group` run as row reductions here (`row_reductions`)."""
     return group in _ROW_REDUCTIONS.get()

@@ -15,7 +15,7 @@ from flax import nnx
 
 from jaxdeep.model.deepseek.rope import apply_rope, inverse_frequencies
 from jaxdeep.model.layers import rotary, rotary_tables
-from jaxdeep.model.matmul import project
+from jaxdeep.model.matmul import decode_kernel, project
 from jaxdeep.serve import cache as kv
 from jaxdeep.sharding import active_spec, constrain
 from kernels.decode import write_attend
@@ -94,16 +94,15 @@ def _decode_layer_norm(norm, x_btd: jax.Array) -> jax.Array:
     return (z * norm.scale[...].astype(jnp.float32) + norm.bias[...].astype(jnp.float32)).astype(x_btd.dtype)
 
 
-def extend_dense(
-    model, cache: dict, tokens_bt, positions_bt, slot_b, all_slots: bool, unroll: bool = False, kernels: str = "xla"
-):
-    """The dense `Transformer`: per-head K and V cached. `kernels` (config `kernels.decode`): "xla" attends with
-    jnp code; otherwise decode (one token for every slot) attends with `kernels.decode` (impl `kernels`)."""
+def extend_dense(model, cache: dict, tokens_bt, positions_bt, slot_b, all_slots: bool, unroll: bool = False):
+    """The dense `Transformer`: per-head K and V cached. Decode (one token for every slot) inside
+    `matmul.decode_kernels` rotates, caches and attends with `kernels.decode.write_attend`."""
     cfg, dt = model.cfg, DTYPES[model.cfg.dtype]
     read_rows = None if all_slots else slot_b
 
     decoding = tokens_bt.shape[1] == 1
     norm = _decode_layer_norm if decoding else (lambda module, x: module(x))
+    kernels = decode_kernel()
     attention_kernel = decoding and all_slots and kernels != "xla"
     scale = cfg.head_dim**-0.5
     tables = rotary_tables(positions_bt[:, 0], cfg.head_dim, cfg.rope_theta) if attention_kernel else None
@@ -196,12 +195,10 @@ def absorbed_mla(attn, h_btd, cache: dict, layer, positions_bt, slot_b, read_row
     return project("btnh,nhd->btd", o_btnh, attn.o_proj[...].astype(dt)), cache
 
 
-def extend_deepseek(
-    model, cache: dict, tokens_bt, positions_bt, slot_b, all_slots: bool, unroll: bool = False, kernels: str = "xla"
-):
+def extend_deepseek(model, cache: dict, tokens_bt, positions_bt, slot_b, all_slots: bool, unroll: bool = False):
     """The `DeepSeekModel`: dense then MoE blocks, MLA on the latent cache; MoE layers route and dispatch with
-    the model's own code (bias-adjusted selection, as in training). MTP modules are not used. `kernels` as for
-    `extend_dense` (no DeepSeek step uses a decode kernel yet)."""
+    the model's own code (bias-adjusted selection, as in training; one token's experts inside
+    `matmul.decode_kernels` on `kernels.decode.chosen_experts`). MTP modules are not used."""
     read_rows = None if all_slots else slot_b
     rope = _rope_tables_bt(positions_bt, model.cfg)
 

@@ -19,6 +19,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxdeep.config import ConfigError, ExperimentConfig
 from jaxdeep.model import KernelChoice
+from jaxdeep.model.matmul import decode_kernels as decode_kernel_context
 from jaxdeep.model.matmul import row_reductions
 from jaxdeep.serve import cache as kv
 from jaxdeep.serve.extend import model_functions
@@ -126,18 +127,11 @@ class ModelRunner:
                 return cache, logits(model, last_b1d)[0, 0]
 
         def decode(params, model_state, cache, tokens_b, positions_b):
-            with use_rules(self.rules, mesh), row_reductions(self.relaid):
+            with use_rules(self.rules, mesh), row_reductions(self.relaid), decode_kernel_context(self.decode_kernels):
                 model = merge(params, model_state)
                 slot_b = jnp.arange(slots, dtype=jnp.int32)
                 x_btd, cache = extend(
-                    model,
-                    cache,
-                    tokens_b[:, None],
-                    positions_b[:, None],
-                    slot_b,
-                    all_slots=True,
-                    unroll=unroll_layers,
-                    kernels=self.decode_kernels,
+                    model, cache, tokens_b[:, None], positions_b[:, None], slot_b, all_slots=True, unroll=unroll_layers
                 )
                 return cache, logits(model, x_btd)[:, 0]
 

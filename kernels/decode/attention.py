@@ -1,13 +1,13 @@
-"""One query token per sequence attending to its slot of a per-head KV cache (dense-model decode).
+"""A dense-model decode layer's attention in one launch: one new token per sequence rotates its query and key,
+stores key and value in its slot of a per-head KV cache and attends to the slot's entries up to its position.
 
-`q_bnh` [b, n, h] (already rotated) attends, head by head, to `k_cache` / `v_cache` [layers, slots, positions, n, h]
-at layer `layer`, slot b, positions 0 ... `positions_b[b]` (later entries are stale and never read). Returns
-[b, n, h] in q's dtype.
-
-The kernel splits each slot's positions into chunks (flash-decoding): one program per (sequence, head, chunk)
-runs an online softmax over its chunk in blocks of `BLOCK` positions, stopping at the query's position, and writes
-its unnormalised output with its running max and sum. A small XLA reduction merges the chunks. With a few chunks
-per head the programs fill the GPU at batch 1, where one program per head would leave most SMs idle.
+Caches are [layers, slots, positions, n, h]; new queries, keys and values [b, n, h] (slot b = row b); entries past a
+row's position are stale and never read. The kernel splits each slot's positions into chunks (flash-decoding):
+one program per (sequence, head, chunk) runs an online softmax over its chunk in blocks of `BLOCK` positions,
+stopping before the row's position, and the program whose chunk holds that position stores the new entry and
+counts it from registers. Each program writes its unnormalised output with its running max and sum, and a small
+XLA reduction merges the chunks. With a few chunks per head the programs fill the GPU at batch 1, where one
+program per head would leave most SMs idle.
 """
 
 from __future__ import annotations
@@ -34,72 +34,11 @@ def reference(q_bnh, k_cache, v_cache, layer, positions_b, scale: float) -> jax.
     return jnp.einsum("bns,bsnh->bnh", probs, values).astype(q_bnh.dtype)
 
 
-def _chunk_kernel(layer_ref, pos_ref, q_ref, k_ref, v_ref, o_ref, stats_ref, *, scale, chunk, block, head_dim):
-    b, n, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    context = k_ref.shape[2]
-    # An idle slot's position lies past the cache (`jaxdeep/serve/cache.write`): it reads the whole row.
-    layer, last = layer_ref[0], jnp.minimum(pos_ref[b], context - 1)
-    q = q_ref[b, n, :].astype(jnp.float32) * scale
-    start = s * chunk
-    visible = jnp.clip(last + 1 - start, 0, chunk)
-
-    def step(i, carry):
-        m, total, acc = carry
-        first = start + i * block
-        valid = first + jnp.arange(block) <= last
-        mask = jnp.broadcast_to(valid[:, None], (block, head_dim))
-        k = runtime.load(k_ref.at[layer, b, pl.ds(first, block), n, :], mask)
-        v = runtime.load(v_ref.at[layer, b, pl.ds(first, block), n, :], mask)
-        scores = jnp.where(valid, jnp.sum(k.astype(jnp.float32) * q[None, :], axis=1), -jnp.inf)
-        m_new = jnp.maximum(m, jnp.max(scores))
-        p = jnp.exp(scores - m_new)
-        alpha = jnp.exp(m - m_new)
-        return m_new, total * alpha + jnp.sum(p), acc * alpha + jnp.sum(p[:, None] * v.astype(jnp.float32), axis=0)
-
-    # A finite start for the max: exp(start - max) is then 0, never nan, for chunks the query sees nothing of.
-    init = (jnp.float32(-1e30), jnp.float32(0.0), jnp.zeros((head_dim,), jnp.float32))
-    m, total, acc = lax.fori_loop(0, (visible + block - 1) // block, step, init)
-    o_ref[s, b, n, :] = acc
-    stats_ref[s, b, n, :] = jnp.where(jnp.arange(2) == 0, m, total)
-
-
 def _merge(o_sbnh, stats_sbn2, dtype):
     m_sbn, l_sbn = stats_sbn2[..., 0], stats_sbn2[..., 1]
     w_sbn = jnp.exp(m_sbn - jnp.max(m_sbn, axis=0))
     out = jnp.sum(w_sbn[..., None] * o_sbnh, axis=0) / jnp.sum(w_sbn * l_sbn, axis=0)[..., None]
     return out.astype(dtype)
-
-
-def pallas(
-    q_bnh,
-    k_cache,
-    v_cache,
-    layer,
-    positions_b,
-    scale: float,
-    interpret: bool = False,
-    poison: bool = False,
-    chunk: int = CHUNK,
-    block: int = BLOCK,
-    num_warps: int = 4,
-):
-    """The chunked kernel (Pallas, Triton backend; `interpret` runs it on the host)."""
-    b, n, h = q_bnh.shape
-    chunks = -(-k_cache.shape[2] // chunk)
-    kernel = functools.partial(_chunk_kernel, scale=scale, chunk=chunk, block=block, head_dim=h)
-    o, stats = runtime.call(
-        kernel,
-        grid=(b, n, chunks),
-        inputs=(jnp.reshape(layer, (1,)).astype(jnp.int32), positions_b.astype(jnp.int32), q_bnh, k_cache, v_cache),
-        out_shapes=(
-            jax.ShapeDtypeStruct((chunks, b, n, h), jnp.float32),
-            jax.ShapeDtypeStruct((chunks, b, n, 2), jnp.float32),
-        ),
-        num_warps=num_warps,
-        interpret=interpret,
-        poison=poison,
-    )
-    return _merge(o, stats, q_bnh.dtype)
 
 
 def check(q_bnh, k_cache, v_cache) -> str | None:
