@@ -197,8 +197,9 @@ def absorbed_mla(attn, h_btd, cache: dict, layer, positions_bt, slot_b, read_row
 
 def extend_deepseek(model, cache: dict, tokens_bt, positions_bt, slot_b, all_slots: bool, unroll: bool = False):
     """The `DeepSeekModel`: dense then MoE blocks, MLA on the latent cache; MoE layers route and dispatch with
-    the model's own code (bias-adjusted selection, as in training; one token's experts inside
-    `matmul.decode_kernels` on `kernels.decode.chosen_experts`). MTP modules are not used."""
+    the model's own code (bias-adjusted selection, as in training). MTP modules are not used. No decode kernel
+    runs here yet (RESULTS.md: a kernel on the routed experts made XLA copy each layer's slice of the stacked
+    expert weights every step)."""
     read_rows = None if all_slots else slot_b
     rope = _rope_tables_bt(positions_bt, model.cfg)
 

@@ -2,14 +2,14 @@
 
 A batch-1 decode step of a 1B model on XLA alone runs ~20 small kernels per layer; each costs the GPU 1.5-2.5 µs
 whatever its size, which caps the step far below the memory roofline (experiments/benchmarks/RESULTS.md).
-These kernels do a layer's attention over the cache (rotation and cache write included) in one launch, and a
-token's chosen experts of an MoE layer in two. They are forward-only (serving does not differentiate).
+`write_attend` does a dense layer's attention over the cache, rotation and cache write included, in one launch.
+It is forward-only (serving does not differentiate).
 
 `impl`:
 - "pallas": Pallas kernels on the Triton backend (CUDA GPU; a ValueError elsewhere, saying why). See
   `runtime.py` for why this backend and not jax-triton or Mosaic GPU;
 - "interpret": the same kernels run on the host (CPU tests);
-- "reference": pure JAX (`attention.write_attend_reference`, `experts.reference`);
+- "reference": pure JAX (`attention.write_attend_reference`);
 - "auto": "pallas" where it can run, else "reference".
 """
 
@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import jax
 
-from kernels.decode import attention, experts, runtime
+from kernels.decode import attention, runtime
 
-__all__ = ["IMPLS", "chosen_experts", "resolve", "write_attend"]
+__all__ = ["IMPLS", "resolve", "write_attend"]
 
 IMPLS = ("auto", "pallas", "interpret", "reference")
 
@@ -62,20 +62,3 @@ def write_attend(
     if reason:
         raise ValueError(f"write_attend: {reason}")
     return attention.write_attend(*args, interpret=impl == "interpret")
-
-
-def chosen_experts(
-    x_d: jax.Array,
-    experts_k: jax.Array,
-    weights_k: jax.Array,
-    gate_up_e2fd: jax.Array,
-    down_edf: jax.Array,
-    impl: str = "auto",
-) -> jax.Array:
-    """One token's routed experts: sum_j weights[j] · SwiGLU expert experts[j] of x (`experts.reference`), float32
-    [d]. Weights with the contracted axis minor: gate/up [E, 2, F, d], down [E, d, F]."""
-    impl = resolve(impl)
-    args = (x_d, experts_k, weights_k, gate_up_e2fd, down_edf)
-    if impl == "reference":
-        return experts.reference(*args)
-    return experts.pallas(*args, interpret=impl == "interpret")

@@ -46,13 +46,6 @@ def load(ref, mask):
     return plt.load(ref, mask=mask, other=0)
 
 
-def store(ref, value, mask):
-    """Masked store (only where `mask` is True), on either backend."""
-    from jax.experimental.pallas import triton as plt
-
-    plt.store(ref, value, mask=mask)
-
-
 def call(
     kernel,
     *,

@@ -17,8 +17,7 @@ from jax.sharding import PartitionSpec
 
 from jaxdeep import sharding
 from jaxdeep.model.kernel_choice import DEFAULT_KERNELS, KernelChoice
-from jaxdeep.model.matmul import decode_kernel, grouped, row_reduction_for, single_row_product
-from kernels.decode import chosen_experts
+from jaxdeep.model.matmul import grouped, row_reduction_for, single_row_product
 
 TOKENS = ("batch", "act_seq", None)
 GATE_UP = ("expert", "embed", None, "mlp")  # [E, d, 2, F]: gate and up projections side by side
@@ -51,12 +50,6 @@ def gathered_experts(x_td, experts_tk, weights_tk, gate_up_edcf, down_efd):
     """Each token copy multiplied by its own expert's weights, gathered: for few copies (decode), where a grouped
     matmul would read every expert's weights to compute a handful of rows. Returns as `local_experts`."""
     t, k = experts_tk.shape
-    if t == 1 and row_reduction_for("experts") and decode_kernel() != "xla":
-        # One token on the serving kernels: the serving layout stores gate/up as [E, 2, F, d] and down as [E, d, F]
-        # (contracted axis minor), so these transposes only rename what the kernels read row-major.
-        gate_up_e2fd, down_edf = jnp.transpose(gate_up_edcf, (0, 2, 3, 1)), jnp.transpose(down_efd, (0, 2, 1))
-        y_d = chosen_experts(x_td[0], experts_tk[0], weights_tk[0], gate_up_e2fd, down_edf, impl=decode_kernel())
-        return y_d[None], jnp.int32(k)
     if t == 1 and row_reduction_for("experts"):  # one token, experts in the serving layout: row reductions
         # One slice per expert, not a gather: XLA lays a gather's output out as it sees fit, at times making the sum
         # a strided walk of the weight (7x slower on an H200); a slice keeps the weight's own layout, which in the
