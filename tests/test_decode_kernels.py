@@ -3,6 +3,8 @@ on a GPU) against the pure-JAX references, their lowering to Triton, and the run
 
 from __future__ import annotations
 
+import threading
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -33,12 +35,13 @@ def _tables(positions, head_dim, theta=10000.0):
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_write_attend_kernel_matches_reference(dtype):
-    """Rotation, cache write and attention in one kernel: the same output and caches as the reference, at a
-    chunk's first entry, mid-block, the cache's end and an idle slot past it; nothing else in the caches moves."""
-    q, k_cache, v_cache = _attention_inputs(dtype)
-    _, k_new, v_new = _attention_inputs(dtype, layers=1, seed=1)
+    """Rotation, cache write and attention in one kernel: the same output and caches as the reference at position 0,
+    a later chunk's first entry (its owner loops over nothing), mid-block, the cache's end and an idle slot past it;
+    nothing else in the caches moves."""
+    q, k_cache, v_cache = _attention_inputs(dtype, slots=5)
+    _, k_new, v_new = _attention_inputs(dtype, layers=1, slots=5, seed=1)
     k_new, v_new = k_new[0, :, 0], v_new[0, :, 0]  # [slots, heads, head_dim]
-    positions = jnp.array([0, 129, 299, 305], jnp.int32)
+    positions = jnp.array([0, 128, 129, 299, 305], jnp.int32)
     cos, sin = _tables(positions, 64)
     args = (q, k_new, v_new, cos, sin, k_cache, v_cache)
     want, want_k, want_v = attention.write_attend_reference(*args, 1, positions, 0.125)
@@ -49,7 +52,13 @@ def test_write_attend_kernel_matches_reference(dtype):
     np.testing.assert_array_equal(np.asarray(got_v), np.asarray(want_v))
     np.testing.assert_allclose(np.asarray(got_k, np.float32), np.asarray(want_k, np.float32), rtol=0, atol=1e-5)
     changed = np.argwhere(np.any(np.asarray(got_k) != np.asarray(k_cache), axis=(3, 4)))
-    assert {tuple(int(i) for i in c) for c in changed} == {(1, 0, 0), (1, 1, 129), (1, 2, 299), (1, 3, 299)}
+    assert {tuple(int(i) for i in c) for c in changed} == {
+        (1, 0, 0),
+        (1, 1, 128),
+        (1, 2, 129),
+        (1, 3, 299),
+        (1, 4, 299),
+    }
 
 
 def test_write_attend_reads_nothing_past_the_position():
@@ -89,6 +98,8 @@ def test_dispatch_and_bad_input():
     odd = (q[..., :48], q[..., :48], q[..., :48], cos[:, :24], sin[:, :24], k[..., :48], v[..., :48], 0, pos, 0.3)
     with pytest.raises(ValueError, match="head_dim 48 is not a power of two"):
         write_attend(*odd, impl="interpret")
+    with pytest.raises(ValueError, match="chunk 96 must be a multiple of block 64"):
+        attention.write_attend(*args, interpret=True, chunk=96)
 
 
 def _runner(kernels: str, **mesh):
@@ -116,6 +127,39 @@ def test_decode_through_the_kernel_matches_the_full_forward(mesh):
     for slot, prompt in prompts.items():
         full = np.asarray(forward(loaded.params, loaded.model_state, np.asarray([prompt])))[0, -1]
         np.testing.assert_allclose(np.asarray(logits[slot]), full, rtol=0, atol=1e-5 * np.abs(full).max())
+
+
+def test_engine_through_the_kernel_gives_the_greedy_tokens():
+    """Requests decoded together by the engine (device batch, one-step lookahead) through the kernel: each gets the
+    argmax continuation of the full forward."""
+    from jaxdeep.serve.api import GenerationRequest, SamplingParams
+    from jaxdeep.serve.engine import InferenceEngine
+    from jaxdeep.serve.tokenizers import ByteTokens
+
+    loaded, runner = _runner("interpret")
+    forward = jax.jit(lambda p, s, t: loaded.merge(p, s)(t), compiler_options=FAST)
+    engine = InferenceEngine(runner, ByteTokens(), "tiny")
+    rng = np.random.default_rng(4)
+    prompts = [rng.integers(1, 256, n).tolist() for n in (3, 11, 6)]
+    done, results = threading.Event(), {}
+
+    def on_event(event):
+        results.setdefault(event.request_id, []).append(event)
+        if sum(1 for evs in results.values() if evs[-1].finished) == len(prompts):
+            done.set()
+
+    try:
+        for i, prompt in enumerate(prompts):
+            params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+            engine.submit(GenerationRequest(f"k{i}", prompt, params), on_event)
+        assert done.wait(120)
+    finally:
+        engine.close()
+    for i, prompt in enumerate(prompts):
+        tokens = [e.token for e in results[f"k{i}"] if e.token is not None]
+        assert len(tokens) == 6
+        full = np.asarray(forward(loaded.params, loaded.model_state, np.asarray([prompt + tokens])))[0]
+        assert full[len(prompt) - 1 : -1].argmax(-1).tolist() == tokens
 
 
 def test_pallas_where_it_cannot_run_names_the_setting():

@@ -17,7 +17,7 @@ from jaxdeep.config import load_config
 from jaxdeep.serve.api import GenerationRequest, QueueFull, RequestError, SamplingParams
 from jaxdeep.serve.engine import InferenceEngine
 from jaxdeep.serve.loading import from_config
-from jaxdeep.serve.runner import CacheGeometry, ModelRunner
+from jaxdeep.serve.runner import CacheGeometry, DecodeBatch, ModelRunner
 from jaxdeep.serve.textstream import TextStream
 from tests.fast_compile import FAST
 from tests.helpers import TINY
@@ -221,7 +221,15 @@ def test_decode_sample_carries_the_batch_on_the_device(served):
     np.testing.assert_array_equal(np.asarray(following.positions), positions + active)
     np.testing.assert_array_equal(np.asarray(following.index), index + active)
     np.testing.assert_array_equal(np.asarray(following.seed), seed)
-    cache, _, _ = runner.decode_sample(cache, following)
+    cache, following, _ = runner.decode_sample(cache, following)
+    # Rows 0 and 3 replaced on the device; the others come through as they were.
+    rows = np.array([True, False, False, True])
+    before = jax.tree.map(np.asarray, following)
+    new = (tokens + 1, positions - 1, temperature * 2, top_k + 1, top_p / 2, seed, index)
+    merged = runner.decode_batch(*new, into=following, rows=rows)
+    for name, got, old, want in zip(DecodeBatch._fields, merged, before, new, strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.where(rows, want.astype(old.dtype), old), err_msg=name)
+    cache, _, _ = runner.decode_sample(cache, merged)
     runner.decode_sample(cache, runner.decode_batch(tokens, positions + 2, temperature, top_k, top_p, seed, index))
     assert runner._decode_sample._cache_size() == 1
 

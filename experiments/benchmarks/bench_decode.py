@@ -60,6 +60,8 @@ def time_decode(runner: ModelRunner, batch: int, context: int, steps: int, top: 
     (`decode_sample`, each step's tokens read on the host after the next is launched); "host": `decode` with
     inputs sent from the host."""
     start = context // 2
+    if start + steps + 2 + min(steps, 20) > context:  # every call moves the slots on; idle rows would read it all
+        raise SystemExit(f"--steps {steps} with the warm-up and the trace would run past --context {context}")
     state = {"cache": runner.new_cache(), "position": start - 1}
     tokens = np.ones((batch,), np.int32)
     zeros = np.zeros((batch,), np.int32)
@@ -151,7 +153,9 @@ def main() -> None:
             "unroll": not args.scan,
             "layout": layout,
             "inputs": args.inputs,
+            # the kernel choice, and whether this model has a decode kernel to take it (DeepSeek has none yet)
             "decode_kernels": runner.decode_kernels,
+            "decode_kernel_used": runner.decode_kernels != "xla" and cfg.model.kind != "deepseek",
             "xla_flags": os.environ.get("XLA_FLAGS", ""),
             "overrides": args.override,
         }

@@ -1,9 +1,10 @@
 """The inference engine: continuous batching over fixed cache slots, run by one background thread.
 
 Each turn of the loop: drop cancelled requests, admit waiting requests into free slots, prefill one chunk of
-every request still reading its prompt, then one decode step for every request that is generating. A request
+every request still reading its prompt, then launch one decode step for every request that is generating and
+read the tokens of the step launched on the turn before (so the host's launch overlaps the GPU's step). A request
 leaves its slot as soon as it finishes (eos, max_tokens, a stop string) or is cancelled, and the next waiting
-request takes the slot on the next turn.
+request takes the slot on the next turn; the token of the step it still had in flight is dropped.
 """
 
 from __future__ import annotations

@@ -146,7 +146,10 @@ def write_attend(
     block: int = BLOCK,
     num_warps: int = 4,
 ):
-    """`write_attend_reference` as one kernel launch; the caches are updated in place."""
+    """`write_attend_reference` as one kernel launch; the caches are updated in place. The new entry's score uses
+    the float32 rotated key; the cache (and so later steps, and the reference) holds it rounded to its dtype."""
+    if chunk % block or block & (block - 1):
+        raise ValueError(f"write_attend: chunk {chunk} must be a multiple of block {block}, a power of two")
     b, n, h = q_bnh.shape
     chunks = -(-k_cache.shape[2] // chunk)
     kernel = functools.partial(_write_attend_kernel, scale=scale, chunk=chunk, block=block, head_dim=h)

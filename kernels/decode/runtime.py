@@ -17,8 +17,6 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 DEPRECATION = ".*Pallas Triton backend is deprecated.*"
-# The warning comes when XLA lowers the kernel, after `call` has returned: say it once, not at every compile.
-warnings.filterwarnings("once", message=DEPRECATION, category=DeprecationWarning)
 
 
 @functools.cache
