@@ -10,8 +10,9 @@ before it reads the last one), without the engine's thread or HTTP.
 
 Roofline: a decode step must read the weights it uses and the cache it attends over. "needed" bytes count the
 weights a token of batch 1 touches (for MoE: the active parameters, shared and routed experts of one token)
-plus the cache of the positions in use; "read" bytes count what this implementation reads (all weights,
-every cached position of every slot, since decode attends over the whole slot with a mask). The bound is
+plus the cache of the positions in use; "read" bytes count what this implementation reads (all weights, and
+every cached position of every slot where decode attends over the whole slot with a mask; only the positions in
+use where the decode kernel attends). The bound is
 bytes / (bandwidth of a copy measured in the same run: `a + 1` over 2 GiB, timed on the GPU's clock from a
 profiler trace, as a host clock around the call would add the allocation and synchronisation of each call).
 Each row gives the step on the host's clock (what a server sees) and the GPU's busy time per step (from a
@@ -136,7 +137,8 @@ def main() -> None:
         step_s, busy_s, top = time_decode(runner, batch, args.context, args.steps, args.top, args.inputs)
         used_cache = cache_bytes * (args.context // 2) / args.context
         needed = active * itemsize + used_cache
-        read = weight_bytes - counts["embedding"] * itemsize + cache_bytes
+        kernel_used = runner.decode_kernels != "xla" and cfg.model.kind != "deepseek"
+        read = weight_bytes - counts["embedding"] * itemsize + (used_cache if kernel_used else cache_bytes)
         row = {
             "model": cfg.name,
             "device": device,
@@ -155,7 +157,7 @@ def main() -> None:
             "inputs": args.inputs,
             # the kernel choice, and whether this model has a decode kernel to take it (DeepSeek has none yet)
             "decode_kernels": runner.decode_kernels,
-            "decode_kernel_used": runner.decode_kernels != "xla" and cfg.model.kind != "deepseek",
+            "decode_kernel_used": kernel_used,
             "xla_flags": os.environ.get("XLA_FLAGS", ""),
             "overrides": args.override,
         }
