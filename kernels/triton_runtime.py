@@ -47,13 +47,18 @@ def _is_rocm() -> bool:
     return "rocm" in version or "hip" in version
 
 
-def unavailable_reason() -> str | None:
-    """Why the Triton kernels (runner "triton") cannot run here, or None when they can."""
+def cuda_unavailable_reason() -> str | None:
+    """Why this process has no CUDA GPU to run Triton kernels on, or None when it has one."""
     if jax.default_backend() != "gpu":
         return f"no GPU: the JAX backend is {jax.default_backend()!r}"
     if _is_rocm():
         return "the kernels use NVIDIA PTX; this GPU runs ROCm"
-    return _triton_import_error()
+    return None
+
+
+def unavailable_reason() -> str | None:
+    """Why the Triton kernels (runner "triton") cannot run here, or None when they can."""
+    return cuda_unavailable_reason() or _triton_import_error()
 
 
 def fill_value(dtype) -> Any:

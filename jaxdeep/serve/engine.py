@@ -282,13 +282,9 @@ class InferenceEngine:
         slots, context = self.geometry.num_slots, self.geometry.max_context
         tokens, index = np.zeros(slots, np.int32), np.zeros(slots, np.int32)
         positions = np.full(slots, context, np.int32)
-        for seq in rows:
-            if seq is not None:
-                tokens[seq.slot], positions[seq.slot], index[seq.slot] = (
-                    seq.generated[-1],
-                    seq.cached,
-                    len(seq.generated),
-                )
+        for seq in filter(None, rows):
+            tokens[seq.slot], index[seq.slot] = seq.generated[-1], len(seq.generated)
+            positions[seq.slot] = seq.cached
         temperature, top_k, top_p, seed = self._sampling_rows(rows)
         if changed is None:
             return self.runner.decode_batch(tokens, positions, temperature, top_k, top_p, seed, index)
@@ -304,12 +300,8 @@ class InferenceEngine:
         for i, seq in enumerate(rows):
             if seq is not None:
                 p = seq.request.params
-                temperature[i], top_k[i], top_p[i], seed[i] = (
-                    p.temperature,
-                    min(p.top_k, self.vocab_size),
-                    p.top_p,
-                    seq.seed,
-                )
+                temperature[i], top_p[i], seed[i] = p.temperature, p.top_p, seq.seed
+                top_k[i] = min(p.top_k, self.vocab_size)
         return temperature, top_k, top_p, seed
 
     def _sample(self, logits_bv, rows: list[_Sequence | None]) -> np.ndarray:

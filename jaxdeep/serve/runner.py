@@ -19,8 +19,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxdeep.config import ConfigError, ExperimentConfig
 from jaxdeep.model import KernelChoice
-from jaxdeep.model.matmul import decode_kernels as decode_kernel_context
-from jaxdeep.model.matmul import row_reductions
+from jaxdeep.model.matmul import decode_kernels, row_reductions
 from jaxdeep.serve import cache as kv
 from jaxdeep.serve.extend import model_functions
 from jaxdeep.serve.layout import relaid_groups, to_decode_layout
@@ -51,7 +50,7 @@ class DecodeBatch(NamedTuple):
     index: jax.Array
 
 
-def decode_kernels(choice: str) -> str:
+def decode_kernel_choice(choice: str) -> str:
     """What config `kernels.decode` runs as here: "xla", or an impl of `kernels.decode` ("pallas", "interpret")."""
     if choice == "xla":
         return "xla"
@@ -112,7 +111,7 @@ class ModelRunner:
         replicated = NamedSharding(mesh, PartitionSpec())
         state_sh = jax.tree.map(lambda a: a.sharding, model_state)
         extend, logits = model_functions(cfg.model.kind)
-        self.decode_kernels = decode_kernels(cfg.kernels.decode)
+        self.decode_kernels = decode_kernel_choice(cfg.kernels.decode)
         chunk, slots = geometry.prefill_chunk, geometry.num_slots
         pre_rules = prefill_rules(self.rules)
 
@@ -127,7 +126,7 @@ class ModelRunner:
                 return cache, logits(model, last_b1d)[0, 0]
 
         def decode(params, model_state, cache, tokens_b, positions_b):
-            with use_rules(self.rules, mesh), row_reductions(self.relaid), decode_kernel_context(self.decode_kernels):
+            with use_rules(self.rules, mesh), row_reductions(self.relaid), decode_kernels(self.decode_kernels):
                 model = merge(params, model_state)
                 slot_b = jnp.arange(slots, dtype=jnp.int32)
                 x_btd, cache = extend(

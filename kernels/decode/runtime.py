@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from kernels.triton_runtime import cuda_unavailable_reason
+
 DEPRECATION = ".*Pallas Triton backend is deprecated.*"
 
 
@@ -30,11 +32,7 @@ def _backend_error() -> str | None:
 
 def unavailable_reason() -> str | None:
     """Why the kernels cannot run compiled here, or None when they can."""
-    if jax.default_backend() != "gpu":
-        return f"no GPU: the JAX backend is {jax.default_backend()!r}"
-    if "rocm" in jax.devices()[0].client.platform_version.lower():
-        return "the kernels target CUDA; this GPU runs ROCm"
-    return _backend_error()
+    return cuda_unavailable_reason() or _backend_error()
 
 
 def load(ref, mask):
