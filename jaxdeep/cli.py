@@ -66,6 +66,11 @@ def _parser() -> argparse.ArgumentParser:
     engine.add_argument("--max-context", type=int, help="prompt + new tokens must fit in this many positions")
     engine.add_argument("--max-waiting", type=int, help="requests queued for a slot before new ones get HTTP 429")
     engine.add_argument("--prefill-chunk", type=int, help="prompt tokens per prefill step")
+    engine.add_argument(
+        "--decode-steps",
+        type=int,
+        help="decode steps per launch while no request waits or reads its prompt (tokens stream in bursts)",
+    )
     serve.set_defaults(coordinator=None, num_processes=None, process_id=None)
 
     from jaxdeep.serve import bench
@@ -196,7 +201,7 @@ def _convert(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     """`jaxdeep serve TARGET [overrides]`: load the engine, then serve until Ctrl-C."""
-    names = ("num_slots", "max_context", "max_waiting", "prefill_chunk")
+    names = ("num_slots", "max_context", "max_waiting", "prefill_chunk", "decode_steps")
     options = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     for name, value in options.items():
         if value < 1:

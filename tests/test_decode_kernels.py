@@ -61,6 +61,36 @@ def test_write_attend_kernel_matches_reference(dtype):
     }
 
 
+def test_write_attend_on_the_first_slots_of_a_larger_cache():
+    """Three rows of queries on a cache of five slots: rows are slots 0-2, which match the same slots decoded with
+    all five rows; slots 3 and 4 stay as they were."""
+    q, k_cache, v_cache = _attention_inputs(jnp.float32, slots=5)
+    positions = jnp.array([7, 130, 0, 50, 60], jnp.int32)
+    cos, sin = _tables(positions, 64)
+    full = attention.write_attend_reference(q, q, q, cos, sin, k_cache, v_cache, 2, positions, 0.125)
+    part = attention.write_attend(
+        q[:3], q[:3], q[:3], cos[:3], sin[:3], k_cache, v_cache, jnp.int32(2), positions[:3], 0.125, interpret=True
+    )
+    np.testing.assert_allclose(np.asarray(part[0]), np.asarray(full[0][:3]), rtol=0, atol=1e-5)
+    for got, all_rows, before in zip(part[1:], full[1:], (k_cache, v_cache), strict=True):
+        np.testing.assert_allclose(np.asarray(got[:, :3]), np.asarray(all_rows[:, :3]), rtol=0, atol=1e-5)
+        np.testing.assert_array_equal(np.asarray(got[:, 3:]), np.asarray(before[:, 3:]))
+    with pytest.raises(ValueError, match="6 rows of queries for a cache of 5 slots"):
+        six = jnp.concatenate([q, q[:1]])
+        write_attend(
+            six,
+            six,
+            six,
+            *_tables(jnp.zeros(6, jnp.int32), 64),
+            k_cache,
+            v_cache,
+            0,
+            jnp.zeros(6, jnp.int32),
+            1.0,
+            impl="interpret",
+        )
+
+
 def test_write_attend_reads_nothing_past_the_position():
     q, k_cache, v_cache = _attention_inputs(jnp.float32, context=200)
     positions = jnp.array([5, 64, 130, 199], jnp.int32)
@@ -123,10 +153,18 @@ def test_decode_through_the_kernel_matches_the_full_forward(mesh):
         cache, _ = runner.prefill_prompt(cache, prompt[:-1] or prompt, slot)
     tokens = np.array([prompts[0][-1], 1, prompts[2][-1], 7], np.int32)
     positions = np.array([4, 40, 16, 0], np.int32)  # slot 1 idle
-    _, logits = runner.decode(cache, tokens, positions)
+    _, logits = runner.decode(jax.tree.map(jnp.copy, cache), tokens, positions)
     for slot, prompt in prompts.items():
         full = np.asarray(forward(loaded.params, loaded.model_state, np.asarray([prompt])))[0, -1]
         np.testing.assert_allclose(np.asarray(logits[slot]), full, rtol=0, atol=1e-5 * np.abs(full).max())
+    if mesh:  # the mesh splits the slots: decode takes them all
+        assert runner.decode_sizes == (4,)
+        with pytest.raises(ValueError, match="rows"):
+            runner.decode(cache, tokens[:1], positions[:1])
+    else:  # the first slot alone
+        assert runner.decode_sizes == (1, 2, 4)
+        _, first = runner.decode(cache, tokens[:1], positions[:1])
+        np.testing.assert_allclose(np.asarray(first[0]), np.asarray(logits[0]), rtol=0, atol=1e-5 * np.abs(first).max())
 
 
 def test_engine_through_the_kernel_gives_the_greedy_tokens():
@@ -141,6 +179,7 @@ def test_engine_through_the_kernel_gives_the_greedy_tokens():
     engine = InferenceEngine(runner, ByteTokens(), "tiny")
     rng = np.random.default_rng(4)
     prompts = [rng.integers(1, 256, n).tolist() for n in (3, 11, 6)]
+    lengths = (6, 4, 2)  # the last slot empties first: decode shrinks to the first two slots, then to one
     done, results = threading.Event(), {}
 
     def on_event(event):
@@ -150,14 +189,14 @@ def test_engine_through_the_kernel_gives_the_greedy_tokens():
 
     try:
         for i, prompt in enumerate(prompts):
-            params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+            params = SamplingParams(max_tokens=lengths[i], temperature=0.0, ignore_eos=True)
             engine.submit(GenerationRequest(f"k{i}", prompt, params), on_event)
         assert done.wait(120)
     finally:
         engine.close()
     for i, prompt in enumerate(prompts):
         tokens = [e.token for e in results[f"k{i}"] if e.token is not None]
-        assert len(tokens) == 6
+        assert len(tokens) == lengths[i]
         full = np.asarray(forward(loaded.params, loaded.model_state, np.asarray([prompt + tokens])))[0]
         assert full[len(prompt) - 1 : -1].argmax(-1).tolist() == tokens
 

@@ -234,6 +234,36 @@ def test_decode_sample_carries_the_batch_on_the_device(served):
     assert runner._decode_sample._cache_size() == 1
 
 
+def test_decode_steps_equal_single_steps(served):
+    """A block of steps in one launch samples, writes and moves the batch as that many `decode_sample` calls; a
+    slot reaching the end of the context mid-block turns idle."""
+    _, _, engine, _ = served
+    runner = engine.runner
+    cache, _ = runner.prefill_prompt(runner.new_cache(), _prompt(6, 8), slot=1)
+    cache, _ = runner.prefill_prompt(cache, _prompt(CONTEXT - 2, 9), slot=2)
+    cache, _ = runner.prefill_prompt(cache, _prompt(9, 10), slot=3)
+    tokens, positions = np.array([0, 5, 3, 7], np.int32), np.array([CONTEXT, 6, CONTEXT - 2, 9], np.int32)
+    temperature, top_k = np.array([0, 0.8, 0, 1.0], np.float32), np.array([0, 5, 0, 0], np.int32)
+    top_p, seed, index = np.array([1, 0.9, 1, 1], np.float32), np.array([0, 2**32 - 1, 0, 4], np.uint32), np.arange(4)
+    columns = (tokens, positions, temperature, top_k, top_p, seed, index)
+    single_cache, single = jax.tree.map(jnp.copy, cache), runner.decode_batch(*columns)
+    expect = []
+    for _ in range(3):
+        single_cache, single, sampled = runner.decode_sample(single_cache, single)
+        expect.append(np.asarray(sampled))
+    cache, block, sampled = runner.decode_steps(cache, runner.decode_batch(*columns), 3)
+    np.testing.assert_array_equal(np.asarray(sampled), np.stack(expect))
+    for got, want in zip(jax.tree.leaves(cache), jax.tree.leaves(single_cache), strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    for name, got, want in zip(DecodeBatch._fields, block, single, strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=name)
+    np.testing.assert_array_equal(np.asarray(block.positions), [CONTEXT, 9, CONTEXT, 12])  # slot 2 ran out
+    runner.decode_steps(cache, block, 3)
+    assert runner._decode_block._cache_size() == 1
+    with pytest.raises(ValueError, match="steps"):
+        runner.decode_steps(cache, block, 0)
+
+
 def test_engine_greedy_is_argmax_of_full_forward(served):
     _, _, engine, forward = served
     for seed, (n_prompt, n_new) in enumerate([(5, 12), (17, 9)]):
@@ -323,6 +353,89 @@ def test_batched_requests_get_what_they_get_alone(served):
     other = _requests()[2]
     other.params = SamplingParams(max_tokens=14, temperature=1.3, top_k=5, seed=99)
     assert engine.generate(other, timeout=60).tokens != alone["r2"].tokens
+
+
+class _StepsSeen:
+    """A runner that records the steps and rows of each block the engine launches."""
+
+    def __init__(self, runner):
+        self.runner, self.steps, self.sizes = runner, [], []
+
+    def __getattr__(self, name):
+        return getattr(self.runner, name)
+
+    def decode_steps(self, cache, batch, steps):
+        self.steps.append(steps)
+        self.sizes.append(batch.tokens.shape[0])
+        return self.runner.decode_steps(cache, batch, steps)
+
+
+def test_blocks_of_steps_give_every_request_what_one_step_does(served):
+    """An engine launching up to three steps at once gives the same tokens, text and ends as one launching one:
+    requests alone, batched with joins and leaves, and ended early by a stop string or a short max_tokens."""
+    _, _, engine, _ = served
+    runner = _StepsSeen(engine.runner)
+    blocks = InferenceEngine(runner, Letters(), "blocks", decode_steps=3)
+    single = _sibling(engine, Letters())
+    try:
+        requests = _requests()
+        requests[4].params = SamplingParams(max_tokens=5, temperature=1.0, seed=6)
+        stopped = single.generate(requests[4], timeout=60).text
+        requests[4].params = SamplingParams(max_tokens=5, temperature=1.0, seed=6, stop=(stopped[2:4],))
+        want = {r.request_id: single.generate(r, timeout=60) for r in requests}
+        assert want["r4"].finish_reason == "stop" and want["r4"].text == stopped[: stopped.find(stopped[2:4])]
+        got = {r.request_id: blocks.generate(r, timeout=60) for r in requests}
+        assert 3 in runner.steps and 1 in runner.steps
+        assert set(runner.sizes) == {1}  # alone in slot 0: decoded as batch 1
+        together: dict[str, list] = {}
+        done = threading.Event()
+
+        def on_event(event):
+            together.setdefault(event.request_id, []).append(event)
+            if sum(1 for evs in together.values() if evs[-1].finished) == len(requests):
+                done.set()
+
+        runner.steps.clear(), runner.sizes.clear()
+        for r in requests:
+            blocks.submit(r, on_event)
+        assert done.wait(120)
+        assert 3 in runner.steps and set(runner.sizes) > {SLOTS}  # fewer rows as the slots empty
+        for r in requests:
+            events = together[r.request_id]
+            tokens = [e.token for e in events if e.token is not None]
+            alone = (got[r.request_id].tokens, got[r.request_id].text, got[r.request_id].finish_reason)
+            expected = (want[r.request_id].tokens, want[r.request_id].text, want[r.request_id].finish_reason)
+            assert alone == expected, r.request_id
+            assert (tokens, "".join(e.text for e in events), events[-1].finish_reason) == expected, r.request_id
+    finally:
+        blocks.close()
+        single.close()
+    with pytest.raises(ValueError, match="decode_steps"):
+        InferenceEngine(engine.runner, Letters(), "bad", decode_steps=0)
+
+
+def test_warm_up_compiles_every_decode_program(models):
+    """After a warm-up, serving requests of every batch size compiles nothing more."""
+    _, loaded, _, _ = models.get("dense")
+    runner = ModelRunner.from_loaded(loaded, CacheGeometry(SLOTS, CONTEXT, CHUNK), compiler_options=FAST)
+    engine = InferenceEngine(runner, Letters(), "warm", decode_steps=2, warm_up=True)
+    try:
+        compiled = runner._decode_block._cache_size()
+        assert compiled == 2 * len(runner.decode_sizes) == 6
+        done, finished = threading.Event(), []
+
+        def on_event(event):
+            if event.finished:
+                finished.append(event)
+                if len(finished) == 3:
+                    done.set()
+
+        for i, n in enumerate((9, 5, 3)):
+            engine.submit(GenerationRequest(f"w{i}", _prompt(4, i), _greedy(n)), on_event)
+        assert done.wait(120)
+        assert runner._decode_block._cache_size() == compiled and runner._prefill._cache_size() == 1
+    finally:
+        engine.close()
 
 
 def test_sampling_cuts_and_seeds():

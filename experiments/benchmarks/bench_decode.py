@@ -55,13 +55,17 @@ def tree_bytes(tree) -> int:
     return sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(tree))
 
 
-def time_decode(runner: ModelRunner, batch: int, context: int, steps: int, top: int = 0, inputs: str = "device"):
+def time_decode(
+    runner: ModelRunner, batch: int, context: int, steps: int, top: int = 0, inputs: str = "device", block: int = 0
+):
     """Seconds per decode step on the host's clock, the GPU's busy seconds per step, and the `top` kernel names
     by GPU time per step: [(name, (µs per step, kernels per step))]. inputs "device": the engine's step
     (`decode_sample`, each step's tokens read on the host after the next is launched); "host": `decode` with
-    inputs sent from the host."""
-    start = context // 2
-    if start + steps + 2 + min(steps, 20) > context:  # every call moves the slots on; idle rows would read it all
+    inputs sent from the host. block > 0: the engine's block of that many steps per launch (`decode_steps`),
+    `steps // block` launches timed; figures are still per step."""
+    start, per_call = context // 2, max(block, 1)
+    calls = max(steps // per_call, 1)
+    if start + per_call * (calls + 3 + min(calls, 20)) > context:  # every call moves the slots on
         raise SystemExit(f"--steps {steps} with the warm-up and the trace would run past --context {context}")
     state = {"cache": runner.new_cache(), "position": start - 1}
     tokens = np.ones((batch,), np.int32)
@@ -69,7 +73,10 @@ def time_decode(runner: ModelRunner, batch: int, context: int, steps: int, top: 
     state["batch"] = runner.decode_batch(tokens, np.full((batch,), start), zeros, zeros, np.ones(batch), zeros, zeros)
 
     def engine_step():
-        state["cache"], state["batch"], sampled = runner.decode_sample(state["cache"], state["batch"])
+        if block:
+            state["cache"], state["batch"], sampled = runner.decode_steps(state["cache"], state["batch"], block)
+        else:
+            state["cache"], state["batch"], sampled = runner.decode_sample(state["cache"], state["batch"])
         previous, state["pending"] = state.get("pending"), sampled
         if previous is not None:
             np.asarray(previous)  # the engine reads a step's tokens once the next one is launched
@@ -81,16 +88,18 @@ def time_decode(runner: ModelRunner, batch: int, context: int, steps: int, top: 
         return logits
 
     step = engine_step if inputs == "device" else host_step
-    jax.block_until_ready(step())  # compile + warm up
+    for _ in range(2):  # compile, then the first replay (XLA may record or update its CUDA graphs there)
+        jax.block_until_ready(step())
     t0 = time.perf_counter()
-    for _ in range(steps):
+    for _ in range(calls):
         out = step()
     jax.block_until_ready(out)
-    host = (time.perf_counter() - t0) / steps
-    calls = min(steps, 20)
-    events = gpu_events(step, calls=calls)  # one trace for both figures
-    ranked = sorted(kernel_totals(events, calls).items(), key=lambda kv: -kv[1][0])[:top]
-    return host, busy_seconds(events, calls), [(name, (ns / 1e3, count)) for name, (ns, count) in ranked]
+    host = (time.perf_counter() - t0) / (calls * per_call)
+    traced = min(calls, 20)
+    events = gpu_events(step, calls=traced)  # one trace for both figures
+    ranked = sorted(kernel_totals(events, traced * per_call).items(), key=lambda kv: -kv[1][0])[:top]
+    busy = busy_seconds(events, traced * per_call)
+    return host, busy, [(name, (ns / 1e3, count)) for name, (ns, count) in ranked]
 
 
 def main() -> None:
@@ -115,6 +124,13 @@ def main() -> None:
         default="device",
         help="device: the engine's step (decode_sample); host: the model's step with inputs sent each step",
     )
+    ap.add_argument(
+        "--decode-steps",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="with --inputs device: steps per launch (ModelRunner.decode_steps); 0: decode_sample, one per launch",
+    )
     ap.add_argument("--top", type=int, default=0, help="print the N kernels that take the most GPU time per step")
     ap.add_argument("--out", default=None, help="append one JSON line per batch size here")
     args = ap.parse_args()
@@ -128,13 +144,18 @@ def main() -> None:
     bandwidth = copy_bandwidth(args.copy_bytes)
     device = jax.devices()[0].device_kind
     print(f"{cfg.name} on {device}: weights {weight_bytes / 1e9:.2f} GB, copy bandwidth {bandwidth / 1e12:.2f} TB/s")
-    for layout, batch in itertools.product(args.layout, args.batch):
+    if args.inputs == "host" and args.decode_steps != [0]:
+        raise SystemExit("--decode-steps times the engine's step: use it with --inputs device")
+    for layout, batch, block in itertools.product(args.layout, args.batch, args.decode_steps):
         geometry = CacheGeometry(num_slots=batch, max_context=args.context, prefill_chunk=batch)
         runner = ModelRunner.from_loaded(
-            loaded, geometry, unroll_layers=not args.scan, decode_layout=layout == "decode"
+            loaded,
+            geometry,
+            unroll_layers=not args.scan,
+            decode_layout=layout == "decode",
         )
         cache_bytes = tree_bytes(jax.eval_shape(runner.new_cache))
-        step_s, busy_s, top = time_decode(runner, batch, args.context, args.steps, args.top, args.inputs)
+        step_s, busy_s, top = time_decode(runner, batch, args.context, args.steps, args.top, args.inputs, block)
         used_cache = cache_bytes * (args.context // 2) / args.context
         needed = active * itemsize + used_cache
         kernel_used = runner.decode_kernels != "xla" and cfg.model.kind != "deepseek"
@@ -155,6 +176,7 @@ def main() -> None:
             "unroll": not args.scan,
             "layout": layout,
             "inputs": args.inputs,
+            "decode_steps": block,  # steps per launch (0: decode_sample)
             # the kernel choice, and whether this model has a decode kernel to take it (DeepSeek has none yet)
             "decode_kernels": runner.decode_kernels,
             "decode_kernel_used": kernel_used,

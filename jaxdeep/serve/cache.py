@@ -84,7 +84,8 @@ def write(
     return cache_lsx.at[layer, rows_bt, positions_bt].set(new_btx, mode="drop" if drop else "clip")
 
 
-def read(cache_lsx: jax.Array, layer, slot_b: jax.Array | None) -> jax.Array:
-    """Rows [b, positions, ...] of layer `layer`: all slots in order (slot_b None) or the given ones."""
+def read(cache_lsx: jax.Array, layer, slot_b: jax.Array | None, rows: int | None = None) -> jax.Array:
+    """Rows [b, positions, ...] of layer `layer`: the given slots, or (slot_b None) the first `rows` slots in
+    order (all of them when rows is None)."""
     layer_sx = cache_lsx[layer]
-    return layer_sx if slot_b is None else layer_sx[slot_b]
+    return layer_sx[:rows] if slot_b is None else layer_sx[slot_b]

@@ -1,10 +1,14 @@
 """The inference engine: continuous batching over fixed cache slots, run by one background thread.
 
 Each turn of the loop: drop cancelled requests, admit waiting requests into free slots, prefill one chunk of
-every request still reading its prompt, then launch one decode step for every request that is generating and
-read the tokens of the step launched on the turn before (so the host's launch overlaps the GPU's step). A request
-leaves its slot as soon as it finishes (eos, max_tokens, a stop string) or is cancelled, and the next waiting
-request takes the slot on the next turn; the token of the step it still had in flight is dropped.
+every request still reading its prompt, then launch a block of decode steps for every request that is
+generating and read the tokens of the block launched on the turn before (so the host's launch overlaps the GPU's
+work). A block is one step, or `decode_steps` steps while no request waits for a slot or reads its prompt: one
+launch then serves several tokens, and the host's cost per token shrinks. A request leaves its slot as soon as it
+finishes (eos, max_tokens, a stop string) or is cancelled, and the next waiting request takes the slot on the next
+turn; the tokens it still had in flight are dropped. A request takes the lowest free slot, and decode runs over
+the fewest leading slots that hold every generating request (`ModelRunner.decode_sizes`): a lone request decodes
+as batch 1, however many slots the engine has.
 """
 
 from __future__ import annotations
@@ -63,8 +67,19 @@ class Completion:
 class InferenceEngine:
     """Implements `jaxdeep.serve.api.Engine`."""
 
-    def __init__(self, runner: ModelRunner, tokenizer: Tokenizer, model_name: str, max_waiting: int = 64):
+    def __init__(
+        self,
+        runner: ModelRunner,
+        tokenizer: Tokenizer,
+        model_name: str,
+        max_waiting: int = 64,
+        decode_steps: int = 1,
+        warm_up: bool = False,
+    ):
+        if not isinstance(decode_steps, int) or decode_steps < 1:
+            raise ValueError(f"decode_steps must be an integer >= 1, got {decode_steps!r}")
         self.runner = runner
+        self.decode_steps = decode_steps
         self.tokenizer = tokenizer
         # Trailing U+FFFD a stream holds back (TextStream): tokenizers may say how many an incomplete character makes.
         self._hold = getattr(tokenizer, "hold_replacements", 3)
@@ -78,8 +93,8 @@ class InferenceEngine:
         self._cancelled: set[str] = set()
         self._ids: set[str] = set()  # request ids queued or running
         self._last_batch = 0
-        # The decode batch lives on the device between steps (`ModelRunner.decode_sample`): `_rows` says which
-        # request each of its rows decodes, and only rows whose request changes are sent again. A step is launched
+        # The decode batch lives on the device between steps (`ModelRunner.decode_steps`): `_rows` says which
+        # request each of its rows decodes, and only rows whose request changes are sent again. A block is launched
         # before the tokens of the one before are read (`_in_flight`), so the host's launch overlaps the GPU's work.
         self._batch = None
         self._rows: list[_Sequence | None] = [None] * self.geometry.num_slots
@@ -87,6 +102,8 @@ class InferenceEngine:
         self._closed = False
         self._cond = threading.Condition()
         self._seeds = random.SystemRandom()
+        if warm_up:
+            self._warm_up()
         self._thread = threading.Thread(target=self._loop, name="jaxdeep-engine", daemon=True)
         self._thread.start()
 
@@ -101,14 +118,19 @@ class InferenceEngine:
         model_name: str | None = None,
         compiler_options: dict | None = None,
         own_params: bool = False,
+        decode_steps: int = 1,
+        warm_up: bool = False,
     ) -> InferenceEngine:
         """num_slots: sequences decoded together; max_context: positions per slot (default: the model's training
         length; for HF models max_position_embeddings, at most 4096); prefill_chunk: prompt tokens per prefill call;
         max_waiting: queued requests before submit raises QueueFull; own_params: the engine takes over
-        `loaded.params` (the runner frees each weight it re-lays out; `loaded` must not be used after)."""
+        `loaded.params` (the runner frees each weight it re-lays out; `loaded` must not be used after);
+        decode_steps: decode steps per launch while no request waits or reads its prompt (tokens then stream in
+        bursts of that many); warm_up: compile every program the engine runs before it starts (one per decode
+        size and block), so no request waits for a compilation."""
         geometry = CacheGeometry(num_slots, max_context or loaded.context_limit, prefill_chunk)
         runner = ModelRunner.from_loaded(loaded, geometry, compiler_options=compiler_options, donate_params=own_params)
-        return cls(runner, loaded.tokenizer, model_name or loaded.name, max_waiting)
+        return cls(runner, loaded.tokenizer, model_name or loaded.name, max_waiting, decode_steps, warm_up)
 
     # ------------------------------------------------------------------------- the Engine protocol
 
@@ -246,40 +268,60 @@ class InferenceEngine:
                 (token,) = self._sample(logits_v[None], [seq])
                 self._accept(seq, token)
         ready = [s for s in self._slots if s is not None and s.decoding and s.generated]
-        launched = self._launch_decode(ready) if ready else None
+        launched = self._launch_decode(ready, self._block_steps(ready)) if ready else None
         if self._in_flight is not None:
             self._read_decode(*self._in_flight)
         self._in_flight = launched
 
-    def _launch_decode(self, ready: list[_Sequence]) -> tuple:
-        """Bring the device batch up to date (rows whose request joined or left) and launch one decode step.
-        Returns what `_read_decode` needs once it is done."""
-        want: list[_Sequence | None] = [None] * self.geometry.num_slots
+    def _block_steps(self, ready: list[_Sequence]) -> int:
+        """Steps of the next block: `decode_steps` while no request waits for a slot or reads its prompt, and some
+        request has that many tokens left beyond those in flight; otherwise one, so that a slot is freed, a
+        prompt read, or a request's end reached without decoding past it."""
+        if self.decode_steps == 1 or self._waiting or any(s is not None and not s.decoding for s in self._slots):
+            return 1
+        flying, flying_steps = set(), 0
+        if self._in_flight is not None:
+            sampled, rows = self._in_flight
+            flying, flying_steps = {seq for _, seq in rows}, sampled.shape[0]
+        left = max(s.request.params.max_tokens - len(s.generated) - flying_steps * (s in flying) for s in ready)
+        return self.decode_steps if left >= self.decode_steps else 1
+
+    def _launch_decode(self, ready: list[_Sequence], steps: int) -> tuple:
+        """Bring the device batch up to date (its size, and rows whose request joined or left) and launch a block
+        of `steps` decode steps. Returns what `_read_decode` needs once it is done."""
+        want: list[_Sequence | None] = [None] * self.runner.decode_size(1 + max(seq.slot for seq in ready))
         for seq in ready:
             want[seq.slot] = seq
-        changed = [a is not b for a, b in zip(want, self._rows, strict=True)]
-        if self._batch is None or any(changed):
-            self._batch = self._decode_batch(want, None if self._batch is None else changed)
+        if self._batch is None:
+            self._batch = self._decode_batch(want, None)
+        else:
+            if len(want) != len(self._rows):  # on the device: kept rows may have a step in flight
+                self._batch = self.runner.resize_batch(self._batch, len(want))
+                self._rows = (self._rows + [None] * len(want))[: len(want)]
+            changed = [a is not b for a, b in zip(want, self._rows, strict=True)]
+            if any(changed):
+                self._batch = self._decode_batch(want, changed)
         self._rows = want
-        self._cache, self._batch, sampled = self.runner.decode_sample(self._cache, self._batch)
+        self._cache, self._batch, sampled = self.runner.decode_steps(self._cache, self._batch, steps)
         self._last_batch = len(ready)
         return sampled, [(seq.slot, seq) for seq in ready]
 
     def _read_decode(self, sampled, rows: list[tuple[int, _Sequence]]) -> None:
-        """Accept a launched step's tokens, for the requests still in their slots (one that finished meanwhile
-        decoded a step past its end: that token is dropped, and its cache write stays in its own row)."""
-        sampled = np.asarray(sampled)
-        for slot, seq in rows:
-            if self._slots[slot] is seq:
-                seq.cached += 1
-                self._accept(seq, int(sampled[slot]))
+        """Accept a launched block's tokens [steps, slots] in order, for the requests still in their slots (one
+        that finished meanwhile decoded past its end: those tokens are dropped, and its cache writes stay in its own
+        row)."""
+        for tokens_b in np.asarray(sampled):
+            for slot, seq in rows:
+                if self._slots[slot] is seq:
+                    seq.cached += 1
+                    self._accept(seq, int(tokens_b[slot]))
 
     def _decode_batch(self, rows: list[_Sequence | None], changed: list[bool] | None):
         """The device's decode batch for these rows (a request, or None: idle), sent whole (`changed` None) or only
         the changed rows. An idle row sits past the end: its writes land on its own last position, which no
         request reaches (prompt + max_tokens <= max_context, and a request's last token is fed back at most once,
         at a position below max_context)."""
-        slots, context = self.geometry.num_slots, self.geometry.max_context
+        slots, context = len(rows), self.geometry.max_context
         tokens, index = np.zeros(slots, np.int32), np.zeros(slots, np.int32)
         positions = np.full(slots, context, np.int32)
         for seq in filter(None, rows):
@@ -291,6 +333,16 @@ class InferenceEngine:
         return self.runner.decode_batch(
             tokens, positions, temperature, top_k, top_p, seed, index, into=self._batch, rows=changed
         )
+
+    def _warm_up(self) -> None:
+        """Run each program the loop may run once, on idle rows and a scratch slot's prefill."""
+        cache, _ = self.runner.prefill(self._cache, [0], slot=0, start=0)
+        for size in self.runner.decode_sizes:
+            for steps in sorted({1, self.decode_steps}):
+                idle = [None] * size
+                cache, _, tokens = self.runner.decode_steps(cache, self._decode_batch(idle, None), steps)
+        np.asarray(tokens)
+        self._cache = cache
 
     def _sampling_rows(self, rows: list[_Sequence | None]):
         """Per-row temperature, top_k, top_p and seed; rows without a request sample greedily (and are ignored)."""

@@ -1,7 +1,7 @@
 """Run new tokens through the model against the KV cache: the one computation behind prefill and decode.
 
 `extend` takes tokens [b, t] at absolute positions [b, t] for cache rows `slot_b` (prefill: one slot, a chunk of
-t prompt tokens; decode: every slot, t = 1), writes their keys into the cache, attends to everything cached
+t prompt tokens; decode: the first b slots, t = 1), writes their keys into the cache, attends to everything cached
 at positions <= each query's own, and returns the updated cache and the final residual stream. The layers
 use the model's own modules and parameters (norms, MLPs, MoE routing and dispatch); only attention is
 rewritten, because it reads the cache.
@@ -94,16 +94,19 @@ def _decode_layer_norm(norm, x_btd: jax.Array) -> jax.Array:
     return (z * norm.scale[...].astype(jnp.float32) + norm.bias[...].astype(jnp.float32)).astype(x_btd.dtype)
 
 
-def extend_dense(model, cache: dict, tokens_bt, positions_bt, slot_b, all_slots: bool, unroll: bool = False):
-    """The dense `Transformer`: per-head K and V cached. Decode (one token for every slot) inside
-    `matmul.decode_kernels` rotates, caches and attends with `kernels.decode.write_attend`."""
+def extend_dense(model, cache: dict, tokens_bt, positions_bt, slot_b, leading_slots: bool, unroll: bool = False):
+    """The dense `Transformer`: per-head K and V cached. leading_slots: the rows are the cache's first b slots
+    (decode), written with idle positions clamped and read without a gather; otherwise the slots `slot_b`. Decode
+    (one token per row) inside `matmul.decode_kernels` rotates, caches and attends with
+    `kernels.decode.write_attend`."""
     cfg, dt = model.cfg, DTYPES[model.cfg.dtype]
-    read_rows = None if all_slots else slot_b
+    read_rows = None if leading_slots else slot_b
+    rows = slot_b.shape[0]
 
     decoding = tokens_bt.shape[1] == 1
     norm = _decode_layer_norm if decoding else (lambda module, x: module(x))
     kernels = decode_kernel()
-    attention_kernel = decoding and all_slots and kernels != "xla"
+    attention_kernel = decoding and leading_slots and kernels != "xla"
     scale = cfg.head_dim**-0.5
     tables = rotary_tables(positions_bt[:, 0], cfg.head_dim, cfg.rope_theta) if attention_kernel else None
 
@@ -122,10 +125,13 @@ def extend_dense(model, cache: dict, tokens_bt, positions_bt, slot_b, all_slots:
             q_btnh = rotary(q_btnh, positions_bt, cfg.rope_theta)
             k_btnh = rotary(k_btnh, positions_bt, cfg.rope_theta)
             cache = {
-                "k": kv.write(cache["k"], k_btnh, layer, slot_b, positions_bt, drop=not all_slots),
-                "v": kv.write(cache["v"], v_btnh, layer, slot_b, positions_bt, drop=not all_slots),
+                "k": kv.write(cache["k"], k_btnh, layer, slot_b, positions_bt, drop=not leading_slots),
+                "v": kv.write(cache["v"], v_btnh, layer, slot_b, positions_bt, drop=not leading_slots),
             }
-            keys_bsnh, values_bsnh = kv.read(cache["k"], layer, read_rows), kv.read(cache["v"], layer, read_rows)
+            keys_bsnh, values_bsnh = (
+                kv.read(cache["k"], layer, read_rows, rows),
+                kv.read(cache["v"], layer, read_rows, rows),
+            )
             scores = jnp.einsum("btnh,bsnh->bnts", q_btnh, keys_bsnh) * scale
             probs = _softmax(constrain(scores, SCORES), _causal_mask(positions_bt, keys_bsnh.shape[1]))
             o_btnh = constrain(jnp.einsum("bnts,bsnh->btnh", probs.astype(dt), values_bsnh), HEADS)
@@ -177,12 +183,14 @@ def absorbed_mla(attn, h_btd, cache: dict, layer, positions_bt, slot_b, read_row
     kv_a_btc = project("btd,dc->btc", h_btd, attn.kv_a_proj_with_mqa[...].astype(dt))
     latent_btc = attn.kv_a_layernorm(kv_a_btc[..., :c])
     k_rope_btr = _rope_bt(kv_a_btc[:, :, None, c:], cos_bth, sin_bth, ds.rope_interleave)[:, :, 0]
-    drop = read_rows is not None  # decode (all slots) clamps its idle slots' positions instead: see kv.write
+    drop = read_rows is not None  # decode (leading slots) clamps its idle slots' positions instead: see kv.write
     cache = {
         "latent": kv.write(cache["latent"], latent_btc, layer, slot_b, positions_bt, drop),
         "k_rope": kv.write(cache["k_rope"], k_rope_btr, layer, slot_b, positions_bt, drop),
     }
-    latent_bsc, k_rope_bsr = kv.read(cache["latent"], layer, read_rows), kv.read(cache["k_rope"], layer, read_rows)
+    rows = slot_b.shape[0]
+    latent_bsc = kv.read(cache["latent"], layer, read_rows, rows)
+    k_rope_bsr = kv.read(cache["k_rope"], layer, read_rows, rows)
 
     w_ukv_cnh = attn.kv_b_proj[...].astype(dt)
     w_uk_cnh, w_uv_cnh = w_ukv_cnh[..., :nope], w_ukv_cnh[..., nope:]
@@ -195,12 +203,12 @@ def absorbed_mla(attn, h_btd, cache: dict, layer, positions_bt, slot_b, read_row
     return project("btnh,nhd->btd", o_btnh, attn.o_proj[...].astype(dt)), cache
 
 
-def extend_deepseek(model, cache: dict, tokens_bt, positions_bt, slot_b, all_slots: bool, unroll: bool = False):
+def extend_deepseek(model, cache: dict, tokens_bt, positions_bt, slot_b, leading_slots: bool, unroll: bool = False):
     """The `DeepSeekModel`: dense then MoE blocks, MLA on the latent cache; MoE layers route and dispatch with
     the model's own code (bias-adjusted selection, as in training). MTP modules are not used. No decode kernel
     runs here yet (RESULTS.md: a kernel on the routed experts made XLA copy each layer's slice of the stacked
     expert weights every step)."""
-    read_rows = None if all_slots else slot_b
+    read_rows = None if leading_slots else slot_b
     rope = _rope_tables_bt(positions_bt, model.cfg)
 
     def layer_fn(block, x_btd, cache, layer):

@@ -1,8 +1,9 @@
-"""The model's prefill and decode steps, jitted once over the mesh with explicit shardings.
+"""The model's prefill and decode steps, jitted over the mesh with explicit shardings.
 
 Shapes never depend on a request: prefill always takes one chunk of `prefill_chunk` tokens for one slot
-(the slot, start position and valid length are arrays), decode always takes one token for every slot. So
-each compiles once, whatever is being served. The cache is donated: XLA updates it in place.
+(the slot, start position and valid length are arrays), and decode takes one token for each of the first b
+slots, b one of a few sizes (`decode_sizes`: powers of two, and all slots). So each compiles once per size,
+whatever is being served. The cache is donated: XLA updates it in place.
 """
 
 from __future__ import annotations
@@ -112,7 +113,7 @@ class ModelRunner:
         state_sh = jax.tree.map(lambda a: a.sharding, model_state)
         extend, logits = model_functions(cfg.model.kind)
         self.decode_kernels = decode_kernel_choice(cfg.kernels.decode)
-        chunk, slots = geometry.prefill_chunk, geometry.num_slots
+        chunk = geometry.prefill_chunk
         pre_rules = prefill_rules(self.rules)
 
         def prefill(params, model_state, cache, tokens_t, slot, start, n_valid):
@@ -120,7 +121,7 @@ class ModelRunner:
                 model = merge(params, model_state)
                 positions_bt = (start + jnp.arange(chunk, dtype=jnp.int32))[None]
                 x_btd, cache = extend(
-                    model, cache, tokens_t[None], positions_bt, slot[None], all_slots=False, unroll=unroll_layers
+                    model, cache, tokens_t[None], positions_bt, slot[None], leading_slots=False, unroll=unroll_layers
                 )
                 last_b1d = jax.lax.dynamic_slice_in_dim(x_btd, n_valid - 1, 1, axis=1)
                 return cache, logits(model, last_b1d)[0, 0]
@@ -128,9 +129,15 @@ class ModelRunner:
         def decode(params, model_state, cache, tokens_b, positions_b):
             with use_rules(self.rules, mesh), row_reductions(self.relaid), decode_kernels(self.decode_kernels):
                 model = merge(params, model_state)
-                slot_b = jnp.arange(slots, dtype=jnp.int32)
+                slot_b = jnp.arange(tokens_b.shape[0], dtype=jnp.int32)
                 x_btd, cache = extend(
-                    model, cache, tokens_b[:, None], positions_b[:, None], slot_b, all_slots=True, unroll=unroll_layers
+                    model,
+                    cache,
+                    tokens_b[:, None],
+                    positions_b[:, None],
+                    slot_b,
+                    leading_slots=True,
+                    unroll=unroll_layers,
                 )
                 return cache, logits(model, x_btd)[:, 0]
 
@@ -145,6 +152,15 @@ class ModelRunner:
                 index=batch.index + step,
             )
             return cache, following, tokens_b
+
+        def decode_block(params, model_state, cache, batch: DecodeBatch, steps: int):
+            def one(carry, _):
+                cache, batch, tokens_b = decode_sample(params, model_state, *carry)
+                return (cache, batch), tokens_b
+
+            # Laid out straight: in a loop, the dense 1B model's GPU time per token doubled (H200, RESULTS.md).
+            (cache, batch), tokens_sb = jax.lax.scan(one, (cache, batch), length=steps, unroll=True)
+            return cache, batch, tokens_sb
 
         self._prefill = jax.jit(
             prefill,
@@ -170,6 +186,15 @@ class ModelRunner:
             compiler_options=compiler_options,
         )
 
+        self._decode_block = jax.jit(
+            decode_block,
+            in_shardings=(param_sh, state_sh, self.cache_shardings, batch_sh),
+            out_shardings=(self.cache_shardings, batch_sh, replicated),
+            static_argnums=(4,),
+            donate_argnums=(2, 3),
+            compiler_options=compiler_options,
+        )
+
     @classmethod
     def from_loaded(cls, loaded, geometry: CacheGeometry, **options) -> ModelRunner:
         """The runner of a `loading.LoadedModel`; options as the constructor's."""
@@ -190,6 +215,23 @@ class ModelRunner:
             raise ConfigError(f"num_slots={g.num_slots} must divide by the {shards} batch shards of the mesh")
         if g.prefill_chunk % shards:
             raise ConfigError(f"prefill_chunk={g.prefill_chunk} must divide by the {shards} batch shards of the mesh")
+
+    @functools.cached_property
+    def decode_sizes(self) -> tuple[int, ...]:
+        """The numbers of rows decode takes (the first b slots): powers of two below num_slots, and num_slots.
+        Where the mesh splits the batch, only num_slots: each device decodes the slots it holds."""
+        slots = self.geometry.num_slots
+        if _batch_shards(self.rules, self.mesh, "batch") > 1:
+            return (slots,)
+        return tuple(1 << i for i in range(slots.bit_length()) if 1 << i < slots) + (slots,)
+
+    def decode_size(self, slots_in_use: int) -> int:
+        """The fewest rows of `decode_sizes` that cover slots 0 .. slots_in_use - 1."""
+        return min(b for b in self.decode_sizes if b >= slots_in_use)
+
+    def _check_rows(self, b: int) -> None:
+        if b not in self.decode_sizes:
+            raise ValueError(f"decode takes {self.decode_sizes} rows (the first slots), got {b}")
 
     def new_cache(self) -> dict:
         return kv.init_cache(self.cfg.model, self.layout, self.cache_shardings)
@@ -216,8 +258,10 @@ class ModelRunner:
     def decode_batch(
         self, tokens_b, positions_b, temperature_b, top_k_b, top_p_b, seed_b, index_b, into=None, rows=None
     ) -> DecodeBatch:
-        """A `DecodeBatch` on the device from per-slot host values (two transfers: integers, then floats). With
-        `into` (a device batch, donated) and `rows` (bool [slots]): `into` with only those rows replaced."""
+        """A `DecodeBatch` on the device from per-row host values (row i: slot i; b rows, one of `decode_sizes`;
+        two transfers: integers, then floats). With `into` (a device batch of b rows, donated) and `rows`
+        (bool [b]): `into` with only those rows replaced."""
+        self._check_rows(len(tokens_b))
         columns = (tokens_b, positions_b, top_k_b, seed_b, index_b)  # the seeds' uint32 bits travel as int32
         ints = np.stack([np.asarray(a).astype(np.int64).astype(np.uint32).view(np.int32) for a in columns])
         floats = np.stack([np.asarray(temperature_b, np.float32), np.asarray(top_p_b, np.float32)])
@@ -247,17 +291,50 @@ class ModelRunner:
 
         return self._batch_jit(merge, donate_argnums=(0,))
 
+    def resize_batch(self, batch: DecodeBatch, size: int) -> DecodeBatch:
+        """The batch over the first `size` slots (one of `decode_sizes`), on the device: rows past `size` are
+        dropped, new rows are idle. Rows kept carry on as they were, with any steps still in flight."""
+        self._check_rows(size)
+        return self._resize_batch(batch, size)
+
+    @functools.cached_property
+    def _resize_batch(self):
+        context = self.geometry.max_context
+
+        def resize(batch, size):
+            extra = size - batch.tokens.shape[0]
+            if extra <= 0:
+                return jax.tree.map(lambda a: a[:size], batch)
+            zeros = jnp.zeros((extra,), jnp.int32)
+            idle = DecodeBatch(
+                zeros, zeros + context, zeros.astype(jnp.float32), zeros, zeros + 1.0, zeros.astype(jnp.uint32), zeros
+            )
+            return jax.tree.map(lambda a, b: jnp.concatenate([a, b.astype(a.dtype)]), batch, idle)
+
+        return self._batch_jit(resize, static_argnums=(1,))
+
     def decode_sample(self, cache: dict, batch: DecodeBatch) -> tuple[dict, DecodeBatch, jax.Array]:
-        """One decode step of every slot and the next token of each, without leaving the device: returns the new
-        cache, the batch of the following step (each active slot's sampled token, position and index one on; idle
-        slots unchanged) and the sampled tokens [slots]. Cache and batch are donated, so the steps of a generation
+        """One decode step of the batch's slots and the next token of each, without leaving the device: returns the
+        new cache, the batch of the following step (each active slot's sampled token, position and index one on;
+        idle slots unchanged) and the sampled tokens [b]. Cache and batch are donated, so the steps of a generation
         reuse the same buffers and the host sends nothing while the slots keep their requests."""
         return self._decode_sample(self.params, self.model_state, cache, batch)
 
+    def decode_steps(self, cache: dict, batch: DecodeBatch, steps: int) -> tuple[dict, DecodeBatch, jax.Array]:
+        """`steps` decode steps of the batch's slots in one launch, each fed the tokens the one before sampled:
+        returns the new cache, the batch after the last step and the sampled tokens [steps, b]. The tokens are
+        those of `steps` calls of `decode_sample`; a slot that reaches max_context turns idle. The host launches
+        once for the block, so its launch cost per token shrinks `steps` times (each distinct `steps` compiles
+        once per size)."""
+        if not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+        return self._decode_block(self.params, self.model_state, cache, batch, steps)
+
     def decode(self, cache: dict, tokens_b, positions_b) -> tuple[dict, jax.Array]:
-        """One token per slot at its own position; returns the new cache and float32 logits [slots, vocab]. A
-        position >= max_context marks an idle slot: its logits mean nothing, and its own cache row may change at
-        the last position (`cache.write`), never another slot's."""
+        """One token for each of the first b slots (b in `decode_sizes`) at its own position; returns the new cache
+        and float32 logits [b, vocab]. A position >= max_context marks an idle slot: its logits mean nothing, and
+        its own cache row may change at the last position (`cache.write`), never another slot's."""
+        self._check_rows(len(tokens_b))
         return self._decode(
             self.params, self.model_state, cache, np.asarray(tokens_b, np.int32), np.asarray(positions_b, np.int32)
         )

@@ -50,8 +50,9 @@ def write_attend(
     scale: float,
     impl: str = "auto",
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """A decode layer's attention from its projections: rotate the new query and key (tables [b, h/2] at each
-    row's position), store key and value in the caches at that position (clamped into the cache) and attend
+    """A decode layer's attention from its projections, row i for the caches' slot i (b <= slots: the first b):
+    rotate the new query and key (tables [b, h/2] at each row's position), store key and value in the caches at
+    that position (clamped into the cache) and attend
     (`attention.write_attend_reference`). Returns (out [b, n, h], k_cache, v_cache); the kernel updates the
     caches in place."""
     impl = resolve(impl)

@@ -26,8 +26,9 @@ CHUNK = 128  # positions per program
 
 
 def reference(q_bnh, k_cache, v_cache, layer, positions_b, scale: float) -> jax.Array:
-    """Plain softmax attention over the visible positions, in float32."""
-    keys, values = k_cache[layer].astype(jnp.float32), v_cache[layer].astype(jnp.float32)
+    """Plain softmax attention over the visible positions of the cache's first b slots, in float32."""
+    b = q_bnh.shape[0]
+    keys, values = k_cache[layer, :b].astype(jnp.float32), v_cache[layer, :b].astype(jnp.float32)
     scores = jnp.einsum("bnh,bsnh->bns", q_bnh.astype(jnp.float32), keys) * scale
     visible = jnp.arange(keys.shape[1])[None, None, :] <= positions_b[:, None, None]
     probs = jax.nn.softmax(jnp.where(visible, scores, -jnp.inf), axis=-1)
@@ -48,6 +49,8 @@ def check(q_bnh, k_cache, v_cache) -> str | None:
         return f"cache {k_cache.shape} / {v_cache.shape} does not match queries {q_bnh.shape}"
     if h & (h - 1):
         return f"head_dim {h} is not a power of two"
+    if q_bnh.shape[0] > k_cache.shape[1]:
+        return f"{q_bnh.shape[0]} rows of queries for a cache of {k_cache.shape[1]} slots"
     return None
 
 
