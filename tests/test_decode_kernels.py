@@ -143,6 +143,8 @@ def _runner(kernels: str, **mesh):
 def test_decode_through_the_kernel_matches_the_full_forward(mesh):
     """Slots at different positions (one idle) decode through the kernel, per shard on a mesh; each active slot's
     logits equal the full forward's at its position."""
+    if len(jax.devices()) < int(np.prod(list(mesh.values()) or [1])):
+        pytest.skip(f"needs {np.prod(list(mesh.values()))} devices, {len(jax.devices())} here")
     loaded, runner = _runner("interpret", **mesh)
     assert runner.decode_kernels == "interpret"
     forward = jax.jit(lambda p, s, t: loaded.merge(p, s)(t), compiler_options=FAST)

@@ -4,6 +4,7 @@ input, and sharded layouts give the tokens of one device."""
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from pathlib import Path
@@ -414,28 +415,35 @@ def test_blocks_of_steps_give_every_request_what_one_step_does(served):
         InferenceEngine(engine.runner, Letters(), "bad", decode_steps=0)
 
 
-def test_warm_up_compiles_every_decode_program(models):
-    """After a warm-up, serving requests of every batch size compiles nothing more."""
+def test_warm_up_compiles_every_model_program(models, caplog):
+    """A warm-up compiles prefill, sampling, and decode of every size and block length with its batch's programs;
+    serving requests of every size then compiles nothing."""
     _, loaded, _, _ = models.get("dense")
     runner = ModelRunner.from_loaded(loaded, CacheGeometry(SLOTS, CONTEXT, CHUNK), compiler_options=FAST)
-    engine = InferenceEngine(runner, Letters(), "warm", decode_steps=2, warm_up=True)
-    try:
-        compiled = runner._decode_block._cache_size()
-        assert compiled == 2 * len(runner.decode_sizes) == 6
-        done, finished = threading.Event(), []
 
-        def on_event(event):
-            if event.finished:
-                finished.append(event)
-                if len(finished) == 3:
-                    done.set()
+    def compiled():
+        return [r.getMessage() for r in caplog.records if r.getMessage().startswith("Compiling ")]
 
-        for i, n in enumerate((9, 5, 3)):
-            engine.submit(GenerationRequest(f"w{i}", _prompt(4, i), _greedy(n)), on_event)
-        assert done.wait(120)
-        assert runner._decode_block._cache_size() == compiled and runner._prefill._cache_size() == 1
-    finally:
-        engine.close()
+    with caplog.at_level(logging.DEBUG), jax.log_compiles(True):
+        engine = InferenceEngine(runner, Letters(), "warm", decode_steps=2, warm_up=True)
+        try:
+            assert sum("decode_block" in m for m in compiled()) == 2 * len(runner.decode_sizes)
+            caplog.clear()
+            done, finished = threading.Event(), []
+
+            def on_event(event):
+                if event.finished:
+                    finished.append(event)
+                    if len(finished) == 3:
+                        done.set()
+
+            for i, n in enumerate((9, 5, 3)):
+                engine.submit(GenerationRequest(f"w{i}", _prompt(4, i), _greedy(n)), on_event)
+            assert done.wait(120)
+            assert compiled() == []
+            assert runner._decode_block._cache_size() > 1  # the calls found the warm-up's programs
+        finally:
+            engine.close()
 
 
 def test_sampling_cuts_and_seeds():

@@ -282,8 +282,9 @@ def test_cli_serve_refuses_bad_targets(capsys):
     assert cli.main(["serve", "no/such/experiment.yaml"]) == 2
     assert cli.main(["serve", str(REPO / "experiments" / "quickstart.yaml"), "model.no_such_key=1"]) == 2
     assert cli.main(["serve", str(REPO / "experiments" / "quickstart.yaml"), "--num-slots", "0"]) == 2
+    assert cli.main(["serve", str(REPO / "experiments" / "quickstart.yaml"), "--decode-steps", "0"]) == 2
     err = capsys.readouterr().err
-    assert "does not exist" in err and "no_such_key" in err and "--num-slots" in err
+    assert "does not exist" in err and "no_such_key" in err and "--num-slots" in err and "--decode-steps" in err
 
 
 @pytest.mark.slow
@@ -298,6 +299,7 @@ def test_cli_serve_end_to_end(tmp_path):
     tiny = [o for o in TINY if o.startswith("model.")] + ONE_DEVICE
     command = [sys.executable, "-m", "jaxdeep.cli", "serve", str(REPO / "experiments" / "quickstart.yaml"), *tiny]
     command += ["--port", str(port), "--num-slots", "2", "--max-context", "64", "--served-model-name", "tiny"]
+    command += ["--decode-steps", "2"]
     log = (tmp_path / "serve.log").open("w")
     process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:

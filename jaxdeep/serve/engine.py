@@ -126,8 +126,8 @@ class InferenceEngine:
         max_waiting: queued requests before submit raises QueueFull; own_params: the engine takes over
         `loaded.params` (the runner frees each weight it re-lays out; `loaded` must not be used after);
         decode_steps: decode steps per launch while no request waits or reads its prompt (tokens then stream in
-        bursts of that many); warm_up: compile every program the engine runs before it starts (one per decode
-        size and block), so no request waits for a compilation."""
+        bursts of that many); warm_up: compile the model's programs before the engine starts (prefill, and
+        decode for each size and block length), so no request waits for XLA."""
         geometry = CacheGeometry(num_slots, max_context or loaded.context_limit, prefill_chunk)
         runner = ModelRunner.from_loaded(loaded, geometry, compiler_options=compiler_options, donate_params=own_params)
         return cls(runner, loaded.tokenizer, model_name or loaded.name, max_waiting, decode_steps, warm_up)
@@ -265,7 +265,7 @@ class InferenceEngine:
             self._cache, logits_v = self.runner.prefill(self._cache, piece, seq.slot, seq.cached)
             seq.cached += len(piece)
             if seq.decoding:  # the prompt is in: its last logits give the first new token
-                (token,) = self._sample(logits_v[None], [seq])
+                (token,) = self._sample(logits_v, [seq])
                 self._accept(seq, token)
         ready = [s for s in self._slots if s is not None and s.decoding and s.generated]
         launched = self._launch_decode(ready, self._block_steps(ready)) if ready else None
@@ -335,14 +335,8 @@ class InferenceEngine:
         )
 
     def _warm_up(self) -> None:
-        """Run each program the loop may run once, on idle rows and a scratch slot's prefill."""
-        cache, _ = self.runner.prefill(self._cache, [0], slot=0, start=0)
-        for size in self.runner.decode_sizes:
-            for steps in sorted({1, self.decode_steps}):
-                idle = [None] * size
-                cache, _, tokens = self.runner.decode_steps(cache, self._decode_batch(idle, None), steps)
-        np.asarray(tokens)
-        self._cache = cache
+        """Compile every prefill and decode program the loop may run (`ModelRunner.compile_all`)."""
+        self.runner.compile_all(self._cache, sorted({1, self.decode_steps}))
 
     def _sampling_rows(self, rows: list[_Sequence | None]):
         """Per-row temperature, top_k, top_p and seed; rows without a request sample greedily (and are ignored)."""
@@ -357,7 +351,8 @@ class InferenceEngine:
         return temperature, top_k, top_p, seed
 
     def _sample(self, logits_bv, rows: list[_Sequence | None]) -> np.ndarray:
-        """Sampled ids of `logits_bv`'s rows with the requests' parameters (rows without one: greedy, ignored)."""
+        """Sampled ids of `logits_bv`'s rows ([vocab]: one row) with the requests' parameters (rows without one:
+        greedy, ignored)."""
         temperature, top_k, top_p, seed = self._sampling_rows(rows)
         index = np.array([0 if seq is None else len(seq.generated) for seq in rows], np.int32)
         return np.asarray(sample(logits_bv, temperature, top_k, top_p, seed, index))

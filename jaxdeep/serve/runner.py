@@ -9,7 +9,9 @@ whatever is being served. The cache is donated: XLA updates it in place.
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -24,7 +26,7 @@ from jaxdeep.model.matmul import decode_kernels, row_reductions
 from jaxdeep.serve import cache as kv
 from jaxdeep.serve.extend import model_functions
 from jaxdeep.serve.layout import relaid_groups, to_decode_layout
-from jaxdeep.serve.sampling import sample_rows
+from jaxdeep.serve.sampling import sample, sample_rows
 from jaxdeep.sharding import use_rules
 from kernels.decode import resolve
 from kernels.triton_runtime import unavailable_reason
@@ -233,6 +235,36 @@ class ModelRunner:
         if b not in self.decode_sizes:
             raise ValueError(f"decode takes {self.decode_sizes} rows (the first slots), got {b}")
 
+    def compile_all(self, cache: dict, steps=(1,)) -> None:
+        """Compile every program serving runs, so that no call waits for XLA later: prefill and sampling after it;
+        for every size of `decode_sizes`, `decode_steps` of each block length in `steps` and the batch's own
+        small programs (`decode_batch`, `resize_batch`). Each program is traced in turn and all are compiled at
+        once on threads (XLA compiles without the GIL); jitted calls then find them compiled. `cache` is only
+        looked at."""
+        context, chunk, vocab = self.geometry.max_context, self.geometry.prefill_chunk, self.cfg.model.vocab_size
+        scalar = np.int32(0)
+        programs = [
+            self._prefill.lower(self.params, self.model_state, cache, np.zeros(chunk, np.int32), *[scalar] * 3),
+            # The engine samples a prompt's first token from prefill's logits (placed as prefill returns them).
+            sample.lower(
+                jax.ShapeDtypeStruct((vocab,), jnp.float32, sharding=NamedSharding(self.mesh, PartitionSpec())),
+                *(np.zeros(1, t) for t in (np.float32, np.int32, np.float32, np.uint32, np.int32)),
+            ),
+        ]
+        batches = {}
+        for size in self.decode_sizes:
+            zeros = np.zeros(size, np.int32)
+            ints, floats = self._pack(zeros, zeros + context, zeros, zeros, zeros + 1, zeros, zeros)
+            batches[size] = batch = self._unpack_batch(ints, floats)
+            programs += [self._decode_block.lower(self.params, self.model_state, cache, batch, k) for k in steps]
+            programs += [
+                self._unpack_batch.lower(ints, floats),
+                self._merge_batch.lower(batch, zeros > 0, ints, floats),
+            ]
+        programs += [self._resize_batch.lower(batches[a], b) for a in batches for b in batches if a != b]
+        with ThreadPoolExecutor(min(len(programs), os.cpu_count() or 1)) as pool:
+            list(pool.map(lambda program: program.compile(), programs))
+
     def new_cache(self) -> dict:
         return kv.init_cache(self.cfg.model, self.layout, self.cache_shardings)
 
@@ -262,12 +294,16 @@ class ModelRunner:
         two transfers: integers, then floats). With `into` (a device batch of b rows, donated) and `rows`
         (bool [b]): `into` with only those rows replaced."""
         self._check_rows(len(tokens_b))
-        columns = (tokens_b, positions_b, top_k_b, seed_b, index_b)  # the seeds' uint32 bits travel as int32
-        ints = np.stack([np.asarray(a).astype(np.int64).astype(np.uint32).view(np.int32) for a in columns])
-        floats = np.stack([np.asarray(temperature_b, np.float32), np.asarray(top_p_b, np.float32)])
+        ints, floats = self._pack(tokens_b, positions_b, temperature_b, top_k_b, top_p_b, seed_b, index_b)
         if into is None:
             return self._unpack_batch(ints, floats)
         return self._merge_batch(into, np.asarray(rows, bool), ints, floats)
+
+    @staticmethod
+    def _pack(tokens_b, positions_b, temperature_b, top_k_b, top_p_b, seed_b, index_b):
+        columns = (tokens_b, positions_b, top_k_b, seed_b, index_b)  # the seeds' uint32 bits travel as int32
+        ints = np.stack([np.asarray(a).astype(np.int64).astype(np.uint32).view(np.int32) for a in columns])
+        return ints, np.stack([np.asarray(temperature_b, np.float32), np.asarray(top_p_b, np.float32)])
 
     def _batch_jit(self, fn, **options):
         # Placed as decode_sample returns its batch, so every batch hits the same compiled step.

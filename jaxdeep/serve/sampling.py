@@ -37,4 +37,9 @@ def sample_rows(logits_bv, temperature_b, top_k_b, top_p_b, seed_b, index_b):
     return jax.vmap(_sample_row)(logits_bv, temperature_b, top_k_b, top_p_b, seed_b, index_b)
 
 
-sample = jax.jit(sample_rows)
+@jax.jit
+def sample(logits_bv, temperature_b, top_k_b, top_p_b, seed_b, index_b):
+    """`sample_rows`, jitted; logits [b, vocab], or one row [vocab] as prefill returns it (taken as b = 1 inside
+    the program, so no separate reshape runs on the device)."""
+    logits_bv = logits_bv.reshape(-1, logits_bv.shape[-1])
+    return sample_rows(logits_bv, temperature_b, top_k_b, top_p_b, seed_b, index_b)
