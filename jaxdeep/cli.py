@@ -71,6 +71,11 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         help="decode steps per launch while no request waits or reads its prompt (tokens stream in bursts)",
     )
+    engine.add_argument(
+        "--decode-all-slots",
+        action="store_true",
+        help="decode every slot each step: a request's tokens never depend on the others (a lone one runs slower)",
+    )
     serve.set_defaults(coordinator=None, num_processes=None, process_id=None)
 
     from jaxdeep.serve import bench
@@ -207,6 +212,8 @@ def _serve(args: argparse.Namespace) -> int:
         if value < 1:
             print(f"jaxdeep: error: --{name.replace('_', '-')} must be >= 1, got {value}", file=sys.stderr)
             return 2
+    if args.decode_all_slots:
+        options["decode_all_slots"] = True
     target = Path(args.target)
     if not target.exists():
         print(

@@ -198,9 +198,9 @@ def test_decode_writes_only_its_positions_and_idle_slots_only_their_last(served)
         assert (1, 9) in {(int(s), int(p)) for _, s, p in changed}
 
 
-def test_decode_sample_carries_the_batch_on_the_device(served):
-    """`decode_sample` = `decode` then `sample` of its logits; active slots move one position and one token on,
-    idle slots stay; a batch rebuilt on the host hits the same compiled step."""
+def test_decode_step_carries_the_batch_on_the_device(served):
+    """A block of one step (`decode_steps`) = `decode` then `sample` of its logits; active slots move one position
+    and one token on, idle slots stay; a batch rebuilt on the host hits the same compiled step."""
     from jaxdeep.serve.sampling import sample
 
     _, _, engine, _ = served
@@ -213,8 +213,9 @@ def test_decode_sample_carries_the_batch_on_the_device(served):
     expect_cache, logits = runner.decode(jax.tree.map(jnp.copy, cache), tokens, positions)
     expect = np.asarray(sample(logits, temperature, top_k, top_p, seed, index.astype(np.int32)))
     batch = runner.decode_batch(tokens, positions, temperature, top_k, top_p, seed, index)
-    cache, following, sampled = runner.decode_sample(cache, batch)
-    np.testing.assert_array_equal(np.asarray(sampled), expect)
+    compiled = runner._decode_block._cache_size()
+    cache, following, sampled = runner.decode_steps(cache, batch)
+    np.testing.assert_array_equal(np.asarray(sampled), expect[None])
     for got, want in zip(jax.tree.leaves(cache), jax.tree.leaves(expect_cache), strict=True):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     active = positions < CONTEXT
@@ -222,7 +223,7 @@ def test_decode_sample_carries_the_batch_on_the_device(served):
     np.testing.assert_array_equal(np.asarray(following.positions), positions + active)
     np.testing.assert_array_equal(np.asarray(following.index), index + active)
     np.testing.assert_array_equal(np.asarray(following.seed), seed)
-    cache, following, _ = runner.decode_sample(cache, following)
+    cache, following, _ = runner.decode_steps(cache, following)
     # Rows 0 and 3 replaced on the device; the others come through as they were.
     rows = np.array([True, False, False, True])
     before = jax.tree.map(np.asarray, following)
@@ -230,14 +231,14 @@ def test_decode_sample_carries_the_batch_on_the_device(served):
     merged = runner.decode_batch(*new, into=following, rows=rows)
     for name, got, old, want in zip(DecodeBatch._fields, merged, before, new, strict=True):
         np.testing.assert_array_equal(np.asarray(got), np.where(rows, want.astype(old.dtype), old), err_msg=name)
-    cache, _, _ = runner.decode_sample(cache, merged)
-    runner.decode_sample(cache, runner.decode_batch(tokens, positions + 2, temperature, top_k, top_p, seed, index))
-    assert runner._decode_sample._cache_size() == 1
+    cache, _, _ = runner.decode_steps(cache, merged)
+    runner.decode_steps(cache, runner.decode_batch(tokens, positions + 2, temperature, top_k, top_p, seed, index))
+    assert runner._decode_block._cache_size() <= compiled + 1  # one program for all these batches
 
 
 def test_decode_steps_equal_single_steps(served):
-    """A block of steps in one launch samples, writes and moves the batch as that many `decode_sample` calls; a
-    slot reaching the end of the context mid-block turns idle."""
+    """A block of steps in one launch samples, writes and moves the batch as that many blocks of one; a slot
+    reaching the end of the context mid-block turns idle."""
     _, _, engine, _ = served
     runner = engine.runner
     cache, _ = runner.prefill_prompt(runner.new_cache(), _prompt(6, 8), slot=1)
@@ -250,8 +251,8 @@ def test_decode_steps_equal_single_steps(served):
     single_cache, single = jax.tree.map(jnp.copy, cache), runner.decode_batch(*columns)
     expect = []
     for _ in range(3):
-        single_cache, single, sampled = runner.decode_sample(single_cache, single)
-        expect.append(np.asarray(sampled))
+        single_cache, single, sampled = runner.decode_steps(single_cache, single)
+        expect.append(np.asarray(sampled)[0])
     cache, block, sampled = runner.decode_steps(cache, runner.decode_batch(*columns), 3)
     np.testing.assert_array_equal(np.asarray(sampled), np.stack(expect))
     for got, want in zip(jax.tree.leaves(cache), jax.tree.leaves(single_cache), strict=True):
@@ -259,8 +260,9 @@ def test_decode_steps_equal_single_steps(served):
     for name, got, want in zip(DecodeBatch._fields, block, single, strict=True):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=name)
     np.testing.assert_array_equal(np.asarray(block.positions), [CONTEXT, 9, CONTEXT, 12])  # slot 2 ran out
+    compiled = runner._decode_block._cache_size()
     runner.decode_steps(cache, block, 3)
-    assert runner._decode_block._cache_size() == 1
+    assert runner._decode_block._cache_size() == compiled
     with pytest.raises(ValueError, match="steps"):
         runner.decode_steps(cache, block, 0)
 
@@ -415,6 +417,70 @@ def test_blocks_of_steps_give_every_request_what_one_step_does(served):
         InferenceEngine(engine.runner, Letters(), "bad", decode_steps=0)
 
 
+def test_resize_batch_keeps_rows_and_adds_idle_ones(served):
+    _, _, engine, _ = served
+    runner = engine.runner
+    columns = (np.array([3, 4]), np.array([5, 6]), np.array([0.5, 0]), np.array([2, 0]), np.array([0.9, 1]))
+    batch = runner.decode_batch(*columns, np.array([7, 8], np.uint32), np.array([1, 2]))
+    grown, shrunk = runner.resize_batch(batch, 4), runner.resize_batch(batch, 1)
+    idle = (0, CONTEXT, 0.0, 0, 1.0, 0, 0)
+    for name, old, big, small, extra in zip(DecodeBatch._fields, batch, grown, shrunk, idle, strict=True):
+        np.testing.assert_array_equal(np.asarray(big), np.concatenate([np.asarray(old), [extra, extra]]), err_msg=name)
+        np.testing.assert_array_equal(np.asarray(small), np.asarray(old)[:1], err_msg=name)
+        assert big.dtype == old.dtype
+    with pytest.raises(ValueError, match="rows"):
+        runner.resize_batch(batch, 3)
+
+
+def test_cancel_and_eos_inside_a_block(dense):
+    """With blocks of four steps, a request cancelled or ended by eos while its block is in flight frees its slot,
+    and the next request in that slot gets what it gets alone."""
+    prompt = _prompt(6, 9)
+    plain = _sibling(dense, Letters())
+    try:
+        tokens = plain.generate(GenerationRequest("p", prompt, _seeded(12)), timeout=60).tokens
+        after = plain.generate(GenerationRequest("q", _prompt(5, 3), _greedy(10)), timeout=60)
+    finally:
+        plain.close()
+    k = next(i for i, t in enumerate(tokens) if t not in tokens[:i] and i > 2)
+    engine = _sibling(dense, Letters(eos_id=tokens[k]), decode_steps=4)
+    try:
+        out = engine.generate(GenerationRequest("e", prompt, _seeded(12)), timeout=60)
+        assert out.finish_reason == "stop" and out.tokens == tokens[:k]
+        events, started, done = [], threading.Event(), threading.Event()
+
+        def on_event(event):
+            events.append(event)
+            started.set()
+            if event.finished:
+                done.set()
+
+        engine.submit(GenerationRequest("c", prompt, SamplingParams(max_tokens=30, temperature=0.0)), on_event)
+        assert started.wait(60)
+        engine.cancel("c")
+        assert done.wait(60) and events[-1].finish_reason == "abort"
+        again = engine.generate(GenerationRequest("q", _prompt(5, 3), _greedy(10)), timeout=60)
+        assert (again.tokens, again.text, again.finish_reason) == (after.tokens, after.text, after.finish_reason)
+        assert engine.stats().running == 0
+    finally:
+        engine.close()
+
+
+def test_decode_all_slots_decodes_a_lone_request_as_a_full_batch(models):
+    _, loaded, _, _ = models.get("dense")
+    runner = ModelRunner.from_loaded(
+        loaded, CacheGeometry(SLOTS, CONTEXT, CHUNK), compiler_options=FAST, decode_all_slots=True
+    )
+    assert runner.decode_sizes == (SLOTS,)
+    seen = _StepsSeen(runner)
+    engine = InferenceEngine(seen, Letters(), "all")
+    try:
+        engine.generate(GenerationRequest("a", _prompt(4, 1), _greedy(3)), timeout=60)
+    finally:
+        engine.close()
+    assert set(seen.sizes) == {SLOTS}
+
+
 def test_warm_up_compiles_every_model_program(models, caplog):
     """A warm-up compiles prefill, sampling, and decode of every size and block length with its batch's programs;
     serving requests of every size then compiles nothing."""
@@ -441,7 +507,6 @@ def test_warm_up_compiles_every_model_program(models, caplog):
                 engine.submit(GenerationRequest(f"w{i}", _prompt(4, i), _greedy(n)), on_event)
             assert done.wait(120)
             assert compiled() == []
-            assert runner._decode_block._cache_size() > 1  # the calls found the warm-up's programs
         finally:
             engine.close()
 

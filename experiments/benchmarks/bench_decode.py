@@ -1,12 +1,12 @@
 """Decode speed of the serving engine's jitted step against the HBM roofline, and throughput against batch size.
 
 For each batch size: one `ModelRunner` with that many slots, a cache of `--context` positions per slot, and
-`--steps` timed decode steps (every slot decodes one token per step, at position `--context // 2` onwards). A step
-is what the engine runs per token: `ModelRunner.decode_sample` (the model's step and greedy sampling, the batch
-kept on the device), then the tokens of the step before brought back to the host (the engine launches a step
-before it reads the last one), without the engine's thread or HTTP.
-`--inputs host` times the model's step alone with tokens and positions sent from the host each step
-(`ModelRunner.decode`, what the engine ran before `decode_sample`).
+`--steps` timed decode steps (every slot decodes one token per step, at position `--context // 2` onwards). The
+steps are what the engine runs: `ModelRunner.decode_steps` with `--decode-steps` steps per launch (the model's
+step and greedy sampling, the batch kept on the device), each launch's tokens brought back to the host once the
+next is launched (as the engine does), without the engine's thread or HTTP. `--inputs host` times the model's
+step alone with tokens and positions sent from the host each step (`ModelRunner.decode`, what the engine ran
+before it kept its batch on the device).
 
 Roofline: a decode step must read the weights it uses and the cache it attends over. "needed" bytes count the
 weights a token of batch 1 touches (for MoE: the active parameters, shared and routed experts of one token)
@@ -56,14 +56,14 @@ def tree_bytes(tree) -> int:
 
 
 def time_decode(
-    runner: ModelRunner, batch: int, context: int, steps: int, top: int = 0, inputs: str = "device", block: int = 0
+    runner: ModelRunner, batch: int, context: int, steps: int, top: int = 0, inputs: str = "device", block: int = 1
 ):
     """Seconds per decode step on the host's clock, the GPU's busy seconds per step, and the `top` kernel names
-    by GPU time per step: [(name, (µs per step, kernels per step))]. inputs "device": the engine's step
-    (`decode_sample`, each step's tokens read on the host after the next is launched); "host": `decode` with
-    inputs sent from the host. block > 0: the engine's block of that many steps per launch (`decode_steps`),
-    `steps // block` launches timed; figures are still per step."""
-    start, per_call = context // 2, max(block, 1)
+    by GPU time per step: [(name, (µs per step, kernels per step))]. inputs "device": the engine's blocks of
+    `block` steps (`decode_steps`; `steps // block` launches timed, each launch's tokens read on the host after
+    the next is launched); "host": `decode` with inputs sent from the host, one step per call."""
+    per_call = block if inputs == "device" else 1
+    start = context // 2
     calls = max(steps // per_call, 1)
     if start + per_call * (calls + 3 + min(calls, 20)) > context:  # every call moves the slots on
         raise SystemExit(f"--steps {steps} with the warm-up and the trace would run past --context {context}")
@@ -73,10 +73,7 @@ def time_decode(
     state["batch"] = runner.decode_batch(tokens, np.full((batch,), start), zeros, zeros, np.ones(batch), zeros, zeros)
 
     def engine_step():
-        if block:
-            state["cache"], state["batch"], sampled = runner.decode_steps(state["cache"], state["batch"], block)
-        else:
-            state["cache"], state["batch"], sampled = runner.decode_sample(state["cache"], state["batch"])
+        state["cache"], state["batch"], sampled = runner.decode_steps(state["cache"], state["batch"], block)
         previous, state["pending"] = state.get("pending"), sampled
         if previous is not None:
             np.asarray(previous)  # the engine reads a step's tokens once the next one is launched
@@ -122,14 +119,14 @@ def main() -> None:
         "--inputs",
         choices=["device", "host"],
         default="device",
-        help="device: the engine's step (decode_sample); host: the model's step with inputs sent each step",
+        help="device: the engine's step (decode_steps); host: the model's step with inputs sent each step",
     )
     ap.add_argument(
         "--decode-steps",
         type=int,
         nargs="+",
-        default=[0],
-        help="with --inputs device: steps per launch (ModelRunner.decode_steps); 0: decode_sample, one per launch",
+        default=[1],
+        help="with --inputs device: steps per launch (ModelRunner.decode_steps)",
     )
     ap.add_argument("--top", type=int, default=0, help="print the N kernels that take the most GPU time per step")
     ap.add_argument("--out", default=None, help="append one JSON line per batch size here")
@@ -144,7 +141,7 @@ def main() -> None:
     bandwidth = copy_bandwidth(args.copy_bytes)
     device = jax.devices()[0].device_kind
     print(f"{cfg.name} on {device}: weights {weight_bytes / 1e9:.2f} GB, copy bandwidth {bandwidth / 1e12:.2f} TB/s")
-    if args.inputs == "host" and args.decode_steps != [0]:
+    if args.inputs == "host" and args.decode_steps != [1]:
         raise SystemExit("--decode-steps times the engine's step: use it with --inputs device")
     for layout, batch, block in itertools.product(args.layout, args.batch, args.decode_steps):
         geometry = CacheGeometry(num_slots=batch, max_context=args.context, prefill_chunk=batch)
@@ -176,7 +173,7 @@ def main() -> None:
             "unroll": not args.scan,
             "layout": layout,
             "inputs": args.inputs,
-            "decode_steps": block,  # steps per launch (0: decode_sample)
+            "decode_steps": block,  # steps per launch
             # the kernel choice, and whether this model has a decode kernel to take it (DeepSeek has none yet)
             "decode_kernels": runner.decode_kernels,
             "decode_kernel_used": kernel_used,

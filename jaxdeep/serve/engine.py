@@ -120,6 +120,7 @@ class InferenceEngine:
         own_params: bool = False,
         decode_steps: int = 1,
         warm_up: bool = False,
+        decode_all_slots: bool = False,
     ) -> InferenceEngine:
         """num_slots: sequences decoded together; max_context: positions per slot (default: the model's training
         length; for HF models max_position_embeddings, at most 4096); prefill_chunk: prompt tokens per prefill call;
@@ -127,9 +128,17 @@ class InferenceEngine:
         `loaded.params` (the runner frees each weight it re-lays out; `loaded` must not be used after);
         decode_steps: decode steps per launch while no request waits or reads its prompt (tokens then stream in
         bursts of that many); warm_up: compile the model's programs before the engine starts (prefill, and
-        decode for each size and block length), so no request waits for XLA."""
+        decode for each size and block length), so no request waits for XLA; decode_all_slots: every decode step
+        takes all slots, so a request's tokens never depend on the others beside it (`ModelRunner.decode_sizes`),
+        at the cost of a lone request decoding as a full batch."""
         geometry = CacheGeometry(num_slots, max_context or loaded.context_limit, prefill_chunk)
-        runner = ModelRunner.from_loaded(loaded, geometry, compiler_options=compiler_options, donate_params=own_params)
+        runner = ModelRunner.from_loaded(
+            loaded,
+            geometry,
+            compiler_options=compiler_options,
+            donate_params=own_params,
+            decode_all_slots=decode_all_slots,
+        )
         return cls(runner, loaded.tokenizer, model_name or loaded.name, max_waiting, decode_steps, warm_up)
 
     # ------------------------------------------------------------------------- the Engine protocol
@@ -319,8 +328,8 @@ class InferenceEngine:
     def _decode_batch(self, rows: list[_Sequence | None], changed: list[bool] | None):
         """The device's decode batch for these rows (a request, or None: idle), sent whole (`changed` None) or only
         the changed rows. An idle row sits past the end: its writes land on its own last position, which no
-        request reaches (prompt + max_tokens <= max_context, and a request's last token is fed back at most once,
-        at a position below max_context)."""
+        request reads (prompt + max_tokens <= max_context, and a request's last token is never fed back for its
+        own sake: the decode steps that run past a request's end write only its own slot)."""
         slots, context = len(rows), self.geometry.max_context
         tokens, index = np.zeros(slots, np.int32), np.zeros(slots, np.int32)
         positions = np.full(slots, context, np.int32)

@@ -9,9 +9,7 @@ whatever is being served. The cache is donated: XLA updates it in place.
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -40,7 +38,7 @@ class CacheGeometry:
 
 
 class DecodeBatch(NamedTuple):
-    """What one decode step of every slot takes, kept on the device between steps: each slot's last token, its
+    """What a decode step of the first b slots takes, kept on the device between steps: each slot's last token, its
     position (>= max_context: idle) and its sampling parameters (as `sampling.sample` takes them; `index` is the
     index of the next token in its request's completion)."""
 
@@ -87,7 +85,8 @@ class ModelRunner:
     kernel reads with their input dimensions minor (`layout.py`, `relaid` names the groups), and runs single-row
     products on them as row reductions: batch-1 decode about 1.8x faster on an H200
     (experiments/benchmarks/RESULTS.md). Those weights take memory twice while the caller keeps `params`, unless
-    donate_params hands them over: each original is freed once its copy exists, and the caller's tree is spent."""
+    donate_params hands them over: each original is freed once its copy exists, and the caller's tree is spent.
+    decode_all_slots makes every decode step take all slots (`decode_sizes`)."""
 
     def __init__(
         self,
@@ -101,8 +100,10 @@ class ModelRunner:
         unroll_layers: bool = True,
         decode_layout: bool = True,
         donate_params: bool = False,
+        decode_all_slots: bool = False,
     ):
         self.cfg, self.mesh, self.geometry = cfg, mesh, geometry
+        self.decode_all_slots = decode_all_slots
         self.rules = {k: list(v) for k, v in cfg.sharding.rules.items()}
         self._check(geometry)
         # Weights re-laid for decode, and the products that then run as row reductions (layout.py).
@@ -143,7 +144,7 @@ class ModelRunner:
                 )
                 return cache, logits(model, x_btd)[:, 0]
 
-        def decode_sample(params, model_state, cache, batch: DecodeBatch):
+        def decode_one(params, model_state, cache, batch: DecodeBatch):
             cache, logits_bv = decode(params, model_state, cache, batch.tokens, batch.positions)
             tokens_b = sample_rows(logits_bv, batch.temperature, batch.top_k, batch.top_p, batch.seed, batch.index)
             active = batch.positions < geometry.max_context
@@ -157,7 +158,7 @@ class ModelRunner:
 
         def decode_block(params, model_state, cache, batch: DecodeBatch, steps: int):
             def one(carry, _):
-                cache, batch, tokens_b = decode_sample(params, model_state, *carry)
+                cache, batch, tokens_b = decode_one(params, model_state, *carry)
                 return (cache, batch), tokens_b
 
             # Laid out straight: in a loop, the dense 1B model's GPU time per token doubled (H200, RESULTS.md).
@@ -180,14 +181,6 @@ class ModelRunner:
         )
 
         batch_sh = DecodeBatch(*[replicated] * len(DecodeBatch._fields))
-        self._decode_sample = jax.jit(
-            decode_sample,
-            in_shardings=(param_sh, state_sh, self.cache_shardings, batch_sh),
-            out_shardings=(self.cache_shardings, batch_sh, replicated),
-            donate_argnums=(2, 3),
-            compiler_options=compiler_options,
-        )
-
         self._decode_block = jax.jit(
             decode_block,
             in_shardings=(param_sh, state_sh, self.cache_shardings, batch_sh),
@@ -221,9 +214,12 @@ class ModelRunner:
     @functools.cached_property
     def decode_sizes(self) -> tuple[int, ...]:
         """The numbers of rows decode takes (the first b slots): powers of two below num_slots, and num_slots.
-        Where the mesh splits the batch, only num_slots: each device decodes the slots it holds."""
+        Only num_slots where the mesh splits the batch (each device decodes the slots it holds) or with
+        decode_all_slots. A row's arithmetic may differ in its last bits from one size to another (at b = 1 the
+        projections are row reductions, and GEMM algorithms depend on the rows), so with several sizes a
+        request's logits can depend on how many slots are in use beside it; with one they cannot."""
         slots = self.geometry.num_slots
-        if _batch_shards(self.rules, self.mesh, "batch") > 1:
+        if self.decode_all_slots or _batch_shards(self.rules, self.mesh, "batch") > 1:
             return (slots,)
         return tuple(1 << i for i in range(slots.bit_length()) if 1 << i < slots) + (slots,)
 
@@ -238,9 +234,9 @@ class ModelRunner:
     def compile_all(self, cache: dict, steps=(1,)) -> None:
         """Compile every program serving runs, so that no call waits for XLA later: prefill and sampling after it;
         for every size of `decode_sizes`, `decode_steps` of each block length in `steps` and the batch's own
-        small programs (`decode_batch`, `resize_batch`). Each program is traced in turn and all are compiled at
-        once on threads (XLA compiles without the GIL); jitted calls then find them compiled. `cache` is only
-        looked at."""
+        small programs (`decode_batch`, `resize_batch`), one after another (on a GPU, XLA times candidate kernels
+        while it compiles: compilations side by side would disturb each other's timings). Jitted calls then find
+        them compiled. `cache` is only looked at."""
         context, chunk, vocab = self.geometry.max_context, self.geometry.prefill_chunk, self.cfg.model.vocab_size
         scalar = np.int32(0)
         programs = [
@@ -262,8 +258,8 @@ class ModelRunner:
                 self._merge_batch.lower(batch, zeros > 0, ints, floats),
             ]
         programs += [self._resize_batch.lower(batches[a], b) for a in batches for b in batches if a != b]
-        with ThreadPoolExecutor(min(len(programs), os.cpu_count() or 1)) as pool:
-            list(pool.map(lambda program: program.compile(), programs))
+        for program in programs:
+            program.compile()
 
     def new_cache(self) -> dict:
         return kv.init_cache(self.cfg.model, self.layout, self.cache_shardings)
@@ -306,7 +302,7 @@ class ModelRunner:
         return ints, np.stack([np.asarray(temperature_b, np.float32), np.asarray(top_p_b, np.float32)])
 
     def _batch_jit(self, fn, **options):
-        # Placed as decode_sample returns its batch, so every batch hits the same compiled step.
+        # Placed as decode_steps returns its batch, so every batch hits the same compiled step.
         replicated = NamedSharding(self.mesh, PartitionSpec())
         return jax.jit(fn, out_shardings=DecodeBatch(*[replicated] * len(DecodeBatch._fields)), **options)
 
@@ -349,19 +345,14 @@ class ModelRunner:
 
         return self._batch_jit(resize, static_argnums=(1,))
 
-    def decode_sample(self, cache: dict, batch: DecodeBatch) -> tuple[dict, DecodeBatch, jax.Array]:
-        """One decode step of the batch's slots and the next token of each, without leaving the device: returns the
-        new cache, the batch of the following step (each active slot's sampled token, position and index one on;
-        idle slots unchanged) and the sampled tokens [b]. Cache and batch are donated, so the steps of a generation
-        reuse the same buffers and the host sends nothing while the slots keep their requests."""
-        return self._decode_sample(self.params, self.model_state, cache, batch)
-
-    def decode_steps(self, cache: dict, batch: DecodeBatch, steps: int) -> tuple[dict, DecodeBatch, jax.Array]:
-        """`steps` decode steps of the batch's slots in one launch, each fed the tokens the one before sampled:
-        returns the new cache, the batch after the last step and the sampled tokens [steps, b]. The tokens are
-        those of `steps` calls of `decode_sample`; a slot that reaches max_context turns idle. The host launches
-        once for the block, so its launch cost per token shrinks `steps` times (each distinct `steps` compiles
-        once per size)."""
+    def decode_steps(self, cache: dict, batch: DecodeBatch, steps: int = 1) -> tuple[dict, DecodeBatch, jax.Array]:
+        """`steps` decode steps of the batch's slots in one launch (the engine's step), each sampling the next token
+        of every row on the device and feeding it to the step after: returns the new cache, the batch after the
+        last step (each active slot's last sampled token, position and index moved on; a slot that reaches
+        max_context turns idle; idle slots unchanged) and the sampled tokens [steps, b]. Cache and batch are
+        donated, so a generation reuses the same buffers and the host sends nothing while the slots keep their
+        requests. The host launches once per block, so its launch cost per token shrinks `steps` times; the tokens
+        are those of `steps` blocks of one. Each `steps` compiles once per decode size."""
         if not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
         return self._decode_block(self.params, self.model_state, cache, batch, steps)
