@@ -84,8 +84,8 @@ def write(
     return cache_lsx.at[layer, rows_bt, positions_bt].set(new_btx, mode="drop" if drop else "clip")
 
 
-def read(cache_lsx: jax.Array, layer, slot_b: jax.Array | None, rows: int | None = None) -> jax.Array:
-    """Rows [b, positions, ...] of layer `layer`: the given slots, or (slot_b None) the first `rows` slots in
-    order (all of them when rows is None)."""
+def read(cache_lsx: jax.Array, layer, slot_b: jax.Array, leading: bool = False) -> jax.Array:
+    """Rows [b, positions, ...] of layer `layer` for the slots `slot_b`; `leading`: they are slots 0 .. b-1,
+    read as a slice instead of a gather."""
     layer_sx = cache_lsx[layer]
-    return layer_sx[:rows] if slot_b is None else layer_sx[slot_b]
+    return layer_sx[: slot_b.shape[0]] if leading else layer_sx[slot_b]

@@ -100,8 +100,6 @@ def extend_dense(model, cache: dict, tokens_bt, positions_bt, slot_b, leading_sl
     (one token per row) inside `matmul.decode_kernels` rotates, caches and attends with
     `kernels.decode.write_attend`."""
     cfg, dt = model.cfg, DTYPES[model.cfg.dtype]
-    read_rows = None if leading_slots else slot_b
-    rows = slot_b.shape[0]
 
     decoding = tokens_bt.shape[1] == 1
     norm = _decode_layer_norm if decoding else (lambda module, x: module(x))
@@ -128,10 +126,8 @@ def extend_dense(model, cache: dict, tokens_bt, positions_bt, slot_b, leading_sl
                 "k": kv.write(cache["k"], k_btnh, layer, slot_b, positions_bt, drop=not leading_slots),
                 "v": kv.write(cache["v"], v_btnh, layer, slot_b, positions_bt, drop=not leading_slots),
             }
-            keys_bsnh, values_bsnh = (
-                kv.read(cache["k"], layer, read_rows, rows),
-                kv.read(cache["v"], layer, read_rows, rows),
-            )
+            keys_bsnh = kv.read(cache["k"], layer, slot_b, leading_slots)
+            values_bsnh = kv.read(cache["v"], layer, slot_b, leading_slots)
             scores = jnp.einsum("btnh,bsnh->bnts", q_btnh, keys_bsnh) * scale
             probs = _softmax(constrain(scores, SCORES), _causal_mask(positions_bt, keys_bsnh.shape[1]))
             o_btnh = constrain(jnp.einsum("bnts,bsnh->btnh", probs.astype(dt), values_bsnh), HEADS)
@@ -164,7 +160,7 @@ def _rope_bt(x_btnh, cos_bth, sin_bth, interleave: bool):
     return jax.vmap(one)(x_btnh, cos_bth, sin_bth)
 
 
-def absorbed_mla(attn, h_btd, cache: dict, layer, positions_bt, slot_b, read_rows, rope):
+def absorbed_mla(attn, h_btd, cache: dict, layer, positions_bt, slot_b, leading_slots: bool, rope):
     """MLA on the latent cache with the key up-projection folded into the query and the value up-projection
     applied after the weighted sum: scores = (q_nope·W_UK)·c + q_rope·k_rope, out = ((p·c)·W_UV)·W_O."""
     cfg = attn.cfg
@@ -183,14 +179,13 @@ def absorbed_mla(attn, h_btd, cache: dict, layer, positions_bt, slot_b, read_row
     kv_a_btc = project("btd,dc->btc", h_btd, attn.kv_a_proj_with_mqa[...].astype(dt))
     latent_btc = attn.kv_a_layernorm(kv_a_btc[..., :c])
     k_rope_btr = _rope_bt(kv_a_btc[:, :, None, c:], cos_bth, sin_bth, ds.rope_interleave)[:, :, 0]
-    drop = read_rows is not None  # decode (leading slots) clamps its idle slots' positions instead: see kv.write
+    drop = not leading_slots  # decode (leading slots) clamps its idle slots' positions instead: see kv.write
     cache = {
         "latent": kv.write(cache["latent"], latent_btc, layer, slot_b, positions_bt, drop),
         "k_rope": kv.write(cache["k_rope"], k_rope_btr, layer, slot_b, positions_bt, drop),
     }
-    rows = slot_b.shape[0]
-    latent_bsc = kv.read(cache["latent"], layer, read_rows, rows)
-    k_rope_bsr = kv.read(cache["k_rope"], layer, read_rows, rows)
+    latent_bsc = kv.read(cache["latent"], layer, slot_b, leading_slots)
+    k_rope_bsr = kv.read(cache["k_rope"], layer, slot_b, leading_slots)
 
     w_ukv_cnh = attn.kv_b_proj[...].astype(dt)
     w_uk_cnh, w_uv_cnh = w_ukv_cnh[..., :nope], w_ukv_cnh[..., nope:]
@@ -208,12 +203,11 @@ def extend_deepseek(model, cache: dict, tokens_bt, positions_bt, slot_b, leading
     the model's own code (bias-adjusted selection, as in training). MTP modules are not used. No decode kernel
     runs here yet (RESULTS.md: a kernel on the routed experts made XLA copy each layer's slice of the stacked
     expert weights every step)."""
-    read_rows = None if leading_slots else slot_b
     rope = _rope_tables_bt(positions_bt, model.cfg)
 
     def layer_fn(block, x_btd, cache, layer):
         h_btd = block.input_layernorm(x_btd)
-        attn_btd, cache = absorbed_mla(block.self_attn, h_btd, cache, layer, positions_bt, slot_b, read_rows, rope)
+        attn_btd, cache = absorbed_mla(block.self_attn, h_btd, cache, layer, positions_bt, slot_b, leading_slots, rope)
         x_btd = constrain(x_btd + attn_btd, RESIDUAL)
         h_btd = block.post_attention_layernorm(x_btd)
         y_btd = block.mlp(h_btd)[0] if block.moe else block.mlp(h_btd)

@@ -237,7 +237,7 @@ class ModelRunner:
         small programs (`decode_batch`, `resize_batch`), one after another (on a GPU, XLA times candidate kernels
         while it compiles: compilations side by side would disturb each other's timings). Jitted calls then find
         them compiled. `cache` is only looked at."""
-        context, chunk, vocab = self.geometry.max_context, self.geometry.prefill_chunk, self.cfg.model.vocab_size
+        chunk, vocab = self.geometry.prefill_chunk, self.cfg.model.vocab_size
         scalar = np.int32(0)
         programs = [
             self._prefill.lower(self.params, self.model_state, cache, np.zeros(chunk, np.int32), *[scalar] * 3),
@@ -249,13 +249,12 @@ class ModelRunner:
         ]
         batches = {}
         for size in self.decode_sizes:
-            zeros = np.zeros(size, np.int32)
-            ints, floats = self._pack(zeros, zeros + context, zeros, zeros, zeros + 1, zeros, zeros)
+            ints, floats = self._pack(*self._idle_columns(size))
             batches[size] = batch = self._unpack_batch(ints, floats)
             programs += [self._decode_block.lower(self.params, self.model_state, cache, batch, k) for k in steps]
             programs += [
                 self._unpack_batch.lower(ints, floats),
-                self._merge_batch.lower(batch, zeros > 0, ints, floats),
+                self._merge_batch.lower(batch, np.zeros(size, bool), ints, floats),
             ]
         programs += [self._resize_batch.lower(batches[a], b) for a in batches for b in batches if a != b]
         for program in programs:
@@ -295,6 +294,11 @@ class ModelRunner:
             return self._unpack_batch(ints, floats)
         return self._merge_batch(into, np.asarray(rows, bool), ints, floats)
 
+    def _idle_columns(self, n: int) -> tuple:
+        """Host columns of `n` idle rows, in `decode_batch`'s order: past the end, greedy, no cuts."""
+        zeros = np.zeros(n, np.int32)
+        return zeros, zeros + self.geometry.max_context, zeros, zeros, zeros + 1, zeros, zeros
+
     @staticmethod
     def _pack(tokens_b, positions_b, temperature_b, top_k_b, top_p_b, seed_b, index_b):
         columns = (tokens_b, positions_b, top_k_b, seed_b, index_b)  # the seeds' uint32 bits travel as int32
@@ -331,17 +335,12 @@ class ModelRunner:
 
     @functools.cached_property
     def _resize_batch(self):
-        context = self.geometry.max_context
-
         def resize(batch, size):
             extra = size - batch.tokens.shape[0]
             if extra <= 0:
                 return jax.tree.map(lambda a: a[:size], batch)
-            zeros = jnp.zeros((extra,), jnp.int32)
-            idle = DecodeBatch(
-                zeros, zeros + context, zeros.astype(jnp.float32), zeros, zeros + 1.0, zeros.astype(jnp.uint32), zeros
-            )
-            return jax.tree.map(lambda a, b: jnp.concatenate([a, b.astype(a.dtype)]), batch, idle)
+            idle = self._unpack(*self._pack(*self._idle_columns(extra)))
+            return jax.tree.map(lambda a, b: jnp.concatenate([a, b]), batch, idle)
 
         return self._batch_jit(resize, static_argnums=(1,))
 
