@@ -255,8 +255,8 @@ def _assert_rows_close(got, want, dtype):
 @pytest.mark.parametrize("rows", [1, 3])
 @pytest.mark.parametrize("variant", ["three weights", "norm", "gelu", "residual", "norm gelu"])
 def test_row_matvec_matches_reference(dtype, rows, variant):
-    """Each prologue and epilogue against the pure-JAX reference, with the programs of several weights; the layer
-    index traced or static."""
+    """Each prologue and epilogue against the pure-JAX reference, with blocks smaller than the shapes so the loops
+    and the programs of several weights all run; the layer index traced or static."""
     x, weights, norm, residual = _matvec_inputs(dtype, rows=rows)
     kwargs = {
         "three weights": {},
@@ -269,7 +269,9 @@ def test_row_matvec_matches_reference(dtype, rows, variant):
         weights = weights[:1]
     want = matvec.row_matvec_reference(x, weights, 1, dtype=dtype, **kwargs)
     for layer in (1, jnp.int32(1)):
-        got = matvec.row_matvec(x, weights, layer, dtype=dtype, interpret=True, poison=True, **kwargs)
+        got = matvec.row_matvec(
+            x, weights, layer, dtype=dtype, interpret=True, poison=True, block_n=16, block_k=16, **kwargs
+        )
         _assert_rows_close(got, want, dtype)
     plain = matvec.row_matvec_reference(x, weights, 1, dtype=dtype)
     assert variant == "three weights" or not np.allclose(

@@ -16,9 +16,8 @@ layer's slice out for the call. Several weights on the same input (q, k and v) r
 float32 over the compute dtype's values: inputs, weights, and each prologue's output are rounded to it first, as
 the XLA path rounds them.
 
-One program per slab of outputs (`block_rows`: 64 KiB of weight), for every row (rows loop inside, so the weight
-is read once for all of them). A program loads its slab in one go: a loop over the contraction waits on each
-piece in turn (the Triton backend does not pipeline these loads), which left the kernels at 0.4-2.7 TB/s on an H200.
+One program per `block_n` outputs of every row (rows loop inside, so the weight is read once for all of them),
+looping over the contraction in `block_k` pieces.
 """
 
 from __future__ import annotations
@@ -34,7 +33,8 @@ from jax.experimental import pallas as pl
 from kernels.decode import runtime
 from kernels.decode.attention import merge_chunks
 
-SLAB_BYTES = 65536  # weight bytes per program, loaded at once
+BLOCK_N = 16  # outputs per program
+BLOCK_K = 512  # contraction elements per loop step
 MAX_ROWS = 8  # rows are unrolled inside the kernel; more are better served by a matrix product
 
 _SQRT_HALF = 0.7071067811865476
@@ -99,22 +99,17 @@ def row_matvec_reference(
     return tuple(outs)
 
 
-def block_rows(k: int, n_min: int) -> int:
-    """Outputs per program for a contraction of k: as many as make SLAB_BYTES of bf16 weight (at least 1, at most
-    the smallest weight's N)."""
-    return max(1, min(n_min, SLAB_BYTES // (2 * k)))
-
-
-def check(x_shape, weight_shapes, *, merge_shape=None) -> str | None:
+def check(x_shape, weight_shapes, *, merge_shape=None, block_n: int = BLOCK_N, block_k: int = BLOCK_K) -> str | None:
     """Why the kernel cannot take these shapes (x [b, K], weights [layers, N, K]; `merge_shape` the chunks'
     [c, b, n, h] when x is None), or None."""
     if merge_shape is not None:
         c, b, n, h = merge_shape
-        k = n * h
-        if c & (c - 1) or h & (h - 1) or n & (n - 1):
-            return f"attention chunks {c}, heads {n} and head_dim {h} must be powers of two"
+        k, step = n * h, h
+        if c & (c - 1) or h & (h - 1):
+            return f"attention chunks {c} and head_dim {h} must be powers of two"
     else:
         b, k = x_shape
+        step = min(block_k, k)
         if k & (k - 1):
             return f"contraction {k} is not a power of two"
     if not 0 < b <= MAX_ROWS:
@@ -122,14 +117,16 @@ def check(x_shape, weight_shapes, *, merge_shape=None) -> str | None:
     for shape in weight_shapes:
         if len(shape) != 3 or shape[2] != k:
             return f"weight {shape} is not [layers, N, {k}]"
-    bn = block_rows(k, min(shape[1] for shape in weight_shapes))
+    bn = min(block_n, *(shape[1] for shape in weight_shapes))
     if bn & (bn - 1) or any(shape[1] % bn for shape in weight_shapes):
         return f"outputs {[shape[1] for shape in weight_shapes]} are not multiples of {bn}, a power of two"
+    if k % step:
+        return f"contraction {k} is not a multiple of {step}"
     return None
 
 
-def _row_matvec_kernel(*refs, n_rows, n_weights, starts, block_n, has_norm, has_merge, has_residual, activation, eps,
-                       dtype):  # fmt: skip
+def _row_matvec_kernel(*refs, n_rows, n_weights, starts, block_n, block_k, steps, has_norm, has_merge, has_residual,
+                       activation, eps, dtype):  # fmt: skip
     refs = list(refs)
     layer_ref = refs.pop(0)
     if has_merge:
@@ -143,31 +140,37 @@ def _row_matvec_kernel(*refs, n_rows, n_weights, starts, block_n, has_norm, has_
     layer = layer_ref[0]
     j = pl.program_id(0)
 
-    def inputs(r):
-        """Row r's whole input, prologue applied, rounded to the compute dtype, in float32 ([n, h] when merging)."""
-        if has_merge:
-            m, total = m_ref[:, r, :], l_ref[:, r, :]  # [c, n]
-            w = jnp.exp(m - jnp.max(m, axis=0)[None, :])
-            x = jnp.sum(w[:, :, None] * o_ref[:, r, :, :], axis=0) / jnp.sum(w * total, axis=0)[:, None]
+    if has_norm:  # each row's statistics, from the whole row
+        stats = []
+        for r in range(n_rows):
+            row = x_ref[r, :].astype(jnp.float32)
+            mean = jnp.mean(row)
+            stats.append((mean, lax.rsqrt(jnp.mean(jnp.square(row - mean)) + eps)))
+
+    def inputs(step, r):
+        """Row r's inputs at contraction piece `step`, prologue applied, in float32."""
+        if has_merge:  # piece `step` is head `step`
+            m, total = m_ref[:, r, step], l_ref[:, r, step]
+            w = jnp.exp(m - jnp.max(m))
+            x = jnp.sum(w[:, None] * o_ref[:, r, step, :], axis=0) / jnp.sum(w * total)
         else:
-            x = x_ref[r, :].astype(jnp.float32)
+            x = x_ref[r, pl.ds(step * block_k, block_k)].astype(jnp.float32)
         if has_norm:
-            mean = jnp.mean(x)
-            centred = x - mean
-            x = centred * lax.rsqrt(jnp.mean(centred * centred) + eps)
-            x = x * scale_ref[layer, :].astype(jnp.float32) + bias_ref[layer, :].astype(jnp.float32)
+            at = pl.ds(step * block_k, block_k)
+            mean, rstd = stats[r]
+            x = (x - mean) * rstd * scale_ref[layer, at].astype(jnp.float32) + bias_ref[layer, at].astype(jnp.float32)
         return _round(x, dtype)
 
     def product(w_ref, y_ref, first):
         rows = pl.ds(first, block_n)
-        w = _round(w_ref[layer, rows], dtype)  # the program's whole slab in one load: many bytes in flight
-        for r in range(n_rows):
-            x = inputs(r)
-            if has_merge:
-                y = jnp.sum(jnp.sum(w * x[None], axis=2), axis=1)
-            else:
-                y = jnp.sum(w * x[None, :], axis=1)
-            y = _round(y, dtype)
+
+        def body(step, accs):
+            w = _round(w_ref[layer, rows, pl.ds(step * block_k, block_k)], dtype)  # [block_n, block_k]
+            return tuple(acc + jnp.sum(w * inputs(step, r)[None, :], axis=1) for r, acc in enumerate(accs))
+
+        accs = lax.fori_loop(0, steps, body, tuple(jnp.zeros((block_n,), jnp.float32) for _ in range(n_rows)))
+        for r, acc in enumerate(accs):
+            y = _round(acc, dtype)
             if activation == "gelu":
                 y = _round(gelu(y), dtype)
             if has_residual:
@@ -194,7 +197,10 @@ def row_matvec(
     dtype=jnp.bfloat16,
     interpret: bool = False,
     poison: bool = False,
-    num_warps: int = 8,
+    block_n: int = BLOCK_N,
+    block_k: int = BLOCK_K,
+    num_warps: int = 4,
+    num_stages: int = 3,
 ) -> tuple[jax.Array, ...]:
     """`row_matvec_reference` in one launch (arguments as there; `layer` a Python int or an int32 scalar)."""
     if activation not in (None, "gelu"):
@@ -202,26 +208,31 @@ def row_matvec(
     if residual is not None and len(weights) != 1:
         raise ValueError("row_matvec: a residual needs a single weight")
     merge_shape = merge[0].shape if merge is not None else None
-    reason = check(None if x is None else x.shape, [w.shape for w in weights], merge_shape=merge_shape)
+    reason = check(None if x is None else x.shape, [w.shape for w in weights], merge_shape=merge_shape,
+                   block_n=block_n, block_k=block_k)  # fmt: skip
     if reason:
         raise ValueError(f"row_matvec: {reason}")
     if merge is not None:
         _, b, n, h = merge_shape
-        k = n * h
+        k, block_k, steps = n * h, h, n
         sources = tuple(a.astype(jnp.float32) for a in merge)
-        weights = [w.reshape(*w.shape[:2], n, h) for w in weights]  # heads and head_dim apart, as the chunks
     else:
-        (b, k), sources = x.shape, (x,)
+        b, k = x.shape
+        block_k = min(block_k, k)
+        steps, sources = k // block_k, (x,)
     if residual is not None and residual.shape != (b, weights[0].shape[1]):
         raise ValueError(f"row_matvec: residual {residual.shape} is not [{b}, {weights[0].shape[1]}]")
-    block_n = block_rows(k, min(w.shape[1] for w in weights))
-    starts = tuple(itertools.accumulate((w.shape[1] // block_n for w in weights), initial=0))
+    block_n = min(block_n, *(w.shape[1] for w in weights))
+    counts = [w.shape[1] // block_n for w in weights]
+    starts = tuple(itertools.accumulate(counts, initial=0))
     kernel = functools.partial(
         _row_matvec_kernel,
         n_rows=b,
         n_weights=len(weights),
         starts=starts,
         block_n=block_n,
+        block_k=block_k,
+        steps=steps,
         has_norm=norm is not None,
         has_merge=merge is not None,
         has_residual=residual is not None,
@@ -242,6 +253,7 @@ def row_matvec(
         inputs=inputs,
         out_shapes=tuple(jax.ShapeDtypeStruct((b, w.shape[1]), dtype) for w in weights),
         num_warps=num_warps,
+        num_stages=num_stages,
         interpret=interpret,
         poison=poison,
     )
