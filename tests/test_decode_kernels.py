@@ -3,7 +3,6 @@ on a GPU) against the pure-JAX references, their lowering to Triton, and the run
 
 from __future__ import annotations
 
-import functools
 import threading
 
 import jax
@@ -14,7 +13,7 @@ import pytest
 from jaxdeep.config import ConfigError, load_config
 from jaxdeep.serve.loading import from_config
 from jaxdeep.serve.runner import CacheGeometry, ModelRunner
-from kernels.decode import attention, matvec, resolve, write_attend
+from kernels.decode import attention, resolve, write_attend
 from tests.fast_compile import FAST
 from tests.helpers import TINY
 
@@ -228,138 +227,3 @@ def test_write_attend_kernel_on_gpu(dtype):
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=0, atol=atol)
     np.testing.assert_allclose(np.asarray(got_k, np.float32), np.asarray(want_k, np.float32), rtol=0, atol=1e-2)
     np.testing.assert_array_equal(np.asarray(got_v), np.asarray(want_v))
-
-
-# ----------------------------------------------------------------------------- row_matvec
-
-
-def _matvec_inputs(dtype, rows=3, k=64, outputs=(32, 64, 96), layers=3, seed=0):
-    ks = jax.random.split(jax.random.key(seed), 8)
-    x = (3 * jax.random.normal(ks[0], (rows, k)) + 1).astype(dtype)
-    weights = [0.1 * jax.random.normal(ks[1 + i], (layers, n, k)) for i, n in enumerate(outputs)]
-    norm = (1 + 0.2 * jax.random.normal(ks[4], (layers, k)), 0.1 * jax.random.normal(ks[5], (layers, k)), 1e-5)
-    residual = jax.random.normal(ks[6], (rows, outputs[0])).astype(dtype)
-    return x, weights, norm, residual
-
-
-def _assert_rows_close(got, want, dtype):
-    """float32: to rounding; bf16: within one unit in the last place of the largest output (sums in another order
-    may round the other way)."""
-    for g, w in zip(got, want, strict=True):
-        assert g.dtype == w.dtype and g.shape == w.shape and not np.isnan(np.asarray(g, np.float32)).any()
-        atol = (2e-6 if dtype == jnp.float32 else 2**-7) * float(jnp.abs(w.astype(jnp.float32)).max())
-        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32), rtol=0, atol=atol)
-
-
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("rows", [1, 3])
-@pytest.mark.parametrize("variant", ["three weights", "norm", "gelu", "residual", "norm gelu"])
-def test_row_matvec_matches_reference(dtype, rows, variant):
-    """Each prologue and epilogue against the pure-JAX reference, with blocks smaller than the shapes so the loops
-    and the programs of several weights all run; the layer index traced or static."""
-    x, weights, norm, residual = _matvec_inputs(dtype, rows=rows)
-    kwargs = {
-        "three weights": {},
-        "norm": {"norm": norm},
-        "gelu": {"activation": "gelu"},
-        "residual": {"residual": residual},
-        "norm gelu": {"norm": norm, "activation": "gelu"},
-    }[variant]
-    if variant not in ("three weights", "norm"):
-        weights = weights[:1]
-    want = matvec.row_matvec_reference(x, weights, 1, dtype=dtype, **kwargs)
-    for layer in (1, jnp.int32(1)):
-        got = matvec.row_matvec(
-            x, weights, layer, dtype=dtype, interpret=True, poison=True, block_n=16, block_k=16, **kwargs
-        )
-        _assert_rows_close(got, want, dtype)
-    plain = matvec.row_matvec_reference(x, weights, 1, dtype=dtype)
-    assert variant == "three weights" or not np.allclose(
-        np.asarray(want[0], np.float32), np.asarray(plain[0], np.float32)
-    )
-
-
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_row_matvec_merges_attention_chunks(dtype):
-    """The output projection's input comes as the attention kernel's unmerged chunks (an empty padding chunk
-    among them): merged per head inside the loop, then the product and the residual."""
-    q, k_cache, v_cache = _attention_inputs(jnp.float32, slots=2, context=300, heads=4, head_dim=16)
-    positions = jnp.array([299, 40], jnp.int32)
-    cos, sin = _tables(positions, 16)
-    o, m, total, _, _ = attention.write_attend(q, q, q, cos, sin, k_cache, v_cache, 0, positions, 0.25, interpret=True,
-                                           merged=False)  # fmt: skip
-    assert (
-        o.shape[0] == 4 and float(m[3].max()) == float(np.float32(-1e30)) and float(jnp.abs(total[3]).max()) == 0.0
-    )  # 3 chunks + 1
-    merged, _, _ = attention.write_attend(q, q, q, cos, sin, k_cache, v_cache, 0, positions, 0.25, interpret=True)
-    np.testing.assert_allclose(attention.merge_chunks(o, m, total), merged, rtol=0, atol=1e-6)
-    w = [0.1 * jax.random.normal(jax.random.key(5), (2, 32, 64))]
-    residual = jax.random.normal(jax.random.key(6), (2, 32)).astype(dtype)
-    want = matvec.row_matvec_reference(None, w, 1, merge=(o, m, total), residual=residual, dtype=dtype)
-    got = matvec.row_matvec(
-        None, w, 1, merge=(o, m, total), residual=residual, dtype=dtype, interpret=True, poison=True
-    )
-    _assert_rows_close(got, want, dtype)
-
-
-def test_erf_and_gelu():
-    x = jnp.linspace(-8, 8, 4001, dtype=jnp.float32)
-    np.testing.assert_allclose(matvec.erf(x), jax.scipy.special.erf(x), rtol=0, atol=3e-7)
-    np.testing.assert_allclose(matvec.gelu(x), jax.nn.gelu(x, approximate=False), rtol=0, atol=3e-6)
-
-
-def test_row_matvec_lowers_to_triton():
-    x, weights, norm, residual = _matvec_inputs(jnp.bfloat16, rows=1)
-    fused = lambda x, w, s, b: matvec.row_matvec(x, w, 1, norm=(s, b, 1e-5), activation="gelu", dtype=jnp.bfloat16)  # noqa: E731
-    lowered = jax.jit(fused).trace(x, weights[:1], *norm[:2]).lower(lowering_platforms=("cuda",))
-    assert "__gpu$xla.gpu.triton" in lowered.as_text()
-
-
-def test_row_matvec_bad_input():
-    x, weights, norm, residual = _matvec_inputs(jnp.float32, rows=1)
-    run = functools.partial(matvec.row_matvec, interpret=True, dtype=jnp.float32)
-    with pytest.raises(ValueError, match="9 rows: the kernel takes 1 to 8"):
-        run(jnp.ones((9, 64)), weights, 0)
-    with pytest.raises(ValueError, match="contraction 48 is not a power of two"):
-        run(x[:, :48], [w[..., :48] for w in weights], 0)
-    with pytest.raises(ValueError, match=r"weight \(3, 32, 32\) is not \[layers, N, 64\]"):
-        run(x, [weights[0][..., :32]], 0)
-    with pytest.raises(ValueError, match="a residual needs a single weight"):
-        run(x, weights, 0, residual=residual)
-    with pytest.raises(ValueError, match="activation must be None or 'gelu'"):
-        run(x, weights[:1], 0, activation="relu")
-
-
-def test_fused_decode_is_taken_where_it_can_run():
-    """The runner's decode takes whole-layer kernels on one device with the serving layout, and says why not
-    elsewhere (the full-forward test above checks their logits on each mesh)."""
-    from jaxdeep.model.matmul import decode_kernels, row_reductions
-    from jaxdeep.serve import extend
-
-    loaded, runner = _runner("interpret")
-    model, cache = loaded.merge(loaded.params, loaded.model_state), runner.new_cache()
-    with row_reductions(runner.relaid), decode_kernels(runner.decode_kernels):
-        assert extend.fused_decode_reason(model, cache, 4) is None
-        assert "1 to 8" in extend.fused_decode_reason(model, cache, 9)
-    with row_reductions(()), decode_kernels(runner.decode_kernels):
-        assert "serving layout" in extend.fused_decode_reason(model, cache, 1)
-    with row_reductions(runner.relaid), decode_kernels("xla"):
-        assert "kernels.decode=xla" in extend.fused_decode_reason(model, cache, 1)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("rows", [1, 4])
-def test_row_matvec_on_gpu(rows):
-    """The dense 1B model's shapes, bf16, compiled."""
-    x, weights, norm, residual = _matvec_inputs(jnp.bfloat16, rows=rows, k=2048, outputs=(2048, 2048, 2048), layers=2)
-    f = jax.random.normal(jax.random.key(9), (2, 8192, 2048)) * 0.02
-    cases = [
-        (x, weights, {"norm": norm}),
-        (x, [f], {"norm": norm, "activation": "gelu"}),
-        (jnp.tile(x, (1, 4)), [jnp.swapaxes(f, 1, 2)], {"residual": residual}),
-    ]
-    for xs, ws, kwargs in cases:
-        want = matvec.row_matvec_reference(xs, ws, 1, dtype=jnp.bfloat16, **kwargs)
-        run = functools.partial(matvec.row_matvec, dtype=jnp.bfloat16, poison=True, **kwargs)
-        got = jax.jit(lambda xs, ws, run=run: run(xs, ws, 1))(xs, ws)
-        _assert_rows_close(got, want, jnp.bfloat16)

@@ -15,10 +15,10 @@ from flax import nnx
 
 from jaxdeep.model.deepseek.rope import apply_rope, inverse_frequencies
 from jaxdeep.model.layers import rotary, rotary_tables
-from jaxdeep.model.matmul import decode_kernel, project, row_reduction_for
+from jaxdeep.model.matmul import decode_kernel, project
 from jaxdeep.serve import cache as kv
 from jaxdeep.sharding import active_spec, constrain
-from kernels.decode import attention, matvec, write_attend
+from kernels.decode import write_attend
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 RESIDUAL = ("batch", "act_seq", "act_embed")
@@ -94,67 +94,11 @@ def _decode_layer_norm(norm, x_btd: jax.Array) -> jax.Array:
     return (z * norm.scale[...].astype(jnp.float32) + norm.bias[...].astype(jnp.float32)).astype(x_btd.dtype)
 
 
-def _dense_decode_weights(blocks) -> dict:
-    """The stacked weights of the dense blocks as `matvec.row_matvec` takes them, [layers, N, K]. Inside
-    `row_reductions(["projections"])` they are stored with their inputs minor, so these transposes are only logical."""
-    attn, mlp = blocks.attn, blocks.mlp
-    layers, d = attn.wq.shape[:2]
-    qkv = tuple(jnp.transpose(w[...], (0, 2, 3, 1)).reshape(layers, -1, d) for w in (attn.wq, attn.wk, attn.wv))
-    wo = jnp.transpose(attn.wo[...], (0, 3, 1, 2)).reshape(layers, d, -1)
-    w_in, w_out = (jnp.swapaxes(w[...], 1, 2) for w in (mlp.w_in, mlp.w_out))
-    norms = tuple((n.scale[...], n.bias[...], n.eps) for n in (blocks.attn_norm, blocks.mlp_norm))
-    return {"qkv": qkv, "wo": wo, "w_in": w_in, "w_out": w_out, "norms": norms}
-
-
-def fused_decode_reason(model, cache: dict, batch: int) -> str | None:
-    """Why `extend_dense` cannot decode these rows with whole layers in `matvec.row_matvec` kernels, or None. They
-    need the decode kernels, the serving layout (`row_reductions`), one device, and shapes the kernels take."""
-    cfg = model.cfg
-    if decode_kernel() == "xla":
-        return "the decode kernels are off (kernels.decode=xla)"
-    if not row_reduction_for("projections"):
-        return "the projection weights are not in the serving layout"
-    if active_spec(RESIDUAL) is not None:
-        return "the mesh splits the model over several devices"
-    k_cache = cache["blocks"]["k"]
-    layers, context = k_cache.shape[0], k_cache.shape[2]
-    d, f, n, h = cfg.d_model, cfg.d_ff, cfg.n_heads, cfg.head_dim
-    merge = (attention.chunk_count(context), batch, n, h)
-    return (
-        matvec.check((batch, d), [(layers, n * h, d)] * 3)
-        or matvec.check(None, [(layers, d, n * h)], merge_shape=merge)
-        or matvec.check((batch, d), [(layers, f, d)])
-        or matvec.check((batch, f), [(layers, d, f)])
-        or attention.check(jax.ShapeDtypeStruct((batch, n, h), k_cache.dtype), k_cache, cache["blocks"]["v"])
-    )
-
-
-def _fused_dense_decode(model, cache: dict, x_bd, positions_b, tables, interpret: bool):
-    """Decode one token per row through every dense layer with five kernels per layer: LayerNorm and q/k/v; rotation,
-    cache write and attention (`write_attend`, chunks unmerged); the chunks' merge, the output projection and the
-    residual add; LayerNorm, the MLP's first product and GELU; its second product and the residual add."""
-    cfg, dt = model.cfg, DTYPES[model.cfg.dtype]
-    b, n, h = x_bd.shape[0], cfg.n_heads, cfg.head_dim
-    w = _dense_decode_weights(model.blocks)
-    k_cache, v_cache = cache["blocks"]["k"], cache["blocks"]["v"]
-    run = lambda *a, **kw: matvec.row_matvec(*a, dtype=dt, interpret=interpret, **kw)  # noqa: E731
-    for layer in range(k_cache.shape[0]):  # laid out straight: static layer indices, no loop
-        q, k, v = (y.reshape(b, n, h) for y in run(x_bd, w["qkv"], layer, norm=w["norms"][0]))
-        *chunks, k_cache, v_cache = attention.write_attend(
-            q, k, v, *tables, k_cache, v_cache, layer, positions_b, h**-0.5, interpret=interpret, merged=False
-        )
-        (x_bd,) = run(None, (w["wo"],), layer, merge=tuple(chunks), residual=x_bd)
-        (hidden,) = run(x_bd, (w["w_in"],), layer, norm=w["norms"][1], activation="gelu")
-        (x_bd,) = run(hidden, (w["w_out"],), layer, residual=x_bd)
-    return x_bd, {"blocks": {"k": k_cache, "v": v_cache}}
-
-
 def extend_dense(model, cache: dict, tokens_bt, positions_bt, slot_b, leading_slots: bool, unroll: bool = False):
     """The dense `Transformer`: per-head K and V cached. leading_slots: the rows are the cache's first b slots
     (decode), written with idle positions clamped and read without a gather; otherwise the slots `slot_b`. Decode
     (one token per row) inside `matmul.decode_kernels` rotates, caches and attends with
-    `kernels.decode.write_attend`; where `fused_decode_reason` allows (a few rows, one device, the serving layout),
-    whole layers run as five kernels (`_fused_dense_decode`)."""
+    `kernels.decode.write_attend`."""
     cfg, dt = model.cfg, DTYPES[model.cfg.dtype]
 
     decoding = tokens_bt.shape[1] == 1
@@ -163,10 +107,6 @@ def extend_dense(model, cache: dict, tokens_bt, positions_bt, slot_b, leading_sl
     attention_kernel = decoding and leading_slots and kernels != "xla"
     scale = cfg.head_dim**-0.5
     tables = rotary_tables(positions_bt[:, 0], cfg.head_dim, cfg.rope_theta) if attention_kernel else None
-    if attention_kernel and fused_decode_reason(model, cache, tokens_bt.shape[0]) is None:
-        x_bd = model.embed_tokens(tokens_bt)[:, 0]
-        x_bd, cache = _fused_dense_decode(model, cache, x_bd, positions_bt[:, 0], tables, kernels == "interpret")
-        return x_bd[:, None], cache
 
     def layer_fn(block, x_btd, cache, layer):
         attn = block.attn

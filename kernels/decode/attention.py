@@ -6,8 +6,7 @@ row's position are stale and never read. The kernel splits each slot's positions
 one program per (sequence, head, chunk) runs an online softmax over its chunk in blocks of `BLOCK` positions,
 stopping before the row's position, and the program whose chunk holds that position stores the new entry and
 counts it from registers. Each program writes its unnormalised output with its running max and sum, and a small
-XLA reduction merges the chunks (or the next projection does: `matvec.row_matvec`). With a few chunks per head
-the programs fill the GPU at batch 1, where one
+XLA reduction merges the chunks. With a few chunks per head the programs fill the GPU at batch 1, where one
 program per head would leave most SMs idle.
 """
 
@@ -36,16 +35,11 @@ def reference(q_bnh, k_cache, v_cache, layer, positions_b, scale: float) -> jax.
     return jnp.einsum("bns,bsnh->bnh", probs, values).astype(q_bnh.dtype)
 
 
-def merge_chunks(o_cbnh, m_cbn, l_cbn) -> jax.Array:
-    """The attention output [b, n, h] (float32) from its chunks' unnormalised outputs, running maxima and sums."""
-    w_cbn = jnp.exp(m_cbn - jnp.max(m_cbn, axis=0))
-    return jnp.sum(w_cbn[..., None] * o_cbnh, axis=0) / jnp.sum(w_cbn * l_cbn, axis=0)[..., None]
-
-
-def chunk_count(context: int, chunk: int = CHUNK) -> int:
-    """How many chunks `write_attend` splits a slot of `context` positions into: a power of two, so that a kernel
-    can load them whole (those past the cache's end are empty)."""
-    return pl.next_power_of_2(-(-context // chunk))
+def _merge(o_sbnh, stats_sbn2, dtype):
+    m_sbn, l_sbn = stats_sbn2[..., 0], stats_sbn2[..., 1]
+    w_sbn = jnp.exp(m_sbn - jnp.max(m_sbn, axis=0))
+    out = jnp.sum(w_sbn[..., None] * o_sbnh, axis=0) / jnp.sum(w_sbn * l_sbn, axis=0)[..., None]
+    return out.astype(dtype)
 
 
 def check(q_bnh, k_cache, v_cache) -> str | None:
@@ -84,7 +78,7 @@ def write_attend_reference(q_bnh, k_bnh, v_bnh, cos_bh, sin_bh, k_cache, v_cache
 
 def _write_attend_kernel(
     layer_ref, pos_ref, cos_ref, sin_ref, q_ref, kn_ref, vn_ref, k_ref, v_ref,  # inputs
-    o_ref, m_ref, l_ref, k_out, v_out,  # outputs; k_out and v_out share k_ref's and v_ref's buffers
+    o_ref, stats_ref, k_out, v_out,  # outputs; k_out and v_out share k_ref's and v_ref's buffers
     *, scale, chunk, block, head_dim,
 ):  # fmt: skip
     b, n, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -135,8 +129,7 @@ def _write_attend_kernel(
     p, alpha = jnp.exp(score - m_new), jnp.exp(m - m_new)
     acc = acc * alpha + p * vn_ref[b, n, :].astype(jnp.float32)
     o_ref[s, b, n, :] = acc
-    m_ref[s, b, n] = m_new
-    l_ref[s, b, n] = total * alpha + p
+    stats_ref[s, b, n, :] = jnp.where(jnp.arange(2) == 0, m_new, total * alpha + p)
 
 
 def write_attend(
@@ -155,34 +148,27 @@ def write_attend(
     chunk: int = CHUNK,
     block: int = BLOCK,
     num_warps: int = 4,
-    merged: bool = True,
 ):
     """`write_attend_reference` as one kernel launch; the caches are updated in place. The new entry's score uses
-    the float32 rotated key; the cache (and so later steps, and the reference) holds it rounded to its dtype.
-    `merged=False` returns the chunks unmerged instead of out: (o [c, b, n, h], m [c, b, n], l [c, b, n], k_cache,
-    v_cache), float32, for `merge_chunks` (or `matvec.row_matvec`'s merge) to finish; c is a power of two, chunks
-    past the cache's end being empty (m = -1e30, l = 0, o = 0)."""
+    the float32 rotated key; the cache (and so later steps, and the reference) holds it rounded to its dtype."""
     if chunk % block or block & (block - 1):
         raise ValueError(f"write_attend: chunk {chunk} must be a multiple of block {block}, a power of two")
     b, n, h = q_bnh.shape
-    chunks = chunk_count(k_cache.shape[2], chunk)
+    chunks = -(-k_cache.shape[2] // chunk)
     kernel = functools.partial(_write_attend_kernel, scale=scale, chunk=chunk, block=block, head_dim=h)
     layer = jnp.reshape(layer, (1,)).astype(jnp.int32)
     tables = (cos_bh.astype(jnp.float32), sin_bh.astype(jnp.float32))
-    o, m, total, k_cache, v_cache = runtime.call(
+    o, stats, k_cache, v_cache = runtime.call(
         kernel,
         grid=(b, n, chunks),
         inputs=(layer, positions_b.astype(jnp.int32), *tables, q_bnh, k_bnh, v_bnh, k_cache, v_cache),
         out_shapes=(
             jax.ShapeDtypeStruct((chunks, b, n, h), jnp.float32),  # each chunk's unnormalised output
-            jax.ShapeDtypeStruct((chunks, b, n), jnp.float32),  # its running max
-            jax.ShapeDtypeStruct((chunks, b, n), jnp.float32),  # and sum
+            jax.ShapeDtypeStruct((chunks, b, n, 2), jnp.float32),  # its running max and sum
         ),
         in_place=(7, 8),
         num_warps=num_warps,
         interpret=interpret,
         poison=poison,
     )
-    if not merged:
-        return o, m, total, k_cache, v_cache
-    return merge_chunks(o, m, total).astype(q_bnh.dtype), k_cache, v_cache
+    return _merge(o, stats, q_bnh.dtype), k_cache, v_cache
