@@ -540,6 +540,29 @@ def test_sampling_cuts_and_seeds():
     assert not np.array_equal(draw(), draw(index=index + 1))
 
 
+def test_sampling_rows_of_every_kind_in_one_batch():
+    """Greedy rows, rows drawn from the whole vocabulary and rows cut by top-k or top-p share a batch: each row
+    gets what it gets alone, whichever branches the batch takes (all greedy, no cut, some cut)."""
+    from jaxdeep.serve.sampling import sample
+
+    rng = np.random.default_rng(0)
+    n = 64
+    logits = rng.normal(size=(n, 300)).astype(np.float32) * 3
+    kind = np.arange(n) % 4  # greedy, whole vocabulary, top-k, top-p
+    temperature = np.where(kind == 0, 0.0, 0.8).astype(np.float32)
+    top_k = np.where(kind == 2, 5, 0).astype(np.int32)
+    top_p = np.where(kind == 3, 0.6, 1.0).astype(np.float32)
+    seeds, index = np.arange(n, dtype=np.uint32), rng.integers(0, 100, n).astype(np.int32)
+    batch = np.asarray(sample(logits, temperature, top_k, top_p, seeds, index))
+    for i in range(n):
+        alone = sample(logits[i : i + 1], temperature[i : i + 1], top_k[i : i + 1], top_p[i : i + 1], seeds[i : i + 1],
+                       index[i : i + 1])  # fmt: skip
+        assert int(alone[0]) == batch[i], i
+    assert (batch[kind == 0] == logits[kind == 0].argmax(-1)).all()
+    ranks = (logits > logits[np.arange(n), batch][:, None]).sum(-1)  # how many tokens rank above the drawn one
+    assert ranks[kind == 2].max() < 5 and ranks[kind == 1].max() >= 5
+
+
 def test_cache_bytes_per_token():
     from jaxdeep.serve.cache import bytes_per_token
 
