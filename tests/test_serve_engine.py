@@ -267,6 +267,28 @@ def test_decode_steps_equal_single_steps(served):
         runner.decode_steps(cache, block, 0)
 
 
+def test_greedy_sampling_mode_gives_the_same_tokens(served):
+    """A batch whose rows are all greedy (idle ones included) samples the same tokens and moves the same way in
+    "greedy" mode, which skips the vocabulary's sort and draw; the engine picks the mode from its requests."""
+    from jaxdeep.serve.sampling import mode_for
+
+    _, _, engine, _ = served
+    runner = engine.runner
+    cache, _ = runner.prefill_prompt(runner.new_cache(), _prompt(6, 8), slot=1)
+    cache, _ = runner.prefill_prompt(cache, _prompt(9, 10), slot=3)
+    tokens, positions = np.array([0, 5, 0, 7], np.int32), np.array([CONTEXT, 6, CONTEXT, 9], np.int32)
+    zeros = np.zeros(4, np.int32)
+    columns = (tokens, positions, zeros.astype(np.float32), zeros, np.ones(4, np.float32), zeros, zeros)
+    results = {}
+    for mode in ("sample", "greedy"):
+        results[mode] = runner.decode_steps(jax.tree.map(jnp.copy, cache), runner.decode_batch(*columns), 2, mode)
+    for got, want in zip(jax.tree.leaves(results["greedy"]), jax.tree.leaves(results["sample"]), strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    assert mode_for([0.0, 0]) == "greedy" and mode_for([0.0, 0.7]) == "sample"
+    with pytest.raises(ValueError, match="sampling must be one of"):
+        runner.decode_steps(cache, runner.decode_batch(*columns), 1, "beam")
+
+
 def test_engine_greedy_is_argmax_of_full_forward(served):
     _, _, engine, forward = served
     for seed, (n_prompt, n_new) in enumerate([(5, 12), (17, 9)]):
@@ -362,15 +384,16 @@ class _StepsSeen:
     """A runner that records the steps and rows of each block the engine launches."""
 
     def __init__(self, runner):
-        self.runner, self.steps, self.sizes = runner, [], []
+        self.runner, self.steps, self.sizes, self.modes = runner, [], [], []
 
     def __getattr__(self, name):
         return getattr(self.runner, name)
 
-    def decode_steps(self, cache, batch, steps):
+    def decode_steps(self, cache, batch, steps, sampling):
         self.steps.append(steps)
         self.sizes.append(batch.tokens.shape[0])
-        return self.runner.decode_steps(cache, batch, steps)
+        self.modes.append(sampling)
+        return self.runner.decode_steps(cache, batch, steps, sampling)
 
 
 def test_blocks_of_steps_give_every_request_what_one_step_does(served):
@@ -387,7 +410,7 @@ def test_blocks_of_steps_give_every_request_what_one_step_does(served):
         requests[4].params = SamplingParams(max_tokens=5, temperature=1.0, seed=6, stop=(stopped[2:4],))
         want = {r.request_id: single.generate(r, timeout=60) for r in requests}
         assert want["r4"].finish_reason == "stop" and want["r4"].text == stopped[: stopped.find(stopped[2:4])]
-        for r in (requests[2], requests[4]):  # alone: a long one, and one a stop string ends mid-block
+        for r in (requests[2], requests[4], requests[0]):  # alone: a long one, one a stop string ends mid-block, greedy
             got = blocks.generate(r, timeout=60)
             assert (got.tokens, got.text, got.finish_reason) == (
                 want[r.request_id].tokens,
@@ -396,6 +419,7 @@ def test_blocks_of_steps_give_every_request_what_one_step_does(served):
             ), r.request_id
         assert 3 in runner.steps and 1 in runner.steps
         assert set(runner.sizes) == {1}  # alone in slot 0: decoded as batch 1
+        assert set(runner.modes) == {"greedy", "sample"}  # r2 and r4 sample, r0 is greedy
         together: dict[str, list] = {}
         done = threading.Event()
 
@@ -497,7 +521,8 @@ def test_warm_up_compiles_every_model_program(models, caplog):
     with caplog.at_level(logging.DEBUG), jax.log_compiles(True):
         engine = InferenceEngine(runner, Letters(), "warm", decode_steps=2, warm_up=True)
         try:
-            assert sum("decode_block" in m for m in compiled()) == 2 * len(runner.decode_sizes)
+            blocks, modes = 2, 2  # block lengths 1 and 2; greedy and sampling
+            assert sum("decode_block" in m for m in compiled()) == blocks * modes * len(runner.decode_sizes)
             caplog.clear()
             done, finished = threading.Event(), []
 

@@ -2,10 +2,10 @@
 
 For each batch size: one `ModelRunner` with that many slots, a cache of `--context` positions per slot, and
 `--steps` timed decode steps (every slot decodes one token per step, at position `--context // 2` onwards). The
-steps are what the engine runs: `ModelRunner.decode_steps` with `--decode-steps` steps per launch (the model's
-step and greedy sampling, the batch kept on the device), each launch's tokens brought back to the host once the
-next is launched (as the engine does), without the engine's thread or HTTP. `--inputs host` times the model's
-step alone with tokens and positions sent from the host each step (`ModelRunner.decode`, what the engine ran
+steps are what the engine runs: `ModelRunner.decode_steps` with `--decode-steps` steps per launch (the model's step
+and greedy sampling, in `--sampling` mode, the batch kept on the device), each launch's tokens brought back to the
+host once the next is launched (as the engine does), without the engine's thread or HTTP. `--inputs host` times the
+model's step alone with tokens and positions sent from the host each step (`ModelRunner.decode`, what the engine ran
 before it kept its batch on the device).
 
 Roofline: a decode step must read the weights it uses and the cache it attends over. "needed" bytes count the
@@ -56,7 +56,14 @@ def tree_bytes(tree) -> int:
 
 
 def time_decode(
-    runner: ModelRunner, batch: int, context: int, steps: int, top: int = 0, inputs: str = "device", block: int = 1
+    runner: ModelRunner,
+    batch: int,
+    context: int,
+    steps: int,
+    top: int = 0,
+    inputs: str = "device",
+    block: int = 1,
+    sampling: str = "greedy",
 ):
     """Seconds per decode step on the host's clock, the GPU's busy seconds per step, and the `top` kernel names
     by GPU time per step: [(name, (µs per step, kernels per step))]. inputs "device": the engine's blocks of
@@ -73,7 +80,7 @@ def time_decode(
     state["batch"] = runner.decode_batch(tokens, np.full((batch,), start), zeros, zeros, np.ones(batch), zeros, zeros)
 
     def engine_step():
-        state["cache"], state["batch"], sampled = runner.decode_steps(state["cache"], state["batch"], block)
+        state["cache"], state["batch"], sampled = runner.decode_steps(state["cache"], state["batch"], block, sampling)
         previous, state["pending"] = state.get("pending"), sampled
         if previous is not None:
             np.asarray(previous)  # the engine reads a step's tokens once the next one is launched
@@ -128,6 +135,13 @@ def main() -> None:
         default=[1],
         help="with --inputs device: steps per launch (ModelRunner.decode_steps)",
     )
+    ap.add_argument(
+        "--sampling",
+        choices=["greedy", "sample"],
+        default="greedy",
+        help="sampling mode of the engine's step (every row is greedy: the engine takes 'greedy'; 'sample' runs the "
+        "sort and draw over the vocabulary that a sampled request needs)",
+    )
     ap.add_argument("--top", type=int, default=0, help="print the N kernels that take the most GPU time per step")
     ap.add_argument("--out", default=None, help="append one JSON line per batch size here")
     args = ap.parse_args()
@@ -152,7 +166,9 @@ def main() -> None:
             decode_layout=layout == "decode",
         )
         cache_bytes = tree_bytes(jax.eval_shape(runner.new_cache))
-        step_s, busy_s, top = time_decode(runner, batch, args.context, args.steps, args.top, args.inputs, block)
+        step_s, busy_s, top = time_decode(
+            runner, batch, args.context, args.steps, args.top, args.inputs, block, args.sampling
+        )
         used_cache = cache_bytes * (args.context // 2) / args.context
         needed = active * itemsize + used_cache
         kernel_used = runner.decode_kernels != "xla" and cfg.model.kind != "deepseek"
@@ -174,6 +190,7 @@ def main() -> None:
             "layout": layout,
             "inputs": args.inputs,
             "decode_steps": block,  # steps per launch
+            "sampling": args.sampling,
             # the kernel choice, and whether this model has a decode kernel to take it (DeepSeek has none yet)
             "decode_kernels": runner.decode_kernels,
             "decode_kernel_used": kernel_used,

@@ -32,7 +32,7 @@ from jaxdeep.serve.api import (
     Tokenizer,
 )
 from jaxdeep.serve.runner import CacheGeometry, ModelRunner
-from jaxdeep.serve.sampling import sample
+from jaxdeep.serve.sampling import mode_for, sample
 from jaxdeep.serve.textstream import TextStream
 
 log = logging.getLogger("jaxdeep.serve")
@@ -311,7 +311,8 @@ class InferenceEngine:
             if any(changed):
                 self._batch = self._decode_batch(want, changed)
         self._rows = want
-        self._cache, self._batch, sampled = self.runner.decode_steps(self._cache, self._batch, steps)
+        sampling = mode_for(seq.request.params.temperature for seq in ready)  # idle rows are greedy
+        self._cache, self._batch, sampled = self.runner.decode_steps(self._cache, self._batch, steps, sampling)
         self._last_batch = len(ready)
         return sampled, [(seq.slot, seq) for seq in ready]
 

@@ -24,7 +24,7 @@ from jaxdeep.model.matmul import decode_kernels, row_reductions
 from jaxdeep.serve import cache as kv
 from jaxdeep.serve.extend import model_functions
 from jaxdeep.serve.layout import relaid_groups, to_decode_layout
-from jaxdeep.serve.sampling import sample, sample_rows
+from jaxdeep.serve.sampling import MODES, sample, sample_rows
 from jaxdeep.sharding import use_rules
 from kernels.decode import resolve
 from kernels.triton_runtime import unavailable_reason
@@ -144,9 +144,10 @@ class ModelRunner:
                 )
                 return cache, logits(model, x_btd)[:, 0]
 
-        def decode_one(params, model_state, cache, batch: DecodeBatch):
+        def decode_one(params, model_state, cache, batch: DecodeBatch, sampling: str):
             cache, logits_bv = decode(params, model_state, cache, batch.tokens, batch.positions)
-            tokens_b = sample_rows(logits_bv, batch.temperature, batch.top_k, batch.top_p, batch.seed, batch.index)
+            columns = (batch.temperature, batch.top_k, batch.top_p, batch.seed, batch.index)
+            tokens_b = sample_rows(logits_bv, *columns, mode=sampling)
             active = batch.positions < geometry.max_context
             step = active.astype(jnp.int32)
             following = batch._replace(
@@ -156,9 +157,9 @@ class ModelRunner:
             )
             return cache, following, tokens_b
 
-        def decode_block(params, model_state, cache, batch: DecodeBatch, steps: int):
+        def decode_block(params, model_state, cache, batch: DecodeBatch, steps: int, sampling: str):
             def one(carry, _):
-                cache, batch, tokens_b = decode_one(params, model_state, *carry)
+                cache, batch, tokens_b = decode_one(params, model_state, *carry, sampling)
                 return (cache, batch), tokens_b
 
             # Laid out straight: in a loop, the dense 1B model's GPU time per token doubled (H200, RESULTS.md).
@@ -185,7 +186,7 @@ class ModelRunner:
             decode_block,
             in_shardings=(param_sh, state_sh, self.cache_shardings, batch_sh),
             out_shardings=(self.cache_shardings, batch_sh, replicated),
-            static_argnums=(4,),
+            static_argnums=(4, 5),
             donate_argnums=(2, 3),
             compiler_options=compiler_options,
         )
@@ -233,10 +234,10 @@ class ModelRunner:
 
     def compile_all(self, cache: dict, steps=(1,)) -> None:
         """Compile every program serving runs, so that no call waits for XLA later: prefill and sampling after it;
-        for every size of `decode_sizes`, `decode_steps` of each block length in `steps` and the batch's own
-        small programs (`decode_batch`, `resize_batch`), one after another (on a GPU, XLA times candidate kernels
-        while it compiles: compilations side by side would disturb each other's timings). Jitted calls then find
-        them compiled. `cache` is only looked at."""
+        for every size of `decode_sizes`, `decode_steps` of each block length in `steps` and sampling mode, and the
+        batch's own small programs (`decode_batch`, `resize_batch`), one after another (on a GPU, XLA times candidate
+        kernels while it compiles: compilations side by side would disturb each other's timings). Jitted calls then
+        find them compiled. `cache` is only looked at."""
         chunk, vocab = self.geometry.prefill_chunk, self.cfg.model.vocab_size
         scalar = np.int32(0)
         programs = [
@@ -251,7 +252,11 @@ class ModelRunner:
         for size in self.decode_sizes:
             ints, floats = self._pack(*self._idle_columns(size))
             batches[size] = batch = self._unpack_batch(ints, floats)
-            programs += [self._decode_block.lower(self.params, self.model_state, cache, batch, k) for k in steps]
+            programs += [
+                self._decode_block.lower(self.params, self.model_state, cache, batch, k, mode)
+                for k in steps
+                for mode in MODES
+            ]
             programs += [
                 self._unpack_batch.lower(ints, floats),
                 self._merge_batch.lower(batch, np.zeros(size, bool), ints, floats),
@@ -344,17 +349,23 @@ class ModelRunner:
 
         return self._batch_jit(resize, static_argnums=(1,))
 
-    def decode_steps(self, cache: dict, batch: DecodeBatch, steps: int = 1) -> tuple[dict, DecodeBatch, jax.Array]:
+    def decode_steps(
+        self, cache: dict, batch: DecodeBatch, steps: int = 1, sampling: str = "sample"
+    ) -> tuple[dict, DecodeBatch, jax.Array]:
         """`steps` decode steps of the batch's slots in one launch (the engine's step), each sampling the next token
         of every row on the device and feeding it to the step after: returns the new cache, the batch after the
         last step (each active slot's last sampled token, position and index moved on; a slot that reaches
         max_context turns idle; idle slots unchanged) and the sampled tokens [steps, b]. Cache and batch are
         donated, so a generation reuses the same buffers and the host sends nothing while the slots keep their
         requests. The host launches once per block, so its launch cost per token shrinks `steps` times; the tokens
-        are those of `steps` blocks of one. Each `steps` compiles once per decode size."""
+        are those of `steps` blocks of one. `sampling` is `sampling.sample_rows`' mode: "greedy" only when every row
+        of the batch is greedy (`sampling.mode_for`; idle rows are). Each `steps` and mode compiles once per decode
+        size."""
         if not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
-        return self._decode_block(self.params, self.model_state, cache, batch, steps)
+        if sampling not in MODES:
+            raise ValueError(f"sampling must be one of {MODES}, got {sampling!r}")
+        return self._decode_block(self.params, self.model_state, cache, batch, steps, sampling)
 
     def decode(self, cache: dict, tokens_b, positions_b) -> tuple[dict, jax.Array]:
         """One token for each of the first b slots (b in `decode_sizes`) at its own position; returns the new cache
