@@ -54,12 +54,10 @@ def gathered_experts(x_td, experts_tk, weights_tk, gate_up_edcf, down_efd):
         # One slice per expert, not a gather: XLA lays a gather's output out as it sees fit, at times making the sum
         # a strided walk of the weight (7x slower on an H200); a slice keeps the weight's own layout, which in the
         # serving layout (jaxdeep/serve/layout.py) has the summed axis minor.
-        y_kd = []
-        for e in experts_tk[0]:
-            gate_up_dcf = jax.lax.dynamic_index_in_dim(gate_up_edcf, e, keepdims=False)
-            h_cf = single_row_product("d,dcf->cf", x_td[0], gate_up_dcf)
-            h_f = jax.nn.silu(h_cf[0]) * h_cf[1]
-            y_kd.append(single_row_product("f,fd->d", h_f, jax.lax.dynamic_index_in_dim(down_efd, e, keepdims=False)))
+        expert = lambda w, e: jax.lax.dynamic_index_in_dim(w, e, keepdims=False)  # noqa: E731
+        h_kcf = jnp.stack([single_row_product("d,dcf->cf", x_td[0], expert(gate_up_edcf, e)) for e in experts_tk[0]])
+        h_kf = jax.nn.silu(h_kcf[:, 0]) * h_kcf[:, 1]  # the k experts' SwiGLU together: one kernel, not k
+        y_kd = [single_row_product("f,fd->d", h_kf[i], expert(down_efd, e)) for i, e in enumerate(experts_tk[0])]
         return _combine(jnp.stack(y_kd), weights_tk), jnp.int32(k)
     h_tkcf = jnp.einsum("td,tkdcf->tkcf", x_td, gate_up_edcf[experts_tk])
     h_tkf = jax.nn.silu(h_tkcf[:, :, 0]) * h_tkcf[:, :, 1]
