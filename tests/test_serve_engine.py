@@ -510,8 +510,8 @@ def test_decode_all_slots_decodes_a_lone_request_as_a_full_batch(models):
 
 
 def test_warm_up_compiles_every_model_program(models, caplog):
-    """A warm-up compiles prefill, sampling, and decode of every size and block length with its batch's programs;
-    serving requests of every size then compiles nothing."""
+    """A warm-up compiles prefill, sampling, and decode of every size, block length and sampling mode with its
+    batch's programs; serving greedy and sampled requests of every size then compiles nothing."""
     _, loaded, _, _ = models.get("dense")
     runner = ModelRunner.from_loaded(loaded, CacheGeometry(SLOTS, CONTEXT, CHUNK), compiler_options=FAST)
 
@@ -529,11 +529,12 @@ def test_warm_up_compiles_every_model_program(models, caplog):
             def on_event(event):
                 if event.finished:
                     finished.append(event)
-                    if len(finished) == 3:
+                    if len(finished) == 4:
                         done.set()
 
             for i, n in enumerate((9, 5, 3)):
                 engine.submit(GenerationRequest(f"w{i}", _prompt(4, i), _greedy(n)), on_event)
+            engine.submit(GenerationRequest("s", _prompt(5, 7), _seeded(6)), on_event)
             assert done.wait(120)
             assert compiled() == []
         finally:
@@ -567,8 +568,8 @@ def test_sampling_cuts_and_seeds():
 
 def test_sampling_rows_of_every_kind_in_one_batch():
     """Greedy rows, rows drawn from the whole vocabulary and rows cut by top-k or top-p share a batch: each row
-    gets what it gets alone, whichever branches the batch takes (all greedy, no cut, some cut)."""
-    from jaxdeep.serve.sampling import sample
+    gets what it gets alone; the greedy rows get the same tokens in "greedy" mode, which computes only the argmax."""
+    from jaxdeep.serve.sampling import sample, sample_rows
 
     rng = np.random.default_rng(0)
     n = 64
@@ -584,6 +585,11 @@ def test_sampling_rows_of_every_kind_in_one_batch():
                        index[i : i + 1])  # fmt: skip
         assert int(alone[0]) == batch[i], i
     assert (batch[kind == 0] == logits[kind == 0].argmax(-1)).all()
+    greedy = kind == 0
+    only_greedy = sample_rows(logits[greedy], *(a[greedy] for a in (temperature, top_k, top_p, seeds, index)), "greedy")
+    np.testing.assert_array_equal(np.asarray(only_greedy), batch[greedy])
+    with pytest.raises(ValueError, match="sampling mode must be one of"):
+        sample_rows(logits, temperature, top_k, top_p, seeds, index, "beam")
     ranks = (logits > logits[np.arange(n), batch][:, None]).sum(-1)  # how many tokens rank above the drawn one
     assert ranks[kind == 2].max() < 5 and ranks[kind == 1].max() >= 5
 

@@ -190,7 +190,7 @@ def main() -> None:
             "layout": layout,
             "inputs": args.inputs,
             "decode_steps": block,  # steps per launch
-            "sampling": args.sampling,
+            "sampling": args.sampling if args.inputs == "device" else None,
             # the kernel choice, and whether this model has a decode kernel to take it (DeepSeek has none yet)
             "decode_kernels": runner.decode_kernels,
             "decode_kernel_used": kernel_used,

@@ -128,9 +128,9 @@ class InferenceEngine:
         `loaded.params` (the runner frees each weight it re-lays out; `loaded` must not be used after);
         decode_steps: decode steps per launch while no request waits or reads its prompt (tokens then stream in
         bursts of that many); warm_up: compile the model's programs before the engine starts (prefill, and
-        decode for each size and block length), so no request waits for XLA; decode_all_slots: every decode step
-        takes all slots, so a request's tokens never depend on the others beside it (`ModelRunner.decode_sizes`),
-        at the cost of a lone request decoding as a full batch."""
+        decode for each size, block length and sampling mode), so no request waits for XLA; decode_all_slots:
+        every decode step takes all slots and samples, so a request's tokens never depend on the others beside it
+        (`ModelRunner.decode_sizes`), at the cost of a lone request decoding as a full batch."""
         geometry = CacheGeometry(num_slots, max_context or loaded.context_limit, prefill_chunk)
         runner = ModelRunner.from_loaded(
             loaded,
@@ -311,7 +311,9 @@ class InferenceEngine:
             if any(changed):
                 self._batch = self._decode_batch(want, changed)
         self._rows = want
-        sampling = mode_for(seq.request.params.temperature for seq in ready)  # idle rows are greedy
+        # Idle rows are greedy. With decode_all_slots every step runs one program, whatever the requests.
+        temperatures = [1.0] if self.runner.decode_all_slots else [seq.request.params.temperature for seq in ready]
+        sampling = mode_for(temperatures)
         self._cache, self._batch, sampled = self.runner.decode_steps(self._cache, self._batch, steps, sampling)
         self._last_batch = len(ready)
         return sampled, [(seq.slot, seq) for seq in ready]

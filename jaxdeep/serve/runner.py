@@ -2,8 +2,9 @@
 
 Shapes never depend on a request: prefill always takes one chunk of `prefill_chunk` tokens for one slot
 (the slot, start position and valid length are arrays), and decode takes one token for each of the first b
-slots, b one of a few sizes (`decode_sizes`: powers of two, and all slots). So each compiles once per size,
-whatever is being served. The cache is donated: XLA updates it in place.
+slots, b one of a few sizes (`decode_sizes`: powers of two, and all slots). So each compiles once per size (and
+decode once per block length and sampling mode), whatever is being served. The cache is donated: XLA updates it in
+place.
 """
 
 from __future__ import annotations

@@ -44,10 +44,10 @@ def sample_rows(logits_bv, temperature_b, top_k_b, top_p_b, seed_b, index_b, mod
     its request's completion (so a resampled batch gives every request the same draws).
 
     `mode` (static) "greedy" promises every row is greedy (`mode_for`) and computes only the argmax: the sort of
-    the vocabulary and the random draw over it took 64 µs of a 0.58 ms batch-1 step of the DeepSeek model on an
+    the vocabulary and the random draw over it took 66 µs of a 0.58 ms batch-1 step of the DeepSeek model on an
     H200. The choice is the caller's, on the host: a branch on the device (`lax.cond`) split XLA's CUDA graph and
-    cost more host time than it saved. A row gets the same token in either mode, so the mode never changes what a
-    request receives. In "sample" a row without a top-k or top-p cut keeps its whole vocabulary."""
+    cost more host time than it saved. From the same logits a row gets the same token in either mode. In "sample"
+    a row without a top-k or top-p cut keeps its whole vocabulary."""
     if mode not in MODES:
         raise ValueError(f"sampling mode must be one of {MODES}, got {mode!r}")
     logits_bv = logits_bv.astype(jnp.float32)
