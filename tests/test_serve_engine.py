@@ -507,6 +507,7 @@ def test_decode_all_slots_decodes_a_lone_request_as_a_full_batch(models):
     finally:
         engine.close()
     assert set(seen.sizes) == {SLOTS}
+    assert set(seen.modes) == {"sample"}  # one program for every step, even for a greedy request
 
 
 def test_warm_up_compiles_every_model_program(models, caplog):

@@ -312,8 +312,7 @@ class InferenceEngine:
                 self._batch = self._decode_batch(want, changed)
         self._rows = want
         # Idle rows are greedy. With decode_all_slots every step runs one program, whatever the requests.
-        temperatures = [1.0] if self.runner.decode_all_slots else [seq.request.params.temperature for seq in ready]
-        sampling = mode_for(temperatures)
+        sampling = "sample" if self.runner.decode_all_slots else mode_for(s.request.params.temperature for s in ready)
         self._cache, self._batch, sampled = self.runner.decode_steps(self._cache, self._batch, steps, sampling)
         self._last_batch = len(ready)
         return sampled, [(seq.slot, seq) for seq in ready]
