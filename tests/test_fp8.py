@@ -495,3 +495,54 @@ def test_dispatcher():
         fp8.fp8_linear(x, w.T)
     with pytest.raises(ValueError, match="floating"):
         fp8.fp8_linear(x.astype(jnp.int32), w)
+
+
+def _swiglu(g, u):
+    return jax.nn.silu(g) * u
+
+
+def test_fp8_cached_swiglu_forward_is_exact_and_backward_sees_the_fp8_inputs():
+    g, u, dy = randn(50, (40, 300)), randn(51, (40, 300)), randn(52, (40, 300))
+    cached = fp8.fp8_cached(_swiglu)
+    y, vjp = jax.vjp(cached, jnp.asarray(g), jnp.asarray(u))
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(_swiglu(jnp.asarray(g), jnp.asarray(u))))
+    dg, du = (np.asarray(a, np.float64) for a in vjp(jnp.asarray(dy)))
+
+    # Oracle: the analytic SwiGLU gradient in float64 at the inputs as the numpy quantiser rounds them.
+    g_hat, u_hat = (deq64(*np_quantize_tiles(a)) for a in (g, u))
+    sig = 1.0 / (1.0 + np.exp(-g_hat))
+    dg_want = dy * u_hat * sig * (1.0 + g_hat * (1.0 - sig))
+    du_want = dy * g_hat * sig
+    assert relnorm(dg, dg_want) < 1e-6 and relnorm(du, du_want) < 1e-6
+    # Against the gradient at the unrounded inputs: an FP8-sized error, visibly there.
+    sig = 1.0 / (1.0 + np.exp(-g.astype(np.float64)))
+    dg_exact = dy * u * sig * (1.0 + g * (1.0 - sig))
+    du_exact = dy * g * sig
+    assert 0.015 < relnorm(dg, dg_exact) < 0.05, relnorm(dg, dg_exact)
+    assert 0.015 < relnorm(du, du_exact) < 0.05, relnorm(du, du_exact)
+
+
+def test_fp8_cached_keeps_only_fp8_inputs_and_scales(capsys):
+    g, u = jnp.ones((64, 300), jnp.bfloat16), jnp.ones((64, 300), jnp.bfloat16)
+    print_saved_residuals(fp8.fp8_cached(_swiglu), g, u)
+    saved = capsys.readouterr().out.strip().splitlines()
+    assert sorted(line.split(" ")[0] for line in saved) == ["f32[64,3]"] * 2 + ["f8_e4m3fn[64,300]"] * 2, saved
+    # Plain autodiff of the same expression keeps more, and wider, values.
+    print_saved_residuals(_swiglu, g, u)
+    plain = capsys.readouterr().out.strip().splitlines()
+    assert any(line.startswith("bf16[64,300]") or line.startswith("f32[64,300]") for line in plain), plain
+
+
+def test_fp8_cached_dtypes_jit_vmap_and_errors():
+    g = jnp.asarray(randn(53, (3, 20, 130))).astype(jnp.bfloat16)
+    u = jnp.asarray(randn(54, (3, 20, 130))).astype(jnp.bfloat16)
+    loss = lambda g, u: jnp.sum(fp8.fp8_cached(_swiglu)(g, u).astype(jnp.float32))  # noqa: E731
+    dg, du = jax.jit(jax.grad(loss, argnums=(0, 1)))(g, u)
+    assert dg.dtype == du.dtype == jnp.bfloat16 and dg.shape == g.shape
+    mapped = jax.jit(jax.vmap(jax.grad(loss, argnums=(0, 1))))(g, u)
+    for i in range(3):
+        single = jax.grad(loss, argnums=(0, 1))(g[i], u[i])
+        for a, b in zip(mapped, single, strict=True):
+            np.testing.assert_array_equal(np.asarray(a[i], np.float32), np.asarray(b, np.float32))
+    with pytest.raises(ValueError, match="floating"):
+        fp8.fp8_cached(_swiglu)(g.astype(jnp.int32), u)

@@ -372,6 +372,46 @@ def test_bf16_switch_leaves_the_model_untouched(monkeypatch):
     assert spy.linear == spy.grouped == [] and calls["quantize_tiles"] == 0
 
 
+def test_elementwise_keeps_only_its_inputs(capsys):
+    from jax.ad_checkpoint import print_saved_residuals
+
+    g, u = jnp.ones((2, 8, 256), jnp.bfloat16), jnp.ones((2, 8, 256), jnp.bfloat16)
+    for matmul, want in (("bf16", ["bf16[2,8,256]"] * 2), ("fp8", ["f32[2,8,2]"] * 2 + ["f8_e4m3fn[2,8,256]"] * 2)):
+        choice = KernelChoice(matmul=matmul)
+        print_saved_residuals(
+            lambda g, u, c=choice: model_matmul.elementwise(model_matmul.silu_gate, g, u, kernels=c), g, u
+        )
+        saved = capsys.readouterr().out.strip().splitlines()
+        assert sorted(line.split(" ")[0] for line in saved) == want, (matmul, saved)
+
+
+def _kept_bytes(cfg, batch: int, seq: int = 16) -> int:
+    """Bytes `jax.vjp` of the next-token loss keeps for the backward at this batch size (traced, not run)."""
+    graphdef, params, rest = nnx.split(build_model(cfg, nnx.Rngs(0)), nnx.Param, ...)
+
+    def kept(params, tokens):
+        def loss(p):
+            logits = nnx.merge(graphdef, p, rest)(tokens[:, :-1])
+            return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+
+        return jax.tree.leaves(jax.vjp(loss, params)[1])
+
+    leaves = jax.eval_shape(kept, params, jax.ShapeDtypeStruct((batch, seq + 1), jnp.int32))
+    return sum(math.prod(a.shape) * jnp.dtype(a.dtype).itemsize for a in leaves)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_fp8_keeps_fewer_activation_bytes_per_token(kind):
+    # What grows with the batch, per token, with bf16 activations. Measured: 0.896 of bf16 for both models (the
+    # MLP's hidden kept in FP8; the reference attention's score matrices, kept by both, weigh most at this size);
+    # 0.95 when the activation between the projections was differentiated as it is, keeping its intermediates.
+    per_token = {}
+    for matmul in ("bf16", "fp8"):
+        cfg = tiny_config(*KINDS[kind], "model.dtype=bfloat16", f"precision.matmul={matmul}")
+        per_token[matmul] = (_kept_bytes(cfg, 16) - _kept_bytes(cfg, 8)) / (8 * 16)
+    assert per_token["fp8"] < 0.92 * per_token["bf16"], per_token
+
+
 def test_bad_precision_gives_a_clear_error():
     with pytest.raises(ConfigError, match=r"precision\.matmul: 'fp16' is not allowed; choose one of 'bf16', 'fp8'"):
         load_config(None, ["precision.matmul=fp16"])

@@ -17,7 +17,7 @@ import contextlib
 import contextvars
 import itertools
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -164,6 +164,21 @@ def grouped(
     if kernels.matmul == "bf16":
         return gmm(lhs, rhs, group_sizes, impl=kernels.gmm)
     return fp8_gmm(lhs, rhs, group_sizes, impl=kernels.fp8)
+
+
+def elementwise(fn: Callable[..., jax.Array], *xs: jax.Array, kernels: KernelChoice = DEFAULT_KERNELS) -> jax.Array:
+    """`fn(*xs)` for the elementwise function between two projections (GELU, SwiGLU), whose backward keeps only xs
+    and recomputes the rest: in FP8 1 x 128 tiles when `kernels.matmul` is "fp8" (DeepSeek-V3's cache of the
+    SwiGLU input, `kernels.fp8.fp8_cached`), else as they are. Autodiff of `fn` itself would keep several of its
+    intermediates, in float32 for GELU, each as wide as the MLP's hidden layer."""
+    if kernels.matmul == "fp8":
+        return fp8.fp8_cached(fn)(*xs)
+    return jax.checkpoint(fn)(*xs)
+
+
+def silu_gate(gate: jax.Array, up: jax.Array) -> jax.Array:
+    """SwiGLU's gating: silu(gate) * up."""
+    return jax.nn.silu(gate) * up
 
 
 def remat_policy(remat: str, matmul: Matmul = "bf16"):

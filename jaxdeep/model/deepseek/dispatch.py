@@ -17,7 +17,7 @@ from jax.sharding import PartitionSpec
 
 from jaxdeep import sharding
 from jaxdeep.model.kernel_choice import DEFAULT_KERNELS, KernelChoice
-from jaxdeep.model.matmul import grouped, row_reduction_for, single_row_product
+from jaxdeep.model.matmul import elementwise, grouped, row_reduction_for, silu_gate, single_row_product
 
 TOKENS = ("batch", "act_seq", None)
 GATE_UP = ("expert", "embed", None, "mlp")  # [E, d, 2, F]: gate and up projections side by side
@@ -36,10 +36,11 @@ def expert_mlp(
     `kernels.fp8.grouped.fp8_gmm` on its `fp8` implementation (then `gmm` is not used)."""
     e, d, _, f = gate_up_edcf.shape
     h_s2f = grouped(x_sd, gate_up_edcf.reshape(e, d, 2 * f), group_sizes, kernels).reshape(-1, 2, f)
-    h_sf = jax.nn.silu(h_s2f[:, 0]) * h_s2f[:, 1]
+    h_sf = elementwise(silu_gate, h_s2f[:, 0], h_s2f[:, 1], kernels=kernels)
     return grouped(h_sf, down_efd, group_sizes, kernels)
 
 
+@jax.checkpoint  # the backward keeps y in the compute dtype, not its float32 copy
 def _combine(y_copies_sd: jax.Array, weights_tk: jax.Array) -> jax.Array:
     t, k = weights_tk.shape
     y_tkd = y_copies_sd.reshape(t, k, -1).astype(jnp.float32)
@@ -77,7 +78,9 @@ def local_experts(x_td, experts_tk, weights_tk, gate_up_edcf, down_efd, kernels:
     order = jnp.argsort(flat, stable=True)
     group_sizes = jnp.bincount(flat, length=n_experts)
     y_sorted = expert_mlp(x_td[order // k], group_sizes, gate_up_edcf, down_efd, kernels)
-    y_copies = jnp.zeros_like(y_sorted).at[order].set(y_sorted)
+    # Unsorted by a gather with the inverse permutation: autodiff of a scatter would keep masks and copies of y.
+    inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.size, dtype=order.dtype), unique_indices=True)
+    y_copies = y_sorted.at[inverse].get(unique_indices=True)
     return _combine(y_copies, weights_tk), group_sizes.sum()
 
 

@@ -37,9 +37,14 @@ class Router(nnx.Module):
 
     def __call__(self, x_td: jax.Array) -> Routing:
         # Routing runs in float32 whatever the compute dtype: near-ties decide which experts run.
-        logits_te = jnp.einsum("td,de->te", x_td.astype(jnp.float32), self.weight[...].astype(jnp.float32))
+        logits_te = _float32_logits(x_td, self.weight[...])
         bias = self.e_score_correction_bias[...] if self.ds.topk_method == "noaux_tc" else None
         return route(logits_te, bias, self.ds)
+
+
+@jax.checkpoint  # the backward keeps x in the compute dtype, not its float32 copy
+def _float32_logits(x_td: jax.Array, weight_de: jax.Array) -> jax.Array:
+    return jnp.einsum("td,de->te", x_td.astype(jnp.float32), weight_de.astype(jnp.float32))
 
 
 def route(logits_te: jax.Array, bias_e: jax.Array | None, ds: DeepSeekConfig) -> Routing:
