@@ -527,10 +527,10 @@ def test_fp8_cached_keeps_only_fp8_inputs_and_scales(capsys):
     print_saved_residuals(fp8.fp8_cached(_swiglu), g, u)
     saved = capsys.readouterr().out.strip().splitlines()
     assert sorted(line.split(" ")[0] for line in saved) == ["f32[64,3]"] * 2 + ["f8_e4m3fn[64,300]"] * 2, saved
-    # Plain autodiff of the same expression keeps more, and wider, values.
+    # Plain autodiff of the same expression keeps intermediates besides its inputs.
     print_saved_residuals(_swiglu, g, u)
-    plain = capsys.readouterr().out.strip().splitlines()
-    assert any(line.startswith("bf16[64,300]") or line.startswith("f32[64,300]") for line in plain), plain
+    plain = [line for line in capsys.readouterr().out.strip().splitlines() if "from the argument" not in line]
+    assert any(line.startswith(("bf16[64,300]", "f32[64,300]")) for line in plain), plain
 
 
 def test_fp8_cached_dtypes_jit_vmap_and_errors():
@@ -546,3 +546,5 @@ def test_fp8_cached_dtypes_jit_vmap_and_errors():
             np.testing.assert_array_equal(np.asarray(a[i], np.float32), np.asarray(b, np.float32))
     with pytest.raises(ValueError, match="floating"):
         fp8.fp8_cached(_swiglu)(g.astype(jnp.int32), u)
+    with pytest.raises(ValueError, match="rank >= 1"):
+        fp8.fp8_cached(_swiglu)(jnp.float32(1.0), jnp.float32(2.0))

@@ -372,14 +372,14 @@ def test_bf16_switch_leaves_the_model_untouched(monkeypatch):
     assert spy.linear == spy.grouped == [] and calls["quantize_tiles"] == 0
 
 
-def test_elementwise_keeps_only_its_inputs(capsys):
+def test_cached_activation_keeps_only_its_inputs(capsys):
     from jax.ad_checkpoint import print_saved_residuals
 
     g, u = jnp.ones((2, 8, 256), jnp.bfloat16), jnp.ones((2, 8, 256), jnp.bfloat16)
     for matmul, want in (("bf16", ["bf16[2,8,256]"] * 2), ("fp8", ["f32[2,8,2]"] * 2 + ["f8_e4m3fn[2,8,256]"] * 2)):
         choice = KernelChoice(matmul=matmul)
         print_saved_residuals(
-            lambda g, u, c=choice: model_matmul.elementwise(model_matmul.silu_gate, g, u, kernels=c), g, u
+            lambda g, u, c=choice: model_matmul.cached_activation(model_matmul.silu_gate, g, u, kernels=c), g, u
         )
         saved = capsys.readouterr().out.strip().splitlines()
         assert sorted(line.split(" ")[0] for line in saved) == want, (matmul, saved)

@@ -166,11 +166,15 @@ def grouped(
     return fp8_gmm(lhs, rhs, group_sizes, impl=kernels.fp8)
 
 
-def elementwise(fn: Callable[..., jax.Array], *xs: jax.Array, kernels: KernelChoice = DEFAULT_KERNELS) -> jax.Array:
+def cached_activation(fn: Callable[..., jax.Array], *xs: jax.Array, kernels: KernelChoice = DEFAULT_KERNELS):
     """`fn(*xs)` for the elementwise function between two projections (GELU, SwiGLU), whose backward keeps only xs
     and recomputes the rest: in FP8 1 x 128 tiles when `kernels.matmul` is "fp8" (DeepSeek-V3's cache of the
     SwiGLU input, `kernels.fp8.fp8_cached`), else as they are. Autodiff of `fn` itself would keep several of its
-    intermediates, in float32 for GELU, each as wide as the MLP's hidden layer."""
+    intermediates, in float32 for GELU, each as wide as the MLP's hidden layer.
+
+    This is what a block keeps with `model.remat: none`. Under a remat policy the block's backward recomputes its
+    forward from what the policy saves (with "save_matmuls" the projection outputs, this one's inputs among them),
+    so the cache then saves no memory; it is made and read within the backward."""
     if kernels.matmul == "fp8":
         return fp8.fp8_cached(fn)(*xs)
     return jax.checkpoint(fn)(*xs)

@@ -11,7 +11,7 @@ from flax import nnx
 from jaxdeep.config import ModelConfig
 from jaxdeep.model.kernel_choice import DEFAULT_KERNELS, KernelChoice, check_kernels
 from jaxdeep.model.layers import LayerNorm, normal_param, rotary, scaled_init_std
-from jaxdeep.model.matmul import elementwise, project, project_shared, remat_policy
+from jaxdeep.model.matmul import cached_activation, project, project_shared, remat_policy
 from jaxdeep.parallel.collective_matmul import column_parallel, row_parallel
 from jaxdeep.sharding import constrain
 
@@ -53,6 +53,7 @@ class Attention(nnx.Module):
 
 
 def exact_gelu(h: jax.Array) -> jax.Array:
+    """GELU in its erf form (as the fused norm kernels and GPT-NeoX)."""
     return jax.nn.gelu(h, approximate=False)
 
 
@@ -74,7 +75,7 @@ class Mlp(nnx.Module):
         (h_btf,) = column_parallel(
             "btd,df->btf", x_btd, (w_in,), ("embed", "mlp"), hidden, "mlp", self.overlap, products
         )
-        h_btf = constrain(elementwise(exact_gelu, h_btf, kernels=self.kernels), hidden)
+        h_btf = constrain(cached_activation(exact_gelu, h_btf, kernels=self.kernels), hidden)
         return row_parallel("btf,fd->btd", h_btf, w_out, hidden, ("mlp", "embed"), "mlp", self.overlap, product)
 
 

@@ -7,7 +7,7 @@
 - `scaled_gmm(lhs, lhs_scales, rhs, rhs_scales, group_sizes, out_dtype)`: its grouped version for MoE experts
   (the semantics of `jax.lax.ragged_dot`; forward only);
 - `fp8_linear(x, w)`: `x @ w` with the FP8 recipe in forward and backward (a `jax.custom_vjp`).
-- `fp8_cached(fn)`: an elementwise `fn` (SwiGLU) whose backward keeps only its inputs, in FP8 1 x 128 tiles.
+- `fp8_cached(fn)`: an elementwise `fn` (SwiGLU, GELU) whose backward keeps only its inputs, in FP8 1 x 128 tiles.
 
 `impl`:
 - "reference": the pure-JAX definitions (`kernels.fp8.reference`, `kernels.fp8.linear`);

@@ -17,7 +17,7 @@ from jax.sharding import PartitionSpec
 
 from jaxdeep import sharding
 from jaxdeep.model.kernel_choice import DEFAULT_KERNELS, KernelChoice
-from jaxdeep.model.matmul import elementwise, grouped, row_reduction_for, silu_gate, single_row_product
+from jaxdeep.model.matmul import cached_activation, grouped, row_reduction_for, silu_gate, single_row_product
 
 TOKENS = ("batch", "act_seq", None)
 GATE_UP = ("expert", "embed", None, "mlp")  # [E, d, 2, F]: gate and up projections side by side
@@ -36,7 +36,7 @@ def expert_mlp(
     `kernels.fp8.grouped.fp8_gmm` on its `fp8` implementation (then `gmm` is not used)."""
     e, d, _, f = gate_up_edcf.shape
     h_s2f = grouped(x_sd, gate_up_edcf.reshape(e, d, 2 * f), group_sizes, kernels).reshape(-1, 2, f)
-    h_sf = elementwise(silu_gate, h_s2f[:, 0], h_s2f[:, 1], kernels=kernels)
+    h_sf = cached_activation(silu_gate, h_s2f[:, 0], h_s2f[:, 1], kernels=kernels)
     return grouped(h_sf, down_efd, group_sizes, kernels)
 
 
@@ -49,7 +49,8 @@ def _combine(y_copies_sd: jax.Array, weights_tk: jax.Array) -> jax.Array:
 
 def gathered_experts(x_td, experts_tk, weights_tk, gate_up_edcf, down_efd):
     """Each token copy multiplied by its own expert's weights, gathered: for few copies (decode), where a grouped
-    matmul would read every expert's weights to compute a handful of rows. Returns as `local_experts`."""
+    matmul would read every expert's weights to compute a handful of rows. Returns as `local_experts`. Meant for
+    inference: its SwiGLU is differentiated as written, without `cached_activation`."""
     t, k = experts_tk.shape
     if t == 1 and row_reduction_for("experts"):  # one token, experts in the serving layout: row reductions
         # One slice per expert, not a gather: XLA lays a gather's output out as it sees fit, at times making the sum
@@ -78,10 +79,34 @@ def local_experts(x_td, experts_tk, weights_tk, gate_up_edcf, down_efd, kernels:
     order = jnp.argsort(flat, stable=True)
     group_sizes = jnp.bincount(flat, length=n_experts)
     y_sorted = expert_mlp(x_td[order // k], group_sizes, gate_up_edcf, down_efd, kernels)
-    # Unsorted by a gather with the inverse permutation: autodiff of a scatter would keep masks and copies of y.
-    inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.size, dtype=order.dtype), unique_indices=True)
-    y_copies = y_sorted.at[inverse].get(unique_indices=True)
+    y_copies = _unsort(y_sorted, order)
     return _combine(y_copies, weights_tk), group_sizes.sum()
+
+
+def _unsort(y_sorted: jax.Array, order: jax.Array) -> jax.Array:
+    """y with y[order[j]] = y_sorted[j] for a permutation `order`: a gather with the inverse permutation, whose
+    backward gathers with `order` and keeps nothing else. Autodiff of the scatter that says the same keeps a mask
+    and copies of y, and that of the gather builds a zero buffer for a scatter-add (which `shard_map`'s check of
+    varying axes rejects under the per-replica `vmap` of compressed training)."""
+    inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.size, dtype=order.dtype), unique_indices=True)
+    return _permute_rows(y_sorted, inverse, order)
+
+
+@jax.custom_vjp
+def _permute_rows(y: jax.Array, rows: jax.Array, inverse_rows: jax.Array) -> jax.Array:
+    """y[rows] for a permutation `rows` whose inverse is `inverse_rows`."""
+    return y.at[rows].get(unique_indices=True)
+
+
+def _permute_rows_forward(y, rows, inverse_rows):
+    return _permute_rows(y, rows, inverse_rows), inverse_rows
+
+
+def _permute_rows_backward(inverse_rows, dy):
+    return dy.at[inverse_rows].get(unique_indices=True), None, None
+
+
+_permute_rows.defvjp(_permute_rows_forward, _permute_rows_backward)
 
 
 def _all_to_all(x_pcd: jax.Array, axes: tuple[str, ...]) -> jax.Array:
@@ -105,19 +130,20 @@ def expert_parallel(
     per_dest = jnp.bincount(dest, length=ep_size)
     rank_in_dest = jnp.arange(copies) - (jnp.cumsum(per_dest) - per_dest)[dest]
     slot = dest * copies + rank_in_dest
-    send_x = jnp.zeros((ep_size * copies, d), x_td.dtype).at[slot].set(x_td[order // k])
+    send_x = jnp.zeros((ep_size * copies, d), x_td.dtype).at[slot].set(x_td[order // k], unique_indices=True)
     # Local expert id travels with each row; empty slots carry `local_e`, which sorts after every expert.
-    send_e = jnp.full((ep_size * copies,), local_e, jnp.int32).at[slot].set(sorted_experts % local_e)
+    send_e = jnp.full((ep_size * copies,), local_e, jnp.int32)
+    send_e = send_e.at[slot].set(sorted_experts % local_e, unique_indices=True)
     recv_x = _all_to_all(send_x.reshape(ep_size, copies, d), ep_axes).reshape(-1, d)
     recv_e = _all_to_all(send_e.reshape(ep_size, copies), ep_axes).reshape(-1)
 
     order_here = jnp.argsort(recv_e, stable=True)
     group_sizes = jnp.bincount(recv_e, length=local_e + 1)[:local_e]
     y_sorted = expert_mlp(recv_x[order_here], group_sizes, gate_up_edcf, down_efd, kernels)
-    y_recv = jnp.zeros_like(y_sorted).at[order_here].set(y_sorted)
+    y_recv = _unsort(y_sorted, order_here)
 
     y_back = _all_to_all(y_recv.reshape(ep_size, copies, d), ep_axes).reshape(-1, d)
-    y_copies = jnp.zeros((copies, d), y_back.dtype).at[order].set(y_back[slot])
+    y_copies = _unsort(y_back[slot], order)
     return _combine(y_copies, weights_tk), group_sizes.sum()
 
 
