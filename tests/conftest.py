@@ -12,10 +12,21 @@ os.environ.setdefault("JAX_PLATFORMS", os.environ.get("JAXDEEP_TEST_PLATFORMS", 
 if not os.environ["JAX_PLATFORMS"]:
     del os.environ["JAX_PLATFORMS"]
 
+import atexit  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+# Many tests compile the same small programs (a tiny model's train step, say) again: a compilation cache on disk,
+# fresh for each test process, serves the repeats. Values are unchanged (the same executable is loaded).
+_CACHE_DIR = tempfile.mkdtemp(prefix="jaxdeep_test_jax_cache_")
+atexit.register(shutil.rmtree, _CACHE_DIR, ignore_errors=True)
+jax.config.update("jax_compilation_cache_dir", _CACHE_DIR)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
 def _has_gpu() -> bool:
