@@ -6,9 +6,10 @@
 The forward of the loss is traced (nothing is compiled or run) at batch B and at batch 2B with the config's
 sequence length, and the residuals `jax.vjp` keeps are summed. Their difference over B · seq tokens is the
 activation memory per token: what grows with the batch (parameters and their casts to the compute dtype do
-not). It is exact for the traced program; XLA's own buffers (the step's temporaries) come on top, and are
-what `bench_train.py` reports as "temp". Kernel choices follow the machine the script runs on (`auto`
-takes the GPU's kernels and cuDNN attention on a GPU, the pure-JAX references on a CPU).
+not), every value the traced backward reads from the forward. XLA may fuse some of them away or allocate other
+buffers; its temporaries are what `bench_train.py` reports as "temp". Kernel choices follow the machine the
+script runs on (`auto` takes the GPU's kernels on a GPU, the pure-JAX references on a CPU); attention follows
+`model.attention` (`auto` is XLA's on a GPU too, which keeps the score matrices: `model.attention=cudnn`).
 
 `--by-source` lists, for one block of each stack of layers, the residuals by the source line that made them
 (JAX's own `saved_residuals`; a private helper, so the listing may change with JAX versions).

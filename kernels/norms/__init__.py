@@ -5,7 +5,8 @@ Each op normalises over the last axis of `x` (any leading shape), with float32 s
 - "auto": the fused Triton kernel when it can run here (CUDA GPU, triton + jax-triton importable,
   bf16/fp32 input, hidden size <= 16384), else the pure-JAX reference;
 - "fused": the fused kernel, or a ValueError that says why it cannot run;
-- "reference": the pure-JAX reference (see `kernels.norms.reference`);
+- "reference": the pure-JAX reference (see `kernels.norms.reference`), recomputed in the backward, which keeps x
+  rather than autodiff's float32 copies of it;
 - "interpret": the fused kernels run by Triton's interpreter on the host (slow; for CPU tests).
 
 The fused ops are `jax.custom_vjp` functions whose backward is also a fused kernel (input gradient,
@@ -13,6 +14,8 @@ plus scale/bias gradients as per-program partial sums reduced by a small XLA sum
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -61,6 +64,12 @@ def _check_params(x: jax.Array, **params: jax.Array) -> None:
             raise ValueError(f"{name} must have shape ({n},) to match x.shape[-1]; got {p.shape}")
 
 
+def _recomputed(norm):
+    """The reference `norm`, recomputed in the backward: autodiff of it would keep float32 copies of x (8 bytes per
+    value) where this keeps x itself. The values and gradients are the reference's."""
+    return jax.checkpoint(norm)
+
+
 def _rows(x: jax.Array) -> jax.Array:
     return x.reshape(-1, x.shape[-1])
 
@@ -87,7 +96,7 @@ def _layer_norm(x, scale, bias, eps, activation, impl):
     _check_params(x, scale=scale, bias=bias)
     runner = _runner(impl, x)
     if runner is None:
-        return reference.layer_norm(x, scale, bias, eps=eps, activation=activation)
+        return _recomputed(functools.partial(reference.layer_norm, eps=eps, activation=activation))(x, scale, bias)
     from kernels.norms import ops
 
     y = ops.layer_norm_2d(_rows(x), scale, bias, float(eps), activation, runner)
@@ -99,7 +108,7 @@ def rms_norm(x: jax.Array, scale: jax.Array, *, eps: float = 1e-6, impl: str = "
     _check_params(x, scale=scale)
     runner = _runner(impl, x)
     if runner is None:
-        return reference.rms_norm(x, scale, eps=eps)
+        return _recomputed(functools.partial(reference.rms_norm, eps=eps))(x, scale)
     from kernels.norms import ops
 
     return ops.rms_norm_2d(_rows(x), scale, float(eps), runner).reshape(x.shape)
@@ -114,7 +123,7 @@ def add_rms_norm(
     _check_params(x, scale=scale)
     runner = _runner(impl, x, residual)
     if runner is None:
-        return reference.add_rms_norm(x, residual, scale, eps=eps)
+        return _recomputed(functools.partial(reference.add_rms_norm, eps=eps))(x, residual, scale)
     from kernels.norms import ops
 
     y, h = ops.add_rms_norm_2d(_rows(x), _rows(residual), scale, float(eps), runner)
