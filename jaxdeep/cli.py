@@ -18,9 +18,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
+    def add_compilation_cache(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--compilation-cache",
+            metavar="DIR",
+            help="keep compiled XLA programs in DIR and load them in later runs instead of compiling again "
+            "(JAX's persistent compilation cache; JAX_COMPILATION_CACHE_DIR does the same)",
+        )
+
     def add_common(p: argparse.ArgumentParser, what: str) -> None:
         p.add_argument("config", help=f"experiment YAML (e.g. experiments/quickstart.yaml){what}")
         p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.steps=100 mesh.data=-1")
+        add_compilation_cache(p)
         dist = p.add_argument_group("several hosts (jax.distributed)")
         dist.add_argument("--coordinator", help="host:port of process 0; enables multi-process mode")
         dist.add_argument("--num-processes", type=int, help="processes in the job")
@@ -61,6 +70,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     serve.add_argument("--served-model-name", help="model name clients send and /v1/models lists")
+    add_compilation_cache(serve)
     engine = serve.add_argument_group("engine (defaults: the engine's own)")
     engine.add_argument("--num-slots", type=int, help="sequences decoded together (KV-cache slots)")
     engine.add_argument("--max-context", type=int, help="prompt + new tokens must fit in this many positions")
@@ -109,12 +119,21 @@ def _start_jax(cfg: ExperimentConfig, args: argparse.Namespace) -> None:
         os.environ["JAX_PLATFORMS"] = "cpu"
     import jax
 
+    _use_compilation_cache(args)
     if args.coordinator or args.num_processes:
         if cfg.mesh.cpu_devices:
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(
             coordinator_address=args.coordinator, num_processes=args.num_processes, process_id=args.process_id
         )
+
+
+def _use_compilation_cache(args: argparse.Namespace) -> None:
+    """Point JAX's persistent compilation cache at --compilation-cache, if given (before anything compiles)."""
+    if getattr(args, "compilation_cache", None):
+        import jax
+
+        jax.config.update("jax_compilation_cache_dir", str(Path(args.compilation_cache).expanduser()))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -228,6 +247,7 @@ def _serve(args: argparse.Namespace) -> int:
             print(f"jaxdeep: config error: {e}", file=sys.stderr)
             return 2
         _start_jax(cfg, args)
+    _use_compilation_cache(args)  # again for a Hugging Face directory, which skips _start_jax
     import meshes
     from jaxdeep.serve.loading import load_engine
     from jaxdeep.serve.server import OpenAIServer, run_server

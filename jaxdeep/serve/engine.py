@@ -17,9 +17,11 @@ import collections
 import logging
 import random
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import jax
 import numpy as np
 
 from jaxdeep.serve.api import (
@@ -347,7 +349,15 @@ class InferenceEngine:
 
     def _warm_up(self) -> None:
         """Compile every prefill and decode program the loop may run (`ModelRunner.compile_all`)."""
-        self.runner.compile_all(self._cache, sorted({1, self.decode_steps}))
+        start = time.perf_counter()
+        count = self.runner.compile_all(self._cache, sorted({1, self.decode_steps}))
+        cache_dir = jax.config.jax_compilation_cache_dir
+        log.info(
+            "warm-up: %d programs compiled in %.1f s (%s)",
+            count,
+            time.perf_counter() - start,
+            f"persistent compilation cache {cache_dir}" if cache_dir else "no persistent compilation cache",
+        )
 
     def _sampling_rows(self, rows: list[_Sequence | None]):
         """Per-row temperature, top_k, top_p and seed; rows without a request sample greedily (and are ignored)."""

@@ -233,12 +233,12 @@ class ModelRunner:
         if b not in self.decode_sizes:
             raise ValueError(f"decode takes {self.decode_sizes} rows (the first slots), got {b}")
 
-    def compile_all(self, cache: dict, steps=(1,)) -> None:
+    def compile_all(self, cache: dict, steps=(1,)) -> int:
         """Compile every program serving runs, so that no call waits for XLA later: prefill and sampling after it;
         for every size of `decode_sizes`, `decode_steps` of each block length in `steps` and sampling mode, and the
         batch's own small programs (`decode_batch`, `resize_batch`), one after another (on a GPU, XLA times candidate
         kernels while it compiles: compilations side by side would disturb each other's timings). Jitted calls then
-        find them compiled. `cache` is only looked at."""
+        find them compiled. `cache` is only looked at. Returns how many programs it compiled."""
         chunk, vocab = self.geometry.prefill_chunk, self.cfg.model.vocab_size
         scalar = np.int32(0)
         programs = [
@@ -265,6 +265,7 @@ class ModelRunner:
         programs += [self._resize_batch.lower(batches[a], b) for a in batches for b in batches if a != b]
         for program in programs:
             program.compile()
+        return len(programs)
 
     def new_cache(self) -> dict:
         return kv.init_cache(self.cfg.model, self.layout, self.cache_shardings)
