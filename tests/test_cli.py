@@ -148,6 +148,26 @@ def test_eval_prints_the_checkpoint_loss(cli, trained):
     assert out["perplexity"] == pytest.approx(math.exp(out["eval_loss"]), rel=1e-6)
 
 
+def test_compilation_cache_flag_stores_programs_that_a_later_run_loads(cli, trained, tmp_path):
+    run_dir, result = trained
+    _ok(result)
+    cache = tmp_path / "xla_cache"
+    env = {**cli.env, "JAX_DEBUG_LOG_MODULES": "jax._src.compiler"}  # logs each persistent-cache hit and miss
+    cli.env, saved = env, cli.env
+    try:
+        first = _ok(cli("eval", run_dir, "--compilation-cache", cache))
+        stored = sorted(p.name for p in cache.iterdir()) if cache.is_dir() else []
+        second = _ok(cli("eval", run_dir, "--compilation-cache", cache))
+    finally:
+        cli.env = saved
+    assert stored, "the first run stored no compiled program in the --compilation-cache directory"
+    assert "Persistent compilation cache hit" not in first.stderr
+    assert "Persistent compilation cache hit" in second.stderr
+    # The flag wins over JAX_COMPILATION_CACHE_DIR in the environment, and both runs give the same loss.
+    assert str(cache) in second.stderr
+    assert json.loads(first.stdout.splitlines()[-1]) == json.loads(second.stdout.splitlines()[-1])
+
+
 def test_train_again_continues_when_steps_are_raised(cli, trained, tmp_path):
     run_dir, result = trained
     _ok(result)
