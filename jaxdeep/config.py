@@ -103,7 +103,8 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16"] = "bfloat16"  # compute dtype of activations and matmuls
     param_dtype: Literal["float32", "bfloat16"] = "float32"  # storage dtype of parameters
     remat: Literal["none", "full", "save_matmuls"] = "none"  # activation rematerialisation per block
-    attention: Literal["auto", "xla", "cudnn"] = "auto"  # jax.nn.dot_product_attention implementation
+    # jax.nn.dot_product_attention implementation; auto: cuDNN where it can run, else XLA (model/attention.py)
+    attention: Literal["auto", "xla", "cudnn"] = "auto"
     # Layer types whose tensor-parallel matmuls overlap their all-gather / reduce-scatter with the matmul
     # (ring of ppermutes); the residual stream is then split over the sequence (rules.act_seq_parallel)
     collective_matmul: list[Literal["attention", "mlp"]] = field(default_factory=list)

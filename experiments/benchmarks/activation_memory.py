@@ -9,7 +9,7 @@ activation memory per token: what grows with the batch (parameters and their cas
 not), every value the traced backward reads from the forward. XLA may fuse some of them away or allocate other
 buffers; its temporaries are what `bench_train.py` reports as "temp". Kernel choices follow the machine the
 script runs on (`auto` takes the GPU's kernels on a GPU, the pure-JAX references on a CPU); attention follows
-`model.attention` (`auto` is XLA's on a GPU too, which keeps the score matrices: `model.attention=cudnn`).
+`model.attention` (`auto`: cuDNN's on a GPU where it runs; XLA's, `model.attention=xla`, keeps the score matrices).
 
 `--by-source` lists, for one block of each stack of layers, the residuals by the source line that made them
 (JAX's own `saved_residuals`; a private helper, so the listing may change with JAX versions).

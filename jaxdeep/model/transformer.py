@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxdeep.config import ModelConfig
+from jaxdeep.model.attention import causal_attention
 from jaxdeep.model.kernel_choice import DEFAULT_KERNELS, KernelChoice, check_kernels
 from jaxdeep.model.layers import LayerNorm, normal_param, rotary, scaled_init_std
 from jaxdeep.model.matmul import cached_activation, project, project_shared, remat_policy
@@ -43,8 +44,7 @@ class Attention(nnx.Module):
         q_btnh, k_btnh, v_btnh = (constrain(y, heads) for y in qkv)
         q_btnh = rotary(q_btnh, positions_bt, cfg.rope_theta)
         k_btnh = rotary(k_btnh, positions_bt, cfg.rope_theta)
-        impl = None if cfg.attention == "auto" else cfg.attention
-        o_btnh = jax.nn.dot_product_attention(q_btnh, k_btnh, v_btnh, is_causal=True, implementation=impl)
+        o_btnh = causal_attention(q_btnh, k_btnh, v_btnh, implementation=cfg.attention)
         o_btnh = constrain(o_btnh, heads)
         wo = self.wo[...].astype(dt)
         return row_parallel(

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxdeep.config import ModelConfig
+from jaxdeep.model.attention import causal_attention
 from jaxdeep.model.deepseek.norm import DTYPES, LATENT, LATENT_NORM_EPS, RMSNorm
 from jaxdeep.model.deepseek.rope import apply_rope, softmax_scale
 from jaxdeep.model.kernel_choice import DEFAULT_KERNELS, KernelChoice
@@ -77,9 +78,6 @@ class MultiHeadLatentAttention(nnx.Module):
         # change neither the scores nor the values) and drop the padding afterwards.
         width = max(nope + rope, v_dim)
         pad = lambda a: jnp.pad(a, ((0, 0), (0, 0), (0, 0), (0, width - a.shape[-1])))
-        impl = None if cfg.attention == "auto" else cfg.attention
-        o_btnh = jax.nn.dot_product_attention(
-            pad(q_btnh), pad(k_btnh), pad(v_btnh), scale=self.scale, is_causal=True, implementation=impl
-        )
+        o_btnh = causal_attention(pad(q_btnh), pad(k_btnh), pad(v_btnh), implementation=cfg.attention, scale=self.scale)
         o_btnh = constrain(o_btnh[..., :v_dim], HEADS)
         return project("btnh,nhd->btd", o_btnh, self.o_proj[...].astype(dt), kernels)

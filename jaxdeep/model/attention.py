@@ -1,0 +1,61 @@
+"""Causal self-attention through `jax.nn.dot_product_attention`, its implementation chosen per call.
+
+`model.attention`:
+- "cudnn": cuDNN's fused flash attention (CUDA GPUs; JAX raises where it cannot run these inputs).
+- "xla": JAX's attention in XLA ops. It keeps the [batch, heads, seq, seq] probabilities for the backward.
+- "auto": cuDNN where it can run, else XLA. cuDNN needs a CUDA GPU, bf16 or fp16 inputs and an unsplit sequence
+  axis (its partitioning rule splits batch and heads only), and JAX must accept the call at trace time (head
+  width, cuDNN version). On an H200 it made the bf16 training step of `experiments/deepseek_fp8_accuracy.yaml`
+  1.46x faster than XLA's and its temporaries 39% smaller (experiments/benchmarks/RESULTS.md). Checks that cuDNN
+  makes only when XLA compiles the program cannot be seen here: set "xla" if one fails.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxdeep import sharding
+from kernels.triton_runtime import cuda_unavailable_reason
+
+IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+HEADS = ("batch", "act_seq", "act_heads", None)  # how the model lays out q, k and v: [batch, seq, heads, width]
+
+
+def cudnn_unavailable_reason(q_btnh: jax.Array) -> str | None:
+    """Why "auto" does not take cuDNN for queries like `q_btnh` here, or None when it tries it."""
+    reason = cuda_unavailable_reason()
+    if reason is not None:
+        return reason
+    if q_btnh.dtype not in (jnp.bfloat16, jnp.float16):
+        return f"cuDNN attention takes bf16 or fp16, not {q_btnh.dtype}"
+    spec = sharding.active_spec(HEADS)
+    if spec is not None:
+        mesh, heads_spec = spec
+        seq_axes = heads_spec[1] if len(heads_spec) > 1 else None
+        if seq_axes is not None:
+            names = seq_axes if isinstance(seq_axes, tuple) else (seq_axes,)
+            if any(mesh.shape[name] > 1 for name in names):
+                return f"the sequence axis is split over mesh axes {names}"
+    return None
+
+
+def causal_attention(
+    q_btnh: jax.Array, k_btnh: jax.Array, v_btnh: jax.Array, *, implementation: str = "auto", scale=None
+) -> jax.Array:
+    """Causal `jax.nn.dot_product_attention` of q, k, v [batch, seq, heads, width] with `implementation` one of
+    `IMPLEMENTATIONS`."""
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"attention implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+
+    def attend(impl: str) -> jax.Array:
+        return jax.nn.dot_product_attention(q_btnh, k_btnh, v_btnh, scale=scale, is_causal=True, implementation=impl)
+
+    if implementation != "auto":
+        return attend(implementation)
+    if cudnn_unavailable_reason(q_btnh) is None:
+        try:
+            return attend("cudnn")
+        except (ValueError, RuntimeError, NotImplementedError, TypeError):
+            pass  # JAX refused cuDNN for these inputs (head width, version, a transform): XLA's runs anything
+    return attend("xla")
