@@ -3,14 +3,19 @@
 `model.attention`:
 - "cudnn": cuDNN's fused flash attention (CUDA GPUs; JAX raises where it cannot run these inputs).
 - "xla": JAX's attention in XLA ops. It keeps the [batch, heads, seq, seq] probabilities for the backward.
-- "auto": cuDNN where it can run, else XLA. cuDNN needs a CUDA GPU, bf16 or fp16 inputs and an unsplit sequence
-  axis (its partitioning rule splits batch and heads only), and JAX must accept the call at trace time (head
-  width, cuDNN version). On an H200 it made the bf16 training step of `experiments/deepseek_fp8_accuracy.yaml`
-  1.46x faster than XLA's and its temporaries 39% smaller (experiments/benchmarks/RESULTS.md). Checks that cuDNN
-  makes only when XLA compiles the program cannot be seen here: set "xla" if one fails.
+- "auto": cuDNN where it can run, else XLA. cuDNN needs a CUDA GPU of compute capability 8.0 or more, bf16 or
+  fp16 inputs, an unsplit sequence axis (its partitioning rule splits batch and heads only) and no `shard_map`
+  over part of the mesh (the pipeline's: its partitioning rule then sees no mesh), and JAX must accept the call
+  at trace time (head width, cuDNN version). On an H200 it made the bf16 training step of
+  `experiments/deepseek_fp8_accuracy.yaml` 1.46x faster than XLA's and its temporaries 39% smaller
+  (experiments/benchmarks/RESULTS.md). Checks that cuDNN makes only when XLA compiles the program cannot be seen
+  here: set "xla" if one fails. The choice is logged once per reason.
 """
 
 from __future__ import annotations
+
+import functools
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +25,19 @@ from kernels.triton_runtime import cuda_unavailable_reason
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn")
 HEADS = ("batch", "act_seq", "act_heads", None)  # how the model lays out q, k and v: [batch, seq, heads, width]
+MIN_COMPUTE_CAPABILITY = (8, 0)  # cuDNN's flash attention: Ampere and later
+
+log = logging.getLogger(__name__)
+
+
+@functools.cache
+def _log_choice(message: str) -> None:
+    log.info("model.attention auto: %s", message)
+
+
+def _compute_capability() -> tuple[int, ...]:
+    version = getattr(jax.devices()[0], "compute_capability", None)
+    return tuple(int(part) for part in str(version).split(".")) if version else (0,)
 
 
 def cudnn_unavailable_reason(q_btnh: jax.Array) -> str | None:
@@ -27,8 +45,14 @@ def cudnn_unavailable_reason(q_btnh: jax.Array) -> str | None:
     reason = cuda_unavailable_reason()
     if reason is not None:
         return reason
+    if _compute_capability() < MIN_COMPUTE_CAPABILITY:
+        return f"cuDNN flash attention needs compute capability 8.0 or more, this GPU has {_compute_capability()}"
     if q_btnh.dtype not in (jnp.bfloat16, jnp.float16):
         return f"cuDNN attention takes bf16 or fp16, not {q_btnh.dtype}"
+    abstract = jax.sharding.get_abstract_mesh()
+    manual = set(getattr(abstract, "manual_axes", ()))
+    if manual and set(abstract.axis_names) - manual:
+        return f"inside a shard_map over mesh axes {sorted(manual)} only (a pipeline stage, say)"
     spec = sharding.active_spec(HEADS)
     if spec is not None:
         mesh, heads_spec = spec
@@ -53,9 +77,13 @@ def causal_attention(
 
     if implementation != "auto":
         return attend(implementation)
-    if cudnn_unavailable_reason(q_btnh) is None:
+    reason = cudnn_unavailable_reason(q_btnh)
+    if reason is None:
         try:
-            return attend("cudnn")
-        except (ValueError, RuntimeError, NotImplementedError, TypeError):
-            pass  # JAX refused cuDNN for these inputs (head width, version, a transform): XLA's runs anything
+            out = attend("cudnn")
+            _log_choice("cuDNN flash attention")
+            return out
+        except (ValueError, RuntimeError, TypeError) as e:  # JAX refused cuDNN for these inputs (head width, version)
+            reason = f"JAX refused cuDNN for these inputs ({type(e).__name__}: {e})"
+    _log_choice(f"XLA's attention: {reason}")
     return attend("xla")

@@ -78,6 +78,7 @@ class MultiHeadLatentAttention(nnx.Module):
         # change neither the scores nor the values) and drop the padding afterwards.
         width = max(nope + rope, v_dim)
         pad = lambda a: jnp.pad(a, ((0, 0), (0, 0), (0, 0), (0, width - a.shape[-1])))
-        o_btnh = causal_attention(pad(q_btnh), pad(k_btnh), pad(v_btnh), implementation=cfg.attention, scale=self.scale)
+        q_btnh, k_btnh, v_btnh = (constrain(pad(a), HEADS) for a in (q_btnh, k_btnh, v_btnh))  # one layout for all
+        o_btnh = causal_attention(q_btnh, k_btnh, v_btnh, implementation=cfg.attention, scale=self.scale)
         o_btnh = constrain(o_btnh[..., :v_dim], HEADS)
         return project("btnh,nhd->btd", o_btnh, self.o_proj[...].astype(dt), kernels)
