@@ -353,7 +353,7 @@ class InferenceEngine:
         count = self.runner.compile_all(self._cache, sorted({1, self.decode_steps}))
         cache_dir = jax.config.jax_compilation_cache_dir
         log.info(
-            "warm-up: %d programs compiled in %.1f s (%s)",
+            "warm-up: %d programs compiled or loaded in %.1f s (%s)",
             count,
             time.perf_counter() - start,
             f"persistent compilation cache {cache_dir}" if cache_dir else "no persistent compilation cache",
