@@ -18,6 +18,7 @@ import importlib
 import importlib.util
 import os
 import pathlib
+import re
 import threading
 from collections.abc import Sequence
 from types import ModuleType
@@ -45,6 +46,26 @@ def _is_rocm() -> bool:
     except Exception:  # no such attribute on this jax: assume CUDA
         return False
     return "rocm" in version or "hip" in version
+
+
+@functools.cache
+def interpreter_unavailable_reason() -> str | None:
+    """Why Triton's interpreter (runner "interpret") cannot run the kernels here, or None when it can."""
+    try:
+        import triton
+    except Exception as e:
+        return f"triton cannot be imported ({type(e).__name__}: {e})"
+    version = tuple(int(part) for part in re.findall(r"\d+", triton.__version__)[:2])
+    try:
+        int(np.zeros(1, np.int32))
+    except TypeError:
+        # Older interpreters index loops by program ids held as one-element arrays, through int(); 3.9's squeezes.
+        if version < (3, 9):
+            return (
+                f"the interpreter of triton {triton.__version__} takes int() of one-element arrays, which numpy "
+                f"{np.__version__} refuses (triton 3.9's interpreter runs here)"
+            )
+    return None
 
 
 def cuda_unavailable_reason() -> str | None:
@@ -174,6 +195,9 @@ def run(package: str, runner: str, name: str, inputs, out_shapes: Sequence, grid
     """Kernel `name` of `<package>.triton_kernels` with `runner` "triton" (GPU) or "interpret" (CPU; outputs always
     start NaN-filled, warps and stages mean nothing there). Returns a list of arrays shaped like `out_shapes`."""
     if runner == "interpret":
+        reason = interpreter_unavailable_reason()
+        if reason is not None:
+            raise RuntimeError(f"the kernels cannot run in Triton's interpreter here: {reason}")
         origin = importlib.util.find_spec(f"{package}.triton_kernels").origin
         module = interpreted_copy(origin, f"{package}._triton_kernels_interpreted")
         outs = run_interpret(module, name, inputs, out_shapes, grid, meta)

@@ -1,4 +1,4 @@
-"""Test setup: eight simulated CPU devices, and the `gpu` marker.
+"""Test setup: eight simulated CPU devices, and the `gpu` and `triton_interpreter` markers.
 
 XLA_FLAGS must be set before jax is imported anywhere, so this runs first.
 """
@@ -13,6 +13,7 @@ if not os.environ["JAX_PLATFORMS"]:
     del os.environ["JAX_PLATFORMS"]
 
 import atexit  # noqa: E402
+import importlib.util  # noqa: E402
 import shutil  # noqa: E402
 import tempfile  # noqa: E402
 
@@ -37,6 +38,19 @@ def _has_gpu() -> bool:
 
 
 def pytest_collection_modifyitems(config, items):
+    # `triton_interpreter` tests run the Triton kernels in Triton's interpreter, except those also marked `gpu`,
+    # which compile them and need only triton itself.
+    from kernels.triton_runtime import interpreter_unavailable_reason
+
+    no_interpreter = interpreter_unavailable_reason()
+    no_triton = importlib.util.find_spec("triton") is None
+    for item in items:
+        if "triton_interpreter" not in item.keywords:
+            continue
+        if "gpu" not in item.keywords and no_interpreter:
+            item.add_marker(pytest.mark.skip(reason=f"Triton's interpreter cannot run here: {no_interpreter}"))
+        elif no_triton:
+            item.add_marker(pytest.mark.skip(reason="triton is not installed"))
     if _has_gpu():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (none visible to jax)")

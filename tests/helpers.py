@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import jax
 import numpy as np
+import pytest
 
 from jaxdeep.config import ExperimentConfig, load_config
 from jaxdeep.train.loop import mesh_from_config
+
+# Tests that run the Triton kernels in Triton's interpreter: skipped where it cannot run them (tests/conftest.py).
+needs_triton_interpreter = pytest.mark.triton_interpreter
 
 TINY = [
     "model.d_model=32",

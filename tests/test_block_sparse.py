@@ -15,8 +15,6 @@ NaN never passes.
 
 from __future__ import annotations
 
-import importlib.util
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,9 +30,7 @@ from kernels.block_sparse import (
     to_dense,
 )
 from kernels.block_sparse.ops import triton_block_sparse_matmul
-
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (its interpreter runs the kernels)")
+from tests.helpers import needs_triton_interpreter
 
 F32, BF16, F16 = jnp.float32, jnp.bfloat16, jnp.float16
 TOL = {jnp.dtype(F32): 1e-5, jnp.dtype(BF16): 1e-2, jnp.dtype(F16): 2e-3}
@@ -232,7 +228,7 @@ KERNEL_CASES = [
 ]
 
 
-@needs_triton
+@needs_triton_interpreter
 @pytest.mark.parametrize("m,mask,bs,dtype", KERNEL_CASES, ids=[f"case{i}" for i in range(len(KERNEL_CASES))])
 def test_kernels_match_float64(m, mask, bs, dtype):
     mask = mask()
@@ -253,7 +249,7 @@ def test_kernels_match_float64(m, mask, bs, dtype):
         assert not np.any(np.asarray(da, np.float64)[:, i * bs : (i + 1) * bs])
 
 
-@needs_triton
+@needs_triton_interpreter
 def test_default_configs_and_float32_output_of_bf16_operands():
     mask = random_mask(3, 4, 0.5, 14, empty_col=2, full_col=0)
     a, layout, values, dout = make_inputs(50, 96, 128, 32, mask, BF16, seed=14)
@@ -262,7 +258,7 @@ def test_default_configs_and_float32_output_of_bf16_operands():
     assert rel_err(out, oracle(a, layout, values, dout)[0]) < 1e-5
 
 
-@needs_triton
+@needs_triton_interpreter
 def test_kernel_launch_rejects_a_step_that_does_not_divide_the_block():
     a, layout, values, _ = make_inputs(16, 64, 64, 32, np.ones((2, 2), bool), F32, seed=0)
     with pytest.raises(ValueError, match="block_k 48"):
@@ -274,7 +270,7 @@ def test_kernel_launch_rejects_a_step_that_does_not_divide_the_block():
 # ----------------------------------------------------------------------------------------------------
 # The dispatcher and the custom_vjp
 # ----------------------------------------------------------------------------------------------------
-@needs_triton
+@needs_triton_interpreter
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=["f32", "bf16"])
 def test_forward_and_gradients_under_jit_match_float64_and_the_reference(dtype):
     mask = random_mask(4, 4, 0.5, 20, empty_col=1, full_col=2)
@@ -297,7 +293,7 @@ def test_forward_and_gradients_under_jit_match_float64_and_the_reference(dtype):
         assert rel_err(g, np.asarray(r, np.float64)) < 2 * tol, f"{name} vs reference"  # both round to dtype
 
 
-@needs_triton
+@needs_triton_interpreter
 def test_grad_of_a_loss_with_float32_output_matches_jax_grad_of_the_reference():
     mask = random_mask(3, 5, 0.4, 21, empty_col=4, full_col=0)
     a, layout, values, _ = make_inputs(2 * 12, 48, 80, 16, mask, BF16, seed=21)
@@ -317,7 +313,7 @@ def test_grad_of_a_loss_with_float32_output_matches_jax_grad_of_the_reference():
         assert rel_err(g, np.asarray(r, np.float64)) < TOL[jnp.dtype(BF16)]
 
 
-@needs_triton
+@needs_triton_interpreter
 def test_mixed_operand_dtypes_promote_and_no_rows_give_an_empty_result():
     a, layout, values, _ = make_inputs(16, 32, 32, 16, np.ones((2, 2), bool), F32, seed=23)
     out = block_sparse_matmul(a, layout, values.astype(BF16), impl="interpret")

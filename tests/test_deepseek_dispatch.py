@@ -8,6 +8,7 @@ import numpy as np
 
 from jaxdeep.model.deepseek.dispatch import gathered_experts, local_experts
 from jaxdeep.model.kernel_choice import KernelChoice
+from tests.helpers import needs_triton_interpreter
 
 
 def _problem(tokens: int, k: int, experts: int, seed: int = 0):
@@ -52,6 +53,7 @@ def test_auto_gathers_only_below_the_expert_count():
     assert "stablehlo.sort" not in hlo_few and "stablehlo.sort" in hlo_many  # only the grouped path sorts copies
 
 
+@needs_triton_interpreter
 def test_experts_through_the_triton_kernels_match_the_reference():
     # kernels.gmm=interpret: the Triton grouped GEMM (in the interpreter) behind the dispatcher, gradients included.
     x, chosen, weights, gate_up, down = _problem(tokens=7, k=2, experts=4, seed=3)

@@ -11,7 +11,6 @@ logits move by a few percent at most and the loss by far less.
 from __future__ import annotations
 
 import collections
-import importlib.util
 import math
 
 import jax
@@ -28,7 +27,7 @@ from jaxdeep.model import DeepSeekModel, KernelChoice, Transformer, build_model
 from jaxdeep.model import matmul as model_matmul
 from kernels.fp8.grouped import fp8_gmm
 from tests.fast_compile import compiled
-from tests.helpers import tiny_config
+from tests.helpers import needs_triton_interpreter, tiny_config
 from tests.test_deepseek_train import DEEPSEEK
 
 F32 = np.float32
@@ -271,7 +270,7 @@ def test_fp8_training_steps_reduce_the_loss(runs, kind):
     assert np.all(np.isfinite(losses)) and losses[-1] < losses[0] - 0.1, losses
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed (its interpreter)")
+@needs_triton_interpreter
 def test_kernels_fp8_interpret_gives_the_reference_loss_and_gradients():
     """`kernels.fp8=interpret` runs every FP8 projection and the routed experts' Fprop and Dgrad on the Triton
     kernels (in the interpreter): the same quantised products as `kernels.fp8=reference`, summed in another

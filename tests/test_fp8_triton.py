@@ -18,7 +18,6 @@ NaN never passes.
 
 from __future__ import annotations
 
-import importlib.util
 import math
 
 import jax
@@ -31,12 +30,11 @@ from kernels import fp8, triton_runtime
 from kernels.fp8 import launch, mosaic_gemm, reference
 from kernels.fp8.grouped import fp8_gmm
 from kernels.fp8.ops import TritonOps
-from tests.helpers import run_after_triton_import
+from tests.helpers import needs_triton_interpreter, run_after_triton_import
 from tests.test_fp8 import emulate_linear, np_quantize_blocks, np_quantize_tiles
 
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (its interpreter runs the kernels)")
-pytestmark = [needs_triton, pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")]  # inf tiles
+# inf tiles warn; the tests not marked gpu run the kernels in Triton's interpreter
+pytestmark = [needs_triton_interpreter, pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")]
 
 E4M3_NP = ml_dtypes.float8_e4m3fn
 F32, BF16 = jnp.float32, jnp.bfloat16

@@ -16,8 +16,6 @@ NaN never passes.
 
 from __future__ import annotations
 
-import importlib.util
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,9 +23,7 @@ import pytest
 
 from kernels.gmm import launch
 from kernels.gmm.ops import triton_gmm
-
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (its interpreter runs the kernels)")
+from tests.helpers import needs_triton_interpreter
 
 F32, BF16 = jnp.float32, jnp.bfloat16
 TOL = {jnp.dtype(F32): 1e-5, jnp.dtype(BF16): 1e-2}
@@ -131,25 +127,25 @@ LAUNCH_CASES = [
 ]
 
 
-@needs_triton
+@needs_triton_interpreter
 @pytest.mark.parametrize("sizes,m,k,n,dtype", LAUNCH_CASES, ids=lambda v: str(v))
 def test_kernels_match_float64(sizes, m, k, n, dtype):
     check_launch(sizes, m, k, n, dtype)
 
 
-@needs_triton
+@needs_triton_interpreter
 def test_bf16_operands_with_float32_output_accumulate_exactly_enough():
     check_launch([7, 0, 20, 3], 34, 48, 40, BF16, out_dtype=F32, tol=1e-5)
 
 
-@needs_triton
+@needs_triton_interpreter
 @pytest.mark.parametrize("programs", [1, 200], ids=["one-program", "more-programs-than-items"])
 def test_persistent_grid_sizes(programs):
     cfg = launch.GemmConfig(block_m=16, block_n=16, block_k=16, group_m=3, programs=programs)
     check_launch([9, 0, 21, 2], 40, 20, 36, F32, config=cfg)
 
 
-@needs_triton
+@needs_triton_interpreter
 def test_skewed_groups_spread_over_programs():
     """Zipf-like sizes: one group holds most rows, several are empty; 5 programs share the items."""
     sizes = [70, 12, 5, 2, 1, 0, 0, 1]
@@ -160,7 +156,7 @@ def test_skewed_groups_spread_over_programs():
 # ----------------------------------------------------------------------------------------------------
 # The custom_vjp op (default launch configurations, shrunk to the small shapes)
 # ----------------------------------------------------------------------------------------------------
-@needs_triton
+@needs_triton_interpreter
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=["f32", "bf16"])
 def test_triton_gmm_forward_and_gradients_under_jit(dtype):
     sizes = [11, 0, 40, 3]
@@ -182,7 +178,7 @@ def test_triton_gmm_forward_and_gradients_under_jit(dtype):
     assert rel_err(out, np.asarray(ref, np.float64)) < 2 * tol  # both round to dtype
 
 
-@needs_triton
+@needs_triton_interpreter
 def test_triton_gmm_preferred_float32_output_and_gradients_of_a_loss():
     sizes = [4, 20, 0, 6]
     lhs, rhs, gs, _ = make_inputs(sizes, 32, 24, 16, BF16, seed=6)
@@ -201,6 +197,15 @@ def test_triton_gmm_preferred_float32_output_and_gradients_of_a_loss():
     for g, w in zip(got, want, strict=True):
         assert g.dtype == BF16
         assert rel_err(g, np.asarray(w, np.float64)) < TOL[jnp.dtype(BF16)]
+
+
+def test_interpret_runner_says_why_where_the_interpreter_cannot_run(monkeypatch):
+    from kernels import triton_runtime
+
+    monkeypatch.setattr(triton_runtime, "interpreter_unavailable_reason", lambda: "an old interpreter")
+    lhs, rhs, gs = jnp.ones((4, 3)), jnp.ones((2, 3, 5)), jnp.asarray([2, 2])
+    with pytest.raises(RuntimeError, match="cannot run in Triton's interpreter here: an old interpreter"):
+        triton_gmm(lhs, rhs, gs, runner="interpret")
 
 
 def test_triton_gmm_rejects_bad_arguments():
@@ -320,7 +325,7 @@ def test_gpu_auto_takes_the_triton_kernels():
     assert rel_err(gmm(lhs, rhs, gs, impl="auto"), oracle(lhs, rhs, sizes, dout)[0]) < TOL[jnp.dtype(BF16)]
 
 
-@needs_triton
+@needs_triton_interpreter
 def test_independent_interpreted_launches_in_one_program_all_match():
     # XLA may run the host callbacks of independent launches at the same time; the interpreter must not mix them.
     from kernels.gmm import gmm

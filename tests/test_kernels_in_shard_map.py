@@ -16,7 +16,7 @@ from jax.sharding import PartitionSpec as P
 
 from kernels.fp8.grouped import fp8_gmm
 from kernels.gmm import gmm
-from tests.helpers import layout
+from tests.helpers import layout, needs_triton_interpreter
 
 E, T, K, N = 3, 40, 160, 24
 SIZES = [[20, 0, 12], [5, 30, 0]]  # per device; rows past the sum are padding
@@ -54,6 +54,7 @@ def _rel(a, b) -> float:
     [(gmm, 1e-5), (fp8_gmm, 5e-3)],  # fp8: the kernels' expert weight gradient runs in bf16 (kernels/fp8/README.md)
     ids=["gmm", "fp8_gmm"],
 )
+@needs_triton_interpreter
 def test_grouped_kernels_in_shard_map_match_the_reference(matmul, dw_tol):
     (dx, dw), (dx_ref, dw_ref) = _grads(matmul, "interpret"), _grads(matmul, "reference")
     assert _rel(dx, dx_ref) < 1e-5
@@ -62,6 +63,7 @@ def test_grouped_kernels_in_shard_map_match_the_reference(matmul, dw_tol):
 
 
 @pytest.mark.parametrize("overrides", [("kernels.gmm=interpret",), ("precision.matmul=fp8", "kernels.fp8=interpret")])
+@needs_triton_interpreter
 def test_deepseek_train_step_with_interpreted_kernels_lowers_on_two_data_shards(overrides):
     from jaxdeep.train.state import build_setup, init_train_state
     from jaxdeep.train.step import make_train_step

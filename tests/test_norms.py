@@ -12,7 +12,6 @@
 """
 
 import dataclasses
-import importlib.util
 import math
 
 import jax
@@ -22,10 +21,7 @@ import pytest
 
 from kernels import norms
 from kernels.norms import launch
-from tests.helpers import run_after_triton_import
-
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (its interpreter runs the kernels)")
+from tests.helpers import needs_triton_interpreter, run_after_triton_import
 
 BF16 = jnp.bfloat16
 F32 = jnp.float32
@@ -272,7 +268,7 @@ INTERPRET_CASES = [
 ]
 
 
-@needs_triton
+@needs_triton_interpreter
 @pytest.mark.parametrize("op,dtype,shape", INTERPRET_CASES, ids=lambda v: str(v))
 def test_interpreted_kernels_match_float64(op, dtype, shape, monkeypatch):
     launched = use_variant(monkeypatch)
@@ -286,7 +282,7 @@ def test_interpreted_kernels_match_float64(op, dtype, shape, monkeypatch):
 RELOAD_CASES = [INTERPRET_CASES[i] for i in (1, 2, 5, 8, 9)]
 
 
-@needs_triton
+@needs_triton_interpreter
 @pytest.mark.parametrize("op,dtype,shape", RELOAD_CASES, ids=lambda v: str(v))
 def test_interpreted_kernels_reloading_params_match_float64(op, dtype, shape, monkeypatch):
     launched = use_variant(monkeypatch, "reload-params", num_sms=1)
@@ -296,7 +292,7 @@ def test_interpreted_kernels_reloading_params_match_float64(op, dtype, shape, mo
     assert_launched(launched, "reload-params")
 
 
-@needs_triton
+@needs_triton_interpreter
 @pytest.mark.parametrize("op", ["layer_norm_gelu", "rms_norm"])
 def test_interpreted_kernels_under_jit_with_large_mean(op, monkeypatch):
     launched = use_variant(monkeypatch)
@@ -306,7 +302,7 @@ def test_interpreted_kernels_under_jit_with_large_mean(op, monkeypatch):
     assert_launched(launched)
 
 
-@needs_triton
+@needs_triton_interpreter
 def test_interpreted_bf16_large_mean_uses_one_pass_statistics(monkeypatch):
     launched = use_variant(monkeypatch)
     rng = np.random.default_rng(12)
@@ -329,7 +325,7 @@ def _ln_stats_errors(x, one_pass: bool, runner: str = "interpret") -> tuple[floa
     return rel_err(mean, want_mean), rel_err(rstd, want_rstd), rel_err(y, want_y)
 
 
-@needs_triton
+@needs_triton_interpreter
 def test_one_pass_statistics_keep_large_mean_rows_exact():
     """Shifted sums (shift = the row's first element) in float32: a large mean costs no accuracy."""
     rng = np.random.default_rng(13)
@@ -339,7 +335,7 @@ def test_one_pass_statistics_keep_large_mean_rows_exact():
         assert max(errors) < LARGE_MEAN_TOL_F32, (one_pass, errors)
 
 
-@needs_triton
+@needs_triton_interpreter
 def test_one_pass_statistics_error_bound_when_the_first_element_is_an_outlier():
     """The worst case for the shift: all of a row's spread in its first element. Since (x[0] - mean)^2 <= N var, the
     float32 rounding of the sums is amplified at most ~N times: fine for 16-bit inputs (rounding 2^-9), too much for
@@ -359,7 +355,7 @@ def test_one_pass_statistics_error_bound_when_the_first_element_is_an_outlier():
     assert_launched(launched)
 
 
-@needs_triton
+@needs_triton_interpreter
 @pytest.mark.parametrize("op", ["layer_norm_gelu", "rms_norm"])
 def test_interpreted_backward_partials_with_more_tiles_than_programs(op):
     """Persistent backward grid: 3 programs over 37 rows in tiles of 8 (program 0 takes tiles 0 and 3)."""
@@ -468,7 +464,7 @@ def test_fused_unavailable_reason_is_none_for_supported_shapes_ignoring_backend(
     assert "no rows" in norms.fused_unavailable_reason(jnp.zeros((0, 512)), check_backend=False)
 
 
-@needs_triton
+@needs_triton_interpreter
 def test_interpreted_kernels_work_when_triton_was_imported_first():
     # Libraries such as transformers import triton (not in interpreter mode) before any kernel runs; the interpreted
     # copy of the kernels must still run then. A fresh process controls the import order.
