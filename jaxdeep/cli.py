@@ -130,12 +130,14 @@ def _start_jax(cfg: ExperimentConfig, args: argparse.Namespace) -> None:
 
 def _use_compilation_cache(args: argparse.Namespace) -> None:
     """Point JAX's persistent compilation cache at --compilation-cache, if given (before anything compiles). Every
-    program is stored: by default JAX skips those that compile in under a second, and a server has dozens."""
+    program is stored unless JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS says otherwise: by default JAX skips those
+    that compile in under a second, and a server has dozens."""
     if getattr(args, "compilation_cache", None):
         import jax
 
         jax.config.update("jax_compilation_cache_dir", str(Path(args.compilation_cache).expanduser()))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+            jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,6 +20,7 @@ import os
 import pathlib
 import re
 import threading
+import warnings
 from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
@@ -57,7 +58,9 @@ def interpreter_unavailable_reason() -> str | None:
         return f"triton cannot be imported ({type(e).__name__}: {e})"
     version = tuple(int(part) for part in re.findall(r"\d+", triton.__version__)[:2])
     try:
-        int(np.zeros(1, np.int32))
+        with warnings.catch_warnings():  # numpy 2.0-2.3 only warn
+            warnings.simplefilter("ignore", DeprecationWarning)
+            int(np.zeros(1, np.int32))
     except TypeError:
         # Older interpreters index loops by program ids held as one-element arrays, through int(); 3.9's squeezes.
         if version < (3, 9):

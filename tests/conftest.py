@@ -40,14 +40,14 @@ def _has_gpu() -> bool:
 def pytest_collection_modifyitems(config, items):
     # `triton_interpreter` tests run the Triton kernels in Triton's interpreter, except those also marked `gpu`,
     # which compile them and need only triton itself.
-    from kernels.triton_runtime import interpreter_unavailable_reason
+    interpreted = [item for item in items if item.get_closest_marker("triton_interpreter")]
+    if interpreted:  # importing triton costs start-up time: only when such a test runs
+        from kernels.triton_runtime import interpreter_unavailable_reason
 
-    no_interpreter = interpreter_unavailable_reason()
-    no_triton = importlib.util.find_spec("triton") is None
-    for item in items:
-        if "triton_interpreter" not in item.keywords:
-            continue
-        if "gpu" not in item.keywords and no_interpreter:
+        no_interpreter = interpreter_unavailable_reason()
+        no_triton = importlib.util.find_spec("triton") is None
+    for item in interpreted:
+        if not item.get_closest_marker("gpu") and no_interpreter:
             item.add_marker(pytest.mark.skip(reason=f"Triton's interpreter cannot run here: {no_interpreter}"))
         elif no_triton:
             item.add_marker(pytest.mark.skip(reason="triton is not installed"))
@@ -55,5 +55,5 @@ def pytest_collection_modifyitems(config, items):
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (none visible to jax)")
     for item in items:
-        if "gpu" in item.keywords:
+        if item.get_closest_marker("gpu"):
             item.add_marker(skip)

@@ -18,6 +18,7 @@ NaN never passes.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 
 import jax
@@ -33,8 +34,10 @@ from kernels.fp8.ops import TritonOps
 from tests.helpers import needs_triton_interpreter, run_after_triton_import
 from tests.test_fp8 import emulate_linear, np_quantize_blocks, np_quantize_tiles
 
-# inf tiles warn; the tests not marked gpu run the kernels in Triton's interpreter
-pytestmark = [needs_triton_interpreter, pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")]
+pytestmark = [
+    pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed"),
+    pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),  # inf tiles
+]
 
 E4M3_NP = ml_dtypes.float8_e4m3fn
 F32, BF16 = jnp.float32, jnp.bfloat16
@@ -110,6 +113,7 @@ def quantised_operands(m: int, k: int, n: int, seed: int):
 ROW_SHAPES = [(6, 1), (7, 127), (9, 129), (33, 300), (3, 4, 260)]
 
 
+@needs_triton_interpreter
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("shape", ROW_SHAPES, ids=str)
 def test_quantize_rows_is_bitwise_the_reference(shape, dtype):
@@ -122,6 +126,7 @@ def test_quantize_rows_is_bitwise_the_reference(shape, dtype):
     assert_scales_equal(s, s_ref, "scales")
 
 
+@needs_triton_interpreter
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("shape", [(130, 260), (6, 5), (128, 128)], ids=str)
 def test_quantize_rows_and_cols_is_both_reference_layouts(shape, dtype):
@@ -133,6 +138,7 @@ def test_quantize_rows_and_cols_is_both_reference_layouts(shape, dtype):
         (assert_fp8_equal if what == "qt" else assert_scales_equal)(got, want, what)
 
 
+@needs_triton_interpreter
 @pytest.mark.parametrize("shape", [(150, 260), (6, 3)], ids=str)
 def test_requantize_cols_is_the_reference_retiling(shape):
     x = with_edge_cases(heavy_tailed(3, shape))
@@ -144,6 +150,7 @@ def test_requantize_cols_is_the_reference_retiling(shape):
     assert_scales_equal(st, st_ref, "st")
 
 
+@needs_triton_interpreter
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("shape", [(1, 1), (130, 257), (300, 64)], ids=str)
 def test_quantize_blocks_is_bitwise_the_reference(shape, dtype):
@@ -162,6 +169,7 @@ def test_quantize_blocks_is_bitwise_the_reference(shape, dtype):
     assert_fp8_equal(qt, np.asarray(q_ref).T, "q^T")
 
 
+@needs_triton_interpreter
 def test_nan_stays_nan_and_leaves_other_tiles_alone():
     x = heavy_tailed(5, (4, 384))
     x[1, 5] = np.nan
@@ -178,6 +186,7 @@ def test_nan_stays_nan_and_leaves_other_tiles_alone():
     assert np.all(np.isfinite(s)), "NaN takes no part in the kernel's amax"
 
 
+@needs_triton_interpreter
 def test_rounding_ties_and_saturation_cover_the_whole_e4m3_grid():
     """Every E4M3 value, every midpoint between neighbours (ties to even) and the floats either side of them."""
     grid = np.arange(256, dtype=np.uint8).view(E4M3_NP).astype(np.float32)
@@ -199,6 +208,7 @@ def test_rounding_ties_and_saturation_cover_the_whole_e4m3_grid():
 GEMM_CASES = [(64, 256, 128), (37, 300, 130), (5, 100, 1), (16, 1, 3), (40, 384, 48)]
 
 
+@needs_triton_interpreter
 @pytest.mark.parametrize("m,k,n", GEMM_CASES, ids=str)
 def test_scaled_matmul_matches_reference(m, k, n):
     xq, xs, wq, ws = quantised_operands(m, k, n, seed=m + k + n)
@@ -216,6 +226,7 @@ def test_scaled_matmul_matches_reference(m, k, n):
             assert relnorm(got, want) < 1e-6, what
 
 
+@needs_triton_interpreter
 def test_scaled_matmul_bf16_output_and_per_column_scales():
     """block_n=1 (the weight-gradient layout: one scale per chunk per column) and a bfloat16 output."""
     x, dy = heavy_tailed(13, (70, 200)), heavy_tailed(14, (200, 90))
@@ -230,6 +241,7 @@ def test_scaled_matmul_bf16_output_and_per_column_scales():
     assert relnorm(got, want) < 1e-6
 
 
+@needs_triton_interpreter
 def test_scaled_matmul_promotes_per_chunk():
     """Each chunk's partial sum takes its own pair of scales, exactly as the reference."""
     xq = jnp.ones((16, 256), jnp.float8_e4m3fn)
@@ -248,6 +260,7 @@ def test_tolerance_catches_scales_of_the_wrong_chunk():
     assert relnorm(wrong, want) > 1e3 * 1e-6
 
 
+@needs_triton_interpreter
 def test_linear_layer_gemms_match_reference_layouts():
     """Fprop, Dgrad and Wgrad wrappers (each operand K-major as stored) against the reference GEMM."""
     m, k, n = 150, 260, 140
@@ -300,6 +313,7 @@ GMM_CASES = [
 ]
 
 
+@needs_triton_interpreter
 @pytest.mark.parametrize("sizes,t,k,n", GMM_CASES, ids=str)
 def test_scaled_gmm_matches_reference_and_float64(sizes, t, k, n):
     lq, ls, rq, rs, gs = gmm_operands(sizes, t, k, n, seed=t + k + n)
@@ -340,6 +354,7 @@ def linear_and_grads(x, w, dy, impl, out_dtype=None):
     return (y, *vjp(dy.astype(y.dtype)))  # the cotangent comes in the output's dtype
 
 
+@needs_triton_interpreter
 @pytest.mark.parametrize("m,k,n", [(130, 260, 130), (1, 129, 5)], ids=str)
 def test_fp8_linear_interpret_matches_reference(m, k, n):
     x, w, dy = heavy_tailed(20, (m, k)), heavy_tailed(21, (k, n), 0.05), heavy_tailed(22, (m, n))
@@ -350,6 +365,7 @@ def test_fp8_linear_interpret_matches_reference(m, k, n):
         assert relnorm(g, r) < 1e-6, name
 
 
+@needs_triton_interpreter
 def test_fp8_linear_interpret_dtypes_and_leading_axes():
     x = jnp.asarray(heavy_tailed(23, (2, 50, 256))).astype(BF16)
     w = jnp.asarray(heavy_tailed(24, (256, 96), 0.05))
@@ -363,6 +379,7 @@ def test_fp8_linear_interpret_dtypes_and_leading_axes():
         assert relnorm(g, r) < (2.0**-7 if g.dtype == BF16 else 1e-6), name
 
 
+@needs_triton_interpreter
 def test_fp8_linear_interpret_under_vmap():
     # Per-replica gradients: vmap over the tokens with the weight shared; each element runs the kernels once.
     xs, dys = heavy_tailed(26, (2, 40, 200)), heavy_tailed(28, (2, 40, 24))
@@ -374,6 +391,7 @@ def test_fp8_linear_interpret_under_vmap():
             np.testing.assert_array_equal(np.asarray(m[i]), np.asarray(g), err_msg=name)
 
 
+@needs_triton_interpreter
 def test_fp8_linear_interpret_saves_only_fp8_activations(capsys):
     from jax.ad_checkpoint import print_saved_residuals
 
@@ -397,6 +415,7 @@ def gmm_and_grads(x, w, group_sizes, dy, impl):
     return (y, *vjp(dy.astype(y.dtype)))
 
 
+@needs_triton_interpreter
 def test_fp8_gmm_interpret_matches_reference():
     # An empty group, a 1-row group, group boundaries inside 128-row tiles, 19 rows past the last group; K and N
     # over one 128-chunk and not multiples of it.
@@ -419,6 +438,7 @@ def test_fp8_gmm_interpret_matches_reference():
             np.testing.assert_array_equal(np.asarray(g), np.asarray(r))
 
 
+@needs_triton_interpreter
 def test_fp8_gmm_interpret_under_vmap_and_in_bf16():
     # Per-replica gradients: vmap over the tokens with the weights shared; each element one kernel call.
     sizes, t, k, n = [20, 0, 12], 40, 160, 24
@@ -477,6 +497,7 @@ def test_empty_dimensions_give_zeros():
     assert fp8.scaled_gmm(lq, ls, rq, rs, jnp.zeros(2, jnp.int32), impl="interpret").shape == (0, 16)
 
 
+@needs_triton_interpreter
 def test_interpreted_kernels_run_after_triton_was_imported_for_the_gpu():
     # Libraries such as transformers import triton (not in interpreter mode) before any kernel runs; the
     # interpreted copy of the kernels must still run then. A fresh process controls the import order.
