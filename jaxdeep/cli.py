@@ -251,7 +251,8 @@ def _serve(args: argparse.Namespace) -> int:
             print(f"jaxdeep: config error: {e}", file=sys.stderr)
             return 2
         _start_jax(cfg, args)
-    _use_compilation_cache(args)  # again for a Hugging Face directory, which skips _start_jax
+    else:  # a Hugging Face directory
+        _use_compilation_cache(args)
     import meshes
     from jaxdeep.serve.loading import load_engine
     from jaxdeep.serve.server import OpenAIServer, run_server

@@ -46,11 +46,11 @@ def pytest_collection_modifyitems(config, items):
 
         no_interpreter = interpreter_unavailable_reason()
         no_triton = importlib.util.find_spec("triton") is None
-    for item in interpreted:
-        if not item.get_closest_marker("gpu") and no_interpreter:
-            item.add_marker(pytest.mark.skip(reason=f"Triton's interpreter cannot run here: {no_interpreter}"))
-        elif no_triton:
-            item.add_marker(pytest.mark.skip(reason="triton is not installed"))
+        for item in interpreted:
+            if not item.get_closest_marker("gpu") and no_interpreter:
+                item.add_marker(pytest.mark.skip(reason=f"Triton's interpreter cannot run here: {no_interpreter}"))
+            elif no_triton:
+                item.add_marker(pytest.mark.skip(reason="triton is not installed"))
     if _has_gpu():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (none visible to jax)")

@@ -45,22 +45,18 @@ def cudnn_unavailable_reason(q_btnh: jax.Array) -> str | None:
     reason = cuda_unavailable_reason()
     if reason is not None:
         return reason
-    if _compute_capability() < MIN_COMPUTE_CAPABILITY:
-        return f"cuDNN flash attention needs compute capability 8.0 or more, this GPU has {_compute_capability()}"
+    capability = _compute_capability()
+    if capability < MIN_COMPUTE_CAPABILITY:
+        return f"cuDNN flash attention needs compute capability 8.0 or more, this GPU has {capability}"
     if q_btnh.dtype not in (jnp.bfloat16, jnp.float16):
         return f"cuDNN attention takes bf16 or fp16, not {q_btnh.dtype}"
     abstract = jax.sharding.get_abstract_mesh()
     manual = set(getattr(abstract, "manual_axes", ()))
     if manual and set(abstract.axis_names) - manual:
         return f"inside a shard_map over mesh axes {sorted(manual)} only (a pipeline stage, say)"
-    spec = sharding.active_spec(HEADS)
-    if spec is not None:
-        mesh, heads_spec = spec
-        seq_axes = heads_spec[1] if len(heads_spec) > 1 else None
-        if seq_axes is not None:
-            names = seq_axes if isinstance(seq_axes, tuple) else (seq_axes,)
-            if any(mesh.shape[name] > 1 for name in names):
-                return f"the sequence axis is split over mesh axes {names}"
+    spec = sharding.active_spec(HEADS)  # mesh axes of size 1 are left out of it
+    if spec is not None and spec[1][1] is not None:
+        return f"the sequence axis is split over mesh axes {spec[1][1]}"
     return None
 
 
