@@ -41,6 +41,27 @@ def test_gathered_experts_equal_the_grouped_matmuls_forward_and_gradients():
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_grouped_experts_keep_no_outputs_for_the_combine(capsys):
+    # The routing weights scale the SwiGLU before the down projection, so the combine is a sum that needs nothing
+    # from the forward: no [copies, d] array of the experts' outputs is kept, in either precision.
+    from jax.ad_checkpoint import print_saved_residuals
+
+    x, chosen, weights, gate_up, down = _problem(tokens=64, k=2, experts=4)
+    d = x.shape[-1]
+    x, gate_up, down = (a.astype(jnp.bfloat16) for a in (x, gate_up, down))
+    for matmul in ("bf16", "fp8"):
+        choice = KernelChoice(matmul=matmul, gmm="reference", fp8="reference")
+        print_saved_residuals(
+            lambda x, w, gu, dn, c=choice: local_experts(x, chosen, w, gu, dn, kernels=c)[0], x, weights, gate_up, down
+        )
+        saved = [line for line in capsys.readouterr().out.strip().splitlines() if "from the argument" not in line]
+        # Of the [copies, d] arrays only the first grouped matmul's input remains: the dispatched rows (in FP8 under
+        # fp8). Weighting after the down projection kept the experts' outputs as well.
+        rows = [line for line in saved if line.split(" ")[0].endswith(f"[128,{d}]")]
+        assert len(rows) == 1, (matmul, saved)
+        assert any(line.startswith("f32[128]") for line in saved), (matmul, saved)  # the sorted weights
+
+
 def test_auto_gathers_only_below_the_expert_count():
     few = _problem(tokens=3, k=2, experts=8)  # 6 copies < 8 experts: gathered
     many = _problem(tokens=5, k=2, experts=8)  # 10 copies: grouped matmuls

@@ -533,6 +533,33 @@ def test_fp8_cached_keeps_only_fp8_inputs_and_scales(capsys):
     assert any(line.startswith(("bf16[64,300]", "f32[64,300]")) for line in plain), plain
 
 
+def test_fp8_cached_row_scale_weights_each_row_keeps_it_exactly_and_differentiates_it(capsys):
+    g, u, dy = randn(55, (40, 300)), randn(56, (40, 300)), randn(57, (40, 300))
+    s = np.random.default_rng(58).uniform(0.05, 1.0, size=40).astype(np.float32)
+    cached = fp8.fp8_cached(_swiglu)
+    y, vjp = jax.vjp(lambda g, u, s: cached(g, u, row_scale=s), *map(jnp.asarray, (g, u, s)))
+    want = np.asarray(_swiglu(jnp.asarray(g), jnp.asarray(u))) * s[:, None]
+    np.testing.assert_array_equal(np.asarray(y), want)
+    dg, du, ds = (np.asarray(a, np.float64) for a in vjp(jnp.asarray(dy)))
+
+    # Oracle in float64 at the FP8-rounded g and u and the exact s.
+    g_hat, u_hat = (deq64(*np_quantize_tiles(a)) for a in (g, u))
+    sig = 1.0 / (1.0 + np.exp(-g_hat))
+    s64 = s.astype(np.float64)[:, None]
+    assert relnorm(dg, dy * s64 * u_hat * sig * (1.0 + g_hat * (1.0 - sig))) < 1e-6
+    assert relnorm(du, dy * s64 * g_hat * sig) < 1e-6
+    assert relnorm(ds, (dy * g_hat * sig * u_hat).sum(-1)) < 1e-6
+
+    gb, ub = jnp.ones((64, 300), jnp.bfloat16), jnp.ones((64, 300), jnp.bfloat16)
+    print_saved_residuals(lambda g, u, s: cached(g, u, row_scale=s), gb, ub, jnp.ones((64,), jnp.float32))
+    saved = sorted(line.split(" ")[0] for line in capsys.readouterr().out.strip().splitlines())
+    assert saved == ["f32[64,3]"] * 2 + ["f32[64]"] + ["f8_e4m3fn[64,300]"] * 2, saved
+    with pytest.raises(ValueError, match="row_scale"):
+        cached(jnp.asarray(g), jnp.asarray(u), row_scale=jnp.ones((300,), jnp.float32))
+    with pytest.raises(ValueError, match="row_scale"):
+        cached(jnp.asarray(g), jnp.asarray(u), row_scale=jnp.ones((40,), jnp.int32))
+
+
 def test_fp8_cached_dtypes_jit_vmap_and_errors():
     g = jnp.asarray(randn(53, (3, 20, 130))).astype(jnp.bfloat16)
     u = jnp.asarray(randn(54, (3, 20, 130))).astype(jnp.bfloat16)

@@ -382,6 +382,17 @@ def test_cached_activation_keeps_only_its_inputs(capsys):
         )
         saved = capsys.readouterr().out.strip().splitlines()
         assert sorted(line.split(" ")[0] for line in saved) == want, (matmul, saved)
+        # A routing weight per row scales the output and is kept as it is, beside the same inputs.
+        print_saved_residuals(
+            lambda g, u, s, c=choice: model_matmul.cached_activation(
+                model_matmul.silu_gate, g, u, row_scale=s, kernels=c
+            ),
+            g,
+            u,
+            jnp.ones((2, 8), jnp.float32),
+        )
+        saved = capsys.readouterr().out.strip().splitlines()
+        assert sorted(line.split(" ")[0] for line in saved) == sorted([*want, "f32[2,8]"]), (matmul, saved)
 
 
 def _kept_bytes(cfg, batch: int, seq: int = 16) -> int:

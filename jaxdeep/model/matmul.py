@@ -166,18 +166,25 @@ def grouped(
     return fp8_gmm(lhs, rhs, group_sizes, impl=kernels.fp8)
 
 
-def cached_activation(fn: Callable[..., jax.Array], *xs: jax.Array, kernels: KernelChoice = DEFAULT_KERNELS):
+def cached_activation(
+    fn: Callable[..., jax.Array],
+    *xs: jax.Array,
+    row_scale: jax.Array | None = None,
+    kernels: KernelChoice = DEFAULT_KERNELS,
+):
     """`fn(*xs)` for the elementwise function between two projections (GELU, SwiGLU), whose backward keeps only xs
     and recomputes the rest: in FP8 1 x 128 tiles when `kernels.matmul` is "fp8" (DeepSeek-V3's cache of the
     SwiGLU input, `kernels.fp8.fp8_cached`), else as they are. Autodiff of `fn` itself would keep several of its
-    intermediates, in float32 for GELU, each as wide as the MLP's hidden layer.
+    intermediates, in float32 for GELU, each as wide as the MLP's hidden layer. `row_scale` (one value per row,
+    kept as it is) multiplies the output in float32: the routed experts' weights, applied before the down
+    projection so that the combine after it needs nothing from the forward.
 
     This is what a block keeps with `model.remat: none`. Under a remat policy the block's backward recomputes its
     forward from what the policy saves (with "save_matmuls" the projection outputs, this one's inputs among them),
     so the cache then saves no memory; it is made and read within the backward."""
     if kernels.matmul == "fp8":
-        return fp8.fp8_cached(fn)(*xs)
-    return jax.checkpoint(fn)(*xs)
+        return fp8.fp8_cached(fn)(*xs, row_scale=row_scale)
+    return jax.checkpoint(lambda scale, *a: fp8.times_rows(fn(*a), scale))(row_scale, *xs)
 
 
 def silu_gate(gate: jax.Array, up: jax.Array) -> jax.Array:

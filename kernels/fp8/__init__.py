@@ -7,7 +7,8 @@
 - `scaled_gmm(lhs, lhs_scales, rhs, rhs_scales, group_sizes, out_dtype)`: its grouped version for MoE experts
   (the semantics of `jax.lax.ragged_dot`; forward only);
 - `fp8_linear(x, w)`: `x @ w` with the FP8 recipe in forward and backward (a `jax.custom_vjp`).
-- `fp8_cached(fn)`: an elementwise `fn` (SwiGLU, GELU) whose backward keeps only its inputs, in FP8 1 x 128 tiles.
+- `fp8_cached(fn)`: an elementwise `fn` (SwiGLU, GELU) whose backward keeps only its inputs, in FP8 1 x 128 tiles;
+  `row_scale=` multiplies its output per row (a routed expert's weight). `times_rows` is that product alone.
 
 `impl`:
 - "reference": the pure-JAX definitions (`kernels.fp8.reference`, `kernels.fp8.linear`);
@@ -33,7 +34,7 @@ import jax.numpy as jnp
 
 from kernels import triton_runtime
 from kernels.fp8 import launch, linear, mosaic_gemm, reference
-from kernels.fp8.cached import fp8_cached
+from kernels.fp8.cached import fp8_cached, times_rows
 from kernels.fp8.ops import TritonOps
 from kernels.fp8.quantize import E4M3, E4M3_MAX, dequantize_blocks, dequantize_tiles, quantize_blocks, quantize_tiles
 
@@ -49,6 +50,7 @@ __all__ = [
     "quantize_tiles",
     "scaled_gmm",
     "scaled_matmul",
+    "times_rows",
 ]
 
 IMPLS = ("auto", "reference", "triton", "interpret", "mosaic")

@@ -30,14 +30,25 @@ def expert_mlp(
     gate_up_edcf: jax.Array,
     down_efd: jax.Array,
     kernels: KernelChoice = DEFAULT_KERNELS,
+    weights_s: jax.Array | None = None,
 ):
     """SwiGLU experts over rows sorted by expert; rows past sum(group_sizes) give zeros. Both grouped matmuls run
     on the `gmm` implementation of `kernels`, or, when its `matmul` is "fp8", through
-    `kernels.fp8.grouped.fp8_gmm` on its `fp8` implementation (then `gmm` is not used)."""
+    `kernels.fp8.grouped.fp8_gmm` on its `fp8` implementation (then `gmm` is not used).
+
+    `weights_s` (each row's routing weight) scales the SwiGLU output before the down projection, which is linear,
+    so each row comes out weighted and summing a token's rows is the combine. The weights' gradient then comes from
+    the SwiGLU's backward, which recomputes it from its cached input anyway; weighting after the down projection
+    would keep every row's output for that gradient instead (2 bytes per model dimension per row)."""
     e, d, _, f = gate_up_edcf.shape
     h_s2f = grouped(x_sd, gate_up_edcf.reshape(e, d, 2 * f), group_sizes, kernels).reshape(-1, 2, f)
-    h_sf = cached_activation(silu_gate, h_s2f[:, 0], h_s2f[:, 1], kernels=kernels)
+    h_sf = cached_activation(silu_gate, h_s2f[:, 0], h_s2f[:, 1], row_scale=weights_s, kernels=kernels)
     return grouped(h_sf, down_efd, group_sizes, kernels)
+
+
+def _sum_copies(y_weighted_sd: jax.Array, k: int) -> jax.Array:
+    """float32 [T, d]: the sum of each token's k weighted copies (kept in token order, k per token)."""
+    return y_weighted_sd.reshape(-1, k, y_weighted_sd.shape[-1]).astype(jnp.float32).sum(axis=1)
 
 
 @jax.checkpoint  # the backward keeps y in the compute dtype, not its float32 copy
@@ -68,8 +79,8 @@ def gathered_experts(x_td, experts_tk, weights_tk, gate_up_edcf, down_efd):
 
 
 def local_experts(x_td, experts_tk, weights_tk, gate_up_edcf, down_efd, kernels: KernelChoice = DEFAULT_KERNELS):
-    """All experts on this device: one sort, two grouped matmuls, unsort, weighted sum — or, with `kernels.gmm`
-    "auto", fewer token copies than experts and `kernels.matmul` "bf16", `gathered_experts`.
+    """All experts on this device: one sort, two grouped matmuls (the weights applied between them), unsort, sum —
+    or, with `kernels.gmm` "auto", fewer token copies than experts and `kernels.matmul` "bf16", `gathered_experts`.
 
     Returns the float32 output [T, d] and the number of token copies the experts computed."""
     n_experts, k = gate_up_edcf.shape[0], experts_tk.shape[1]
@@ -77,24 +88,24 @@ def local_experts(x_td, experts_tk, weights_tk, gate_up_edcf, down_efd, kernels:
         return gathered_experts(x_td, experts_tk, weights_tk, gate_up_edcf, down_efd)
     flat = experts_tk.reshape(-1)
     order = jnp.argsort(flat, stable=True)
+    inverse = _inverse(order)
     group_sizes = jnp.bincount(flat, length=n_experts)
-    y_sorted = expert_mlp(x_td[order // k], group_sizes, gate_up_edcf, down_efd, kernels)
-    y_copies = _unsort(y_sorted, order)
-    return _combine(y_copies, weights_tk), group_sizes.sum()
+    weights_sorted = _permute_rows(weights_tk.reshape(-1), order, inverse)
+    y_sorted = expert_mlp(x_td[order // k], group_sizes, gate_up_edcf, down_efd, kernels, weights_sorted)
+    return _sum_copies(_permute_rows(y_sorted, inverse, order), k), group_sizes.sum()
 
 
-def _unsort(y_sorted: jax.Array, order: jax.Array) -> jax.Array:
-    """y with y[order[j]] = y_sorted[j] for a permutation `order`: a gather with the inverse permutation, whose
-    backward gathers with `order` and keeps nothing else. Autodiff of the scatter that says the same keeps a mask
-    and copies of y, and that of the gather builds a zero buffer for a scatter-add (which `shard_map`'s check of
-    varying axes rejects under the per-replica `vmap` of compressed training)."""
-    inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.size, dtype=order.dtype), unique_indices=True)
-    return _permute_rows(y_sorted, inverse, order)
+def _inverse(order: jax.Array) -> jax.Array:
+    """The inverse of the permutation `order`."""
+    return jnp.zeros_like(order).at[order].set(jnp.arange(order.size, dtype=order.dtype), unique_indices=True)
 
 
 @jax.custom_vjp
 def _permute_rows(y: jax.Array, rows: jax.Array, inverse_rows: jax.Array) -> jax.Array:
-    """y[rows] for a permutation `rows` whose inverse is `inverse_rows`."""
+    """y[rows] for a permutation `rows` whose inverse is `inverse_rows`: a gather whose backward gathers with the
+    inverse and keeps nothing else. (Autodiff of the scatter that says the same keeps a mask and copies of y, and
+    that of a plain gather builds a zero buffer for a scatter-add, which `shard_map`'s check of varying axes
+    rejects under the per-replica `vmap` of compressed training.)"""
     return y.at[rows].get(unique_indices=True)
 
 
@@ -125,26 +136,31 @@ def expert_parallel(
     copies = t * k  # room per destination: every copy of this device's tokens could go to one device
     flat = experts_tk.reshape(-1)
     order = jnp.argsort(flat, stable=True)
+    inverse = _inverse(order)
     sorted_experts = flat[order]
     dest = sorted_experts // local_e
     per_dest = jnp.bincount(dest, length=ep_size)
     rank_in_dest = jnp.arange(copies) - (jnp.cumsum(per_dest) - per_dest)[dest]
     slot = dest * copies + rank_in_dest
     send_x = jnp.zeros((ep_size * copies, d), x_td.dtype).at[slot].set(x_td[order // k], unique_indices=True)
+    weights_sorted = _permute_rows(weights_tk.reshape(-1), order, inverse)
+    send_w = jnp.zeros((ep_size * copies,), weights_tk.dtype).at[slot].set(weights_sorted, unique_indices=True)
     # Local expert id travels with each row; empty slots carry `local_e`, which sorts after every expert.
     send_e = jnp.full((ep_size * copies,), local_e, jnp.int32)
     send_e = send_e.at[slot].set(sorted_experts % local_e, unique_indices=True)
     recv_x = _all_to_all(send_x.reshape(ep_size, copies, d), ep_axes).reshape(-1, d)
     recv_e = _all_to_all(send_e.reshape(ep_size, copies), ep_axes).reshape(-1)
+    recv_w = _all_to_all(send_w.reshape(ep_size, copies), ep_axes).reshape(-1)
 
     order_here = jnp.argsort(recv_e, stable=True)
+    inverse_here = _inverse(order_here)
     group_sizes = jnp.bincount(recv_e, length=local_e + 1)[:local_e]
-    y_sorted = expert_mlp(recv_x[order_here], group_sizes, gate_up_edcf, down_efd, kernels)
-    y_recv = _unsort(y_sorted, order_here)
+    weights_here = _permute_rows(recv_w, order_here, inverse_here)
+    y_sorted = expert_mlp(recv_x[order_here], group_sizes, gate_up_edcf, down_efd, kernels, weights_here)
+    y_recv = _permute_rows(y_sorted, inverse_here, order_here)
 
     y_back = _all_to_all(y_recv.reshape(ep_size, copies, d), ep_axes).reshape(-1, d)
-    y_copies = _unsort(y_back[slot], order)
-    return _combine(y_copies, weights_tk), group_sizes.sum()
+    return _sum_copies(_permute_rows(y_back[slot], inverse, order), k), group_sizes.sum()
 
 
 def _axes(entry) -> tuple[str, ...]:
