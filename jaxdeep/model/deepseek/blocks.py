@@ -9,6 +9,7 @@ from jaxdeep.config import ModelConfig
 from jaxdeep.model.deepseek.mla import MultiHeadLatentAttention
 from jaxdeep.model.deepseek.moe import MoE, MoeStats, SwiGluMlp
 from jaxdeep.model.deepseek.norm import DTYPES, RESIDUAL, RMSNorm
+from jaxdeep.model.deepseek.router import Router, Routing
 from jaxdeep.model.kernel_choice import DEFAULT_KERNELS, KernelChoice
 from jaxdeep.sharding import constrain
 
@@ -26,10 +27,18 @@ class DecoderBlock(nnx.Module):
         x_btd = constrain(x_btd + self.self_attn(self.input_layernorm(x_btd), cos_th, sin_th), RESIDUAL)
         h_btd = self.post_attention_layernorm(x_btd)
         if self.moe:
-            y_btd, stats = self.mlp(h_btd)
+            y_btd, stats = self.mlp(h_btd, _route_normalised(self.post_attention_layernorm, self.mlp.gate, x_btd))
         else:
             y_btd, stats = self.mlp(h_btd), None
         return constrain(x_btd + y_btd, RESIDUAL), stats
+
+
+@nnx.remat
+def _route_normalised(norm: RMSNorm, router: Router, x_btd: jax.Array) -> Routing:
+    """The router on norm(x). Its weight's gradient needs its input: recomputing norm(x) in the backward keeps x,
+    which the norm keeps anyway, instead of a copy of norm(x) (under FP8 the experts keep theirs in FP8)."""
+    b, t, d = x_btd.shape
+    return router(norm(x_btd).reshape(b * t, d))
 
 
 def stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs, count: int, moe: bool, kernels: KernelChoice = DEFAULT_KERNELS):

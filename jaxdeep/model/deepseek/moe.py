@@ -11,7 +11,7 @@ from flax import nnx
 from jaxdeep.config import ModelConfig
 from jaxdeep.model.deepseek.dispatch import DOWN, GATE_UP, routed_experts
 from jaxdeep.model.deepseek.norm import DTYPES
-from jaxdeep.model.deepseek.router import Router, expert_counts, sequence_balance_loss
+from jaxdeep.model.deepseek.router import Router, Routing, expert_counts, sequence_balance_loss
 from jaxdeep.model.kernel_choice import DEFAULT_KERNELS, KernelChoice
 from jaxdeep.model.layers import normal_param, scaled_init_std
 from jaxdeep.model.matmul import cached_activation, project, project_shared, silu_gate
@@ -65,10 +65,12 @@ class MoE(nnx.Module):
         self.cfg = cfg
         self.kernels = kernels
 
-    def __call__(self, x_btd: jax.Array) -> tuple[jax.Array, MoeStats]:
+    def __call__(self, x_btd: jax.Array, routing: Routing | None = None) -> tuple[jax.Array, MoeStats]:
+        """The layer's output for tokens x; `routing`, when given, is `self.gate`'s of x, computed by the caller."""
         ds, dt = self.cfg.deepseek, DTYPES[self.cfg.dtype]
         b, t, d = x_btd.shape
-        routing = self.gate(x_btd.reshape(b * t, d))
+        if routing is None:
+            routing = self.gate(x_btd.reshape(b * t, d))
         experts_btk = routing.experts_tk.reshape(b, t, -1)
         weights_btk = routing.weights_tk.reshape(b, t, -1)
         gate_up = self.experts.gate_up_proj[...].astype(dt)
