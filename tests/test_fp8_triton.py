@@ -648,6 +648,25 @@ def test_gpu_mosaic_linear_gemms_match_the_triton_ones(m, k, n):
     assert relnorm(pairs[2][0], per_column) < GPU_GEMM_TOL
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("gemms", ["triton", "mosaic"])
+def test_gpu_backward_rounds_dx_to_its_dtype_like_a_cast(gemms):
+    """The Dgrad GEMM writes dx in x's dtype itself: the same bits as its float32 result cast afterwards."""
+    if gemms == "mosaic" and fp8.mosaic_unavailable_reason() is not None:
+        pytest.skip(fp8.mosaic_unavailable_reason())
+    m, k, n = 512, 1024, 768
+    ops = TritonOps("triton", gemms=gemms)
+    x = jnp.asarray(heavy_tailed(40, (m, k))).astype(BF16)
+    w = jnp.asarray(heavy_tailed(41, (k, n), 0.05))
+    dy = jnp.asarray(heavy_tailed(42, (m, n))).astype(BF16)
+    _, residuals = jax.jit(lambda x, w: ops.forward(x, w, BF16))(x, w)
+    dx16, dw16 = jax.jit(lambda r, dy: ops.backward(r, dy, BF16))(residuals, dy)
+    dx32, dw32 = jax.jit(lambda r, dy: ops.backward(r, dy, F32))(residuals, dy)
+    assert dx16.dtype == BF16 and dx32.dtype == F32
+    np.testing.assert_array_equal(np.asarray(dx16, np.float32), np.asarray(dx32.astype(BF16), np.float32))
+    np.testing.assert_array_equal(np.asarray(dw16), np.asarray(dw32))
+
+
 def _gpu_linear_against_emulation(impl: str, m: int, k: int, n: int) -> dict:
     """Normwise errors of fp8_linear on the GPU (jitted forward and backward) against the float64 value of exactly
     the quantised computation, from the host quantisers (tests/test_fp8.py)."""

@@ -45,7 +45,9 @@ class ReferenceOps:
     """The layer's quantisers and GEMMs in pure JAX, with a pluggable block-scaled GEMM.
 
     An implementation of the layer provides `forward(x, w, out_dtype) -> (y, residuals)` and
-    `backward(residuals, dy) -> (dx, dw)` with these semantics (kernels.fp8.ops.TritonOps: the Triton kernels).
+    `backward(residuals, dy, dx_dtype) -> (dx, dw)` with these semantics (kernels.fp8.ops.TritonOps: the Triton
+    kernels). The Dgrad GEMM rounds its float32 sums to `dx_dtype` itself (x's dtype): a float32 dx and a
+    separate cast would write and read the activation-sized gradient twice more.
     """
 
     gemm: Gemm = reference.scaled_matmul
@@ -56,13 +58,13 @@ class ReferenceOps:
         y = self.gemm(xq, x_scales, wq, w_scales, out_dtype)
         return y, (xq, x_scales, wq, w_scales)
 
-    def backward(self, residuals, dy):
+    def backward(self, residuals, dy, dx_dtype=F32):
         xq, x_scales, wq, w_scales = residuals
         dy = dy.astype(F32)
 
         # Dgrad: reduce over N. quantize_blocks(w.T) == (wq.T, w_scales.T) exactly (square blocks).
         dyq, dy_scales = quantize_tiles(dy)  # 1 x 128 tiles along N
-        dx = self.gemm(dyq, dy_scales, wq.T, w_scales.T, F32)
+        dx = self.gemm(dyq, dy_scales, wq.T, w_scales.T, dx_dtype)
 
         # Wgrad: reduce over M (tokens). Both operands in 128 x 1 tiles along M.
         xtq, xt_scales = quantize_tiles(dequantize_tiles(xq, x_scales).T)  # [K, M], scales [K, ceil(M/128)]
@@ -108,7 +110,7 @@ def _forward(x, w, dtypes, ops):
 
 def _backward(dtypes, ops, residuals, dy):
     x_dtype, w_dtype, _ = dtypes
-    dx, dw = ops.backward(residuals, dy)
+    dx, dw = ops.backward(residuals, dy, x_dtype)
     return dx.astype(x_dtype), dw.astype(w_dtype)
 
 

@@ -57,8 +57,8 @@ class TritonOps:
     def forward(self, x, w, out_dtype):
         return mapped(partial(self._forward, out_dtype=out_dtype))(x, w)
 
-    def backward(self, residuals, dy):
-        return mapped(self._backward)(*residuals, dy)
+    def backward(self, residuals, dy, dx_dtype=F32):
+        return mapped(partial(self._backward, dx_dtype=dx_dtype))(*residuals, dy)
 
     def _forward(self, x, w, out_dtype):
         run = dict(runner=self.runner)
@@ -68,11 +68,11 @@ class TritonOps:
         y = self._gemm("fprop", m, n, k)(xq, x_scales, wq_t, w_scales, out_dtype)
         return y, (xq, x_scales, wq, w_scales)
 
-    def _backward(self, xq, x_scales, wq, w_scales, dy):
+    def _backward(self, xq, x_scales, wq, w_scales, dy, dx_dtype):
         run = dict(runner=self.runner)
         dyq, dy_scales, dytq, dyt_scales = launch.quantize_rows_and_cols(dy, **run)
         (m, n), k = dy.shape, wq.shape[0]
-        dx = self._gemm("dgrad", m, k, n)(dyq, dy_scales, wq, w_scales, F32)
+        dx = self._gemm("dgrad", m, k, n)(dyq, dy_scales, wq, w_scales, dx_dtype)
         xtq, xt_scales = launch.requantize_cols(xq, x_scales, **run)
         dw = self._gemm("wgrad", k, n, m)(xtq, xt_scales, dytq, dyt_scales, F32)
         return dx, dw
