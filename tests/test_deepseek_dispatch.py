@@ -5,10 +5,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
+from jaxdeep.model.deepseek.blocks import DecoderBlock
 from jaxdeep.model.deepseek.dispatch import gathered_experts, local_experts
+from jaxdeep.model.deepseek.rope import rope_tables
 from jaxdeep.model.kernel_choice import KernelChoice
-from tests.helpers import needs_triton_interpreter
+from tests.helpers import needs_triton_interpreter, tiny_config
+from tests.test_deepseek_train import DEEPSEEK
 
 
 def _problem(tokens: int, k: int, experts: int, seed: int = 0):
@@ -60,6 +64,23 @@ def test_grouped_experts_keep_no_outputs_for_the_combine(capsys):
         rows = [line for line in saved if line.split(" ")[0].endswith(f"[128,{d}]")]
         assert len(rows) == 1, (matmul, saved)
         assert any(line.startswith("f32[128]") for line in saved), (matmul, saved)  # the sorted weights
+
+
+def test_moe_block_runs_inside_plain_jax_transforms():
+    # The router's input, norm(x), is recomputed from x in the backward. The modules are only read inside that
+    # recompute, so a block closed over by plain jax.jit / jax.grad runs (nnx.remat there wrote their state back,
+    # which fails from inside another trace).
+    cfg = tiny_config(*DEEPSEEK, "model.dtype=bfloat16").model
+    block = DecoderBlock(cfg, nnx.Rngs(0), moe=True)
+    b, t, d = 2, 12, cfg.d_model
+    cos, sin = rope_tables(t, cfg.deepseek.qk_rope_head_dim, cfg.rope_theta, cfg.deepseek.rope_scaling)
+    x = jax.random.normal(jax.random.key(0), (b, t, d), jnp.bfloat16)
+    eager = np.asarray(block(x, cos, sin)[0], np.float32)
+    jitted = np.asarray(jax.jit(lambda x: block(x, cos, sin)[0])(x), np.float32)
+    np.testing.assert_allclose(jitted, eager, rtol=2**-7, atol=1e-4)  # bf16: fusion may move a rounding
+    dx = jax.grad(lambda x: block(x, cos, sin)[0].astype(jnp.float32).sum())(x)
+    dx_nnx = nnx.grad(lambda m, x: m(x, cos, sin)[0].astype(jnp.float32).sum(), argnums=1)(block, x)
+    np.testing.assert_array_equal(np.asarray(dx, np.float32), np.asarray(dx_nnx, np.float32))
 
 
 def test_auto_gathers_only_below_the_expert_count():

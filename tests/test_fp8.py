@@ -554,6 +554,11 @@ def test_fp8_cached_row_scale_weights_each_row_keeps_it_exactly_and_differentiat
     print_saved_residuals(lambda g, u, s: cached(g, u, row_scale=s), gb, ub, jnp.ones((64,), jnp.float32))
     saved = sorted(line.split(" ")[0] for line in capsys.readouterr().out.strip().splitlines())
     assert saved == ["f32[64,3]"] * 2 + ["f32[64]"] + ["f8_e4m3fn[64,300]"] * 2, saved
+    # bf16 inputs: the output keeps their dtype and the scale's gradient its own.
+    loss = lambda g, u, s: jnp.sum(cached(g, u, row_scale=s).astype(jnp.float32))  # noqa: E731
+    y16 = cached(gb, ub, row_scale=jnp.full((64,), 0.5, jnp.float32))
+    dg16, ds32 = jax.jit(jax.grad(loss, argnums=(0, 2)))(gb, ub, jnp.full((64,), 0.5, jnp.float32))
+    assert y16.dtype == dg16.dtype == jnp.bfloat16 and ds32.dtype == jnp.float32 and ds32.shape == (64,)
     with pytest.raises(ValueError, match="row_scale"):
         cached(jnp.asarray(g), jnp.asarray(u), row_scale=jnp.ones((300,), jnp.float32))
     with pytest.raises(ValueError, match="row_scale"):

@@ -651,7 +651,8 @@ def test_gpu_mosaic_linear_gemms_match_the_triton_ones(m, k, n):
 @pytest.mark.gpu
 @pytest.mark.parametrize("gemms", ["triton", "mosaic"])
 def test_gpu_backward_rounds_dx_to_its_dtype_like_a_cast(gemms):
-    """The Dgrad GEMM writes dx in x's dtype itself: the same bits as its float32 result cast afterwards."""
+    """The Dgrad GEMM writes dx in x's dtype itself: on the GPU the same bits as its float32 result cast afterwards
+    (Triton's interpreter truncates instead)."""
     if gemms == "mosaic" and fp8.mosaic_unavailable_reason() is not None:
         pytest.skip(fp8.mosaic_unavailable_reason())
     m, k, n = 512, 1024, 768
@@ -732,6 +733,19 @@ def test_gpu_scaled_gmm_matches_reference(e, t, k, n):
     )
     assert relnorm(got_t, want) < GPU_GEMM_TOL
     assert not np.any(np.asarray(got_t[sum(sizes) :], np.float32))
+
+
+@pytest.mark.gpu
+def test_gpu_scaled_gmm_rounds_to_bf16_like_a_cast():
+    """The grouped kernel writes bf16 itself (the FP8 grouped forward and Dgrad): the same bits as its float32
+    result cast afterwards, with an empty group and rows past the last group."""
+    sizes, t, k, n = [300, 0, 517, 90], 1000, 640, 384
+    lq, ls, rq, rs, gs = gmm_operands(sizes, t, k, n, seed=5)
+    rq_t, rs_t = jnp.asarray(rq.transpose(0, 2, 1)), jnp.asarray(rs.transpose(0, 2, 1))
+    run = lambda dtype: launch.scaled_gmm(lq, ls, rq_t, rs_t, gs, out_dtype=dtype, rhs_transposed=True, **GPU)  # noqa: E731
+    y16, y32 = run(BF16), run(F32)
+    assert y16.dtype == BF16
+    np.testing.assert_array_equal(np.asarray(y16, np.float32), np.asarray(y32.astype(BF16), np.float32))
 
 
 @pytest.mark.gpu

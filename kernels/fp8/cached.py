@@ -8,9 +8,10 @@ rounding (at most 2^-4 relative per value, plus the subnormal floor; README.md, 
 GEMMs' operands do; the forward is exact. DeepSeek-V3 caches the SwiGLU operator's input this way ("Low-Precision
 Storage and Communication") and recomputes its output in the backward.
 
-`fp8_cached(fn)(*xs, row_scale=s)` returns `fn(*xs) * s[..., None]`, computed in float32: a routed expert's SwiGLU
-times the token's routing weight, so that the expert's output comes out weighted and the combine keeps nothing for
-its backward. `s` is kept as it is (one value per row) and gets its gradient.
+`fp8_cached(fn)(*xs, row_scale=s)` returns `fn(*xs) * s[..., None]`: a routed expert's SwiGLU times the token's
+routing weight, so that the expert's output comes out weighted and the combine keeps nothing for its backward.
+`fn(*xs)` is computed in the inputs' dtype, the product in float32 and rounded back to that dtype (two roundings
+in bf16). `s` is kept as it is (one value per row) and gets its gradient.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ __all__ = ["fp8_cached", "times_rows"]
 
 
 def times_rows(y: jax.Array, row_scale: jax.Array | None) -> jax.Array:
-    """y * row_scale[..., None] in float32, in y's dtype; y itself when row_scale is None."""
+    """y * row_scale[..., None], multiplied in float32 and rounded to y's dtype; y itself when row_scale is None."""
     if row_scale is None:
         return y
     return (y.astype(jnp.float32) * row_scale[..., None].astype(jnp.float32)).astype(y.dtype)

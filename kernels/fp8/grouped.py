@@ -42,6 +42,7 @@ those devices, as autodiff of a plain grouped matmul would).
 
 from __future__ import annotations
 
+import functools
 from functools import partial
 
 import jax
@@ -89,11 +90,12 @@ def _tokens_by_group(a_tk: jax.Array, b_tn: jax.Array, group_sizes: jax.Array) -
     )
 
 
+@functools.cache
 def _scaled_by_group(runner: str, out_dtype):
     """`launch.scaled_gmm` on `runner` with K-major weights, vmappable (`lax.map`: a kernel call has no batching
     rule): aq [T, R] (1 x 128 tile scales) x bq_t[e] [C, R] (block scales [E, C/128, R/128]) -> [T, C] in
-    `out_dtype`, rounded from the float32 sums by the kernel (a float32 result and a cast would write and read
-    it twice more)."""
+    `out_dtype`, rounded from the float32 sums by the kernel (to nearest on a GPU; a float32 result and a cast
+    would write and read it twice more)."""
     return mapped(partial(launch.scaled_gmm, out_dtype=out_dtype, rhs_transposed=True, runner=runner))
 
 
@@ -132,7 +134,7 @@ def _forward(lhs, rhs, group_sizes, dtypes, runner):
         y = _rows_by_group(dequantize_tiles(xq, x_scales), dequantize_expert_blocks(wq, w_scales), group_sizes)
     else:  # the kernel wants each expert's weight K-major: [E, N, K], its block scales transposed alike
         w_t = (wq.transpose(0, 2, 1), w_scales.transpose(0, 2, 1))
-        y = _scaled_by_group(runner, dtypes[2])(xq, x_scales, *w_t, group_sizes)
+        y = _scaled_by_group(runner, jnp.dtype(dtypes[2]))(xq, x_scales, *w_t, group_sizes)
     return y.astype(dtypes[2]), (xq, x_scales, wq, w_scales, group_sizes)
 
 
@@ -147,7 +149,7 @@ def _backward(dtypes, runner, residuals, dy):
         w_t_hat = dequantize_expert_blocks(wq, w_scales).transpose(0, 2, 1)
         dx = _rows_by_group(dequantize_tiles(dyq, dy_scales), w_t_hat, group_sizes)
     else:  # wq [E, K, N] as stored is already K-major for this GEMM (it reduces over N), and so are its scales
-        dx = _scaled_by_group(runner, x_dtype)(dyq, dy_scales, wq, w_scales, group_sizes)
+        dx = _scaled_by_group(runner, jnp.dtype(x_dtype))(dyq, dy_scales, wq, w_scales, group_sizes)
 
     # Wgrad: reduce over each group's tokens, both operands in 128 x 1 tiles along the tokens of the whole buffer.
     x_hat = dequantize_tiles(xq, x_scales)

@@ -33,12 +33,14 @@ class DecoderBlock(nnx.Module):
         return constrain(x_btd + y_btd, RESIDUAL), stats
 
 
-@nnx.remat
 def _route_normalised(norm: RMSNorm, router: Router, x_btd: jax.Array) -> Routing:
     """The router on norm(x). Its weight's gradient needs its input: recomputing norm(x) in the backward keeps x,
-    which the norm keeps anyway, instead of a copy of norm(x) (under FP8 the experts keep theirs in FP8)."""
+    which the norm keeps anyway, instead of a copy of norm(x) (under FP8 the experts keep theirs in FP8). Only the
+    norm and the logits are recomputed; the experts are chosen once, from the forward's logits. The modules are
+    only read inside the checkpoint, so a block also runs inside plain JAX transforms."""
     b, t, d = x_btd.shape
-    return router(norm(x_btd).reshape(b * t, d))
+    logits_te = jax.checkpoint(lambda x: router.logits(norm(x).reshape(b * t, d)))(x_btd)
+    return router.choose(logits_te)
 
 
 def stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs, count: int, moe: bool, kernels: KernelChoice = DEFAULT_KERNELS):

@@ -30,6 +30,7 @@ def expert_mlp(
     gate_up_edcf: jax.Array,
     down_efd: jax.Array,
     kernels: KernelChoice = DEFAULT_KERNELS,
+    *,
     weights_s: jax.Array | None = None,
 ):
     """SwiGLU experts over rows sorted by expert; rows past sum(group_sizes) give zeros. Both grouped matmuls run
@@ -91,7 +92,7 @@ def local_experts(x_td, experts_tk, weights_tk, gate_up_edcf, down_efd, kernels:
     inverse = _inverse(order)
     group_sizes = jnp.bincount(flat, length=n_experts)
     weights_sorted = _permute_rows(weights_tk.reshape(-1), order, inverse)
-    y_sorted = expert_mlp(x_td[order // k], group_sizes, gate_up_edcf, down_efd, kernels, weights_sorted)
+    y_sorted = expert_mlp(x_td[order // k], group_sizes, gate_up_edcf, down_efd, kernels, weights_s=weights_sorted)
     return _sum_copies(_permute_rows(y_sorted, inverse, order), k), group_sizes.sum()
 
 
@@ -156,7 +157,7 @@ def expert_parallel(
     inverse_here = _inverse(order_here)
     group_sizes = jnp.bincount(recv_e, length=local_e + 1)[:local_e]
     weights_here = _permute_rows(recv_w, order_here, inverse_here)
-    y_sorted = expert_mlp(recv_x[order_here], group_sizes, gate_up_edcf, down_efd, kernels, weights_here)
+    y_sorted = expert_mlp(recv_x[order_here], group_sizes, gate_up_edcf, down_efd, kernels, weights_s=weights_here)
     y_recv = _permute_rows(y_sorted, inverse_here, order_here)
 
     y_back = _all_to_all(y_recv.reshape(ep_size, copies, d), ep_axes).reshape(-1, d)

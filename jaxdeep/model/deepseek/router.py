@@ -21,7 +21,7 @@ class RoutingBias(StackableAxes, nnx.Variable):
 
 class Routing(NamedTuple):
     experts_tk: jax.Array  # int32 [tokens, K]: chosen experts
-    weights_tk: jax.Array  # float32 [tokens, K]: their combine weights
+    weights_tk: jax.Array  # float32 [tokens, K]: their weights (each scales its expert's SwiGLU output)
     scores_te: jax.Array  # float32 [tokens, E]: affinities (sigmoid or softmax), before any bias
 
 
@@ -36,8 +36,14 @@ class Router(nnx.Module):
         self.ds = ds
 
     def __call__(self, x_td: jax.Array) -> Routing:
-        # Routing runs in float32 whatever the compute dtype: near-ties decide which experts run.
-        logits_te = _float32_logits(x_td, self.weight[...])
+        return self.choose(self.logits(x_td))
+
+    def logits(self, x_td: jax.Array) -> jax.Array:
+        """float32 [tokens, E]: routing runs in float32 whatever the compute dtype (near-ties decide which experts
+        run)."""
+        return _float32_logits(x_td, self.weight[...])
+
+    def choose(self, logits_te: jax.Array) -> Routing:
         bias = self.e_score_correction_bias[...] if self.ds.topk_method == "noaux_tc" else None
         return route(logits_te, bias, self.ds)
 
