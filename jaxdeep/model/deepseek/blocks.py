@@ -25,22 +25,28 @@ class DecoderBlock(nnx.Module):
 
     def __call__(self, x_btd: jax.Array, cos_th: jax.Array, sin_th: jax.Array) -> tuple[jax.Array, MoeStats | None]:
         x_btd = constrain(x_btd + self.self_attn(self.input_layernorm(x_btd), cos_th, sin_th), RESIDUAL)
-        h_btd = self.post_attention_layernorm(x_btd)
         if self.moe:
-            y_btd, stats = self.mlp(h_btd, _route_normalised(self.post_attention_layernorm, self.mlp.gate, x_btd))
+            h_btd, routing = _normalise_and_route(self.post_attention_layernorm, self.mlp.gate, x_btd)
+            y_btd, stats = self.mlp(h_btd, routing)
         else:
-            y_btd, stats = self.mlp(h_btd), None
+            y_btd, stats = self.mlp(self.post_attention_layernorm(x_btd)), None
         return constrain(x_btd + y_btd, RESIDUAL), stats
 
 
-def _route_normalised(norm: RMSNorm, router: Router, x_btd: jax.Array) -> Routing:
-    """The router on norm(x). Its weight's gradient needs its input: recomputing norm(x) in the backward keeps x,
-    which the norm keeps anyway, instead of a copy of norm(x) (under FP8 the experts keep theirs in FP8). Only the
-    norm and the logits are recomputed; the experts are chosen once, from the forward's logits. The modules are
-    only read inside the checkpoint, so a block also runs inside plain JAX transforms."""
+def _normalise_and_route(norm: RMSNorm, router: Router, x_btd: jax.Array) -> tuple[jax.Array, Routing]:
+    """norm(x) and the router's choice on it. The router's weight gradient needs its input, norm(x): the norm and
+    the logits form one checkpoint, so the backward recomputes norm(x) from x, which the norm keeps anyway, instead
+    of keeping a copy of it (under FP8 the experts keep theirs in FP8). The experts are chosen outside it, once,
+    from the forward's logits. The modules are only read inside the checkpoint, so a block also runs inside plain
+    JAX transforms."""
     b, t, d = x_btd.shape
-    logits_te = jax.checkpoint(lambda x: router.logits(norm(x).reshape(b * t, d)))(x_btd)
-    return router.choose(logits_te)
+
+    def normalised_logits(x_btd):
+        h_btd = norm(x_btd)
+        return h_btd, router.logits(h_btd.reshape(b * t, d))
+
+    h_btd, logits_te = jax.checkpoint(normalised_logits)(x_btd)
+    return h_btd, router.choose(logits_te)
 
 
 def stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs, count: int, moe: bool, kernels: KernelChoice = DEFAULT_KERNELS):
