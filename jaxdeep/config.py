@@ -103,6 +103,10 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16"] = "bfloat16"  # compute dtype of activations and matmuls
     param_dtype: Literal["float32", "bfloat16"] = "float32"  # storage dtype of parameters
     remat: Literal["none", "full", "save_matmuls"] = "none"  # activation rematerialisation per block
+    # The stacked blocks run as one compiled loop body (true), or laid out straight, one copy per layer (false):
+    # compiles take longer; on a GPU the step is faster and its temporaries smaller (no per-layer copies into and
+    # out of the loop's stacked buffers; experiments/benchmarks/RESULTS.md)
+    scan_layers: bool = True
     # jax.nn.dot_product_attention implementation; auto: cuDNN where it can run, else XLA (model/attention.py)
     attention: Literal["auto", "xla", "cudnn"] = "auto"
     # Layer types whose tensor-parallel matmuls overlap their all-gather / reduce-scatter with the matmul

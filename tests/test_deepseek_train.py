@@ -150,6 +150,28 @@ def test_gradient_accumulation_equals_the_full_batch(one_step):
     np.testing.assert_allclose(acc_metrics["loss"], metrics["loss"], rtol=1e-6)
 
 
+def test_unrolled_layers_train_like_the_scan():
+    # Three MoE layers, so that their stack is a loop when scanned (a stack of one layer is no loop either way).
+    results, loops, start = {}, {}, None
+    for scan in ("true", "false"):
+        cfg, mesh = layout(*DEEPSEEK, "model.n_layers=4", f"model.scan_layers={scan}")
+        setup = build_setup(cfg, mesh)
+        start = jax.device_get(init_train_state(setup)) if start is None else start
+        state = jax.device_put(start, setup.state_shardings)
+        step = make_train_step(setup)
+        loops[scan] = step.lower(state, _tokens()).as_text().count("stablehlo.while")
+        results[scan] = jax.device_get(step(state, _tokens()))
+    # Unrolled, the MoE stack is no loop in the forward and the backward (the routing has loops of its own).
+    assert loops["false"] == loops["true"] - 2, loops
+    (scanned, metrics), (unrolled, unrolled_metrics) = results["true"], results["false"]
+    assert max_rel_error(unrolled["params"], scanned["params"]) <= 1e-5
+    for got, want in zip(
+        jax.tree.leaves(unrolled["model_state"]), jax.tree.leaves(scanned["model_state"]), strict=True
+    ):
+        np.testing.assert_array_equal(got, want)  # the selection biases: the same experts were chosen
+    np.testing.assert_allclose(unrolled_metrics["loss"], metrics["loss"], rtol=1e-6)
+
+
 @pytest.mark.parametrize("q_lora", [None, 16])
 def test_count_params_matches_the_initialised_model(q_lora):
     cfg = tiny_config(*DEEPSEEK, f"model.deepseek.q_lora_rank={'null' if q_lora is None else q_lora}").model

@@ -139,12 +139,14 @@ def test_quantize_rows_and_cols_is_both_reference_layouts(shape, dtype):
 
 
 @needs_triton_interpreter
+@pytest.mark.parametrize("block_c", [128, 32])
 @pytest.mark.parametrize("shape", [(150, 260), (6, 3)], ids=str)
-def test_requantize_cols_is_the_reference_retiling(shape):
+def test_requantize_cols_is_the_reference_retiling(shape, block_c):
     x = with_edge_cases(heavy_tailed(3, shape))
     x[4, -1] = 7.0  # no infinity: its tile would dequantise to NaN (covered by the NaN test)
     xq, xs = fp8.quantize_tiles(jnp.asarray(x))
-    qt, st = launch.requantize_cols(xq, xs, **RUN)
+    config = launch.QuantConfig(block_r=TILE, num_warps=4, block_c=block_c)
+    qt, st = launch.requantize_cols(xq, xs, config=config, **RUN)
     qt_ref, st_ref = fp8.quantize_tiles(fp8.dequantize_tiles(xq, xs).T)
     assert_fp8_equal(qt, qt_ref, "qt")
     assert_scales_equal(st, st_ref, "st")
@@ -558,6 +560,18 @@ def test_gpu_quantizers_are_bitwise_the_host_oracle(shape, dtype):
     assert_fp8_equal(q, q_ref, "blocks q")
     assert_scales_equal(s, s_ref, "blocks s")
     assert_fp8_equal(qt, q_ref.T, "blocks q^T")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("block_c,warps", [(32, 1), (64, 2), (128, 8)])
+def test_gpu_requantize_cols_launches_are_bitwise_the_host_oracle(block_c, warps):
+    x_host = np.asarray(_gpu_data(3, (1000, 1100), F32), np.float32)
+    q, s = (jnp.asarray(a) for a in np_quantize_tiles(x_host))
+    config = launch.QuantConfig(block_r=TILE, num_warps=warps, block_c=block_c)
+    qt, st = launch.requantize_cols(q, s, config=config, **GPU)
+    qt_ref, st_ref = np_quantize_tiles(np.asarray(fp8.dequantize_tiles(q, s), np.float32).T)
+    assert_fp8_equal(qt, qt_ref, "requantized qt")
+    assert_scales_equal(st, st_ref, "requantized st")
 
 
 @pytest.mark.gpu

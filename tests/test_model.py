@@ -218,6 +218,18 @@ def test_remat_policies_give_the_same_loss_and_gradients():
     assert used["full"] != used["save_matmuls"]
 
 
+def test_unrolled_layers_give_the_scanned_loss_and_gradients():
+    tokens = _tokens(5)
+    results = {}
+    for scan in (True, False):
+        params, step = _loss_and_grads(f"model.scan_layers={str(scan).lower()}")
+        loops = step.lower(params, tokens).as_text().count("stablehlo.while")
+        assert (loops > 0) == scan, f"scan_layers={scan}: {loops} loops in the program"  # the setting takes effect
+        results[scan] = jax.device_get(step(params, tokens))
+    err = max_rel_error(results[False], results[True])
+    assert err <= 1e-6, f"unrolled layers differ from the scan by {err:.2e}"
+
+
 @pytest.mark.parametrize("tie", [True, False])
 def test_tied_and_untied_heads_train(tie):
     params, step = _loss_and_grads(*([] if tie else ["model.tie_embeddings=false"]))  # remat=none: shared

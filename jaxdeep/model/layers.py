@@ -103,6 +103,13 @@ def rotary(x_btnh: jax.Array, positions_bt: jax.Array, theta: float) -> jax.Arra
     return out.astype(x_btnh.dtype)
 
 
+def run_layers(body, carry, xs, scan: bool):
+    """`jax.lax.scan(body, carry, xs)` over stacked layers: one loop body when `scan`, else unrolled into straight
+    code (config `model.scan_layers`). Unrolled, XLA gives each layer's saved activations their own buffers
+    instead of copying them into and out of the loop's stacked arrays."""
+    return jax.lax.scan(body, carry, xs, unroll=1 if scan else True)
+
+
 def scaled_init_std(std: float, n_layers: int) -> float:
     """Output projections of residual branches start smaller so the residual stream grows ~O(1)."""
     return std / math.sqrt(2 * n_layers)

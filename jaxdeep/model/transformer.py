@@ -11,7 +11,7 @@ from flax import nnx
 from jaxdeep.config import ModelConfig
 from jaxdeep.model.attention import causal_attention
 from jaxdeep.model.kernel_choice import DEFAULT_KERNELS, KernelChoice, check_kernels
-from jaxdeep.model.layers import LayerNorm, normal_param, rotary, scaled_init_std
+from jaxdeep.model.layers import LayerNorm, normal_param, rotary, run_layers, scaled_init_std
 from jaxdeep.model.matmul import cached_activation, project, project_shared, remat_policy
 from jaxdeep.parallel.collective_matmul import column_parallel, row_parallel
 from jaxdeep.sharding import constrain
@@ -164,7 +164,7 @@ class Transformer(nnx.Module):
         if self.cfg.remat != "none":
             policy = remat_policy(self.cfg.remat, self.kernels.matmul)
             body = jax.checkpoint(body, policy=policy, prevent_cse=False)
-        x_btd, _ = jax.lax.scan(body, x_btd, xs)
+        x_btd, _ = run_layers(body, x_btd, xs, self.cfg.scan_layers)
         return x_btd
 
     def output_logits(self, x_btd: jax.Array) -> jax.Array:

@@ -40,10 +40,12 @@ class GemmConfig:
 
 @dataclasses.dataclass(frozen=True)
 class QuantConfig:
-    """How a quantiser is launched: `block_r` rows per program for 1 x 128 tiles (128 for the 2-D ones)."""
+    """How a quantiser is launched: `block_r` rows per program for 1 x 128 tiles (128 for the 2-D ones);
+    `block_c` columns per program of `requantize_cols` (a divisor of 128, so one row scale covers them)."""
 
     block_r: int = 32
     num_warps: int = 4
+    block_c: int = TILE
 
 
 # The GEMM: the best of `bench_fp8.py --tune` at 8192^3 on an H200 (experiments/benchmarks/RESULTS.md): 64 x 128
@@ -53,6 +55,11 @@ DEFAULT_GEMM = GemmConfig(block_m=64, group_m=16, num_warps=4)
 DEFAULT_GMM = GemmConfig()
 DEFAULT_QUANT = QuantConfig()
 DEFAULT_QUANT_2D = QuantConfig(block_r=TILE, num_warps=8)
+# Measured on an H200 at 16384 x 2048 and 16384 x 8192 (experiments/benchmarks/RESULTS.md): both layouts of dy
+# with 4 warps 1.13-1.15x faster than with 8; the re-tiling in 128 x 32 slabs with one warp 1.5x faster than
+# whole 128 x 128 tiles with 8 (small programs hold few registers, so more of them keep loads in flight).
+DEFAULT_QUANT_BOTH = QuantConfig(block_r=TILE, num_warps=4)
+DEFAULT_REQUANT = QuantConfig(block_r=TILE, num_warps=1, block_c=32)
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -93,7 +100,7 @@ def quantize_rows(x, *, runner="triton", poison=False, config: QuantConfig | Non
 def quantize_rows_and_cols(x, *, runner="triton", poison=False, config: QuantConfig | None = None):
     """x [R, C] -> (q [R, C], s [R, ceil(C/128)], qt [C, R], st [C, ceil(R/128)]) from one read of x:
     (q, s) = quantize_tiles(x) and (qt, st) = quantize_tiles(x.T), bit for bit."""
-    cfg = config or DEFAULT_QUANT_2D
+    cfg = config or DEFAULT_QUANT_BOTH
     r, c = x.shape
     outs = [
         _shape((r, c), E4M3), _shape((r, _cdiv(c, TILE)), F32),
@@ -105,11 +112,14 @@ def quantize_rows_and_cols(x, *, runner="triton", poison=False, config: QuantCon
 
 def requantize_cols(xq, xs, *, runner="triton", poison=False, config: QuantConfig | None = None):
     """FP8 xq [R, C] with 1 x 128 tile scales xs -> quantize_tiles(dequantize_tiles(xq, xs).T), bit for bit."""
-    cfg = config or DEFAULT_QUANT_2D
+    cfg = config or DEFAULT_REQUANT
+    if TILE % cfg.block_c:
+        raise ValueError(f"requantize_cols: block_c must divide {TILE}, got {cfg.block_c}")
     r, c = xq.shape
     outs = [_shape((c, r), E4M3), _shape((c, _cdiv(r, TILE)), F32)]
-    grid = (_cdiv(r, TILE) * _cdiv(c, TILE),)
-    return tuple(_run("requantize_cols", [xq, xs], outs, grid, cfg.num_warps, 1, dict(R=r, C=c), runner, poison))
+    grid = (_cdiv(r, TILE) * _cdiv(c, cfg.block_c),)
+    meta = dict(R=r, C=c, BLOCK_C=cfg.block_c)
+    return tuple(_run("requantize_cols", [xq, xs], outs, grid, cfg.num_warps, 1, meta, runner, poison))
 
 
 def quantize_blocks(w, *, transposed=False, runner="triton", poison=False, config: QuantConfig | None = None):

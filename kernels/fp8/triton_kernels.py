@@ -218,29 +218,32 @@ def quantize_rows_and_cols_poisoned(
 
 
 @triton.jit
-def _requantize_cols_body(XQ, XS, QT, ST, R: tl.constexpr, C: tl.constexpr):
+def _requantize_cols_body(XQ, XS, QT, ST, R: tl.constexpr, C: tl.constexpr, BLOCK_C: tl.constexpr):
+    # A program re-tiles 128 rows x BLOCK_C columns: the columns are independent here, and narrower programs
+    # hold fewer registers, so more of them keep loads in flight on each SM.
     C_TILES: tl.constexpr = (C + TILE - 1) // TILE
+    C_BLOCKS: tl.constexpr = (C + BLOCK_C - 1) // BLOCK_C
     pid = tl.program_id(0)
-    tile_r, tile_c = pid // C_TILES, pid % C_TILES
+    tile_r, block_c = pid // C_BLOCKS, pid % C_BLOCKS
     rows = tile_r * TILE + tl.arange(0, TILE)
-    cols = tile_c * TILE + tl.arange(0, TILE)
+    cols = block_c * BLOCK_C + tl.arange(0, BLOCK_C)
     row_ok, col_ok = rows < R, cols < C
     mask = row_ok[:, None] & col_ok[None, :]
     q = tl.load(XQ + rows.to(tl.int64)[:, None] * C + cols[None, :], mask=mask, other=0.0)
-    s = tl.load(XS + rows.to(tl.int64) * C_TILES + tile_c, mask=row_ok, other=1.0)
+    s = tl.load(XS + rows.to(tl.int64) * C_TILES + block_c * BLOCK_C // TILE, mask=row_ok, other=1.0)
     x = _widen(q) * s[:, None]  # `dequantize_tiles`: one float32 product per element
     qt, scale_t = _quantize_along(x, 0)
     _store_cols_t(qt, scale_t, QT, ST, rows, cols, row_ok, col_ok, tile_r, R)
 
 
 @triton.jit
-def requantize_cols(XQ, XS, QT, ST, R: tl.constexpr, C: tl.constexpr):
-    _requantize_cols_body(XQ, XS, QT, ST, R, C)
+def requantize_cols(XQ, XS, QT, ST, R: tl.constexpr, C: tl.constexpr, BLOCK_C: tl.constexpr):
+    _requantize_cols_body(XQ, XS, QT, ST, R, C, BLOCK_C)
 
 
 @triton.jit
-def requantize_cols_poisoned(XQ, XS, QT_FILL, ST_FILL, QT, ST, R: tl.constexpr, C: tl.constexpr):
-    _requantize_cols_body(XQ, XS, QT, ST, R, C)
+def requantize_cols_poisoned(XQ, XS, QT_FILL, ST_FILL, QT, ST, R: tl.constexpr, C: tl.constexpr, BLOCK_C: tl.constexpr):
+    _requantize_cols_body(XQ, XS, QT, ST, R, C, BLOCK_C)
 
 
 @triton.jit

@@ -15,7 +15,7 @@ from jaxdeep.model.deepseek.mtp import stacked_mtp
 from jaxdeep.model.deepseek.norm import DTYPES, RESIDUAL, RMSNorm
 from jaxdeep.model.deepseek.rope import rope_tables
 from jaxdeep.model.kernel_choice import DEFAULT_KERNELS, KernelChoice, check_kernels
-from jaxdeep.model.layers import normal_param
+from jaxdeep.model.layers import normal_param, run_layers
 from jaxdeep.model.matmul import remat_policy
 from jaxdeep.sharding import constrain
 
@@ -76,7 +76,7 @@ class DeepSeekModel(nnx.Module):
 
         if self.cfg.remat != "none":
             body = jax.checkpoint(body, policy=remat_policy(self.cfg.remat, self.kernels.matmul), prevent_cse=False)
-        return jax.lax.scan(body, x_btd, (state, extra_xs))
+        return run_layers(body, x_btd, (state, extra_xs), self.cfg.scan_layers)
 
     def forward(self, tokens_bt: jax.Array, with_mtp: bool = True) -> ModelOutput:
         cfg, ds = self.cfg, self.cfg.deepseek
