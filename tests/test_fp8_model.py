@@ -371,6 +371,35 @@ def test_bf16_switch_leaves_the_model_untouched(monkeypatch):
     assert spy.linear == spy.grouped == [] and calls["quantize_tiles"] == 0
 
 
+def test_shared_input_projections_are_slices_of_one_fp8_product():
+    # q/k/v (same shapes) run as one FP8 product with the weights stacked after the heads axis; each output and
+    # every gradient must be that product's, and the split must be static slices (a gather's gradient would be a
+    # scatter-add: extra passes over dy on the GPU).
+    rng = np.random.default_rng(7)
+    x = jnp.asarray(rng.normal(size=(2, 3, 128)), jnp.float32)
+    ws = tuple(jnp.asarray(rng.normal(size=(128, 2, 64)) * 0.1, jnp.float32) for _ in range(3))
+    cotangents = tuple(jnp.asarray(rng.normal(size=(2, 3, 2, 64)), jnp.float32) for _ in range(3))
+    choice = KernelChoice(matmul="fp8", fp8="reference")
+
+    def shared(x, ws):
+        outs = model_matmul.project_shared("btd,dnh->btnh", x, ws, choice)
+        return sum(jnp.sum(o * c) for o, c in zip(outs, cotangents, strict=True)), outs
+
+    def by_hand(x, ws):
+        joined = jnp.stack(ws, axis=2).reshape(128, -1)  # [d, n, g, h]
+        y = kernels.fp8.fp8_linear(x.reshape(6, 128), joined, impl="reference").reshape(2, 3, 2, 3, 64)
+        outs = tuple(y[:, :, :, g] for g in range(3))
+        return sum(jnp.sum(o * c) for o, c in zip(outs, cotangents, strict=True)), outs
+
+    (_, got), got_grads = jax.value_and_grad(shared, argnums=(0, 1), has_aux=True)(x, ws)
+    (_, want), want_grads = jax.value_and_grad(by_hand, argnums=(0, 1), has_aux=True)(x, ws)
+    for a, b in zip(jax.tree.leaves((got, got_grads)), jax.tree.leaves((want, want_grads)), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert float(jnp.abs(got_grads[1][2]).max()) > 0
+    gradient = str(jax.make_jaxpr(jax.grad(lambda x, ws: shared(x, ws)[0], argnums=(0, 1)))(x, ws))
+    assert "gather" not in gradient and "scatter" not in gradient
+
+
 def test_cached_activation_keeps_only_its_inputs(capsys):
     from jax.ad_checkpoint import print_saved_residuals
 

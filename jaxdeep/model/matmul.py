@@ -145,7 +145,9 @@ def project_shared(
         joined = jnp.stack(weights, axis=n + 1)  # [K..., kept0, G, kept1...]
         y = fp8.fp8_linear(x.reshape(*batch, k), joined.reshape(k, -1), impl=projection_impl(kernels.fp8))
         y = y.reshape(*batch, kept[0], len(weights), *kept[1:])
-        outs = tuple(jnp.take(y, g, axis=len(batch) + 1) for g in range(len(weights)))
+        # Static slices: their gradients are pads that XLA sums in one pass, where `jnp.take` is a gather whose
+        # gradient is a scatter-add (a pad and then an in-place update per weight, each a pass over dy).
+        outs = tuple(jax.lax.index_in_dim(y, g, axis=len(batch) + 1, keepdims=False) for g in range(len(weights)))
     else:
         if any(w.ndim != n + 1 for w in weights):
             raise ValueError(f"project_shared: weights of different shapes {shapes} need a single kept axis")
