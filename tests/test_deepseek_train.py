@@ -151,18 +151,20 @@ def test_gradient_accumulation_equals_the_full_batch(one_step):
 
 
 def test_unrolled_layers_train_like_the_scan():
-    # Three MoE layers, so that their stack is a loop when scanned (a stack of one layer is no loop either way).
+    # Two dense layers, three MoE layers and two MTP depths: every stack is longer than one layer, so each is a
+    # loop when scanned (XLA drops a loop of one trip).
+    stacks = ("model.n_layers=5", "model.deepseek.first_k_dense_replace=2", "model.deepseek.num_nextn_predict_layers=2")
     results, loops, start = {}, {}, None
     for scan in ("true", "false"):
-        cfg, mesh = layout(*DEEPSEEK, "model.n_layers=4", f"model.scan_layers={scan}")
+        cfg, mesh = layout(*DEEPSEEK, *stacks, f"model.scan_layers={scan}")
         setup = build_setup(cfg, mesh)
         start = jax.device_get(init_train_state(setup)) if start is None else start
         state = jax.device_put(start, setup.state_shardings)
         step = make_train_step(setup)
         loops[scan] = step.lower(state, _tokens()).as_text().count("stablehlo.while")
         results[scan] = jax.device_get(step(state, _tokens()))
-    # Unrolled, the MoE stack is no loop in the forward and the backward (the routing has loops of its own).
-    assert loops["false"] == loops["true"] - 2, loops
+    # Unrolled, none of the three stacks is a loop in the forward or the backward (the routing has loops of its own).
+    assert loops["false"] == loops["true"] - 6, loops
     (scanned, metrics), (unrolled, unrolled_metrics) = results["true"], results["false"]
     assert max_rel_error(unrolled["params"], scanned["params"]) <= 1e-5
     for got, want in zip(

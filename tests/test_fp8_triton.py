@@ -152,6 +152,13 @@ def test_requantize_cols_is_the_reference_retiling(shape, block_c):
     assert_scales_equal(st, st_ref, "st")
 
 
+@pytest.mark.parametrize("block_c", [0, -32, 48, 256])
+def test_requantize_cols_refuses_slabs_that_do_not_divide_a_tile(block_c):
+    xq, xs = fp8.quantize_tiles(jnp.ones((128, 128), F32))
+    with pytest.raises(ValueError, match=f"positive divisor of 128, got {block_c}"):
+        launch.requantize_cols(xq, xs, config=launch.QuantConfig(block_r=TILE, num_warps=1, block_c=block_c))
+
+
 @needs_triton_interpreter
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("shape", [(1, 1), (130, 257), (300, 64)], ids=str)

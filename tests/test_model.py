@@ -230,6 +230,21 @@ def test_unrolled_layers_give_the_scanned_loss_and_gradients():
     assert err <= 1e-6, f"unrolled layers differ from the scan by {err:.2e}"
 
 
+def test_unrolled_layers_guard_their_recomputation():
+    # Outside a loop XLA may merge a block's recomputation with its forward unless the checkpoint prevents it.
+    tokens = _tokens(5)
+    params, step = _loss_and_grads("model.scan_layers=false", "model.remat=full")
+    checkpoints = [
+        e.params["prevent_cse"]
+        for e, _ in _equations(jax.make_jaxpr(step)(params, tokens).jaxpr)
+        if e.primitive.name in ("remat2", "checkpoint") and e.params.get("policy") is not None
+    ]
+    assert checkpoints == [True], checkpoints  # the scan's body (unrolled when lowered)
+    scanned_params, scanned = _loss_and_grads("model.remat=full")
+    err = max_rel_error(jax.device_get(step(params, tokens)), jax.device_get(scanned(scanned_params, tokens)))
+    assert err <= 1e-6, f"unrolled remat differs from the scanned one by {err:.2e}"
+
+
 @pytest.mark.parametrize("tie", [True, False])
 def test_tied_and_untied_heads_train(tie):
     params, step = _loss_and_grads(*([] if tie else ["model.tie_embeddings=false"]))  # remat=none: shared

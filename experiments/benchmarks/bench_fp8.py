@@ -265,11 +265,17 @@ def tune_quantize(runner: str, reps: int, tiny: bool) -> None:
         cfg = launch.QuantConfig(block_r, warps)
         t = try_time(jax.jit(lambda x, cfg=cfg: launch.quantize_rows(x, runner=runner, config=cfg)), x, reps=reps)
         print(f"quantize_rows {cfg}  {ms(t)}  {rate(m * k * 3, t, 1e12)} TB/s", flush=True)
-    for warps in (4, 8, 16):
+    for warps in (2, 4, 8, 16):
         cfg = launch.QuantConfig(128, warps)
         fn = jax.jit(lambda x, cfg=cfg: launch.quantize_rows_and_cols(x, runner=runner, config=cfg))
         t = try_time(fn, x, reps=reps)
         print(f"quantize_rows_and_cols {cfg}  {ms(t)}  {rate(m * k * 4, t, 1e12)} TB/s", flush=True)
+    xq, xs = fp8.quantize_tiles(x)
+    for block_c, warps in itertools.product((16, 32, 64, 128), (1, 2, 4, 8)):
+        cfg = launch.QuantConfig(128, warps, block_c)
+        fn = jax.jit(lambda q, s, cfg=cfg: launch.requantize_cols(q, s, runner=runner, config=cfg))
+        t = try_time(fn, xq, xs, reps=reps)
+        print(f"requantize_cols {cfg}  {ms(t)}  {rate(m * k * 2, t, 1e12)} TB/s", flush=True)
 
 
 def tune(runner: str, reps: int, tiny: bool) -> None:

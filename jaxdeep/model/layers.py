@@ -106,7 +106,9 @@ def rotary(x_btnh: jax.Array, positions_bt: jax.Array, theta: float) -> jax.Arra
 def run_layers(body, carry, xs, scan: bool):
     """`jax.lax.scan(body, carry, xs)` over stacked layers: one loop body when `scan`, else unrolled into straight
     code (config `model.scan_layers`). Unrolled, XLA gives each layer's saved activations their own buffers
-    instead of copying them into and out of the loop's stacked arrays."""
+    instead of copying them into and out of the loop's stacked arrays. A rematerialised body must then be a
+    `jax.checkpoint` with `prevent_cse=True`: outside a loop XLA could merge the backward's recomputation with the
+    forward and keep the activations after all."""
     return jax.lax.scan(body, carry, xs, unroll=1 if scan else True)
 
 

@@ -163,7 +163,7 @@ class Transformer(nnx.Module):
             xs = (block_state, layer_mask)
         if self.cfg.remat != "none":
             policy = remat_policy(self.cfg.remat, self.kernels.matmul)
-            body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+            body = jax.checkpoint(body, policy=policy, prevent_cse=not self.cfg.scan_layers)
         x_btd, _ = run_layers(body, x_btd, xs, self.cfg.scan_layers)
         return x_btd
 

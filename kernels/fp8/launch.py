@@ -40,8 +40,9 @@ class GemmConfig:
 
 @dataclasses.dataclass(frozen=True)
 class QuantConfig:
-    """How a quantiser is launched: `block_r` rows per program for 1 x 128 tiles (128 for the 2-D ones);
-    `block_c` columns per program of `requantize_cols` (a divisor of 128, so one row scale covers them)."""
+    """How a quantiser is launched: `block_r` rows per program for 1 x 128 tiles (128 for the 2-D ones, which
+    ignore it); `block_c` columns per program of `requantize_cols` (a divisor of 128, so one row scale covers
+    them)."""
 
     block_r: int = 32
     num_warps: int = 4
@@ -113,8 +114,8 @@ def quantize_rows_and_cols(x, *, runner="triton", poison=False, config: QuantCon
 def requantize_cols(xq, xs, *, runner="triton", poison=False, config: QuantConfig | None = None):
     """FP8 xq [R, C] with 1 x 128 tile scales xs -> quantize_tiles(dequantize_tiles(xq, xs).T), bit for bit."""
     cfg = config or DEFAULT_REQUANT
-    if TILE % cfg.block_c:
-        raise ValueError(f"requantize_cols: block_c must divide {TILE}, got {cfg.block_c}")
+    if cfg.block_c <= 0 or TILE % cfg.block_c:
+        raise ValueError(f"requantize_cols: block_c must be a positive divisor of {TILE}, got {cfg.block_c}")
     r, c = xq.shape
     outs = [_shape((c, r), E4M3), _shape((c, _cdiv(r, TILE)), F32)]
     grid = (_cdiv(r, TILE) * _cdiv(c, cfg.block_c),)

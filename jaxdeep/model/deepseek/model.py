@@ -75,7 +75,8 @@ class DeepSeekModel(nnx.Module):
             return step(module, carry, extra) if step else module(carry, cos_th, sin_th)
 
         if self.cfg.remat != "none":
-            body = jax.checkpoint(body, policy=remat_policy(self.cfg.remat, self.kernels.matmul), prevent_cse=False)
+            policy = remat_policy(self.cfg.remat, self.kernels.matmul)
+            body = jax.checkpoint(body, policy=policy, prevent_cse=not self.cfg.scan_layers)
         return run_layers(body, x_btd, (state, extra_xs), self.cfg.scan_layers)
 
     def forward(self, tokens_bt: jax.Array, with_mtp: bool = True) -> ModelOutput:
