@@ -86,6 +86,11 @@ LAYOUTS = {
         dict(pipeline=4, fsdp=2),
         ("parallel.schedule=interleaved", "parallel.virtual_stages=2", "parallel.microbatches=4"),
     ),
+    # Unequal stages with their layers laid out straight and rematerialised (the padding layer skipped by a branch).
+    "pipeline2_unrolled_remat": (
+        dict(pipeline=2, data=2),
+        ("parallel.stage_layers=[5, 3]", "model.scan_layers=false", "model.remat=full"),
+    ),
 }
 
 
