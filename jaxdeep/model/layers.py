@@ -103,12 +103,14 @@ def rotary(x_btnh: jax.Array, positions_bt: jax.Array, theta: float) -> jax.Arra
     return out.astype(x_btnh.dtype)
 
 
-def run_layers(body, carry, xs, scan: bool):
+def run_layers(body, carry, xs, *, scan: bool, policy=None):
     """`jax.lax.scan(body, carry, xs)` over stacked layers: one loop body when `scan`, else unrolled into straight
     code (config `model.scan_layers`). Unrolled, XLA gives each layer's saved activations their own buffers
-    instead of copying them into and out of the loop's stacked arrays. A rematerialised body must then be a
-    `jax.checkpoint` with `prevent_cse=True`: outside a loop XLA could merge the backward's recomputation with the
-    forward and keep the activations after all."""
+    instead of copying them into and out of the loop's stacked arrays. With a remat `policy` the body is a
+    `jax.checkpoint`; unrolled, it must prevent CSE, or XLA could merge the backward's recomputation with the
+    forward and keep the activations after all (inside a loop it cannot, and CSE is left free)."""
+    if policy is not None:
+        body = jax.checkpoint(body, policy=policy, prevent_cse=not scan)
     return jax.lax.scan(body, carry, xs, unroll=1 if scan else True)
 
 

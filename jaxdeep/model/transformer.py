@@ -161,10 +161,8 @@ class Transformer(nnx.Module):
             # masked layers run and their output is dropped.
             body = lambda x, layer: (jnp.where(layer[1], run(x, layer[0]), x), None)
             xs = (block_state, layer_mask)
-        if self.cfg.remat != "none":
-            policy = remat_policy(self.cfg.remat, self.kernels.matmul)
-            body = jax.checkpoint(body, policy=policy, prevent_cse=not self.cfg.scan_layers)
-        x_btd, _ = run_layers(body, x_btd, xs, self.cfg.scan_layers)
+        policy = None if self.cfg.remat == "none" else remat_policy(self.cfg.remat, self.kernels.matmul)
+        x_btd, _ = run_layers(body, x_btd, xs, scan=self.cfg.scan_layers, policy=policy)
         return x_btd
 
     def output_logits(self, x_btd: jax.Array) -> jax.Array:

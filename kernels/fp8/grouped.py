@@ -42,8 +42,7 @@ those devices, as autodiff of a plain grouped matmul would).
 
 from __future__ import annotations
 
-import functools
-from functools import partial
+from functools import cache, partial
 
 import jax
 import jax.numpy as jnp
@@ -90,7 +89,7 @@ def _tokens_by_group(a_tk: jax.Array, b_tn: jax.Array, group_sizes: jax.Array) -
     )
 
 
-@functools.cache
+@cache
 def _scaled_by_group(runner: str, out_dtype):
     """`launch.scaled_gmm` on `runner` with K-major weights, vmappable (`lax.map`: a kernel call has no batching
     rule): aq [T, R] (1 x 128 tile scales) x bq_t[e] [C, R] (block scales [E, C/128, R/128]) -> [T, C] in

@@ -74,10 +74,8 @@ class DeepSeekModel(nnx.Module):
             module = nnx.merge(graphdef, layer_state)
             return step(module, carry, extra) if step else module(carry, cos_th, sin_th)
 
-        if self.cfg.remat != "none":
-            policy = remat_policy(self.cfg.remat, self.kernels.matmul)
-            body = jax.checkpoint(body, policy=policy, prevent_cse=not self.cfg.scan_layers)
-        return run_layers(body, x_btd, (state, extra_xs), self.cfg.scan_layers)
+        policy = None if self.cfg.remat == "none" else remat_policy(self.cfg.remat, self.kernels.matmul)
+        return run_layers(body, x_btd, (state, extra_xs), scan=self.cfg.scan_layers, policy=policy)
 
     def forward(self, tokens_bt: jax.Array, with_mtp: bool = True) -> ModelOutput:
         cfg, ds = self.cfg, self.cfg.deepseek
