@@ -205,6 +205,10 @@ class PrecisionConfig:
     # in 1 x 128 / 128 x 128 scaled tiles, float32 accumulation, forward and backward). The embedding, output
     # head, norms, router and attention scores stay in model.dtype / float32 either way.
     matmul: Literal["bf16", "fp8"] = "bf16"
+    # With "fp8", the FP8 input of each MLP's down projection (dense, shared and routed experts) for its weight
+    # gradient: "recompute" keeps only the activation's cached FP8 input and recomputes its output in the
+    # backward (DeepSeek-V3; one byte less per hidden unit and token kept); "keep" keeps the output's FP8 copy too
+    fp8_down_input: Literal["recompute", "keep"] = "recompute"
 
 
 @dataclass(slots=True)

@@ -580,3 +580,117 @@ def test_fp8_cached_dtypes_jit_vmap_and_errors():
         fp8.fp8_cached(_swiglu)(g.astype(jnp.int32), u)
     with pytest.raises(ValueError, match="rank >= 1"):
         fp8.fp8_cached(_swiglu)(jnp.float32(1.0), jnp.float32(2.0))
+
+
+# ----------------------------------------------------------------------------------------------------
+# fp8_cached_linear / fp8_cached_gmm: an activation and the projection after it, its output recomputed
+# ----------------------------------------------------------------------------------------------------
+def _recomputed_swiglu(g, u, s) -> np.ndarray:
+    """float32 silu(g^) * u^ * s at the FP8-rounded inputs, by the same JAX ops the backward uses (the values
+    are then quantised by the numpy oracle, which matches the JAX quantiser bit for bit)."""
+    g_hat, u_hat = (deq32(*np_quantize_tiles(a)) for a in (g, u))
+    return np.asarray(fp8.times_rows(_swiglu(jnp.asarray(g_hat), jnp.asarray(u_hat)), jnp.asarray(s)))
+
+
+def _swiglu64(g, u, s) -> np.ndarray:
+    g, u = np.asarray(g, np.float64), np.asarray(u, np.float64)
+    return g / (1.0 + np.exp(-g)) * u * np.asarray(s, np.float64)[:, None]
+
+
+def test_fp8_cached_linear_is_the_composed_layers_with_the_output_recomputed_for_wgrad():
+    m, k, n = 200, 300, 96
+    g, u, dy = randn(60, (m, k)), randn(61, (m, k)), randn(62, (m, n))
+    s = np.random.default_rng(63).uniform(0.05, 1.0, size=m).astype(np.float32)
+    w = randn(64, (k, n), 0.05)
+    fused = lambda g, u, s, w: fp8.fp8_cached_linear(_swiglu, (g, u), w, row_scale=s, impl="reference")  # noqa: E731
+    composed = lambda g, u, s, w: fp8.fp8_linear(fp8.fp8_cached(_swiglu)(g, u, row_scale=s), w, impl="reference")  # noqa: E731
+    args = tuple(map(jnp.asarray, (g, u, s, w)))
+    y, vjp = jax.vjp(fused, *args)
+    y_composed, vjp_composed = jax.vjp(composed, *args)
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(y_composed))  # the same forward
+    grads, grads_composed = vjp(jnp.asarray(dy)), vjp_composed(jnp.asarray(dy))
+    for name, a, b in zip(("dg", "du", "ds"), grads[:3], grads_composed[:3], strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)  # the same Dgrad and vjp
+
+    # Wgrad: the recomputed output and dy, each quantised once in 128 x 1 tiles along the tokens; float64 value.
+    a_t = deq64(*np_quantize_tiles(_recomputed_swiglu(g, u, s).T))
+    dy_t = deq64(*np_quantize_tiles(dy.T))
+    dw = np.asarray(grads[3], np.float64)
+    assert relnorm(dw, a_t @ dy_t.T) < 1e-5, relnorm(dw, a_t @ dy_t.T)
+    # The composed layers re-tile the FP8 output instead: a visibly different weight gradient. Both are
+    # FP8-sized errors from the exact one.
+    exact = _swiglu64(g, u, s).T @ dy.astype(np.float64)
+    assert relnorm(grads_composed[3], a_t @ dy_t.T) > 1e-3
+    assert 0.01 < relnorm(dw, exact) < 0.08, relnorm(dw, exact)
+
+
+def test_fp8_cached_linear_keeps_only_the_inputs_and_the_fp8_weight(capsys):
+    g, u, w = jnp.ones((64, 256), jnp.bfloat16), jnp.ones((64, 256), jnp.bfloat16), jnp.ones((256, 40))
+    s = jnp.ones((64,), jnp.float32)
+    print_saved_residuals(lambda g, u, s, w: fp8.fp8_cached_linear(_swiglu, (g, u), w, row_scale=s), g, u, s, w)
+    saved = sorted(line.split(" ")[0] for line in capsys.readouterr().out.strip().splitlines())
+    inputs = ["f32[64,2]"] * 2 + ["f8_e4m3fn[64,256]"] * 2
+    assert saved == sorted([*inputs, "f32[64]", "f32[2,1]", "f8_e4m3fn[256,40]"]), saved
+    # The layers composed keep the activation's output in FP8 as well.
+    print_saved_residuals(lambda g, u, s, w: fp8.fp8_linear(fp8.fp8_cached(_swiglu)(g, u, row_scale=s), w), g, u, s, w)
+    composed = sorted(line.split(" ")[0] for line in capsys.readouterr().out.strip().splitlines())
+    assert composed == sorted([*saved, "f32[64,2]", "f8_e4m3fn[64,256]"]), composed
+
+
+def test_fp8_cached_linear_dtypes_leading_axes_jit_vmap_and_errors():
+    gelu = lambda h: jax.nn.gelu(h, approximate=False)  # noqa: E731
+    h = jnp.asarray(randn(65, (3, 20, 130))).astype(jnp.bfloat16)
+    w = jnp.asarray(randn(66, (130, 24), 0.05))
+    y = fp8.fp8_cached_linear(gelu, (h,), w)
+    assert y.dtype == jnp.bfloat16 and y.shape == (3, 20, 24)
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(fp8.fp8_linear(gelu(h), w)))
+    loss = lambda h, w: jnp.sum(fp8.fp8_cached_linear(gelu, (h,), w).astype(jnp.float32) ** 2)  # noqa: E731
+    dh, dw = jax.jit(jax.grad(loss, argnums=(0, 1)))(h, w)
+    assert dh.dtype == jnp.bfloat16 and dh.shape == h.shape and dw.dtype == jnp.float32 and dw.shape == w.shape
+    mapped = jax.jit(jax.vmap(jax.grad(loss, argnums=(0, 1)), in_axes=(0, None)))(h, w)
+    for i in range(3):
+        single = jax.jit(jax.grad(loss, argnums=(0, 1)))(h[i], w)
+        for a, b in zip(mapped, single, strict=True):
+            np.testing.assert_array_equal(np.asarray(a[i], np.float32), np.asarray(b, np.float32))
+    with pytest.raises(ValueError, match=r"weight \[K, N\]"):
+        fp8.fp8_cached_linear(gelu, (h,), w[None])
+    with pytest.raises(ValueError, match="K = w.shape"):
+        fp8.fp8_cached_linear(gelu, (h,), w[:100])
+    with pytest.raises(ValueError, match="one shape"):
+        fp8.fp8_cached_linear(_swiglu, (h, h[:, :10]), w)
+    with pytest.raises(ValueError, match="floating"):
+        fp8.fp8_cached_linear(gelu, (h.astype(jnp.int32),), w)
+
+
+def test_fp8_cached_gmm_is_the_composed_layers_with_the_output_recomputed_for_wgrad(capsys):
+    from kernels.fp8.grouped import fp8_cached_gmm, fp8_gmm
+
+    sizes, t, k, n = [60, 0, 1, 70], 150, 200, 140
+    g, u, dy = randn(70, (t, k)), randn(71, (t, k)), randn(72, (t, n))
+    s = np.random.default_rng(73).uniform(0.05, 1.0, size=t).astype(np.float32)
+    w = randn(74, (len(sizes), k, n), 0.05)
+    gs = jnp.asarray(sizes, jnp.int32)
+    fused = lambda g, u, s, w: fp8_cached_gmm(_swiglu, (g, u), w, gs, row_scale=s, impl="reference")  # noqa: E731
+    composed = lambda g, u, s, w: fp8_gmm(fp8.fp8_cached(_swiglu)(g, u, row_scale=s), w, gs, impl="reference")  # noqa: E731
+    args = tuple(map(jnp.asarray, (g, u, s, w)))
+    y, vjp = jax.vjp(fused, *args)
+    y_composed, vjp_composed = jax.vjp(composed, *args)
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(y_composed))
+    grads, grads_composed = vjp(jnp.asarray(dy)), vjp_composed(jnp.asarray(dy))
+    for name, a, b in zip(("dg", "du", "ds"), grads[:3], grads_composed[:3], strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)
+
+    # Wgrad per expert over its own rows, from 128 x 1 tiles cut along the whole token buffer.
+    a_t = deq64(*np_quantize_tiles(_recomputed_swiglu(g, u, s).T)).T
+    dy_t = deq64(*np_quantize_tiles(dy.T)).T
+    bounds = np.cumsum([0, *sizes])
+    want = np.stack([a_t[lo:hi].T @ dy_t[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)])
+    dw = np.asarray(grads[3], np.float64)
+    assert relnorm(dw, want) < 1e-5, relnorm(dw, want)
+    assert relnorm(grads_composed[3], want) > 1e-3
+    assert not np.any(dw[1]), "an expert without tokens gets no gradient"
+
+    print_saved_residuals(fused, *(a.astype(jnp.bfloat16) if a.ndim == 2 else a for a in args))
+    saved = sorted(line.split(" ")[0] for line in capsys.readouterr().out.strip().splitlines())
+    inputs = ["f32[150,2]"] * 2 + ["f8_e4m3fn[150,200]"] * 2
+    assert saved == sorted([*inputs, "f32[150]", "f32[4,2,2]", "f8_e4m3fn[4,200,140]", "i32[4]"]), saved

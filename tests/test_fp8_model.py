@@ -310,8 +310,21 @@ class _Spy:
             self.grouped.append(tuple(rhs.shape))
             return grouped(lhs, rhs, group_sizes, **kw)
 
+        # An activation and its down projection run as one layer ("recompute"): counted with the others.
+        cached_linear, cached_grouped = kernels.fp8.fp8_cached_linear, model_matmul.fp8_cached_gmm
+
+        def spy_cached_linear(fn, xs, w, **kw):
+            self.linear.append(tuple(w.shape))
+            return cached_linear(fn, xs, w, **kw)
+
+        def spy_cached_grouped(fn, xs, rhs, group_sizes, **kw):
+            self.grouped.append(tuple(rhs.shape))
+            return cached_grouped(fn, xs, rhs, group_sizes, **kw)
+
         monkeypatch.setattr(kernels.fp8, "fp8_linear", spy_linear)
         monkeypatch.setattr(model_matmul, "fp8_gmm", spy_grouped)
+        monkeypatch.setattr(kernels.fp8, "fp8_cached_linear", spy_cached_linear)
+        monkeypatch.setattr(model_matmul, "fp8_cached_gmm", spy_cached_grouped)
 
 
 def _walk(jaxpr, found: collections.Counter) -> collections.Counter:
@@ -451,6 +464,39 @@ def test_fp8_keeps_fewer_activation_bytes_per_token(kind):
     assert per_token["fp8"] < 0.92 * per_token["bf16"], per_token
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_recomputed_down_input_changes_only_the_down_weight_gradients_and_keeps_less(runs, kind):
+    """`precision.fp8_down_input`: "recompute" (the default, as `runs` ran) against "keep". The forward and every
+    input gradient are the same, so only the down projections' weight gradients may move: from the activation
+    recomputed at its FP8-rounded inputs instead of its FP8 copy re-tiled (an FP8-sized difference). And the
+    backward keeps one byte and a float32 scale per 128 hidden units and token less, per MLP."""
+    _, _, loss, _, grads = runs[kind]["fp8"]
+    params, vg = _loss_fn(tiny_config(*KINDS[kind], "precision.matmul=fp8", "precision.fp8_down_input=keep"))
+    (loss_keep, _), grads_keep = vg(params, _tokens())
+    assert float(loss_keep) == loss
+    moved = set()
+    for (path, a), b in zip(jax.tree.leaves_with_path(grads), jax.tree.leaves(grads_keep), strict=True):
+        name = jax.tree_util.keystr(path)
+        if "w_out" in name or "down_proj" in name:
+            assert 1e-4 < _rel(a, b) < 0.1, (name, _rel(a, b))
+            moved.add(name)
+        else:
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-9, err_msg=name)
+    assert len(moved) == {"dense": 1, "deepseek": 3}[kind], moved
+
+    per_token = {}
+    for choice in ("recompute", "keep"):
+        cfg = tiny_config(
+            *KINDS[kind], "model.dtype=bfloat16", "precision.matmul=fp8", f"precision.fp8_down_input={choice}"
+        )
+        per_token[choice] = (_kept_bytes(cfg, 16) - _kept_bytes(cfg, 8)) / (8 * 16)
+    if kind == "dense":  # d_ff 64 per layer: 64 E4M3 values and one float32 scale less per token
+        model = tiny_config(*KINDS[kind]).model
+        assert per_token["keep"] - per_token["recompute"] == model.n_layers * (model.d_ff + 4), per_token
+    else:
+        assert per_token["recompute"] < per_token["keep"], per_token
+
+
 def test_bad_precision_gives_a_clear_error():
     with pytest.raises(ConfigError, match=r"precision\.matmul: 'fp16' is not allowed; choose one of 'bf16', 'fp8'"):
         load_config(None, ["precision.matmul=fp16"])
@@ -462,6 +508,10 @@ def test_bad_precision_gives_a_clear_error():
         load_config(None, ["kernels.fp8=pallas"])
     with pytest.raises(ValueError, match="precision.matmul must be one of"):
         Transformer(tiny_config().model, nnx.Rngs(0), KernelChoice(matmul="fp16"))
+    with pytest.raises(ConfigError, match=r"precision\.fp8_down_input: 'drop' is not allowed; choose one of"):
+        load_config(None, ["precision.fp8_down_input=drop"])
+    with pytest.raises(ValueError, match="precision.fp8_down_input must be one of"):
+        KernelChoice(matmul="fp8", fp8_down_input="drop")
 
 
 def test_fp8_train_step_on_an_expert_parallel_mesh_matches_one_device():

@@ -157,6 +157,23 @@ def test_requantize_cols_refuses_slabs_that_do_not_divide_a_tile(block_c):
     xq, xs = fp8.quantize_tiles(jnp.ones((128, 128), F32))
     with pytest.raises(ValueError, match=f"positive divisor of 128, got {block_c}"):
         launch.requantize_cols(xq, xs, config=launch.QuantConfig(block_r=TILE, num_warps=1, block_c=block_c))
+    with pytest.raises(ValueError, match=f"positive divisor of 128, got {block_c}"):
+        launch.quantize_cols(xq, config=launch.QuantConfig(block_r=TILE, num_warps=1, block_c=block_c))
+
+
+@needs_triton_interpreter
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("block_c", [128, 32])
+@pytest.mark.parametrize("shape", [(150, 260), (6, 3)], ids=str)
+def test_quantize_cols_is_the_reference_column_tiling(shape, block_c, dtype):
+    x = jnp.asarray(with_edge_cases(heavy_tailed(4, shape))).astype(dtype)
+    config = launch.QuantConfig(block_r=TILE, num_warps=4, block_c=block_c)
+    qt, st = launch.quantize_cols(x, config=config, **RUN)
+    qt_ref, st_ref = fp8.quantize_tiles(x.T)
+    assert_fp8_equal(qt, qt_ref, "qt")
+    assert_scales_equal(st, st_ref, "st")
+    with pytest.raises(ValueError, match=r"non-empty \[R, C\]"):
+        launch.quantize_cols(x[None], **RUN)
 
 
 @needs_triton_interpreter
@@ -409,6 +426,29 @@ def test_fp8_linear_interpret_saves_only_fp8_activations(capsys):
     )
     kinds = sorted(line.split(" ")[0] for line in capsys.readouterr().out.strip().splitlines())
     assert kinds == ["f32[3,1]", "f32[64,3]", "f8_e4m3fn[300,40]", "f8_e4m3fn[64,300]"], kinds
+
+
+def _swiglu(g, u):
+    return jax.nn.silu(g) * u
+
+
+def cached_linear_and_grads(g, u, s, w, dy, impl):
+    layer = lambda g, u, s, w: fp8.fp8_cached_linear(_swiglu, (g, u), w, row_scale=s, impl=impl)  # noqa: E731
+    y, vjp = jax.vjp(layer, g, u, s, w)
+    return (y, *vjp(dy.astype(y.dtype)))
+
+
+@needs_triton_interpreter
+def test_fp8_cached_linear_interpret_matches_reference():
+    m, k, n = 130, 260, 72
+    g, u = jnp.asarray(heavy_tailed(36, (m, k))), jnp.asarray(heavy_tailed(37, (m, k)))
+    s = jnp.asarray(np.random.default_rng(38).uniform(0.1, 1.0, m).astype(np.float32))
+    w, dy = jnp.asarray(heavy_tailed(39, (k, n), 0.05)), jnp.asarray(heavy_tailed(40, (m, n)))
+    got = jax.jit(cached_linear_and_grads, static_argnums=5)(g, u, s, w, dy, "interpret")
+    want = cached_linear_and_grads(g, u, s, w, dy, "reference")
+    for name, a, b in zip(("y", "dg", "du", "ds", "dw"), got, want, strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        assert relnorm(a, b) < 1e-5, (name, relnorm(a, b))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -784,6 +824,56 @@ def test_gpu_fp8_gmm_matches_reference_under_jit(e, t, k, n):
     assert not np.any(np.asarray(got[0][sum(sizes) :], np.float32))
     for a, b in zip(fn(x, w, gs, dy, "auto"), got, strict=True):  # "auto" takes the kernels here
         np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+
+@needs_triton_interpreter
+def test_fp8_cached_gmm_interpret_matches_reference():
+    from kernels.fp8.grouped import fp8_cached_gmm
+
+    sizes, t, k, n = [60, 0, 1, 70], 150, 200, 140
+    g, u = jnp.asarray(heavy_tailed(44, (t, k))), jnp.asarray(heavy_tailed(45, (t, k)))
+    s = jnp.asarray(np.random.default_rng(46).uniform(0.1, 1.0, t).astype(np.float32))
+    w, dy = jnp.asarray(heavy_tailed(47, (len(sizes), k, n), 0.05)), jnp.asarray(heavy_tailed(48, (t, n)))
+    gs = jnp.asarray(sizes, jnp.int32)
+
+    def run(impl):
+        layer = lambda g, u, s, w: fp8_cached_gmm(_swiglu, (g, u), w, gs, row_scale=s, impl=impl)  # noqa: E731
+        y, vjp = jax.vjp(layer, g, u, s, w)
+        return (y, *vjp(dy))
+
+    got, want = jax.jit(run, static_argnums=0)("interpret"), run("reference")
+    for name, a, b in zip(("y", "dg", "du", "ds", "dw"), got, want, strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        # dw: the kernels' Wgrad takes the FP8-rounded operands in bf16 (WGRAD_BF16_TOL); the rest ~1e-7
+        assert relnorm(a, b) < (WGRAD_BF16_TOL if name == "dw" else 1e-5), (name, relnorm(a, b))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape,block_c,warps", [((4096, 8192), 32, 1), ((1000, 1100), 64, 2)], ids=str)
+def test_gpu_quantize_cols_is_bitwise_the_host_oracle(shape, block_c, warps):
+    x = _gpu_data(5, shape)
+    config = launch.QuantConfig(block_r=TILE, num_warps=warps, block_c=block_c)
+    qt, st = launch.quantize_cols(x, config=config, **GPU)
+    qt_ref, st_ref = np_quantize_tiles(np.asarray(x, np.float32).T)
+    assert_fp8_equal(qt, qt_ref, "qt")
+    assert_scales_equal(st, st_ref, "st")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", ["triton", "mosaic"])
+def test_gpu_fp8_cached_linear_matches_reference_under_jit(impl):
+    if impl == "mosaic" and fp8.mosaic_unavailable_reason() is not None:
+        pytest.skip(fp8.mosaic_unavailable_reason())
+    m, k, n = 4096, 2048, 1024
+    g, u = _gpu_data(50, (m, k)), _gpu_data(51, (m, k))
+    s = jnp.asarray(np.random.default_rng(52).uniform(0.1, 1.0, m).astype(np.float32))
+    w, dy = _gpu_data(53, (k, n), F32, 0.05), _gpu_data(54, (m, n))
+    fn = jax.jit(cached_linear_and_grads, static_argnums=5)
+    got, want = fn(g, u, s, w, dy, impl), fn(g, u, s, w, dy, "reference")
+    errors = {name: relnorm(a, b) for name, a, b in zip(("y", "dg", "du", "ds", "dw"), got, want, strict=True)}
+    # y, dg, du come back in bf16 (one rounding, and the tensor cores' accumulation); ds and dw in float32
+    tols = {"y": 1e-2, "dg": 1e-2, "du": 1e-2, "ds": 1e-2, "dw": 2e-3}
+    assert all(errors[name] < tols[name] for name in errors), errors
 
 
 @pytest.mark.gpu

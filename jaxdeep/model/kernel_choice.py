@@ -14,6 +14,7 @@ from jaxdeep.config import ExperimentConfig
 
 Matmul = Literal["bf16", "fp8"]
 MATMULS = ("bf16", "fp8")
+FP8_DOWN_INPUTS = ("recompute", "keep")
 
 
 def check_matmul(matmul: str) -> str:
@@ -35,14 +36,22 @@ class KernelChoice:
     matmul: Matmul = "bf16"
     # kernels.fp8: the FP8 kernels when matmul is "fp8" (`kernels.fp8`)
     fp8: str = "auto"
+    # precision.fp8_down_input: "recompute" or "keep" the FP8 input of the MLPs' down projections (`matmul.py`)
+    fp8_down_input: str = "recompute"
 
     def __post_init__(self):
         check_matmul(self.matmul)
+        if self.fp8_down_input not in FP8_DOWN_INPUTS:
+            raise ValueError(f"precision.fp8_down_input must be one of {FP8_DOWN_INPUTS}, got {self.fp8_down_input!r}")
 
     @classmethod
     def from_config(cls, cfg: ExperimentConfig) -> KernelChoice:
         """The choice of `cfg.kernels` and `cfg.precision`."""
-        return cls(norm=cfg.kernels.norm, gmm=cfg.kernels.gmm, matmul=cfg.precision.matmul, fp8=cfg.kernels.fp8)
+        p = cfg.precision
+        return cls(
+            norm=cfg.kernels.norm, gmm=cfg.kernels.gmm, matmul=p.matmul, fp8=cfg.kernels.fp8,
+            fp8_down_input=p.fp8_down_input,
+        )  # fmt: skip
 
 
 DEFAULT_KERNELS = KernelChoice()  # the config's defaults; the default argument of the constructors and helpers

@@ -26,7 +26,7 @@ from jax.ad_checkpoint import checkpoint_name
 from jaxdeep import sharding
 from jaxdeep.model.kernel_choice import DEFAULT_KERNELS, KernelChoice, Matmul
 from kernels import fp8
-from kernels.fp8.grouped import fp8_gmm
+from kernels.fp8.grouped import fp8_cached_gmm, fp8_gmm
 from kernels.gmm import gmm
 
 PROJECTION_OUTPUT = "projection_output"  # checkpoint name of an FP8 projection's output (see remat_policy)
@@ -187,6 +187,46 @@ def cached_activation(
     if kernels.matmul == "fp8":
         return fp8.fp8_cached(fn)(*xs, row_scale=row_scale)
     return jax.checkpoint(lambda scale, *a: fp8.times_rows(fn(*a), scale))(row_scale, *xs)
+
+
+def activated_project(
+    subscripts: str,
+    fn: Callable[..., jax.Array],
+    xs: Sequence[jax.Array],
+    w: jax.Array,
+    kernels: KernelChoice = DEFAULT_KERNELS,
+) -> jax.Array:
+    """`project(subscripts, cached_activation(fn, *xs), w)`: an MLP's activation and down projection.
+
+    In FP8 with `fp8_down_input` "recompute" the two are one layer (`kernels.fp8.fp8_cached_linear`) whose
+    backward keeps only the activation's inputs in FP8 and recomputes its output for the weight gradient; with
+    "keep" the projection also keeps its own FP8 copy of the output, one byte per hidden unit and token."""
+    if kernels.matmul == "bf16" or kernels.fp8_down_input == "keep":
+        return project(subscripts, cached_activation(fn, *xs, kernels=kernels), w, kernels)
+    n = _contracted(subscripts)
+    batch, kept = xs[0].shape[: xs[0].ndim - n], w.shape[n:]
+    k = math.prod(w.shape[:n])
+    flat = tuple(x.reshape(*batch, k) for x in xs)
+    y = fp8.fp8_cached_linear(fn, flat, w.reshape(k, -1), impl=projection_impl(kernels.fp8))
+    return checkpoint_name(y.reshape(*batch, *kept), PROJECTION_OUTPUT)
+
+
+def activated_grouped(
+    fn: Callable[..., jax.Array],
+    xs: Sequence[jax.Array],
+    rhs: jax.Array,
+    group_sizes: jax.Array,
+    kernels: KernelChoice = DEFAULT_KERNELS,
+    *,
+    row_scale: jax.Array | None = None,
+) -> jax.Array:
+    """`grouped(cached_activation(fn, *xs, row_scale=row_scale), rhs, group_sizes)`: the routed experts' SwiGLU and
+    down projection, in FP8 with "recompute" as one layer (`kernels.fp8.grouped.fp8_cached_gmm`; see
+    `activated_project`)."""
+    if kernels.matmul == "bf16" or kernels.fp8_down_input == "keep":
+        h = cached_activation(fn, *xs, row_scale=row_scale, kernels=kernels)
+        return grouped(h, rhs, group_sizes, kernels)
+    return fp8_cached_gmm(fn, tuple(xs), rhs, group_sizes, row_scale=row_scale, impl=kernels.fp8)
 
 
 def silu_gate(gate: jax.Array, up: jax.Array) -> jax.Array:

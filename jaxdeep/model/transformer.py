@@ -12,7 +12,7 @@ from jaxdeep.config import ModelConfig
 from jaxdeep.model.attention import causal_attention
 from jaxdeep.model.kernel_choice import DEFAULT_KERNELS, KernelChoice, check_kernels
 from jaxdeep.model.layers import LayerNorm, normal_param, rotary, run_layers, scaled_init_std
-from jaxdeep.model.matmul import cached_activation, project, project_shared, remat_policy
+from jaxdeep.model.matmul import activated_project, project, project_shared, remat_policy
 from jaxdeep.parallel.collective_matmul import column_parallel, row_parallel
 from jaxdeep.sharding import constrain
 
@@ -71,12 +71,15 @@ class Mlp(nnx.Module):
         hidden = ("batch", "act_seq", "act_mlp")
         w_in, w_out = self.w_in[...].astype(self.dtype), self.w_out[...].astype(self.dtype)
         products = functools.partial(project_shared, kernels=self.kernels)
-        product = functools.partial(project, kernels=self.kernels)
         (h_btf,) = column_parallel(
             "btd,df->btf", x_btd, (w_in,), ("embed", "mlp"), hidden, "mlp", self.overlap, products
         )
-        h_btf = constrain(cached_activation(exact_gelu, h_btf, kernels=self.kernels), hidden)
-        return row_parallel("btf,fd->btd", h_btf, w_out, hidden, ("mlp", "embed"), "mlp", self.overlap, product)
+        h_btf = constrain(h_btf, hidden)
+
+        def gelu_product(subscripts, h, w):  # GELU is elementwise, so it may run on the chunks of h too
+            return activated_project(subscripts, exact_gelu, (h,), w, self.kernels)
+
+        return row_parallel("btf,fd->btd", h_btf, w_out, hidden, ("mlp", "embed"), "mlp", self.overlap, gelu_product)
 
 
 class Block(nnx.Module):

@@ -9,6 +9,8 @@
 - `fp8_linear(x, w)`: `x @ w` with the FP8 recipe in forward and backward (a `jax.custom_vjp`).
 - `fp8_cached(fn)`: an elementwise `fn` (SwiGLU, GELU) whose backward keeps only its inputs, in FP8 1 x 128 tiles;
   `row_scale=` multiplies its output per row (a routed expert's weight). `times_rows` is that product alone.
+- `fp8_cached_linear(fn, xs, w)`: `fp8_linear(fp8_cached(fn)(*xs), w)` whose backward recomputes fn's output
+  instead of keeping its FP8 copy (the MLP's activation and down projection).
 
 `impl`:
 - "reference": the pure-JAX definitions (`kernels.fp8.reference`, `kernels.fp8.linear`);
@@ -33,7 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from kernels import triton_runtime
-from kernels.fp8 import launch, linear, mosaic_gemm, reference
+from kernels.fp8 import cached, launch, linear, mosaic_gemm, reference
 from kernels.fp8.cached import fp8_cached, times_rows
 from kernels.fp8.ops import TritonOps
 from kernels.fp8.quantize import E4M3, E4M3_MAX, dequantize_blocks, dequantize_tiles, quantize_blocks, quantize_tiles
@@ -45,6 +47,7 @@ __all__ = [
     "dequantize_blocks",
     "dequantize_tiles",
     "fp8_cached",
+    "fp8_cached_linear",
     "fp8_linear",
     "quantize_blocks",
     "quantize_tiles",
@@ -166,8 +169,24 @@ def scaled_gmm(
 
 def fp8_linear(x: jax.Array, w: jax.Array, *, out_dtype=None, impl: str = "auto") -> jax.Array:
     """x [..., K] @ w [K, N] -> [..., N] with FP8 forward and backward; out_dtype defaults to x's dtype."""
-    runner = _runner(impl)
-    if runner is None or 0 in (*x.shape, *w.shape):
+    ops = _ops(impl)
+    if ops is None or 0 in (*x.shape, *w.shape):
         return linear.fp8_linear(x, w, out_dtype=out_dtype)
-    gemms = _gemms(impl) if runner == "triton" else "triton"
-    return linear.fp8_linear(x, w, out_dtype=out_dtype, ops=TritonOps(runner, gemms))
+    return linear.fp8_linear(x, w, out_dtype=out_dtype, ops=ops)
+
+
+def _ops(impl: str):
+    """The linear layer's quantisers and GEMMs for `impl`: None (the reference) or `TritonOps`."""
+    runner = _runner(impl)
+    if runner is None:
+        return None
+    return TritonOps(runner, _gemms(impl) if runner == "triton" else "triton")
+
+
+def fp8_cached_linear(fn, xs, w: jax.Array, *, row_scale=None, out_dtype=None, impl: str = "auto") -> jax.Array:
+    """`fp8_linear(fp8_cached(fn)(*xs, row_scale=row_scale), w)` whose backward keeps only xs in FP8 and recomputes
+    fn's output (`cached.fp8_cached_linear`); out_dtype defaults to fn's output dtype."""
+    ops = _ops(impl)
+    if ops is None or 0 in (*xs[0].shape, *w.shape):
+        return cached.fp8_cached_linear(fn, xs, w, row_scale=row_scale, out_dtype=out_dtype)
+    return cached.fp8_cached_linear(fn, xs, w, row_scale=row_scale, out_dtype=out_dtype, ops=ops)

@@ -42,19 +42,21 @@ those devices, as autodiff of a plain grouped matmul would).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import cache, partial
 
 import jax
 import jax.numpy as jnp
 
-from kernels.fp8 import _runner, launch
+from kernels.fp8 import _runner, cached, launch
+from kernels.fp8.cached import times_rows
 from kernels.fp8.quantize import dequantize_blocks, dequantize_tiles, quantize_blocks, quantize_tiles
 from kernels.gmm import launch as gmm_launch
 from kernels.gmm.batching import mapped
 from kernels.gmm.ops import check_shapes
 from kernels.triton_runtime import varying_like
 
-__all__ = ["fp8_gmm", "quantize_expert_blocks", "dequantize_expert_blocks"]
+__all__ = ["fp8_cached_gmm", "fp8_gmm", "quantize_expert_blocks", "dequantize_expert_blocks"]
 
 F32 = jnp.float32
 BF16 = jnp.bfloat16
@@ -126,20 +128,34 @@ def _fp8_gmm(lhs, rhs, group_sizes, dtypes, runner):
     return _forward(lhs, rhs, group_sizes, dtypes, runner)[0]
 
 
-def _forward(lhs, rhs, group_sizes, dtypes, runner):
+def _fprop(lhs, rhs, group_sizes, out_dtype, runner):
+    """The forward product; returns y and the FP8 operands (xq, x_scales, wq, w_scales)."""
     xq, x_scales = quantize_tiles(lhs)  # 1 x 128 tiles along K
     wq, w_scales = quantize_expert_blocks(rhs)  # 128 x 128 blocks per expert
     if runner is None:
         y = _rows_by_group(dequantize_tiles(xq, x_scales), dequantize_expert_blocks(wq, w_scales), group_sizes)
     else:  # the kernel wants each expert's weight K-major: [E, N, K], its block scales transposed alike
         w_t = (wq.transpose(0, 2, 1), w_scales.transpose(0, 2, 1))
-        y = _scaled_by_group(runner, jnp.dtype(dtypes[2]))(xq, x_scales, *w_t, group_sizes)
-    return y.astype(dtypes[2]), (xq, x_scales, wq, w_scales, group_sizes)
+        y = _scaled_by_group(runner, jnp.dtype(out_dtype))(xq, x_scales, *w_t, group_sizes)
+    return y.astype(out_dtype), (xq, x_scales, wq, w_scales)
+
+
+def _forward(lhs, rhs, group_sizes, dtypes, runner):
+    y, fp8_operands = _fprop(lhs, rhs, group_sizes, dtypes[2], runner)
+    return y, (*fp8_operands, group_sizes)
 
 
 def _backward(dtypes, runner, residuals, dy):
     x_dtype, w_dtype, _ = dtypes
     xq, x_scales, wq, w_scales, group_sizes = residuals
+    x_hat = dequantize_tiles(xq, x_scales)  # re-tiled along the tokens by `_grads`: a second rounding
+    dx, dw = _grads(x_hat, wq, w_scales, group_sizes, dy, x_dtype, runner)
+    return dx.astype(x_dtype), dw.astype(w_dtype), None
+
+
+def _grads(x, wq, w_scales, group_sizes, dy, dx_dtype, runner):
+    """(dx, float32 dw) of the grouped product from dy, the forward's FP8 weight, and its input x [T, K] in high
+    precision, which the Wgrad quantises in 128 x 1 tiles along the tokens."""
     dy = dy.astype(F32)
 
     # Dgrad: reduce over N, the forward's FP8 weight transposed (what 128 x 128 blocks of w_e^T would give).
@@ -148,17 +164,71 @@ def _backward(dtypes, runner, residuals, dy):
         w_t_hat = dequantize_expert_blocks(wq, w_scales).transpose(0, 2, 1)
         dx = _rows_by_group(dequantize_tiles(dyq, dy_scales), w_t_hat, group_sizes)
     else:  # wq [E, K, N] as stored is already K-major for this GEMM (it reduces over N), and so are its scales
-        dx = _scaled_by_group(runner, jnp.dtype(x_dtype))(dyq, dy_scales, wq, w_scales, group_sizes)
+        dx = _scaled_by_group(runner, jnp.dtype(dx_dtype))(dyq, dy_scales, wq, w_scales, group_sizes)
 
     # Wgrad: reduce over each group's tokens, both operands in 128 x 1 tiles along the tokens of the whole buffer.
-    x_hat = dequantize_tiles(xq, x_scales)
-    xt_hat = dequantize_tiles(*quantize_tiles(x_hat.T)).T  # [T, K], scales per 128 tokens per column
+    xt_hat = dequantize_tiles(*quantize_tiles(x.T)).T  # [T, K], scales per 128 tokens per column
     dyt_hat = dequantize_tiles(*quantize_tiles(dy.T)).T  # [T, N]
     if runner is None:
         dw = _tokens_by_group(xt_hat, dyt_hat, group_sizes)
     else:  # no FP8 kernel reduces over tokens yet: the bf16 grouped kernel on the FP8-rounded values (README.md)
         dw = _wgrad_by_group(xt_hat.astype(BF16), dyt_hat.astype(BF16), group_sizes, runner)
-    return dx.astype(x_dtype), dw.astype(w_dtype), None
+    return dx, dw
 
 
 _fp8_gmm.defvjp(_forward, _backward)
+
+
+def fp8_cached_gmm(
+    fn: Callable[..., jax.Array],
+    xs: tuple[jax.Array, ...],
+    rhs: jax.Array,
+    group_sizes: jax.Array,
+    *,
+    row_scale: jax.Array | None = None,
+    out_dtype=None,
+    impl: str = "auto",
+) -> jax.Array:
+    """`fp8_gmm(fp8_cached(fn)(*xs, row_scale=row_scale), rhs, group_sizes)` with the same forward, keeping for the
+    backward only the cached inputs xs (each [T, K], in E4M3 1 x 128 tiles) and not the FP8 copy of fn's output:
+    the backward recomputes that output from them (as `cached.fp8_cached_linear` does for one weight) and
+    quantises it along the tokens for the weight gradient. The routed experts' SwiGLU and down projection."""
+    xs = tuple(xs)
+    cached.check_inputs("fp8_cached_gmm", xs, row_scale)
+    if any(x.shape != xs[0].shape or x.ndim != 2 for x in xs):
+        raise ValueError(f"fp8_cached_gmm needs inputs [T, K] of one shape, got {[x.shape for x in xs]}")
+    a = jax.eval_shape(lambda *a: times_rows(fn(*a), row_scale), *xs)
+    check_shapes("fp8_cached_gmm", a, rhs, group_sizes)
+    if not jnp.issubdtype(rhs.dtype, jnp.floating):
+        raise ValueError(f"fp8_cached_gmm needs a floating rhs, got {rhs.dtype}")
+    runner = _runner(impl)
+    if 0 in (*xs[0].shape, *rhs.shape):
+        runner = None
+    dtypes = (tuple(x.dtype for x in xs), jnp.dtype(a.dtype), jnp.dtype(rhs.dtype))
+    out_dtype = jnp.dtype(a.dtype if out_dtype is None else out_dtype)
+    n = len(xs)
+    cast = varying_like((*xs, rhs, *(() if row_scale is None else (row_scale,))))  # as in fp8_gmm
+    xs, rhs, row_scale = tuple(cast[:n]), cast[n], (cast[n + 1] if row_scale is not None else None)
+    return _cached_gmm(fn, dtypes, out_dtype, runner, xs, row_scale, rhs, group_sizes.astype(jnp.int32))
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _cached_gmm(fn, dtypes, out_dtype, runner, xs, scale, rhs, group_sizes):
+    return _fprop(times_rows(fn(*xs), scale), rhs, group_sizes, out_dtype, runner)[0]
+
+
+def _cached_gmm_forward(fn, dtypes, out_dtype, runner, xs, scale, rhs, group_sizes):
+    y, (_, _, wq, w_scales) = _fprop(times_rows(fn(*xs), scale), rhs, group_sizes, out_dtype, runner)
+    return y, (tuple(quantize_tiles(x) for x in xs), scale, wq, w_scales, group_sizes)
+
+
+def _cached_gmm_backward(fn, dtypes, out_dtype, runner, saved, dy):
+    x_dtypes, a_dtype, w_dtype = dtypes
+    quantized, scale, wq, w_scales, group_sizes = saved
+    a32, vjp = cached.dequantized_vjp(fn, quantized, scale)
+    da, dw = _grads(a32.astype(a_dtype), wq, w_scales, group_sizes, dy, a_dtype, runner)
+    dxs, dscale = cached.input_grads(vjp, da.astype(a_dtype), x_dtypes, scale)
+    return dxs, dscale, dw.astype(w_dtype), None
+
+
+_cached_gmm.defvjp(_cached_gmm_forward, _cached_gmm_backward)

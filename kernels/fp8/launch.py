@@ -83,6 +83,11 @@ def _shape(shape, dtype) -> jax.ShapeDtypeStruct:
 # ----------------------------------------------------------------------------------------------------
 # Quantisers
 # ----------------------------------------------------------------------------------------------------
+def _check_block_c(name: str, cfg: QuantConfig) -> None:
+    if cfg.block_c <= 0 or TILE % cfg.block_c:
+        raise ValueError(f"{name}: block_c must be a positive divisor of {TILE}, got {cfg.block_c}")
+
+
 def quantize_rows(x, *, runner="triton", poison=False, config: QuantConfig | None = None):
     """x [..., C] -> (q E4M3 [..., C], scales float32 [..., ceil(C/128)]): `quantize.quantize_tiles`."""
     cfg = config or DEFAULT_QUANT
@@ -114,13 +119,26 @@ def quantize_rows_and_cols(x, *, runner="triton", poison=False, config: QuantCon
 def requantize_cols(xq, xs, *, runner="triton", poison=False, config: QuantConfig | None = None):
     """FP8 xq [R, C] with 1 x 128 tile scales xs -> quantize_tiles(dequantize_tiles(xq, xs).T), bit for bit."""
     cfg = config or DEFAULT_REQUANT
-    if cfg.block_c <= 0 or TILE % cfg.block_c:
-        raise ValueError(f"requantize_cols: block_c must be a positive divisor of {TILE}, got {cfg.block_c}")
+    _check_block_c("requantize_cols", cfg)
     r, c = xq.shape
     outs = [_shape((c, r), E4M3), _shape((c, _cdiv(r, TILE)), F32)]
     grid = (_cdiv(r, TILE) * _cdiv(c, cfg.block_c),)
     meta = dict(R=r, C=c, BLOCK_C=cfg.block_c)
     return tuple(_run("requantize_cols", [xq, xs], outs, grid, cfg.num_warps, 1, meta, runner, poison))
+
+
+def quantize_cols(x, *, runner="triton", poison=False, config: QuantConfig | None = None):
+    """x [R, C] -> quantize_tiles(x.T): (qt E4M3 [C, R], st float32 [C, ceil(R/128)]), bit for bit; launched as
+    `requantize_cols` (128 rows x `block_c` columns per program)."""
+    cfg = config or DEFAULT_REQUANT
+    _check_block_c("quantize_cols", cfg)
+    if x.ndim != 2 or x.size == 0:
+        raise ValueError(f"quantize_cols needs a non-empty [R, C] array, got shape {x.shape}")
+    r, c = x.shape
+    outs = [_shape((c, r), E4M3), _shape((c, _cdiv(r, TILE)), F32)]
+    grid = (_cdiv(r, TILE) * _cdiv(c, cfg.block_c),)
+    meta = dict(R=r, C=c, BLOCK_C=cfg.block_c)
+    return tuple(_run("quantize_cols", [x], outs, grid, cfg.num_warps, 1, meta, runner, poison))
 
 
 def quantize_blocks(w, *, transposed=False, runner="triton", poison=False, config: QuantConfig | None = None):

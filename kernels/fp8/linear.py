@@ -44,8 +44,9 @@ Gemm = Callable[..., jax.Array]  # the signature of reference.scaled_matmul
 class ReferenceOps:
     """The layer's quantisers and GEMMs in pure JAX, with a pluggable block-scaled GEMM.
 
-    An implementation of the layer provides `forward(x, w, out_dtype) -> (y, residuals)` and
-    `backward(residuals, dy, dx_dtype) -> (dx, dw)` with these semantics (kernels.fp8.ops.TritonOps: the Triton
+    An implementation of the layer provides `forward(x, w, out_dtype) -> (y, residuals)`,
+    `backward(residuals, dy, dx_dtype) -> (dx, dw)` and `backward_from_input(x, wq, w_scales, dy, dx_dtype)`
+    with these semantics (kernels.fp8.ops.TritonOps: the Triton
     kernels). The Dgrad GEMM rounds its float32 sums to `dx_dtype` itself (x's dtype): a float32 dx and a
     separate cast would write and read the activation-sized gradient twice more.
     """
@@ -60,6 +61,16 @@ class ReferenceOps:
 
     def backward(self, residuals, dy, dx_dtype=F32):
         xq, x_scales, wq, w_scales = residuals
+        # The saved 1 x 128 tiles re-tiled along the tokens: [K, M], scales [K, ceil(M/128)].
+        x_cols = quantize_tiles(dequantize_tiles(xq, x_scales).T)
+        return self._grads(x_cols, wq, w_scales, dy, dx_dtype)
+
+    def backward_from_input(self, x, wq, w_scales, dy, dx_dtype=F32):
+        """`backward` for a layer whose input x [M, K] is at hand in high precision (recomputed in the backward,
+        `cached.fp8_cached_linear`): the Wgrad's 128 x 1 tiles come from x itself, one rounding."""
+        return self._grads(quantize_tiles(x.T), wq, w_scales, dy, dx_dtype)
+
+    def _grads(self, x_cols, wq, w_scales, dy, dx_dtype):
         dy = dy.astype(F32)
 
         # Dgrad: reduce over N. quantize_blocks(w.T) == (wq.T, w_scales.T) exactly (square blocks).
@@ -67,7 +78,7 @@ class ReferenceOps:
         dx = self.gemm(dyq, dy_scales, wq.T, w_scales.T, dx_dtype)
 
         # Wgrad: reduce over M (tokens). Both operands in 128 x 1 tiles along M.
-        xtq, xt_scales = quantize_tiles(dequantize_tiles(xq, x_scales).T)  # [K, M], scales [K, ceil(M/128)]
+        xtq, xt_scales = x_cols
         dytq, dyt_scales = quantize_tiles(dy.T)  # [N, M], scales [N, ceil(M/128)]
         dw = self.gemm(xtq, xt_scales, dytq.T, dyt_scales.T, F32, block_n=1)
         return dx, dw

@@ -12,8 +12,10 @@ the two transposed copies.
 With `gemms="mosaic"` (Hopper) the three GEMMs run on the warp-specialised Pallas Mosaic GPU kernel of
 `mosaic_gemm.py` wherever their shapes tile exactly, and on the Triton kernel elsewhere; the quantisers stay Triton.
 
-Residuals are those of the reference layer: (xq, x_scales, wq, w_scales). Under `jax.vmap` (per-replica
-gradients) each element runs the kernels once (`kernels.gmm.batching.mapped`): a kernel call has no batching rule.
+Residuals are those of the reference layer: (xq, x_scales, wq, w_scales). `backward_from_input` takes a
+high-precision x instead of (xq, x_scales) and quantises it along the tokens (`quantize_cols`) for Wgrad.
+Under `jax.vmap` (per-replica gradients) each element runs the kernels once (`kernels.gmm.batching.mapped`):
+a kernel call has no batching rule.
 """
 
 from __future__ import annotations
@@ -60,6 +62,9 @@ class TritonOps:
     def backward(self, residuals, dy, dx_dtype=F32):
         return mapped(partial(self._backward, dx_dtype=dx_dtype))(*residuals, dy)
 
+    def backward_from_input(self, x, wq, w_scales, dy, dx_dtype=F32):
+        return mapped(partial(self._backward_from_input, dx_dtype=dx_dtype))(x, wq, w_scales, dy)
+
     def _forward(self, x, w, out_dtype):
         run = dict(runner=self.runner)
         xq, x_scales = launch.quantize_rows(x, **run)
@@ -69,10 +74,16 @@ class TritonOps:
         return y, (xq, x_scales, wq, w_scales)
 
     def _backward(self, xq, x_scales, wq, w_scales, dy, dx_dtype):
-        run = dict(runner=self.runner)
-        dyq, dy_scales, dytq, dyt_scales = launch.quantize_rows_and_cols(dy, **run)
+        x_cols = launch.requantize_cols(xq, x_scales, runner=self.runner)
+        return self._grads(x_cols, wq, w_scales, dy, dx_dtype)
+
+    def _backward_from_input(self, x, wq, w_scales, dy, dx_dtype):
+        return self._grads(launch.quantize_cols(x, runner=self.runner), wq, w_scales, dy, dx_dtype)
+
+    def _grads(self, x_cols, wq, w_scales, dy, dx_dtype):
+        dyq, dy_scales, dytq, dyt_scales = launch.quantize_rows_and_cols(dy, runner=self.runner)
         (m, n), k = dy.shape, wq.shape[0]
         dx = self._gemm("dgrad", m, k, n)(dyq, dy_scales, wq, w_scales, dx_dtype)
-        xtq, xt_scales = launch.requantize_cols(xq, x_scales, **run)
+        xtq, xt_scales = x_cols
         dw = self._gemm("wgrad", k, n, m)(xtq, xt_scales, dytq, dyt_scales, F32)
         return dx, dw

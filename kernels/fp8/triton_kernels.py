@@ -11,6 +11,8 @@ tiles are the one place the two may differ, in the tile's other values only:
   along N, Wgrad along the tokens);
 - `requantize_cols`: FP8 q [R, C] with 1 x 128 tile scales -> dequantised in float32 and quantised again in
   128 x 1 tiles along R, stored transposed [C, R] (the saved activation, re-tiled for the weight gradient);
+- `quantize_cols`: x [R, C] -> its 128 x 1 tiles along R alone, stored transposed as `requantize_cols` stores
+  them (an activation recomputed in the backward, quantised for the weight gradient);
 - `quantize_blocks` / `quantize_blocks_t`: w [K, N] -> q [K, N], scales [ceil(K/128), ceil(N/128)], and with
   `_t` also q^T [N, K] (the forward GEMM wants the weight K-major, see below).
 
@@ -244,6 +246,30 @@ def requantize_cols(XQ, XS, QT, ST, R: tl.constexpr, C: tl.constexpr, BLOCK_C: t
 @triton.jit
 def requantize_cols_poisoned(XQ, XS, QT_FILL, ST_FILL, QT, ST, R: tl.constexpr, C: tl.constexpr, BLOCK_C: tl.constexpr):
     _requantize_cols_body(XQ, XS, QT, ST, R, C, BLOCK_C)
+
+
+@triton.jit
+def _quantize_cols_body(X, QT, ST, R: tl.constexpr, C: tl.constexpr, BLOCK_C: tl.constexpr):
+    # 128 rows x BLOCK_C columns per program, as `requantize_cols`, from values in any float dtype.
+    C_BLOCKS: tl.constexpr = (C + BLOCK_C - 1) // BLOCK_C
+    pid = tl.program_id(0)
+    tile_r, block_c = pid // C_BLOCKS, pid % C_BLOCKS
+    rows = tile_r * TILE + tl.arange(0, TILE)
+    cols = block_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    row_ok, col_ok = rows < R, cols < C
+    x = tl.load(X + rows.to(tl.int64)[:, None] * C + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+    qt, scale_t = _quantize_along(x.to(tl.float32), 0)
+    _store_cols_t(qt, scale_t, QT, ST, rows, cols, row_ok, col_ok, tile_r, R)
+
+
+@triton.jit
+def quantize_cols(X, QT, ST, R: tl.constexpr, C: tl.constexpr, BLOCK_C: tl.constexpr):
+    _quantize_cols_body(X, QT, ST, R, C, BLOCK_C)
+
+
+@triton.jit
+def quantize_cols_poisoned(X, QT_FILL, ST_FILL, QT, ST, R: tl.constexpr, C: tl.constexpr, BLOCK_C: tl.constexpr):
+    _quantize_cols_body(X, QT, ST, R, C, BLOCK_C)
 
 
 @triton.jit

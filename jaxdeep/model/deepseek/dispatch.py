@@ -17,7 +17,7 @@ from jax.sharding import PartitionSpec
 
 from jaxdeep import sharding
 from jaxdeep.model.kernel_choice import DEFAULT_KERNELS, KernelChoice
-from jaxdeep.model.matmul import cached_activation, grouped, row_reduction_for, silu_gate, single_row_product
+from jaxdeep.model.matmul import activated_grouped, grouped, row_reduction_for, silu_gate, single_row_product
 
 TOKENS = ("batch", "act_seq", None)
 GATE_UP = ("expert", "embed", None, "mlp")  # [E, d, 2, F]: gate and up projections side by side
@@ -43,8 +43,8 @@ def expert_mlp(
     would keep every row's output for that gradient instead (2 bytes per model dimension per row)."""
     e, d, _, f = gate_up_edcf.shape
     h_s2f = grouped(x_sd, gate_up_edcf.reshape(e, d, 2 * f), group_sizes, kernels).reshape(-1, 2, f)
-    h_sf = cached_activation(silu_gate, h_s2f[:, 0], h_s2f[:, 1], row_scale=weights_s, kernels=kernels)
-    return grouped(h_sf, down_efd, group_sizes, kernels)
+    gate_up = (h_s2f[:, 0], h_s2f[:, 1])
+    return activated_grouped(silu_gate, gate_up, down_efd, group_sizes, kernels, row_scale=weights_s)
 
 
 def _sum_copies(y_weighted_sd: jax.Array, k: int) -> jax.Array:

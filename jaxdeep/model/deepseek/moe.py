@@ -14,7 +14,7 @@ from jaxdeep.model.deepseek.norm import DTYPES
 from jaxdeep.model.deepseek.router import Router, Routing, expert_counts, sequence_balance_loss
 from jaxdeep.model.kernel_choice import DEFAULT_KERNELS, KernelChoice
 from jaxdeep.model.layers import normal_param, scaled_init_std
-from jaxdeep.model.matmul import cached_activation, project, project_shared, silu_gate
+from jaxdeep.model.matmul import activated_project, project_shared, silu_gate
 from jaxdeep.sharding import constrain
 
 
@@ -34,9 +34,10 @@ class SwiGluMlp(nnx.Module):
         dt = self.dtype
         weights = (self.gate_proj[...].astype(dt), self.up_proj[...].astype(dt))
         gate_btf, up_btf = project_shared("btd,df->btf", x_btd, weights, self.kernels)
-        h_btf = cached_activation(silu_gate, gate_btf, up_btf, kernels=self.kernels)
-        h_btf = constrain(h_btf, ("batch", "act_seq", "act_mlp"))
-        return project("btf,fd->btd", h_btf, self.down_proj[...].astype(dt), self.kernels)
+        hidden = ("batch", "act_seq", "act_mlp")
+        gate_btf, up_btf = constrain(gate_btf, hidden), constrain(up_btf, hidden)
+        down = self.down_proj[...].astype(dt)
+        return activated_project("btf,fd->btd", silu_gate, (gate_btf, up_btf), down, self.kernels)
 
 
 class RoutedExperts(nnx.Module):
