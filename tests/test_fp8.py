@@ -585,11 +585,16 @@ def test_fp8_cached_dtypes_jit_vmap_and_errors():
 # ----------------------------------------------------------------------------------------------------
 # fp8_cached_linear / fp8_cached_gmm: an activation and the projection after it, its output recomputed
 # ----------------------------------------------------------------------------------------------------
-def _recomputed_swiglu(g, u, s) -> np.ndarray:
-    """float32 silu(g^) * u^ * s at the FP8-rounded inputs, by the same JAX ops the backward uses (the values
-    are then quantised by the numpy oracle, which matches the JAX quantiser bit for bit)."""
-    g_hat, u_hat = (deq32(*np_quantize_tiles(a)) for a in (g, u))
-    return np.asarray(fp8.times_rows(_swiglu(jnp.asarray(g_hat), jnp.asarray(u_hat)), jnp.asarray(s)))
+def _gelu(h):
+    return jax.nn.gelu(h, approximate=False)
+
+
+def _recomputed(fn, xs, s, dtype) -> np.ndarray:
+    """fn(*xs^) * s at the FP8-rounded inputs, in float32 and rounded to `dtype`, by the same JAX ops the backward
+    uses (the values are then quantised by the numpy oracle, which matches the JAX quantiser bit for bit)."""
+    xs_hat = (jnp.asarray(deq32(*np_quantize_tiles(np.asarray(x, np.float32)))) for x in xs)
+    a = fp8.times_rows(fn(*xs_hat), None if s is None else jnp.asarray(s))
+    return np.asarray(a.astype(dtype).astype(jnp.float32))
 
 
 def _swiglu64(g, u, s) -> np.ndarray:
@@ -597,31 +602,54 @@ def _swiglu64(g, u, s) -> np.ndarray:
     return g / (1.0 + np.exp(-g)) * u * np.asarray(s, np.float64)[:, None]
 
 
-def test_fp8_cached_linear_is_the_composed_layers_with_the_output_recomputed_for_wgrad():
+def _gelu64(h) -> np.ndarray:
+    h = np.asarray(h, np.float64)
+    return 0.5 * h * (1.0 + np.vectorize(math.erf)(h / math.sqrt(2.0)))
+
+
+# (fn, its float64 value, inputs, row scale?, dtype); the weight-gradient errors measured against the exact
+# gradient, fused and composed: SwiGLU x weight 5.15% and 3.98% (1.30x), GELU 4.49% and 4.14% (1.08x).
+CACHED_CASES = {
+    "swiglu_scaled_f32": (_swiglu, _swiglu64, 2, True, jnp.float32),
+    "swiglu_scaled_bf16": (_swiglu, _swiglu64, 2, True, jnp.bfloat16),
+    "gelu_f32": (_gelu, _gelu64, 1, False, jnp.float32),
+    "gelu_bf16": (_gelu, _gelu64, 1, False, jnp.bfloat16),
+}
+
+
+@pytest.mark.parametrize("case", CACHED_CASES)
+def test_fp8_cached_linear_is_the_composed_layers_with_the_output_recomputed_for_wgrad(case):
+    fn, fn64, n_inputs, scaled, dtype = CACHED_CASES[case]
     m, k, n = 200, 300, 96
-    g, u, dy = randn(60, (m, k)), randn(61, (m, k)), randn(62, (m, n))
-    s = np.random.default_rng(63).uniform(0.05, 1.0, size=m).astype(np.float32)
+    xs = [np.asarray(jnp.asarray(randn(60 + i, (m, k))).astype(dtype).astype(jnp.float32)) for i in range(n_inputs)]
+    dy = np.asarray(jnp.asarray(randn(62, (m, n))).astype(dtype).astype(jnp.float32))
+    s = np.random.default_rng(63).uniform(0.05, 1.0, size=m).astype(np.float32) if scaled else None
     w = randn(64, (k, n), 0.05)
-    fused = lambda g, u, s, w: fp8.fp8_cached_linear(_swiglu, (g, u), w, row_scale=s, impl="reference")  # noqa: E731
-    composed = lambda g, u, s, w: fp8.fp8_linear(fp8.fp8_cached(_swiglu)(g, u, row_scale=s), w, impl="reference")  # noqa: E731
-    args = tuple(map(jnp.asarray, (g, u, s, w)))
+    fused = lambda xs, s, w: fp8.fp8_cached_linear(fn, xs, w, row_scale=s, impl="reference")  # noqa: E731
+    composed = lambda xs, s, w: fp8.fp8_linear(fp8.fp8_cached(fn)(*xs, row_scale=s), w, impl="reference")  # noqa: E731
+    args = (tuple(jnp.asarray(x).astype(dtype) for x in xs), None if s is None else jnp.asarray(s), jnp.asarray(w))
     y, vjp = jax.vjp(fused, *args)
     y_composed, vjp_composed = jax.vjp(composed, *args)
+    assert y.dtype == dtype
     np.testing.assert_array_equal(np.asarray(y), np.asarray(y_composed))  # the same forward
-    grads, grads_composed = vjp(jnp.asarray(dy)), vjp_composed(jnp.asarray(dy))
-    for name, a, b in zip(("dg", "du", "ds"), grads[:3], grads_composed[:3], strict=True):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)  # the same Dgrad and vjp
+    (dxs, ds, dw), (dxs_c, ds_c, dw_c) = vjp(jnp.asarray(dy).astype(dtype)), vjp_composed(jnp.asarray(dy).astype(dtype))
+    for i, (a, b) in enumerate(zip(dxs, dxs_c, strict=True)):  # the same Dgrad and vjp
+        assert a.dtype == dtype
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=f"input {i}")
+    if scaled:
+        np.testing.assert_array_equal(np.asarray(ds), np.asarray(ds_c), err_msg="row scale")
 
-    # Wgrad: the recomputed output and dy, each quantised once in 128 x 1 tiles along the tokens; float64 value.
-    a_t = deq64(*np_quantize_tiles(_recomputed_swiglu(g, u, s).T))
+    # Wgrad: the recomputed output (rounded to the forward's dtype) and dy, each quantised once in 128 x 1 tiles
+    # along the tokens; float64 value of that product.
+    a_t = deq64(*np_quantize_tiles(_recomputed(fn, xs, s, dtype).T))
     dy_t = deq64(*np_quantize_tiles(dy.T))
-    dw = np.asarray(grads[3], np.float64)
     assert relnorm(dw, a_t @ dy_t.T) < 1e-5, relnorm(dw, a_t @ dy_t.T)
-    # The composed layers re-tile the FP8 output instead: a visibly different weight gradient. Both are
-    # FP8-sized errors from the exact one.
-    exact = _swiglu64(g, u, s).T @ dy.astype(np.float64)
-    assert relnorm(grads_composed[3], a_t @ dy_t.T) > 1e-3
-    assert 0.01 < relnorm(dw, exact) < 0.08, relnorm(dw, exact)
+    # The composed layers re-tile the FP8 output instead: a visibly different weight gradient.
+    assert relnorm(dw_c, a_t @ dy_t.T) > 1e-3
+    # Both are FP8-sized errors from the exact gradient; recomputing costs accuracy (pinned; kernels/fp8/README.md).
+    exact = fn64(*xs, *([s] if scaled else [])).T @ dy.astype(np.float64)
+    error, error_composed = relnorm(dw, exact), relnorm(dw_c, exact)
+    assert 0.03 < error < 0.07 and error < 1.4 * error_composed, (error, error_composed)
 
 
 def test_fp8_cached_linear_keeps_only_the_inputs_and_the_fp8_weight(capsys):
@@ -681,7 +709,7 @@ def test_fp8_cached_gmm_is_the_composed_layers_with_the_output_recomputed_for_wg
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)
 
     # Wgrad per expert over its own rows, from 128 x 1 tiles cut along the whole token buffer.
-    a_t = deq64(*np_quantize_tiles(_recomputed_swiglu(g, u, s).T)).T
+    a_t = deq64(*np_quantize_tiles(_recomputed(_swiglu, (g, u), s, jnp.float32).T)).T
     dy_t = deq64(*np_quantize_tiles(dy.T)).T
     bounds = np.cumsum([0, *sizes])
     want = np.stack([a_t[lo:hi].T @ dy_t[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)])

@@ -490,11 +490,18 @@ def test_recomputed_down_input_changes_only_the_down_weight_gradients_and_keeps_
             *KINDS[kind], "model.dtype=bfloat16", "precision.matmul=fp8", f"precision.fp8_down_input={choice}"
         )
         per_token[choice] = (_kept_bytes(cfg, 16) - _kept_bytes(cfg, 8)) / (8 * 16)
-    if kind == "dense":  # d_ff 64 per layer: 64 E4M3 values and one float32 scale less per token
-        model = tiny_config(*KINDS[kind]).model
-        assert per_token["keep"] - per_token["recompute"] == model.n_layers * (model.d_ff + 4), per_token
+    # One E4M3 value per hidden unit and a float32 scale per 128 of them, per token and MLP: the dense layers' MLP,
+    # the shared experts, and each of a token's routed copies.
+    hidden_bytes = lambda width: width + 4 * math.ceil(width / TILE)  # noqa: E731
+    model = tiny_config(*KINDS[kind]).model
+    if kind == "dense":
+        want = model.n_layers * hidden_bytes(model.d_ff)
     else:
-        assert per_token["recompute"] < per_token["keep"], per_token
+        ds = model.deepseek
+        moe_layers, f = model.n_layers - ds.first_k_dense_replace, ds.moe_intermediate_size
+        per_moe = hidden_bytes(ds.n_shared_experts * f) + ds.num_experts_per_tok * hidden_bytes(f)
+        want = ds.first_k_dense_replace * hidden_bytes(model.d_ff) + moe_layers * per_moe
+    assert per_token["keep"] - per_token["recompute"] == want, (per_token, want)
 
 
 def test_bad_precision_gives_a_clear_error():

@@ -848,6 +848,33 @@ def test_fp8_cached_gmm_interpret_matches_reference():
         assert relnorm(a, b) < (WGRAD_BF16_TOL if name == "dw" else 1e-5), (name, relnorm(a, b))
 
 
+@needs_triton_interpreter
+def test_fp8_cached_layers_interpret_under_vmap():
+    # Per-replica gradients: vmap over the tokens with the weights shared; the kernels' backward from the
+    # recomputed activation runs once per element.
+    from kernels.fp8.grouped import fp8_cached_gmm
+
+    g, u = jnp.asarray(heavy_tailed(55, (2, 40, 160))), jnp.asarray(heavy_tailed(56, (2, 40, 160)))
+    dy = jnp.asarray(heavy_tailed(57, (2, 40, 24)))
+    w, w_e = jnp.asarray(heavy_tailed(58, (160, 24), 0.05)), jnp.asarray(heavy_tailed(59, (3, 160, 24), 0.05))
+    sizes = jnp.asarray([20, 0, 12], jnp.int32)
+    layers = {
+        "fp8_cached_linear": (lambda g, u, w: fp8.fp8_cached_linear(_swiglu, (g, u), w, impl="interpret"), w),
+        "fp8_cached_gmm": (lambda g, u, w: fp8_cached_gmm(_swiglu, (g, u), w, sizes, impl="interpret"), w_e),
+    }
+    for name, (layer, weight) in layers.items():
+
+        def grads(g, u, dy, weight, layer=layer):
+            y, vjp = jax.vjp(layer, g, u, weight)
+            return (y, *vjp(dy))
+
+        mapped = jax.vmap(grads, in_axes=(0, 0, 0, None))(g, u, dy, weight)
+        for i in range(2):
+            one = grads(g[i], u[i], dy[i], weight)
+            for what, a, b in zip(("y", "dg", "du", "dw"), mapped, one, strict=True):
+                np.testing.assert_array_equal(np.asarray(a[i]), np.asarray(b), err_msg=f"{name} {what}")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape,block_c,warps", [((4096, 8192), 32, 1), ((1000, 1100), 64, 2)], ids=str)
 def test_gpu_quantize_cols_is_bitwise_the_host_oracle(shape, block_c, warps):

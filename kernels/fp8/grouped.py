@@ -34,10 +34,13 @@ on kernels.gmm's weight-gradient kernel in bf16 over the same FP8-rounded operan
 token-contracting form; the bf16 copy rounds each value once more, by at most 2^-8 relative).
 
 Saved for the backward: the FP8 activation and its tile scales, the FP8 weights and their block scales, and
-the group sizes; never the high-precision activation. Gradients come back in the operands' dtypes.
-Works under `jax.vmap` with shared or per-element operands (each grouped product maps over the batch), and inside
-`jax.shard_map` with weights shared across devices whose tokens differ (the weight gradient is then summed over
-those devices, as autodiff of a plain grouped matmul would).
+the group sizes; never the high-precision activation. `fp8_cached_gmm(fn, xs, rhs, group_sizes)` is
+`fp8_gmm(fp8_cached(fn)(*xs), rhs, group_sizes)` as one layer (the routed experts' SwiGLU and down projection):
+it saves the FP8 inputs of fn instead of the FP8 activation, and its backward recomputes fn's output from them
+for the Wgrad (`cached.fp8_cached_linear` is the same for one weight; README.md, deviation 8).
+Gradients come back in the operands' dtypes. Works under `jax.vmap` with shared or per-element operands (each
+grouped product maps over the batch), and inside `jax.shard_map` with weights shared across devices whose tokens
+differ (the weight gradient is then summed over those devices, as autodiff of a plain grouped matmul would).
 """
 
 from __future__ import annotations

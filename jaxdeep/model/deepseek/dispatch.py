@@ -34,8 +34,9 @@ def expert_mlp(
     weights_s: jax.Array | None = None,
 ):
     """SwiGLU experts over rows sorted by expert; rows past sum(group_sizes) give zeros. Both grouped matmuls run
-    on the `gmm` implementation of `kernels`, or, when its `matmul` is "fp8", through
-    `kernels.fp8.grouped.fp8_gmm` on its `fp8` implementation (then `gmm` is not used).
+    on the `gmm` implementation of `kernels`, or, when its `matmul` is "fp8", in FP8 on its `fp8` implementation
+    (then `gmm` is not used): the gate/up product through `kernels.fp8.grouped.fp8_gmm`, the SwiGLU and the down
+    product through `fp8_cached_gmm` (`matmul.activated_grouped`, which follows `fp8_down_input`).
 
     `weights_s` (each row's routing weight) scales the SwiGLU output before the down projection, which is linear,
     so each row comes out weighted and summing a token's rows is the combine. The weights' gradient then comes from
