@@ -159,3 +159,25 @@ def _model(setup, params):
     state = jax.tree.map(lambda v: v, setup.abstract_state)
     nnx.replace_by_pure_dict(state, params)
     return nnx.merge(setup.graphdef, state)
+
+
+def test_fp8_mlp_recomputing_its_down_input_inside_the_ring_changes_only_w_out():
+    """FP8 with collective matmuls: the MLP's GELU and down projection run on each ring chunk as one layer that
+    recomputes the GELU output for its weight gradient. Against composing the two (`fp8_down_input: keep`) in the
+    same sharded program, the loss and every gradient but w_out's are the same; w_out's moves by FP8 rounding."""
+    results = {}
+    for choice in ("recompute", "keep"):
+        cfg, mesh = layout(*MODEL, "precision.matmul=fp8", f"precision.fp8_down_input={choice}", data=2, tensor=4)
+        setup = build_setup(cfg, mesh)
+        params = init_train_state(setup)["params"]
+        results[choice] = jax.device_get(compiled(_loss_and_grads(setup), params, _tokens())(params, _tokens()))
+    (loss, grads), (loss_keep, grads_keep) = results["recompute"], results["keep"]
+    assert loss == loss_keep
+    moved = []
+    for (path, a), b in zip(jax.tree.leaves_with_path(grads), jax.tree.leaves(grads_keep), strict=True):
+        name = jax.tree_util.keystr(path)
+        if "w_out" in name:
+            moved.append(float(np.linalg.norm(a - b) / np.linalg.norm(b)))
+        else:
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9, err_msg=name)
+    assert len(moved) == 1 and 1e-4 < moved[0] < 0.1, moved
