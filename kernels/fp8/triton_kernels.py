@@ -220,16 +220,23 @@ def quantize_rows_and_cols_poisoned(
 
 
 @triton.jit
-def _requantize_cols_body(XQ, XS, QT, ST, R: tl.constexpr, C: tl.constexpr, BLOCK_C: tl.constexpr):
-    # A program re-tiles 128 rows x BLOCK_C columns: the columns are independent here, and narrower programs
-    # hold fewer registers, so more of them keep loads in flight on each SM.
-    C_TILES: tl.constexpr = (C + TILE - 1) // TILE
+def _slab(R: tl.constexpr, C: tl.constexpr, BLOCK_C: tl.constexpr):
+    """This program's slab of TILE rows x BLOCK_C columns of an [R, C] array: (tile_r, block_c, rows, cols, row_ok,
+    col_ok)."""
     C_BLOCKS: tl.constexpr = (C + BLOCK_C - 1) // BLOCK_C
     pid = tl.program_id(0)
     tile_r, block_c = pid // C_BLOCKS, pid % C_BLOCKS
     rows = tile_r * TILE + tl.arange(0, TILE)
     cols = block_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    row_ok, col_ok = rows < R, cols < C
+    return tile_r, block_c, rows, cols, rows < R, cols < C
+
+
+@triton.jit
+def _requantize_cols_body(XQ, XS, QT, ST, R: tl.constexpr, C: tl.constexpr, BLOCK_C: tl.constexpr):
+    # A program re-tiles 128 rows x BLOCK_C columns: the columns are independent here, and narrower programs
+    # hold fewer registers, so more of them keep loads in flight on each SM.
+    C_TILES: tl.constexpr = (C + TILE - 1) // TILE
+    tile_r, block_c, rows, cols, row_ok, col_ok = _slab(R, C, BLOCK_C)
     mask = row_ok[:, None] & col_ok[None, :]
     q = tl.load(XQ + rows.to(tl.int64)[:, None] * C + cols[None, :], mask=mask, other=0.0)
     s = tl.load(XS + rows.to(tl.int64) * C_TILES + block_c * BLOCK_C // TILE, mask=row_ok, other=1.0)
@@ -251,12 +258,7 @@ def requantize_cols_poisoned(XQ, XS, QT_FILL, ST_FILL, QT, ST, R: tl.constexpr, 
 @triton.jit
 def _quantize_cols_body(X, QT, ST, R: tl.constexpr, C: tl.constexpr, BLOCK_C: tl.constexpr):
     # 128 rows x BLOCK_C columns per program, as `requantize_cols`, from values in any float dtype.
-    C_BLOCKS: tl.constexpr = (C + BLOCK_C - 1) // BLOCK_C
-    pid = tl.program_id(0)
-    tile_r, block_c = pid // C_BLOCKS, pid % C_BLOCKS
-    rows = tile_r * TILE + tl.arange(0, TILE)
-    cols = block_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    row_ok, col_ok = rows < R, cols < C
+    tile_r, _, rows, cols, row_ok, col_ok = _slab(R, C, BLOCK_C)
     x = tl.load(X + rows.to(tl.int64)[:, None] * C + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
     qt, scale_t = _quantize_along(x.to(tl.float32), 0)
     _store_cols_t(qt, scale_t, QT, ST, rows, cols, row_ok, col_ok, tile_r, R)
