@@ -116,10 +116,17 @@ def project(subscripts: str, x: jax.Array, w: jax.Array, kernels: KernelChoice =
         if row_reduction_for("projections") and math.prod(x.shape[: x.ndim - _contracted(subscripts)]) == 1:
             return single_row_product(subscripts, x, w)
         return jnp.einsum(subscripts, x, w)
+    impl = projection_impl(kernels.fp8)
+    return _fp8_projection(subscripts, (x,), w, lambda xs, w2d: fp8.fp8_linear(xs[0], w2d, impl=impl))
+
+
+def _fp8_projection(subscripts: str, xs: Sequence[jax.Array], w: jax.Array, layer: Callable) -> jax.Array:
+    """`layer(xs as [..., K], w as [K, N])` for the projection `subscripts` (K and N the products of the contracted
+    and the kept weight axes), its output reshaped back and named for the remat policy."""
     n = _contracted(subscripts)
-    batch, kept = x.shape[: x.ndim - n], w.shape[n:]
+    batch, kept = xs[0].shape[: xs[0].ndim - n], w.shape[n:]
     k = math.prod(w.shape[:n])
-    y = fp8.fp8_linear(x.reshape(*batch, k), w.reshape(k, math.prod(kept)), impl=projection_impl(kernels.fp8))
+    y = layer(tuple(x.reshape(*batch, k) for x in xs), w.reshape(k, math.prod(kept)))
     return checkpoint_name(y.reshape(*batch, *kept), PROJECTION_OUTPUT)
 
 
@@ -203,12 +210,8 @@ def activated_project(
     "keep" the projection also keeps its own FP8 copy of the output, one byte per hidden unit and token."""
     if kernels.matmul == "bf16" or kernels.fp8_down_input == "keep":
         return project(subscripts, cached_activation(fn, *xs, kernels=kernels), w, kernels)
-    n = _contracted(subscripts)
-    batch, kept = xs[0].shape[: xs[0].ndim - n], w.shape[n:]
-    k = math.prod(w.shape[:n])
-    flat = tuple(x.reshape(*batch, k) for x in xs)
-    y = fp8.fp8_cached_linear(fn, flat, w.reshape(k, -1), impl=projection_impl(kernels.fp8))
-    return checkpoint_name(y.reshape(*batch, *kept), PROJECTION_OUTPUT)
+    impl = projection_impl(kernels.fp8)
+    return _fp8_projection(subscripts, xs, w, lambda flat, w2d: fp8.fp8_cached_linear(fn, flat, w2d, impl=impl))
 
 
 def activated_grouped(

@@ -46,9 +46,9 @@ class ReferenceOps:
 
     An implementation of the layer provides `forward(x, w, out_dtype) -> (y, residuals)`,
     `backward(residuals, dy, dx_dtype) -> (dx, dw)` and `backward_from_input(x, wq, w_scales, dy, dx_dtype)`
-    with these semantics (kernels.fp8.ops.TritonOps: the Triton
-    kernels). The Dgrad GEMM rounds its float32 sums to `dx_dtype` itself (x's dtype): a float32 dx and a
-    separate cast would write and read the activation-sized gradient twice more.
+    with these semantics (kernels.fp8.ops.TritonOps: the Triton kernels). The Dgrad GEMM rounds its float32 sums
+    to `dx_dtype` itself (x's dtype): a float32 dx and a separate cast would write and read the activation-sized
+    gradient twice more.
     """
 
     gemm: Gemm = reference.scaled_matmul
