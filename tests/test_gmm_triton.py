@@ -153,6 +153,52 @@ def test_skewed_groups_spread_over_programs():
     check_launch(sizes, 96, 40, 40, F32, config=cfg)
 
 
+@needs_triton_interpreter
+@pytest.mark.parametrize("sizes,m,k,n,dtype", [LAUNCH_CASES[0], LAUNCH_CASES[1], LAUNCH_CASES[4]], ids=str)
+def test_kernels_read_weights_stored_transposed(sizes, m, k, n, dtype):
+    """rhs stored [E, N, K] (the serving layout of the experts) with `transpose_rhs`: the same products, read
+    through strides; the weight gradient comes back [E, N, K] as well."""
+    lhs, rhs, gs, dout = make_inputs(sizes, m, k, n, dtype, seed=len(sizes) + m)
+    want_out, want_dlhs, want_drhs = oracle(lhs, rhs, sizes, dout)
+    rhs_t = jnp.swapaxes(rhs, 1, 2)
+    out = launch.gmm_fwd(lhs, rhs_t, gs, transpose_rhs=True, runner="interpret", config=SMALL)
+    dlhs = launch.gmm_dlhs(dout, rhs_t, gs, transpose_rhs=True, runner="interpret", config=SMALL)
+    tol = TOL[jnp.dtype(dtype)]
+    assert out.shape == (m, n) and dlhs.shape == (m, k)
+    assert rel_err(out, want_out) < tol and rel_err(dlhs, want_dlhs) < tol
+    assert not np.any(np.asarray(out, np.float64)[sum(sizes) :])
+
+    @jax.jit
+    def fwd_bwd(a, b_t, gs, dout):
+        out, vjp = jax.vjp(lambda a, b_t: triton_gmm(a, b_t, gs, runner="interpret", transpose_rhs=True), a, b_t)
+        return out, *vjp(dout)
+
+    out, dlhs, drhs_t = fwd_bwd(lhs, rhs_t, gs, dout)
+    assert drhs_t.shape == rhs_t.shape and drhs_t.dtype == dtype
+    for got, want in ((out, want_out), (dlhs, want_dlhs), (drhs_t, want_drhs.transpose(0, 2, 1))):
+        assert rel_err(got, want) < tol
+
+
+@needs_triton_interpreter
+@pytest.mark.parametrize("impl", ["reference", "interpret"])
+def test_dispatcher_with_transposed_weights_gives_the_plain_product_and_gradients(impl):
+    from kernels.gmm import gmm
+
+    sizes = [6, 0, 9, 1]
+    lhs, rhs, gs, dout = make_inputs(sizes, 20, 24, 16, F32, seed=8)
+    want = oracle(lhs, rhs, sizes, dout)
+    rhs_t = jnp.swapaxes(rhs, 1, 2)
+    out, vjp = jax.vjp(lambda a, b_t: gmm(a, b_t, gs, impl=impl, transpose_rhs=True), lhs, rhs_t)
+    dlhs, drhs_t = vjp(dout)
+    for got, w in ((out, want[0]), (dlhs, want[1]), (jnp.swapaxes(drhs_t, 1, 2), want[2])):
+        assert rel_err(got, w) < TOL[jnp.dtype(F32)]
+    # under vmap with the weights shared (per-replica gradients)
+    batched = jax.vmap(lambda a: gmm(a, rhs_t, gs, impl=impl, transpose_rhs=True))(jnp.stack([lhs, 2 * lhs]))
+    assert rel_err(batched[1], 2 * want[0]) < TOL[jnp.dtype(F32)]
+    with pytest.raises(ValueError, match=r"rhs \[g, n, k\].*need lhs\[1\] == rhs\[2\]"):
+        gmm(lhs, rhs, gs, impl=impl, transpose_rhs=True)
+
+
 # ----------------------------------------------------------------------------------------------------
 # The custom_vjp op (default launch configurations, shrunk to the small shapes)
 # ----------------------------------------------------------------------------------------------------
@@ -281,6 +327,34 @@ def test_gpu_triton_gmm_under_jit_matches_reference(dtype):
     tol = TOL[jnp.dtype(dtype)]
     for got, want in zip(fwd_bwd(lhs, rhs, gs, dout), (want_out, want_dlhs, want_drhs), strict=True):
         assert rel_err(got, want) < tol
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("e,m,k,n,dtype", [GPU_CASES[0], GPU_CASES[3]], ids=lambda v: str(v))
+def test_gpu_weights_stored_transposed_match_float64(e, m, k, n, dtype):
+    sizes = _gpu_sizes(e, m, seed=e + m + 1)
+    lhs, rhs, gs, dout = make_inputs(sizes, m, k, n, dtype, seed=k + n + 1)
+    want_out, want_dlhs, want_drhs = oracle(lhs, rhs, sizes, dout)
+    rhs_t = jnp.swapaxes(rhs, 1, 2)
+    out = launch.gmm_fwd(lhs, rhs_t, gs, transpose_rhs=True, poison=True)
+    dlhs = launch.gmm_dlhs(dout, rhs_t, gs, transpose_rhs=True, poison=True)
+
+    @jax.jit
+    def fwd_bwd(a, b_t, gs, dout):
+        out, vjp = jax.vjp(lambda a, b_t: triton_gmm(a, b_t, gs, transpose_rhs=True), a, b_t)
+        return out, *vjp(dout)
+
+    jit_out, jit_dlhs, drhs_t = fwd_bwd(lhs, rhs_t, gs, dout)
+    tol = TOL[jnp.dtype(dtype)]
+    for name, got, want in (
+        ("out", out, want_out),
+        ("dlhs", dlhs, want_dlhs),
+        ("jit out", jit_out, want_out),
+        ("jit dlhs", jit_dlhs, want_dlhs),
+        ("drhs", drhs_t, want_drhs.transpose(0, 2, 1)),
+    ):
+        assert rel_err(got, want) < tol, f"{name}: {rel_err(got, want):.2e}"
+    assert not np.any(np.asarray(out[sum(sizes) :], np.float64))
 
 
 @pytest.mark.gpu

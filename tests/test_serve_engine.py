@@ -21,7 +21,7 @@ from jaxdeep.serve.loading import from_config
 from jaxdeep.serve.runner import CacheGeometry, DecodeBatch, ModelRunner
 from jaxdeep.serve.textstream import TextStream
 from tests.fast_compile import FAST
-from tests.helpers import TINY
+from tests.helpers import TINY, needs_triton_interpreter
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 SLOTS, CONTEXT, CHUNK = 4, 40, 8
@@ -167,7 +167,7 @@ def test_one_sequence_decode_matches_full_forward(served, decode_layout):
     runner = ModelRunner.from_loaded(
         loaded, CacheGeometry(1, CONTEXT, CHUNK), compiler_options=FAST, decode_layout=decode_layout
     )
-    assert runner.relaid == (("projections", "experts") if decode_layout else ())  # no Triton on this backend
+    assert runner.relaid == (("projections", "experts") if decode_layout else ())
     params = runner.params
     wo = params["blocks"]["attn"]["wo"] if kind == "dense" else params["moe_blocks"]["self_attn"]["o_proj"]
     assert wo.format.layout.major_to_minor == ((0, 3, 1, 2) if decode_layout else (0, 1, 2, 3))
@@ -179,6 +179,28 @@ def test_one_sequence_decode_matches_full_forward(served, decode_layout):
         cache, logits_bv = runner.decode(cache, [seq[-1]], [len(seq) - 1])
         decoded.append(np.asarray(logits_bv[0]))
     full = forward(np.asarray([seq]))[0, len(prompt) - 1 :]
+    np.testing.assert_allclose(np.stack(decoded), full, rtol=0, atol=RTOL * np.abs(full).max())
+
+
+@needs_triton_interpreter
+def test_grouped_kernel_reads_the_relaid_experts_in_place():
+    """With the grouped Triton matmul (here in its interpreter) the routed experts are re-laid too, and prefill and
+    decode read them transposed through the kernel's strides: the logits are the full forward's."""
+    cfg = load_config(EXPERIMENTS / "deepseek_tiny.yaml", [*DEEPSEEK, "kernels.gmm=interpret"])
+    loaded = from_config(cfg, compiler_options=FAST)
+    forward = jax.jit(lambda p, s, t: loaded.merge(p, s)(t), compiler_options=FAST)
+    runner = ModelRunner.from_loaded(loaded, CacheGeometry(2, CONTEXT, CHUNK), compiler_options=FAST)
+    assert runner.relaid == ("projections", "experts")
+    gate_up = runner.params["moe_blocks"]["mlp"]["experts"]["gate_up_proj"]
+    assert gate_up.format.layout.major_to_minor == (0, 1, 3, 4, 2)  # [layers, E, d, 2, F] with d minor
+    prompt = _prompt(10, 9)
+    cache, logits_v = runner.prefill_prompt(runner.new_cache(), prompt, slot=1)
+    seq, decoded = list(prompt), [np.asarray(logits_v)]
+    for _ in range(2):
+        seq.append(int(np.argmax(decoded[-1])))
+        cache, logits_bv = runner.decode(cache, [0, seq[-1]], [CONTEXT, len(seq) - 1])
+        decoded.append(np.asarray(logits_bv[1]))
+    full = np.asarray(forward(loaded.params, loaded.model_state, np.asarray([seq])))[0, len(prompt) - 1 :]
     np.testing.assert_allclose(np.stack(decoded), full, rtol=0, atol=RTOL * np.abs(full).max())
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxdeep.model.matmul import project, row_reductions, single_row_product
+from jaxdeep.model.matmul import project, serving_layout, single_row_product
 from jaxdeep.serve.layout import decode_formats, inputs_minor, relaid_groups, to_decode_layout, weight_group
 
 
@@ -39,7 +39,7 @@ def test_single_row_product_is_the_einsum(subscripts, x_shape, w_shape):
 
 def _reduce_dtypes(fn, *args) -> set[str]:
     """Input dtypes of the reduce_sum equations of a fresh trace of fn (traces are cached per function, and
-    `row_reductions` is read while tracing), nested jaxprs included."""
+    `serving_layout` is read while tracing), nested jaxprs included."""
 
     def walk(jaxpr):
         for eqn in jaxpr.eqns:
@@ -59,23 +59,46 @@ def test_project_takes_row_reductions_only_where_asked_and_for_one_row():
     w = jnp.ones((8, 3), jnp.bfloat16)
     product = lambda x, w: project("btd,df->btf", x, w)
     assert _reduce_dtypes(product, x1, w) == set()  # the model's layout: an einsum
-    with row_reductions(["experts"]):
+    with serving_layout(["experts"]):
         assert _reduce_dtypes(product, x1, w) == set()
-    with row_reductions(["projections"]):
+    with serving_layout(["projections"]):
         assert _reduce_dtypes(product, x1, w) == {"float32"}  # summed in float32, not bf16
         assert _reduce_dtypes(product, x4, w) == set()  # several rows: still the einsum
     assert _reduce_dtypes(product, x1, w) == set()  # the context ends with the block
 
 
-def test_relaid_groups_skip_weights_that_kernels_read():
+def test_relaid_groups_are_every_projection_but_fp8_ones():
     from jaxdeep.model import KernelChoice
 
-    no_triton = "no GPU"
-    assert relaid_groups(KernelChoice(), no_triton) == ("projections", "experts")
-    assert relaid_groups(KernelChoice(), None) == ("projections",)  # the grouped Triton matmul reads the experts
-    assert relaid_groups(KernelChoice(gmm="reference"), None) == ("projections", "experts")
-    assert relaid_groups(KernelChoice(gmm="triton"), no_triton) == ("projections",)
-    assert relaid_groups(KernelChoice(matmul="fp8"), no_triton) == ()
+    for gmm in ("auto", "reference", "triton", "interpret"):  # the grouped kernels read re-laid experts in place
+        assert relaid_groups(KernelChoice(gmm=gmm)) == ("projections", "experts")
+    assert relaid_groups(KernelChoice(matmul="fp8")) == ()
+
+
+def test_grouped_reads_experts_transposed_in_the_serving_layout():
+    """Inside `serving_layout(["experts"])` the routed experts' grouped matmul is handed the weights transposed
+    ([E, N, K], the re-laid buffer as it lies) and gives the same product; elsewhere it takes them as they are."""
+    from jaxdeep.model import KernelChoice
+    from jaxdeep.model.matmul import grouped
+
+    rng = np.random.default_rng(3)
+    lhs = jnp.asarray(rng.normal(size=(10, 6)), jnp.float32)
+    rhs = jnp.asarray(rng.normal(size=(3, 6, 4)), jnp.float32)
+    gs = jnp.asarray([4, 0, 5], jnp.int32)
+    kernels = KernelChoice(gmm="reference")
+    want = grouped(lhs, rhs, gs, kernels)
+
+    def transposes() -> int:  # views of rhs as [E, N, K] in a fresh trace (traces are cached per function)
+        program = str(jax.make_jaxpr(lambda a, b: grouped(a, b, gs, kernels))(lhs, rhs))
+        return program.count("f32[3,4,6] = transpose[permutation=(0, 2, 1)]")
+
+    assert transposes() == 0
+    with serving_layout(["experts"]):
+        got = grouped(lhs, rhs, gs, kernels)
+        assert transposes() == 1
+    with serving_layout(["projections"]):
+        assert transposes() == 0
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
 
 
 def test_weight_groups_by_path():

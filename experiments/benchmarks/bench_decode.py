@@ -16,7 +16,8 @@ use where the decode kernel attends). The bound is
 bytes / (bandwidth of a copy measured in the same run: `a + 1` over 2 GiB, timed on the GPU's clock from a
 profiler trace, as a host clock around the call would add the allocation and synchronisation of each call).
 Each row gives the step on the host's clock (what a server sees) and the GPU's busy time per step (from a
-profiler trace, `timing.device_seconds`), and the roofline fractions of the host-clock step.
+profiler trace, `timing.device_seconds`), and the roofline fractions of the host-clock step. `--prefill N` also
+times one prefill chunk of N tokens on the GPU's clock (`prefill_ms`).
 
     python experiments/benchmarks/bench_decode.py experiments/dense_1b.yaml --batch 1 16 64 \
         --override model.param_dtype=bfloat16 --out experiments/benchmarks/bench_decode.jsonl
@@ -106,6 +107,23 @@ def time_decode(
     return host, busy, [(name, (ns / 1e3, count)) for name, (ns, count) in ranked]
 
 
+def time_prefill(runner: ModelRunner, top: int = 0):
+    """GPU busy seconds of one prefill chunk (`ModelRunner.prefill`, a full chunk of the runner's prefill_chunk
+    tokens into slot 0 at position 0) and its `top` kernels, as `time_decode` gives them."""
+    chunk = runner.geometry.prefill_chunk
+    tokens = np.ones((chunk,), np.int32)
+    cache = runner.new_cache()
+
+    def step():
+        return runner.prefill(cache, tokens, 0, 0)[1]
+
+    for _ in range(2):
+        jax.block_until_ready(step())
+    events = gpu_events(step, calls=10)
+    ranked = sorted(kernel_totals(events, 10).items(), key=lambda kv: -kv[1][0])[:top]
+    return busy_seconds(events, 10), [(name, (ns / 1e3, count)) for name, (ns, count) in ranked]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("config")
@@ -142,6 +160,12 @@ def main() -> None:
         help="sampling mode of the engine's step (every row is greedy: the engine takes 'greedy'; 'sample' runs the "
         "sort and draw over the vocabulary that a sampled request needs)",
     )
+    ap.add_argument(
+        "--prefill",
+        type=int,
+        default=0,
+        help="also time one prefill chunk of this many tokens on the GPU's clock (prefill_ms; default: not timed)",
+    )
     ap.add_argument("--top", type=int, default=0, help="print the N kernels that take the most GPU time per step")
     ap.add_argument("--out", default=None, help="append one JSON line per batch size here")
     args = ap.parse_args()
@@ -158,7 +182,7 @@ def main() -> None:
     if args.inputs == "host" and args.decode_steps != [1]:
         raise SystemExit("--decode-steps times the engine's step: use it with --inputs device")
     for layout, batch, block in itertools.product(args.layout, args.batch, args.decode_steps):
-        geometry = CacheGeometry(num_slots=batch, max_context=args.context, prefill_chunk=batch)
+        geometry = CacheGeometry(num_slots=batch, max_context=args.context, prefill_chunk=args.prefill or batch)
         runner = ModelRunner.from_loaded(
             loaded,
             geometry,
@@ -197,6 +221,11 @@ def main() -> None:
             "xla_flags": os.environ.get("XLA_FLAGS", ""),
             "overrides": args.override,
         }
+        if args.prefill:
+            prefill_s, prefill_top = time_prefill(runner, args.top)
+            row |= {"prefill_tokens": args.prefill, "prefill_ms": prefill_s * 1e3}
+            for name, (us, count) in prefill_top:
+                print(f"  prefill {us:10.1f} µs in {count:3d} kernels  {name}")
         print(json.dumps(row))
         for name, (us, count) in top:
             print(f"    {us:8.1f} µs per step in {count:3d} kernels  {name}")

@@ -54,20 +54,21 @@ def projection_impl(fp8_impl: str) -> str:
     return fp8_impl
 
 
-_ROW_REDUCTIONS: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar("row_reductions", default=frozenset())
+_SERVING_LAYOUT: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar("serving_layout", default=frozenset())
 
 
 @contextlib.contextmanager
-def row_reductions(groups: Iterable[str]):
-    """While tracing inside: single-row products with the weights of `groups` ("projections": `project`'s;
-    "experts": the routed experts' of one token) run as `single_row_product`. The caller promises those weights
-    are stored with their contracted axes minor (the serving layout, `jaxdeep/serve/layout.py`); on the model's
-    own layout the same reduction would walk each weight with a stride, and an einsum is faster."""
-    token = _ROW_REDUCTIONS.set(frozenset(groups))
+def serving_layout(groups: Iterable[str]):
+    """While tracing inside, the weights of `groups` ("projections": `project`'s; "experts": the routed experts')
+    are stored with their contracted axes minor, the serving layout (`jaxdeep/serve/layout.py`), and the products
+    adapt: single-row products run as `single_row_product`, a row reduction that streams such a weight; the
+    routed experts' grouped matmuls read their weights transposed, in place. On the model's own layout the same
+    reduction would walk each weight with a stride, and an einsum is faster."""
+    token = _SERVING_LAYOUT.set(frozenset(groups))
     try:
         yield
     finally:
-        _ROW_REDUCTIONS.reset(token)
+        _SERVING_LAYOUT.reset(token)
 
 
 _DECODE_KERNELS: contextvars.ContextVar[str] = contextvars.ContextVar("decode_kernels", default="xla")
@@ -89,9 +90,9 @@ def decode_kernel() -> str:
     return _DECODE_KERNELS.get()
 
 
-def row_reduction_for(group: str) -> bool:
-    """Whether single-row products of weight group `group` run as row reductions here (`row_reductions`)."""
-    return group in _ROW_REDUCTIONS.get()
+def in_serving_layout(group: str) -> bool:
+    """Whether the weights of `group` are stored in the serving layout here (`serving_layout`)."""
+    return group in _SERVING_LAYOUT.get()
 
 
 def single_row_product(subscripts: str, x: jax.Array, w: jax.Array) -> jax.Array:
@@ -111,9 +112,9 @@ def single_row_product(subscripts: str, x: jax.Array, w: jax.Array) -> jax.Array
 
 def project(subscripts: str, x: jax.Array, w: jax.Array, kernels: KernelChoice = DEFAULT_KERNELS) -> jax.Array:
     """`jnp.einsum(subscripts, x, w)` for a projection, in FP8 when `kernels.matmul` is "fp8" (same shape and
-    dtype); a single row as `single_row_product` inside `row_reductions(["projections"])`."""
+    dtype); a single row as `single_row_product` inside `serving_layout(["projections"])`."""
     if kernels.matmul == "bf16":
-        if row_reduction_for("projections") and math.prod(x.shape[: x.ndim - _contracted(subscripts)]) == 1:
+        if in_serving_layout("projections") and math.prod(x.shape[: x.ndim - _contracted(subscripts)]) == 1:
             return single_row_product(subscripts, x, w)
         return jnp.einsum(subscripts, x, w)
     impl = projection_impl(kernels.fp8)
@@ -169,8 +170,12 @@ def grouped(
     lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, kernels: KernelChoice = DEFAULT_KERNELS
 ) -> jax.Array:
     """The routed experts' grouped matmul: `kernels.gmm.gmm` with the choice's `gmm` implementation, or, when its
-    `matmul` is "fp8", `fp8_gmm` with its `fp8` implementation."""
+    `matmul` is "fp8", `fp8_gmm` with its `fp8` implementation. Inside `serving_layout(["experts"])` the weights
+    [E, K, N] are stored [E, N, K]-major, and the product reads them so (as a Triton kernel's operand the
+    transposed view is the buffer itself; the model's order would make XLA copy every expert first)."""
     if kernels.matmul == "bf16":
+        if in_serving_layout("experts"):
+            return gmm(lhs, jnp.swapaxes(rhs, 1, 2), group_sizes, impl=kernels.gmm, transpose_rhs=True)
         return gmm(lhs, rhs, group_sizes, impl=kernels.gmm)
     return fp8_gmm(lhs, rhs, group_sizes, impl=kernels.fp8)
 

@@ -4,8 +4,9 @@ A decode step multiplies a few rows by every weight matrix. With the model's own
 sums down a column of the weight, which XLA ran at a quarter to a half of the copy bandwidth on an H200. Stored
 [out, in] (input dimensions minor), each output is a contiguous row, and a row reduction streams the weight at
 about 3 TB/s (experiments/benchmarks/RESULTS.md). Only the physical layout changes: shapes, logical axes,
-shardings and the model code stay as they are, and XLA adapts its prefill GEMMs to the layout. Weights that
-custom kernels read are left as they are (`relaid_groups`).
+shardings and the model code stay as they are, and XLA adapts its prefill GEMMs to the layout; the routed
+experts' grouped Triton matmul reads them transposed, in place. FP8 weights, which other kernels read row-major,
+are left as they are (`relaid_groups`).
 """
 
 from __future__ import annotations
@@ -70,16 +71,12 @@ def decode_formats(params, groups=GROUPS) -> object:
     return jax.tree_util.tree_map_with_path(one, params)
 
 
-def relaid_groups(kernels, triton_unavailable: str | None) -> tuple[str, ...]:
-    """The weight groups decode may re-lay out: only weights no custom kernel reads, since a Triton or Mosaic kernel
-    takes its operands row-major and XLA would copy a re-laid weight back before every call. FP8 projections go
-    through such kernels; the routed experts do whenever the grouped Triton matmul can run (prefill, and decode
-    of more token copies than experts)."""
-    if kernels.matmul != "bf16":
-        return ()
-    if kernels.gmm == "reference" or (kernels.gmm == "auto" and triton_unavailable is not None):
-        return GROUPS
-    return ("projections",)
+def relaid_groups(kernels) -> tuple[str, ...]:
+    """The weight groups decode re-lays out: every projection in the compute dtype. FP8 projections go through
+    kernels that take their weights row-major, and XLA would copy a re-laid weight back before every call, so
+    nothing is re-laid in FP8. The routed experts' grouped Triton matmul reads re-laid experts as they are
+    (`kernels.gmm.gmm(..., transpose_rhs=True)`)."""
+    return GROUPS if kernels.matmul == "bf16" else ()
 
 
 def to_decode_layout(params, groups=GROUPS, donate: bool = False):

@@ -21,14 +21,13 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxdeep.config import ConfigError, ExperimentConfig
 from jaxdeep.model import KernelChoice
-from jaxdeep.model.matmul import decode_kernels, row_reductions
+from jaxdeep.model.matmul import decode_kernels, serving_layout
 from jaxdeep.serve import cache as kv
 from jaxdeep.serve.extend import model_functions
 from jaxdeep.serve.layout import relaid_groups, to_decode_layout
 from jaxdeep.serve.sampling import MODES, sample, sample_rows
 from jaxdeep.sharding import use_rules
 from kernels.decode import resolve
-from kernels.triton_runtime import unavailable_reason
 
 
 @dataclass(frozen=True)
@@ -82,9 +81,9 @@ class ModelRunner:
     merge(params, model_state) builds the nnx model from parameter trees (already placed on the mesh);
     compiler_options go to XLA (e.g. a lower backend optimisation level where compile time dominates);
     unroll_layers lays the layer stack out straight instead of looping over it: longer compile, 16-20% faster
-    decode of the dense 1B model on an H200; decode_layout keeps a copy of the projection weights that no custom
-    kernel reads with their input dimensions minor (`layout.py`, `relaid` names the groups), and runs single-row
-    products on them as row reductions: batch-1 decode about 1.8x faster on an H200
+    decode of the dense 1B model on an H200; decode_layout keeps a copy of the projection weights in the compute
+    dtype with their input dimensions minor (`layout.py`, `relaid` names the groups), and runs single-row products
+    on them as row reductions: batch-1 decode about 1.8x faster on an H200
     (experiments/benchmarks/RESULTS.md). Those weights take memory twice while the caller keeps `params`, unless
     donate_params hands them over: each original is freed once its copy exists, and the caller's tree is spent.
     decode_all_slots makes every decode step take all slots (`decode_sizes`)."""
@@ -108,7 +107,7 @@ class ModelRunner:
         self.rules = {k: list(v) for k, v in cfg.sharding.rules.items()}
         self._check(geometry)
         # Weights re-laid for decode, and the products that then run as row reductions (layout.py).
-        self.relaid = relaid_groups(KernelChoice.from_config(cfg), unavailable_reason()) if decode_layout else ()
+        self.relaid = relaid_groups(KernelChoice.from_config(cfg)) if decode_layout else ()
         params, param_sh = to_decode_layout(params, self.relaid, donate=donate_params)
         self.params, self.model_state = params, model_state
         self.layout = kv.cache_layout(cfg.model, geometry.num_slots, geometry.max_context)
@@ -121,7 +120,7 @@ class ModelRunner:
         pre_rules = prefill_rules(self.rules)
 
         def prefill(params, model_state, cache, tokens_t, slot, start, n_valid):
-            with use_rules(pre_rules, mesh), row_reductions(self.relaid):
+            with use_rules(pre_rules, mesh), serving_layout(self.relaid):
                 model = merge(params, model_state)
                 positions_bt = (start + jnp.arange(chunk, dtype=jnp.int32))[None]
                 x_btd, cache = extend(
@@ -131,7 +130,7 @@ class ModelRunner:
                 return cache, logits(model, last_b1d)[0, 0]
 
         def decode(params, model_state, cache, tokens_b, positions_b):
-            with use_rules(self.rules, mesh), row_reductions(self.relaid), decode_kernels(self.decode_kernels):
+            with use_rules(self.rules, mesh), serving_layout(self.relaid), decode_kernels(self.decode_kernels):
                 model = merge(params, model_state)
                 slot_b = jnp.arange(tokens_b.shape[0], dtype=jnp.int32)
                 x_btd, cache = extend(

@@ -2,7 +2,9 @@
 
 `gmm(lhs, rhs, group_sizes)`: the rows of `lhs` [m, k] come sorted by group; rows of group g (the next
 `group_sizes[g]` rows) are multiplied by `rhs[g]` [k, n]. Rows past `sum(group_sizes)` give zeros, so a
-buffer may be padded at the end. Differentiable in `lhs` and `rhs`.
+buffer may be padded at the end. Differentiable in `lhs` and `rhs`. `transpose_rhs=True` takes `rhs` as
+[g, n, k] and multiplies by `rhs[g]^T`: the kernels read such weights in place (serving keeps the experts so,
+with the contracted axis minor, for its single-token products).
 
 `impl`:
 - "reference": `jax.lax.ragged_dot` (see `kernels.gmm.reference`);
@@ -18,7 +20,7 @@ weights shared across the batch, which `jax.lax.ragged_dot` cannot batch by itse
 
 from __future__ import annotations
 
-from functools import partial
+from functools import cache, partial
 
 import jax
 import jax.numpy as jnp
@@ -31,8 +33,12 @@ from kernels.gmm.ops import SUPPORTED_DTYPES, check_shapes, triton_gmm
 __all__ = ["IMPLS", "gmm"]
 
 IMPLS = ("auto", "reference", "triton", "interpret")
-_reference = mappable(reference.gmm)
-_triton = {runner: mappable(partial(triton_gmm, runner=runner)) for runner in ("triton", "interpret")}
+
+
+@cache
+def _mappable(impl: str, transpose_rhs: bool):
+    fn = reference.gmm if impl == "reference" else partial(triton_gmm, runner=impl)
+    return mappable(partial(fn, transpose_rhs=transpose_rhs))
 
 
 def gmm(
@@ -42,15 +48,14 @@ def gmm(
     *,
     impl: str = "auto",
     preferred_element_type=None,
+    transpose_rhs: bool = False,
 ) -> jax.Array:
-    """[m, k] rows sorted by group × [g, k, n] per-group weights -> [m, n]."""
+    """[m, k] rows sorted by group × [g, k, n] per-group weights ([g, n, k] with `transpose_rhs`) -> [m, n]."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    check_shapes("gmm", lhs, rhs, group_sizes)
+    check_shapes("gmm", lhs, rhs, group_sizes, transpose_rhs)
     if impl == "auto":
         dtype = jnp.result_type(lhs.dtype, rhs.dtype)
         fast = dtype in SUPPORTED_DTYPES and triton_runtime.unavailable_reason() is None
         impl = "triton" if fast else "reference"
-    if impl in _triton:
-        return _triton[impl](lhs, rhs, group_sizes, preferred_element_type)
-    return _reference(lhs, rhs, group_sizes, preferred_element_type)
+    return _mappable(impl, bool(transpose_rhs))(lhs, rhs, group_sizes, preferred_element_type)

@@ -129,18 +129,29 @@ def _strided_gmm(lhs, rhs, group_sizes, rhs_strides, k, n, out_dtype, kind, runn
     return _run(runner, "gmm_fwd", [lhs, rhs, offsets, tile_starts], out, (programs,), cfg, meta, poison)
 
 
-def gmm_fwd(lhs, rhs, group_sizes, *, out_dtype=None, runner="triton", poison=False, config=None):
-    """out [M, N] = lhs [M, K] @ rhs[g] (rhs [E, K, N]) per group; rows past sum(group_sizes) are zero."""
-    _, k, n = rhs.shape
+def _rhs_view(rhs, transposed: bool) -> tuple[int, int, tuple[int, int, int]]:
+    """(K, N, strides of (e, k, n)) for rhs read as [E, K, N]: stored so, or stored [E, N, K] when `transposed`."""
+    _, a, b = rhs.shape
+    return (b, a, (a * b, 1, b)) if transposed else (a, b, (a * b, b, 1))
+
+
+def gmm_fwd(lhs, rhs, group_sizes, *, transpose_rhs=False, out_dtype=None, runner="triton", poison=False, config=None):
+    """out [M, N] = lhs [M, K] @ rhs[g] per group for rhs [E, K, N], or @ rhs[g]^T for rhs [E, N, K] with
+    `transpose_rhs` (read through its strides, nothing copied); rows past sum(group_sizes) are zero."""
+    k, n, strides = _rhs_view(rhs, transpose_rhs)
     out_dtype = jnp.dtype(out_dtype or lhs.dtype)
-    return _strided_gmm(lhs, rhs, group_sizes, (k * n, n, 1), k, n, out_dtype, "fwd", runner, poison, config)
+    return _strided_gmm(lhs, rhs, group_sizes, strides, k, n, out_dtype, "fwd", runner, poison, config)
 
 
-def gmm_dlhs(dout, rhs, group_sizes, *, out_dtype=None, runner="triton", poison=False, config=None):
-    """dlhs [M, K] = dout [M, N] @ rhs[g]^T per group: the forward kernel reading rhs through swapped strides."""
-    _, k, n = rhs.shape
+def gmm_dlhs(
+    dout, rhs, group_sizes, *, transpose_rhs=False, out_dtype=None, runner="triton", poison=False, config=None
+):
+    """dlhs [M, K] = dout [M, N] @ (rhs read as [E, K, N], see `gmm_fwd`)[g]^T per group: the forward kernel
+    reading rhs through swapped strides."""
+    k, n, (stride_e, stride_k, stride_n) = _rhs_view(rhs, transpose_rhs)
     out_dtype = jnp.dtype(out_dtype or dout.dtype)
-    return _strided_gmm(dout, rhs, group_sizes, (k * n, 1, n), n, k, out_dtype, "dlhs", runner, poison, config)
+    strides = (stride_e, stride_n, stride_k)
+    return _strided_gmm(dout, rhs, group_sizes, strides, n, k, out_dtype, "dlhs", runner, poison, config)
 
 
 def gmm_drhs(lhs, dout, group_sizes, groups, *, out_dtype=None, runner="triton", poison=False, config=None):

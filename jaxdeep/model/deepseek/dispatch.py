@@ -17,7 +17,7 @@ from jax.sharding import PartitionSpec
 
 from jaxdeep import sharding
 from jaxdeep.model.kernel_choice import DEFAULT_KERNELS, KernelChoice
-from jaxdeep.model.matmul import activated_grouped, grouped, row_reduction_for, silu_gate, single_row_product
+from jaxdeep.model.matmul import activated_grouped, grouped, in_serving_layout, silu_gate, single_row_product
 
 TOKENS = ("batch", "act_seq", None)
 GATE_UP = ("expert", "embed", None, "mlp")  # [E, d, 2, F]: gate and up projections side by side
@@ -65,7 +65,7 @@ def gathered_experts(x_td, experts_tk, weights_tk, gate_up_edcf, down_efd):
     matmul would read every expert's weights to compute a handful of rows. Returns as `local_experts`. Meant for
     inference: its SwiGLU is differentiated as written, without `cached_activation`."""
     t, k = experts_tk.shape
-    if t == 1 and row_reduction_for("experts"):  # one token, experts in the serving layout: row reductions
+    if t == 1 and in_serving_layout("experts"):  # one token, experts in the serving layout: row reductions
         # One slice per expert, not a gather: XLA lays a gather's output out as it sees fit, at times making the sum
         # a strided walk of the weight (7x slower on an H200); a slice keeps the weight's own layout, which in the
         # serving layout (jaxdeep/serve/layout.py) has the summed axis minor.
