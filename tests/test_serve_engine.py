@@ -191,8 +191,10 @@ def test_grouped_kernel_reads_the_relaid_experts_in_place():
     forward = jax.jit(lambda p, s, t: loaded.merge(p, s)(t), compiler_options=FAST)
     runner = ModelRunner.from_loaded(loaded, CacheGeometry(2, CONTEXT, CHUNK), compiler_options=FAST)
     assert runner.relaid == ("projections", "experts")
-    gate_up = runner.params["moe_blocks"]["mlp"]["experts"]["gate_up_proj"]
-    assert gate_up.format.layout.major_to_minor == (0, 1, 3, 4, 2)  # [layers, E, d, 2, F] with d minor
+    gate_up = runner.params["moe_blocks"]["mlp"]["experts"]["gate_up_proj"]  # per layer (layout.split_layers)
+    assert len(gate_up) == 2 and all(g.format.layout.major_to_minor == (0, 2, 3, 1) for g in gate_up)  # d minor
+    stacked = loaded.params["moe_blocks"]["mlp"]["experts"]["gate_up_proj"]
+    np.testing.assert_array_equal(np.stack([np.asarray(g) for g in gate_up]), np.asarray(stacked))
     prompt = _prompt(10, 9)
     cache, logits_v = runner.prefill_prompt(runner.new_cache(), prompt, slot=1)
     seq, decoded = list(prompt), [np.asarray(logits_v)]

@@ -9,7 +9,15 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxdeep.model.matmul import project, serving_layout, single_row_product
-from jaxdeep.serve.layout import decode_formats, inputs_minor, relaid_groups, to_decode_layout, weight_group
+from jaxdeep.serve.layout import (
+    decode_formats,
+    inputs_minor,
+    relaid_groups,
+    split_layers,
+    stacked_layers,
+    to_decode_layout,
+    weight_group,
+)
 
 
 @pytest.mark.parametrize(
@@ -169,3 +177,35 @@ def test_donated_layout_frees_only_the_relaid_originals():
     assert tree["attn"]["wq"].is_deleted() and not relaid["attn"]["wq"].is_deleted()
     assert relaid["norm"]["scale"] is tree["norm"]["scale"] and not tree["norm"]["scale"].is_deleted()
     np.testing.assert_array_equal(np.asarray(relaid["attn"]["wq"]), 1.0)
+
+
+def test_split_layers_gives_each_layer_its_experts_in_their_own_buffer():
+    tree = {
+        "moe_blocks": {
+            "mlp": {
+                "experts": {"down_proj": jnp.arange(3 * 2 * 4 * 5.0).reshape(3, 2, 4, 5)},
+                "shared_experts": {"down_proj": jnp.ones((3, 4, 5))},
+            }
+        },
+    }
+    relaid, formats = to_decode_layout(tree)
+    split, split_formats = split_layers(relaid, formats, own=True)
+    layers = split["moe_blocks"]["mlp"]["experts"]["down_proj"]
+    assert isinstance(layers, list) and len(layers) == 3
+    assert relaid["moe_blocks"]["mlp"]["experts"]["down_proj"].is_deleted()  # owned: freed once split
+    for i, (layer, fmt) in enumerate(
+        zip(layers, split_formats["moe_blocks"]["mlp"]["experts"]["down_proj"], strict=True)
+    ):
+        assert layer.format.layout.major_to_minor == (0, 2, 1) == fmt.layout.major_to_minor  # F minor, as stacked
+        np.testing.assert_array_equal(
+            np.asarray(layer), np.asarray(tree["moe_blocks"]["mlp"]["experts"]["down_proj"][i])
+        )
+    shared = split["moe_blocks"]["mlp"]["shared_experts"]["down_proj"]
+    assert shared is relaid["moe_blocks"]["mlp"]["shared_experts"]["down_proj"]  # only the routed experts split
+    # A jit given these formats stacks them back and computes what the stack gives.
+    product = lambda t: jnp.einsum(
+        "lefd,f->led", stacked_layers(t)["moe_blocks"]["mlp"]["experts"]["down_proj"], jnp.ones(4)
+    )
+    want = product(jax.tree.map(np.asarray, tree))
+    got = jax.jit(product, in_shardings=(split_formats,))(split)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want))

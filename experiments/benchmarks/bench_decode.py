@@ -112,10 +112,11 @@ def time_prefill(runner: ModelRunner, top: int = 0):
     tokens into slot 0 at position 0) and its `top` kernels, as `time_decode` gives them."""
     chunk = runner.geometry.prefill_chunk
     tokens = np.ones((chunk,), np.int32)
-    cache = runner.new_cache()
+    state = {"cache": runner.new_cache()}
 
-    def step():
-        return runner.prefill(cache, tokens, 0, 0)[1]
+    def step():  # prefill donates the cache it is given
+        state["cache"], logits = runner.prefill(state["cache"], tokens, 0, 0)
+        return logits
 
     for _ in range(2):
         jax.block_until_ready(step())

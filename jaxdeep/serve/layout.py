@@ -12,7 +12,9 @@ are left as they are (`relaid_groups`).
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 from jax.experimental.layout import Format, Layout
+from jax.sharding import NamedSharding, PartitionSpec
 
 # Projection name -> (dimensions of one matrix, how many of them are inputs). Leading dimensions beyond these
 # (the layer stack, the experts) stay major. The output head and the router are left alone: the head already
@@ -89,3 +91,36 @@ def to_decode_layout(params, groups=GROUPS, donate: bool = False):
         return leaf if fmt == leaf.format else jax.device_put(leaf, fmt, donate=donate)
 
     return jax.tree.map(one, params, formats), formats
+
+
+def split_layers(params, formats, own: bool = False):
+    """(params, formats) with each routed expert weight that is stacked over layers ([L, E, ...]) held as a list of
+    L arrays, each its own buffer, in the same layout. XLA hands a custom call whole buffers, so a kernel reading
+    one layer's slice of a stack gets a copy of it first: with the grouped Triton matmul, 1.6 of the 2.7 ms of a
+    256-token prefill of deepseek_2b on an H200 (experiments/benchmarks/RESULTS.md). Inside a jitted step
+    `stacked_layers` stacks the lists again, and with the layers laid out straight XLA folds each layer's slice of
+    that stack back to the layer's own buffer. With `own` each stacked original is freed once it is split."""
+
+    def one(path, leaf, fmt):
+        if weight_group(path) != "experts":
+            return leaf, fmt
+        order = tuple(d - 1 for d in fmt.layout.major_to_minor if d)
+        sharding = fmt.sharding  # a named one loses the layer axis; one device holds any shape
+        if isinstance(sharding, NamedSharding):
+            sharding = NamedSharding(sharding.mesh, PartitionSpec(*tuple(sharding.spec)[1:]))
+        layer_fmt = Format(Layout(major_to_minor=order), sharding)
+        take = jax.jit(lambda a, i: a[i], out_shardings=layer_fmt)
+        layers = [take(leaf, i) for i in range(leaf.shape[0])]
+        if own:
+            leaf.delete()
+        return layers, [layer_fmt] * len(layers)
+
+    pairs = jax.tree_util.tree_map_with_path(one, params, formats)
+    is_pair = lambda x: isinstance(x, tuple) and len(x) == 2  # noqa: E731
+    return (jax.tree.map(lambda p: p[0], pairs, is_leaf=is_pair), jax.tree.map(lambda p: p[1], pairs, is_leaf=is_pair))
+
+
+def stacked_layers(params):
+    """The tree of `split_layers` with each list of per-layer arrays stacked again (inside a jitted step)."""
+    is_layers = lambda x: isinstance(x, list)  # noqa: E731
+    return jax.tree.map(lambda a: jnp.stack(a) if is_layers(a) else a, params, is_leaf=is_layers)

@@ -24,7 +24,7 @@ from jaxdeep.model import KernelChoice
 from jaxdeep.model.matmul import decode_kernels, serving_layout
 from jaxdeep.serve import cache as kv
 from jaxdeep.serve.extend import model_functions
-from jaxdeep.serve.layout import relaid_groups, to_decode_layout
+from jaxdeep.serve.layout import relaid_groups, split_layers, stacked_layers, to_decode_layout
 from jaxdeep.serve.sampling import MODES, sample, sample_rows
 from jaxdeep.sharding import use_rules
 from kernels.decode import resolve
@@ -109,6 +109,8 @@ class ModelRunner:
         # Weights re-laid for decode, and the products that then run as row reductions (layout.py).
         self.relaid = relaid_groups(KernelChoice.from_config(cfg)) if decode_layout else ()
         params, param_sh = to_decode_layout(params, self.relaid, donate=donate_params)
+        if unroll_layers:  # each layer's routed experts in a buffer of their own, for the grouped kernel (layout.py)
+            params, param_sh = split_layers(params, param_sh, own=donate_params or "experts" in self.relaid)
         self.params, self.model_state = params, model_state
         self.layout = kv.cache_layout(cfg.model, geometry.num_slots, geometry.max_context)
         self.cache_shardings = kv.cache_shardings(self.layout, self.rules, mesh)
@@ -121,7 +123,7 @@ class ModelRunner:
 
         def prefill(params, model_state, cache, tokens_t, slot, start, n_valid):
             with use_rules(pre_rules, mesh), serving_layout(self.relaid):
-                model = merge(params, model_state)
+                model = merge(stacked_layers(params), model_state)
                 positions_bt = (start + jnp.arange(chunk, dtype=jnp.int32))[None]
                 x_btd, cache = extend(
                     model, cache, tokens_t[None], positions_bt, slot[None], leading_slots=False, unroll=unroll_layers
@@ -131,7 +133,7 @@ class ModelRunner:
 
         def decode(params, model_state, cache, tokens_b, positions_b):
             with use_rules(self.rules, mesh), serving_layout(self.relaid), decode_kernels(self.decode_kernels):
-                model = merge(params, model_state)
+                model = merge(stacked_layers(params), model_state)
                 slot_b = jnp.arange(tokens_b.shape[0], dtype=jnp.int32)
                 x_btd, cache = extend(
                     model,
