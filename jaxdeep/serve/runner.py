@@ -83,9 +83,11 @@ class ModelRunner:
     unroll_layers lays the layer stack out straight instead of looping over it: longer compile, 16-20% faster
     decode of the dense 1B model on an H200; decode_layout keeps a copy of the projection weights in the compute
     dtype with their input dimensions minor (`layout.py`, `relaid` names the groups), and runs single-row products
-    on them as row reductions: batch-1 decode about 1.8x faster on an H200
-    (experiments/benchmarks/RESULTS.md). Those weights take memory twice while the caller keeps `params`, unless
-    donate_params hands them over: each original is freed once its copy exists, and the caller's tree is spent.
+    on them as row reductions: batch-1 decode about 1.8x faster on an H200 (experiments/benchmarks/RESULTS.md).
+    With unroll_layers each layer's routed experts are kept in a buffer of their own (`layout.split_layers`), which
+    a kernel reads without a copy. Re-laid or split weights take memory twice while the caller keeps `params`,
+    unless donate_params hands them over: each original is freed once its copy exists, and the caller's tree is
+    spent.
     decode_all_slots makes every decode step take all slots (`decode_sizes`)."""
 
     def __init__(
