@@ -195,6 +195,8 @@ def test_grouped_kernel_reads_the_relaid_experts_in_place():
     assert len(gate_up) == 2 and all(g.format.layout.major_to_minor == (0, 2, 3, 1) for g in gate_up)  # d minor
     stacked = loaded.params["moe_blocks"]["mlp"]["experts"]["gate_up_proj"]
     np.testing.assert_array_equal(np.stack([np.asarray(g) for g in gate_up]), np.asarray(stacked))
+    unsplit = ModelRunner.from_loaded(loaded, CacheGeometry(2, CONTEXT, CHUNK), decode_layout=False)
+    assert unsplit.params["moe_blocks"]["mlp"]["experts"]["gate_up_proj"] is stacked  # the caller's: never twice
     prompt = _prompt(10, 9)
     cache, logits_v = runner.prefill_prompt(runner.new_cache(), prompt, slot=1)
     seq, decoded = list(prompt), [np.asarray(logits_v)]

@@ -189,10 +189,14 @@ def test_split_layers_gives_each_layer_its_experts_in_their_own_buffer():
         },
     }
     relaid, formats = to_decode_layout(tree)
-    split, split_formats = split_layers(relaid, formats, own=True)
+    caller_experts = tree["moe_blocks"]["mlp"]["experts"]["down_proj"]
+    kept, _ = split_layers(tree, jax.tree.map(lambda a: a.format, tree), keep={id(caller_experts)})
+    assert kept["moe_blocks"]["mlp"]["experts"]["down_proj"] is caller_experts  # the caller's: left stacked
+    assert not caller_experts.is_deleted()
+    split, split_formats = split_layers(relaid, formats)
     layers = split["moe_blocks"]["mlp"]["experts"]["down_proj"]
     assert isinstance(layers, list) and len(layers) == 3
-    assert relaid["moe_blocks"]["mlp"]["experts"]["down_proj"].is_deleted()  # owned: freed once split
+    assert relaid["moe_blocks"]["mlp"]["experts"]["down_proj"].is_deleted()  # a copy: freed once split
     for i, (layer, fmt) in enumerate(
         zip(layers, split_formats["moe_blocks"]["mlp"]["experts"]["down_proj"], strict=True)
     ):

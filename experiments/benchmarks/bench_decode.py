@@ -17,7 +17,9 @@ bytes / (bandwidth of a copy measured in the same run: `a + 1` over 2 GiB, timed
 profiler trace, as a host clock around the call would add the allocation and synchronisation of each call).
 Each row gives the step on the host's clock (what a server sees) and the GPU's busy time per step (from a
 profiler trace, `timing.device_seconds`), and the roofline fractions of the host-clock step. `--prefill N` also
-times one prefill chunk of N tokens on the GPU's clock (`prefill_ms`).
+times one prefill chunk of N tokens on the GPU's clock (`prefill_ms`). Prompt tokens and each slot's first token
+are random (seeded); later decode tokens are the model's own picks. (Rows of earlier raw rows without
+`"tokens": "random"` all started from token 1, so an MoE model routed every row to the same experts.)
 
     python experiments/benchmarks/bench_decode.py experiments/dense_1b.yaml --batch 1 16 64 \
         --override model.param_dtype=bfloat16 --out experiments/benchmarks/bench_decode.jsonl
@@ -56,6 +58,11 @@ def tree_bytes(tree) -> int:
     return sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(tree))
 
 
+def varied_tokens(runner: ModelRunner, n: int, seed: int) -> np.ndarray:
+    """n random token ids: rows on one repeated token would all route to the same experts of an MoE model."""
+    return np.random.default_rng(seed).integers(0, runner.cfg.model.vocab_size, n).astype(np.int32)
+
+
 def time_decode(
     runner: ModelRunner,
     batch: int,
@@ -76,7 +83,7 @@ def time_decode(
     if start + per_call * (calls + 3 + min(calls, 20)) > context:  # every call moves the slots on
         raise SystemExit(f"--steps {steps} with the warm-up and the trace would run past --context {context}")
     state = {"cache": runner.new_cache(), "position": start - 1}
-    tokens = np.ones((batch,), np.int32)
+    tokens = varied_tokens(runner, batch, seed=1)
     zeros = np.zeros((batch,), np.int32)
     state["batch"] = runner.decode_batch(tokens, np.full((batch,), start), zeros, zeros, np.ones(batch), zeros, zeros)
 
@@ -111,7 +118,7 @@ def time_prefill(runner: ModelRunner, top: int = 0):
     """GPU busy seconds of one prefill chunk (`ModelRunner.prefill`, a full chunk of the runner's prefill_chunk
     tokens into slot 0 at position 0) and its `top` kernels, as `time_decode` gives them."""
     chunk = runner.geometry.prefill_chunk
-    tokens = np.ones((chunk,), np.int32)
+    tokens = varied_tokens(runner, chunk, seed=2)
     state = {"cache": runner.new_cache()}
 
     def step():  # prefill donates the cache it is given
@@ -180,6 +187,8 @@ def main() -> None:
     bandwidth = copy_bandwidth(args.copy_bytes)
     device = jax.devices()[0].device_kind
     print(f"{cfg.name} on {device}: weights {weight_bytes / 1e9:.2f} GB, copy bandwidth {bandwidth / 1e12:.2f} TB/s")
+    if args.prefill > args.context:
+        raise SystemExit(f"--prefill {args.prefill} does not fit a slot of --context {args.context}")
     if args.inputs == "host" and args.decode_steps != [1]:
         raise SystemExit("--decode-steps times the engine's step: use it with --inputs device")
     for layout, batch, block in itertools.product(args.layout, args.batch, args.decode_steps):
@@ -219,6 +228,7 @@ def main() -> None:
             # the kernel choice, and whether this model has a decode kernel to take it (DeepSeek has none yet)
             "decode_kernels": runner.decode_kernels,
             "decode_kernel_used": kernel_used,
+            "tokens": "random",
             "xla_flags": os.environ.get("XLA_FLAGS", ""),
             "overrides": args.override,
         }

@@ -127,7 +127,8 @@ class InferenceEngine:
         """num_slots: sequences decoded together; max_context: positions per slot (default: the model's training
         length; for HF models max_position_embeddings, at most 4096); prefill_chunk: prompt tokens per prefill call;
         max_waiting: queued requests before submit raises QueueFull; own_params: the engine takes over
-        `loaded.params` (the runner frees each weight it re-lays out; `loaded` must not be used after);
+        `loaded.params` (the runner frees each weight it re-lays out or splits by layer; `loaded` must not be used
+        after);
         decode_steps: decode steps per launch while no request waits or reads its prompt (tokens then stream in
         bursts of that many); warm_up: compile the model's programs before the engine starts (prefill, and
         decode for each size, block length and sampling mode), so no request waits for XLA; decode_all_slots:

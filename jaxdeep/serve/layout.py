@@ -6,7 +6,8 @@ sums down a column of the weight, which XLA ran at a quarter to a half of the co
 about 3 TB/s (experiments/benchmarks/RESULTS.md). Only the physical layout changes: shapes, logical axes,
 shardings and the model code stay as they are, and XLA adapts its prefill GEMMs to the layout; the routed
 experts' grouped Triton matmul reads them transposed, in place. FP8 weights, which other kernels read row-major,
-are left as they are (`relaid_groups`).
+are left as they are (`relaid_groups`). The routed experts may also be split into one array per layer
+(`split_layers`), which the serving runner stacks again inside its jitted steps.
 """
 
 from __future__ import annotations
@@ -93,16 +94,17 @@ def to_decode_layout(params, groups=GROUPS, donate: bool = False):
     return jax.tree.map(one, params, formats), formats
 
 
-def split_layers(params, formats, own: bool = False):
+def split_layers(params, formats, keep=frozenset()):
     """(params, formats) with each routed expert weight that is stacked over layers ([L, E, ...]) held as a list of
     L arrays, each its own buffer, in the same layout. XLA hands a custom call whole buffers, so a kernel reading
-    one layer's slice of a stack gets a copy of it first: with the grouped Triton matmul, 1.6 of the 2.7 ms of a
-    256-token prefill of deepseek_2b on an H200 (experiments/benchmarks/RESULTS.md). Inside a jitted step
+    one layer's slice of a stack gets a copy of it first: with the grouped Triton matmul, 1.6 ms per 256-token
+    prefill chunk of deepseek_2b on an H200 (experiments/benchmarks/RESULTS.md). Inside a jitted step
     `stacked_layers` stacks the lists again, and with the layers laid out straight XLA folds each layer's slice of
-    that stack back to the layer's own buffer. With `own` each stacked original is freed once it is split."""
+    that stack back to the layer's own buffer. Each stacked original is freed once split; one in `keep` (ids of
+    arrays the caller still owns) is left stacked instead, so splitting never holds the experts twice."""
 
     def one(path, leaf, fmt):
-        if weight_group(path) != "experts":
+        if weight_group(path) != "experts" or id(leaf) in keep:
             return leaf, fmt
         order = tuple(d - 1 for d in fmt.layout.major_to_minor if d)
         sharding = fmt.sharding  # a named one loses the layer axis; one device holds any shape
@@ -111,8 +113,7 @@ def split_layers(params, formats, own: bool = False):
         layer_fmt = Format(Layout(major_to_minor=order), sharding)
         take = jax.jit(lambda a, i: a[i], out_shardings=layer_fmt)
         layers = [take(leaf, i) for i in range(leaf.shape[0])]
-        if own:
-            leaf.delete()
+        leaf.delete()
         return layers, [layer_fmt] * len(layers)
 
     pairs = jax.tree_util.tree_map_with_path(one, params, formats)

@@ -85,9 +85,9 @@ class ModelRunner:
     dtype with their input dimensions minor (`layout.py`, `relaid` names the groups), and runs single-row products
     on them as row reductions: batch-1 decode about 1.8x faster on an H200 (experiments/benchmarks/RESULTS.md).
     With unroll_layers each layer's routed experts are kept in a buffer of their own (`layout.split_layers`), which
-    a kernel reads without a copy. Re-laid or split weights take memory twice while the caller keeps `params`,
-    unless donate_params hands them over: each original is freed once its copy exists, and the caller's tree is
-    spent.
+    a kernel reads without a copy, where the runner owns them: re-laid copies, or weights handed over. Re-laid
+    weights take memory twice while the caller keeps `params`, unless donate_params hands them over: each original
+    is freed once its copy exists, and the caller's tree is spent.
     decode_all_slots makes every decode step take all slots (`decode_sizes`)."""
 
     def __init__(
@@ -110,9 +110,10 @@ class ModelRunner:
         self._check(geometry)
         # Weights re-laid for decode, and the products that then run as row reductions (layout.py).
         self.relaid = relaid_groups(KernelChoice.from_config(cfg)) if decode_layout else ()
+        callers = frozenset() if donate_params else frozenset(id(a) for a in jax.tree.leaves(params))
         params, param_sh = to_decode_layout(params, self.relaid, donate=donate_params)
         if unroll_layers:  # each layer's routed experts in a buffer of their own, for the grouped kernel (layout.py)
-            params, param_sh = split_layers(params, param_sh, own=donate_params or "experts" in self.relaid)
+            params, param_sh = split_layers(params, param_sh, keep=callers)
         self.params, self.model_state = params, model_state
         self.layout = kv.cache_layout(cfg.model, geometry.num_slots, geometry.max_context)
         self.cache_shardings = kv.cache_shardings(self.layout, self.rules, mesh)
