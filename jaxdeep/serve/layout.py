@@ -103,25 +103,27 @@ def split_layers(params, formats, keep=frozenset()):
     that stack back to the layer's own buffer. Each stacked original is freed once split; one in `keep` (ids of
     arrays the caller still owns) is left stacked instead, so splitting never holds the experts twice."""
 
-    def one(path, leaf, fmt):
+    def one(path, leaf):
         if weight_group(path) != "experts" or id(leaf) in keep:
-            return leaf, fmt
-        order = tuple(d - 1 for d in fmt.layout.major_to_minor if d)
-        sharding = fmt.sharding  # a named one loses the layer axis; one device holds any shape
+            return leaf
+        order = tuple(d - 1 for d in leaf.format.layout.major_to_minor if d)
+        sharding = leaf.sharding  # a named one loses the layer axis; one device holds any shape
         if isinstance(sharding, NamedSharding):
             sharding = NamedSharding(sharding.mesh, PartitionSpec(*tuple(sharding.spec)[1:]))
-        layer_fmt = Format(Layout(major_to_minor=order), sharding)
-        take = jax.jit(lambda a, i: a[i], out_shardings=layer_fmt)
+        take = jax.jit(lambda a, i: a[i], out_shardings=Format(Layout(major_to_minor=order), sharding))
         layers = [take(leaf, i) for i in range(leaf.shape[0])]
         leaf.delete()
-        return layers, [layer_fmt] * len(layers)
+        return layers
 
-    pairs = jax.tree_util.tree_map_with_path(one, params, formats)
-    is_pair = lambda x: isinstance(x, tuple) and len(x) == 2  # noqa: E731
-    return (jax.tree.map(lambda p: p[0], pairs, is_leaf=is_pair), jax.tree.map(lambda p: p[1], pairs, is_leaf=is_pair))
+    split = jax.tree_util.tree_map_with_path(one, params)
+    layer_formats = lambda a, fmt: [layer.format for layer in a] if _is_layers(a) else fmt  # noqa: E731
+    return split, jax.tree.map(layer_formats, split, formats, is_leaf=_is_layers)
+
+
+def _is_layers(x) -> bool:
+    return isinstance(x, list)
 
 
 def stacked_layers(params):
     """The tree of `split_layers` with each list of per-layer arrays stacked again (inside a jitted step)."""
-    is_layers = lambda x: isinstance(x, list)  # noqa: E731
-    return jax.tree.map(lambda a: jnp.stack(a) if is_layers(a) else a, params, is_leaf=is_layers)
+    return jax.tree.map(lambda a: jnp.stack(a) if _is_layers(a) else a, params, is_leaf=_is_layers)
