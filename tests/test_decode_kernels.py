@@ -13,9 +13,10 @@ import pytest
 from jaxdeep.config import ConfigError, load_config
 from jaxdeep.serve.loading import from_config
 from jaxdeep.serve.runner import CacheGeometry, ModelRunner
-from kernels.decode import attention, resolve, write_attend
+from kernels.decode import attention, latent, resolve, write_attend, write_attend_latent
 from tests.fast_compile import FAST
 from tests.helpers import TINY
+from tests.test_serve_engine import DEEPSEEK, EXPERIMENTS
 
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
 
@@ -132,6 +133,120 @@ def test_dispatch_and_bad_input():
         attention.write_attend(*args, interpret=True, chunk=96)
 
 
+# ----------------------------------------------------------------------------- MLA: the latent cache
+
+
+def _latent_inputs(dtype, layers=2, slots=5, context=300, heads=4, width=32, rope=16, seed=0):
+    """(q_latent, q_rope, new latent, new rope part, latent cache, rope cache)."""
+    ks = jax.random.split(jax.random.key(seed), 6)
+    shapes = [(slots, heads, width), (slots, heads, rope), (slots, width), (slots, rope)]
+    shapes += [(layers, slots, context, width), (layers, slots, context, rope)]
+    return tuple(jax.random.normal(k, s, jnp.float32).astype(dtype) for k, s in zip(ks, shapes, strict=True))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("chunk", [None, 64, 128])
+def test_write_attend_latent_kernel_matches_reference(dtype, chunk):
+    """Cache write and absorbed-MLA attention in one kernel, with its own chunking and two others: the same output
+    and caches as the reference at position 0, a chunk's first entry (its owner loops over nothing), mid-block,
+    the cache's end and an idle slot past it; nothing else in the caches moves."""
+    args = _latent_inputs(dtype)
+    positions = jnp.array([0, 64, 65, 299, 310], jnp.int32)
+    want, want_lat, want_rope = latent.write_attend_reference(*args, 1, positions, 0.2)
+    got, got_lat, got_rope = latent.write_attend(
+        *args, jnp.int32(1), positions, 0.2, interpret=True, poison=True, chunk=chunk
+    )
+    assert got.dtype == dtype and got.shape == want.shape and not np.isnan(np.asarray(got, np.float32)).any()
+    atol = TOL[dtype] * float(jnp.abs(want.astype(jnp.float32)).max())
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=0, atol=atol)
+    np.testing.assert_array_equal(np.asarray(got_lat), np.asarray(want_lat))
+    np.testing.assert_array_equal(np.asarray(got_rope), np.asarray(want_rope))
+    changed = np.argwhere(np.any(np.asarray(got_lat) != np.asarray(args[4]), axis=3))
+    assert {tuple(int(i) for i in c) for c in changed} == {(1, 0, 0), (1, 1, 64), (1, 2, 65), (1, 3, 299), (1, 4, 299)}
+
+
+def test_write_attend_latent_reads_nothing_past_the_position_nor_other_slots():
+    """Garbage past each row's position, and in the slots past the rows, changes nothing; rows are the first
+    slots of a larger cache."""
+    q, qr, new_lat, new_rope, lat, rope = _latent_inputs(jnp.float32, slots=6, context=200)
+    positions = jnp.array([5, 64, 130, 199], jnp.int32)
+    rows = (q[:4], qr[:4], new_lat[:4], new_rope[:4])
+    out, got_lat, _ = latent.write_attend(*rows, lat, rope, jnp.int32(0), positions, 0.3, interpret=True)
+    want, want_lat, _ = latent.write_attend_reference(*rows, lat, rope, 0, positions, 0.3)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(want), rtol=0, atol=1e-5 * float(jnp.abs(want).max()))
+    np.testing.assert_array_equal(np.asarray(got_lat), np.asarray(want_lat))
+    np.testing.assert_array_equal(np.asarray(got_lat[:, 4:]), np.asarray(lat[:, 4:]))
+    after = jnp.arange(200)[None, :, None] > jnp.pad(positions, (0, 2), constant_values=-1)[:, None, None]
+    garbage = jnp.where(after[None], jnp.nan, lat), jnp.where(after[None], 1e4, rope)
+    out2, _, _ = latent.write_attend(*rows, *garbage, jnp.int32(0), positions, 0.3, interpret=True)
+    np.testing.assert_array_equal(np.asarray(out2), np.asarray(out))
+
+
+def test_write_attend_latent_lowers_to_triton():
+    """Sixteen heads and the DeepSeek widths (512 + 64) lower; four heads are padded to the products' sixteen."""
+    for heads in (16, 4):
+        args = _latent_inputs(jnp.bfloat16, slots=2, context=256, heads=heads, width=512, rope=64)
+        fused = lambda *a: latent.write_attend(*a, 0.1)  # noqa: E731
+        lowered = jax.jit(fused).trace(*args, jnp.int32(0), jnp.zeros(2, jnp.int32)).lower(lowering_platforms=("cuda",))
+        assert "__gpu$xla.gpu.triton" in lowered.as_text()
+
+
+def test_write_attend_latent_dispatch_and_bad_input():
+    args = _latent_inputs(jnp.float32, context=40)
+    positions = jnp.array([3, 0, 39, 12, 50], jnp.int32)
+    for got, want in zip(
+        write_attend_latent(*args, 1, positions, 0.3, impl="interpret"),
+        write_attend_latent(*args, 1, positions, 0.3, impl="reference"),
+        strict=True,
+    ):
+        np.testing.assert_allclose(got, want, atol=1e-5)
+    q, qr, new_lat, new_rope, lat, rope = args
+    with pytest.raises(ValueError, match="rope width 8 is not a power of two >= 16"):
+        write_attend_latent(
+            q, qr[..., :8], new_lat, new_rope[:, :8], lat, rope[..., :8], 0, positions, 1.0, "interpret"
+        )
+    with pytest.raises(ValueError, match="latent width 24 is not a power of two"):
+        write_attend_latent(
+            q[..., :24], qr, new_lat[:, :24], new_rope, lat[..., :24], rope, 0, positions, 1.0, "interpret"
+        )
+    with pytest.raises(ValueError, match="6 rows of queries for a cache of 5 slots"):
+        six = [jnp.concatenate([x, x[:1]]) for x in (q, qr, new_lat, new_rope)]
+        write_attend_latent(*six, lat, rope, 0, jnp.zeros(6, jnp.int32), 1.0, impl="interpret")
+    with pytest.raises(ValueError, match="chunk 96 must be a multiple of block 64"):
+        latent.write_attend(*args, 0, positions, 1.0, interpret=True, chunk=96)
+
+
+@pytest.mark.parametrize("mesh", [{}, {"tensor": 2}])
+def test_deepseek_decode_through_the_latent_kernel_matches_the_full_forward(mesh):
+    """DeepSeek slots at different positions (one idle) decode through the latent kernel, per shard of the heads on
+    a mesh; each active slot's logits equal the full forward's. Widths the kernel cannot take keep XLA's path."""
+    if len(jax.devices()) < int(np.prod(list(mesh.values()) or [1])):
+        pytest.skip(f"needs {np.prod(list(mesh.values()))} devices, {len(jax.devices())} here")
+    from jaxdeep.serve.extend import latent_kernel_reason
+
+    overrides = [*DEEPSEEK, "model.deepseek.qk_rope_head_dim=16", "kernels.decode=interpret"]
+    cfg = load_config(EXPERIMENTS / "deepseek_tiny.yaml", [*overrides, *(f"mesh.{a}={n}" for a, n in mesh.items())])
+    assert latent_kernel_reason(cfg.model) is None
+    assert "rope width 4" in latent_kernel_reason(load_config(EXPERIMENTS / "deepseek_tiny.yaml", DEEPSEEK).model)
+    loaded = from_config(cfg, compiler_options=FAST)
+    runner = ModelRunner.from_loaded(loaded, CacheGeometry(4, 40, 8), compiler_options=FAST)
+    assert runner.decode_kernels == "interpret"
+    forward = jax.jit(lambda p, s, t: loaded.merge(p, s)(t), compiler_options=FAST)
+    rng = np.random.default_rng(2)
+    prompts = {0: rng.integers(1, 256, 5).tolist(), 2: rng.integers(1, 256, 17).tolist(), 3: [7]}
+    cache = runner.new_cache()
+    for slot, prompt in prompts.items():
+        cache, _ = runner.prefill_prompt(cache, prompt[:-1] or prompt, slot)
+    tokens = np.array([prompts[0][-1], 1, prompts[2][-1], 7], np.int32)
+    positions = np.array([4, 40, 16, 0], np.int32)  # slot 1 idle
+    traced = runner._decode.trace(runner.params, runner.model_state, cache, tokens, positions)
+    assert str(traced.jaxpr).count("pallas_call") == 2  # one per layer stack (dense, MoE), each a loop of layers
+    _, logits = runner.decode(cache, tokens, positions)
+    for slot, prompt in prompts.items():
+        full = np.asarray(forward(loaded.params, loaded.model_state, np.asarray([prompt])))[0, -1]
+        np.testing.assert_allclose(np.asarray(logits[slot]), full, rtol=0, atol=1e-5 * np.abs(full).max())
+
+
 def _runner(kernels: str, **mesh):
     axes = [f"mesh.{a}={n}" for a, n in mesh.items()]
     cfg = load_config(None, [*TINY, "model.init_std=0.3", f"kernels.decode={kernels}", *axes])
@@ -227,3 +342,20 @@ def test_write_attend_kernel_on_gpu(dtype):
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=0, atol=atol)
     np.testing.assert_allclose(np.asarray(got_k, np.float32), np.asarray(want_k, np.float32), rtol=0, atol=1e-2)
     np.testing.assert_array_equal(np.asarray(got_v), np.asarray(want_v))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_write_attend_latent_kernel_on_gpu(dtype):
+    """The DeepSeek 2B preset's shapes (16 heads, latent 512, rope 64), compiled."""
+    args = _latent_inputs(dtype, layers=2, slots=8, context=1000, heads=16, width=512, rope=64, seed=3)
+    positions = jnp.array([0, 1, 63, 64, 511, 998, 999, 1500], jnp.int32)
+    want, want_lat, want_rope = latent.write_attend_reference(*args, 1, positions, 0.07)
+    got, got_lat, got_rope = jax.jit(lambda *a: latent.write_attend(*a, 0.07, poison=True))(
+        *args, jnp.int32(1), positions
+    )
+    assert not np.isnan(np.asarray(got, np.float32)).any()
+    atol = TOL[dtype] * float(jnp.abs(want.astype(jnp.float32)).max())
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=0, atol=atol)
+    np.testing.assert_array_equal(np.asarray(got_lat), np.asarray(want_lat))
+    np.testing.assert_array_equal(np.asarray(got_rope), np.asarray(want_rope))

@@ -44,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from timing import busy_seconds, device_seconds, gpu_events, kernel_totals  # noqa: E402
 
 from jaxdeep.model import count_params
+from jaxdeep.serve.extend import latent_kernel_reason
 from jaxdeep.serve.loading import load_model
 from jaxdeep.serve.runner import CacheGeometry, ModelRunner
 
@@ -205,7 +206,8 @@ def main() -> None:
         )
         used_cache = cache_bytes * (args.context // 2) / args.context
         needed = active * itemsize + used_cache
-        kernel_used = runner.decode_kernels != "xla" and cfg.model.kind != "deepseek"
+        takes_kernel = cfg.model.kind != "deepseek" or latent_kernel_reason(cfg.model) is None
+        kernel_used = runner.decode_kernels != "xla" and takes_kernel
         read = weight_bytes - counts["embedding"] * itemsize + (used_cache if kernel_used else cache_bytes)
         row = {
             "model": cfg.name,
@@ -225,7 +227,7 @@ def main() -> None:
             "inputs": args.inputs,
             "decode_steps": block,  # steps per launch
             "sampling": args.sampling if args.inputs == "device" else None,
-            # the kernel choice, and whether this model has a decode kernel to take it (DeepSeek has none yet)
+            # the kernel choice, and whether this model's attention runs on it (DeepSeek: `write_attend_latent`)
             "decode_kernels": runner.decode_kernels,
             "decode_kernel_used": kernel_used,
             "tokens": "random",

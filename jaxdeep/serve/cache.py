@@ -22,6 +22,9 @@ from jaxdeep.config import ModelConfig
 from jaxdeep.sharding import LogicalAxes, Rules, named_sharding
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+KV_AXES: LogicalAxes = ("layers", "batch", None, "act_heads", None)  # dense: per-head keys or values
+LATENT_AXES: LogicalAxes = ("layers", "batch", None, "kv_lora")  # MLA: the normalised latent
+ROPE_AXES: LogicalAxes = ("layers", "batch", None, None)  # MLA: the rotated key part all heads share
 
 
 @dataclass(frozen=True)
@@ -39,13 +42,13 @@ def cache_layout(cfg: ModelConfig, num_slots: int, max_context: int) -> dict[str
         stacks = {"dense_blocks": n_dense, "moe_blocks": cfg.n_layers - n_dense}
         return {
             name: {
-                "latent": CacheEntry((n, s, t, ds.kv_lora_rank), ("layers", "batch", None, "kv_lora")),
-                "k_rope": CacheEntry((n, s, t, ds.qk_rope_head_dim), ("layers", "batch", None, None)),
+                "latent": CacheEntry((n, s, t, ds.kv_lora_rank), LATENT_AXES),
+                "k_rope": CacheEntry((n, s, t, ds.qk_rope_head_dim), ROPE_AXES),
             }
             for name, n in stacks.items()
             if n
         }
-    kv = CacheEntry((cfg.n_layers, s, t, cfg.n_heads, cfg.head_dim), ("layers", "batch", None, "act_heads", None))
+    kv = CacheEntry((cfg.n_layers, s, t, cfg.n_heads, cfg.head_dim), KV_AXES)
     return {"blocks": {"k": kv, "v": kv}}
 
 

@@ -18,7 +18,7 @@ from jaxdeep.model.layers import rotary, rotary_tables
 from jaxdeep.model.matmul import decode_kernel, project
 from jaxdeep.serve import cache as kv
 from jaxdeep.sharding import active_spec, constrain
-from kernels.decode import write_attend
+from kernels.decode import latent, write_attend, write_attend_latent
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 RESIDUAL = ("batch", "act_seq", "act_embed")
@@ -37,28 +37,27 @@ def _softmax(scores_bnts: jax.Array, mask_b1ts: jax.Array) -> jax.Array:
     return jax.nn.softmax(scores_bnts, axis=-1)
 
 
+def _per_shard(run, args, in_axes, out_axes):
+    """`run(*args)`, on each device's shard where a mesh is active: a kernel is opaque to the SPMD partitioner,
+    and rows and heads are independent, so each device handles its own. Axes are logical (None: replicated)."""
+    active = active_spec(("batch",))
+    if active is None:
+        return run(*args)
+    spec = lambda axes: jax.sharding.PartitionSpec() if axes is None else active_spec(axes)[1]  # noqa: E731
+    in_specs, out_specs = tuple(map(spec, in_axes)), tuple(map(spec, out_axes))
+    return jax.shard_map(run, mesh=active[0], in_specs=in_specs, out_specs=out_specs, check_vma=False)(*args)
+
+
 def _write_attend(q_bnh, k_bnh, v_bnh, tables, cache: dict, layer, positions_b, scale: float, impl: str):
-    """`kernels.decode.write_attend` on the layer's new query, key and value, per shard of the mesh where there is
-    one: a kernel is opaque to the SPMD partitioner, and slots and heads are independent, so each device handles
-    its own. Returns (out [b, n, h], cache)."""
+    """`kernels.decode.write_attend` on the layer's new query, key and value. Returns (out [b, n, h], cache)."""
 
     def run(q, k, v, cos, sin, k_cache, v_cache, layer, positions):
         return write_attend(q, k, v, cos, sin, k_cache, v_cache, layer, positions, scale, impl)
 
+    heads, rows, kv_axes = ("batch", "act_heads", None), ("batch", None), kv.KV_AXES
+    in_axes = (heads, heads, heads, rows, rows, kv_axes, kv_axes, None, ("batch",))
     args = (q_bnh, k_bnh, v_bnh, *tables, cache["k"], cache["v"], layer, positions_b)
-    spec = active_spec(("batch", "act_heads", None))
-    if spec is None:
-        out, k_cache, v_cache = run(*args)
-    else:
-        mesh, heads = spec
-        _, rows = active_spec(("batch", None))
-        _, cache_spec = active_spec(("layers", "batch", None, "act_heads", None))
-        _, pos_spec = active_spec(("batch",))
-        specs = (heads, heads, heads, rows, rows, cache_spec, cache_spec, jax.sharding.PartitionSpec(), pos_spec)
-        out_specs = (heads, cache_spec, cache_spec)
-        out, k_cache, v_cache = jax.shard_map(run, mesh=mesh, in_specs=specs, out_specs=out_specs, check_vma=False)(
-            *args
-        )
+    out, k_cache, v_cache = _per_shard(run, args, in_axes, (heads, kv_axes, kv_axes))
     return out, {"k": k_cache, "v": v_cache}
 
 
@@ -160,6 +159,38 @@ def _rope_bt(x_btnh, cos_bth, sin_bth, interleave: bool):
     return jax.vmap(one)(x_btnh, cos_bth, sin_bth)
 
 
+def latent_kernel_reason(cfg) -> str | None:
+    """Why DeepSeek decode cannot attend with `kernels.decode.write_attend_latent` under the active mesh rules
+    (the shapes it takes, or a latent split over devices), or None."""
+    ds = cfg.deepseek
+    n, c, r = cfg.n_heads, ds.kv_lora_rank, ds.qk_rope_head_dim
+    shape = jax.ShapeDtypeStruct
+    reason = latent.check(
+        shape((1, n, c), jnp.float32),
+        shape((1, n, r), jnp.float32),
+        shape((1, 1, 1, c), jnp.float32),
+        shape((1, 1, 1, r), jnp.float32),
+    )
+    active = active_spec(kv.LATENT_AXES)
+    if reason is None and active is not None and active[1][3] is not None:
+        reason = f"the latent is split over mesh axes {active[1][3]}: each head's scores sum over all of it"
+    return reason
+
+
+def _write_attend_latent(q_bnc, qr_bnr, latent_bc, rope_br, cache: dict, layer, positions_b, scale, impl):
+    """`kernels.decode.write_attend_latent` on the layer's queries in latent space and its new cache entries.
+    Returns (out [b, n, c], cache)."""
+
+    def run(q, qr, new_latent, new_rope, latent_cache, rope_cache, layer, positions):
+        return write_attend_latent(q, qr, new_latent, new_rope, latent_cache, rope_cache, layer, positions, scale, impl)
+
+    heads, rows = ("batch", "act_heads", None), ("batch", None)
+    in_axes = (heads, heads, rows, rows, kv.LATENT_AXES, kv.ROPE_AXES, None, ("batch",))
+    args = (q_bnc, qr_bnr, latent_bc, rope_br, cache["latent"], cache["k_rope"], layer, positions_b)
+    out, latent_cache, rope_cache = _per_shard(run, args, in_axes, (heads, kv.LATENT_AXES, kv.ROPE_AXES))
+    return out, {"latent": latent_cache, "k_rope": rope_cache}
+
+
 def absorbed_mla(attn, h_btd, cache: dict, layer, positions_bt, slot_b, leading_slots: bool, rope):
     """MLA on the latent cache with the key up-projection folded into the query and the value up-projection
     applied after the weighted sum: scores = (q_nope·W_UK)·c + q_rope·k_rope, out = ((p·c)·W_UV)·W_O."""
@@ -179,21 +210,29 @@ def absorbed_mla(attn, h_btd, cache: dict, layer, positions_bt, slot_b, leading_
     kv_a_btc = project("btd,dc->btc", h_btd, attn.kv_a_proj_with_mqa[...].astype(dt))
     latent_btc = attn.kv_a_layernorm(kv_a_btc[..., :c])
     k_rope_btr = _rope_bt(kv_a_btc[:, :, None, c:], cos_bth, sin_bth, ds.rope_interleave)[:, :, 0]
-    drop = not leading_slots  # decode (leading slots) clamps its idle slots' positions instead: see kv.write
-    cache = {
-        "latent": kv.write(cache["latent"], latent_btc, layer, slot_b, positions_bt, drop),
-        "k_rope": kv.write(cache["k_rope"], k_rope_btr, layer, slot_b, positions_bt, drop),
-    }
-    latent_bsc = kv.read(cache["latent"], layer, slot_b, leading_slots)
-    k_rope_bsr = kv.read(cache["k_rope"], layer, slot_b, leading_slots)
-
     w_ukv_cnh = attn.kv_b_proj[...].astype(dt)
     w_uk_cnh, w_uv_cnh = w_ukv_cnh[..., :nope], w_ukv_cnh[..., nope:]
     q_latent_btnc = constrain(jnp.einsum("btnh,cnh->btnc", q_nope_btnh, w_uk_cnh), HEADS)
-    scores = jnp.einsum("btnc,bsc->bnts", q_latent_btnc, latent_bsc)
-    scores = scores + jnp.einsum("btnr,bsr->bnts", q_rope_btnh, k_rope_bsr)
-    probs = _softmax(constrain(scores * attn.scale, SCORES), _causal_mask(positions_bt, latent_bsc.shape[1]))
-    o_latent_btnc = constrain(jnp.einsum("bnts,bsc->btnc", probs.astype(dt), latent_bsc), HEADS)
+    kernels = decode_kernel()
+    if h_btd.shape[1] == 1 and leading_slots and kernels != "xla" and latent_kernel_reason(cfg) is None:
+        # decode: cache write and attention over the latent cache in one kernel
+        o_latent_bnc, cache = _write_attend_latent(
+            q_latent_btnc[:, 0], q_rope_btnh[:, 0], latent_btc[:, 0], k_rope_btr[:, 0], cache, layer,
+            positions_bt[:, 0], attn.scale, kernels,
+        )  # fmt: skip
+        o_latent_btnc = constrain(o_latent_bnc[:, None], HEADS)
+    else:
+        drop = not leading_slots  # decode (leading slots) clamps its idle slots' positions instead: see kv.write
+        cache = {
+            "latent": kv.write(cache["latent"], latent_btc, layer, slot_b, positions_bt, drop),
+            "k_rope": kv.write(cache["k_rope"], k_rope_btr, layer, slot_b, positions_bt, drop),
+        }
+        latent_bsc = kv.read(cache["latent"], layer, slot_b, leading_slots)
+        k_rope_bsr = kv.read(cache["k_rope"], layer, slot_b, leading_slots)
+        scores = jnp.einsum("btnc,bsc->bnts", q_latent_btnc, latent_bsc)
+        scores = scores + jnp.einsum("btnr,bsr->bnts", q_rope_btnh, k_rope_bsr)
+        probs = _softmax(constrain(scores * attn.scale, SCORES), _causal_mask(positions_bt, latent_bsc.shape[1]))
+        o_latent_btnc = constrain(jnp.einsum("bnts,bsc->btnc", probs.astype(dt), latent_bsc), HEADS)
     o_btnh = constrain(jnp.einsum("btnc,cnh->btnh", o_latent_btnc, w_uv_cnh), HEADS)
     return project("btnh,nhd->btd", o_btnh, attn.o_proj[...].astype(dt)), cache
 

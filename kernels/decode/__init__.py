@@ -2,14 +2,15 @@
 
 A batch-1 decode step of a 1B model on XLA alone runs ~20 small kernels per layer; each costs the GPU 1.5-2.5 µs
 whatever its size, which caps the step far below the memory roofline (experiments/benchmarks/RESULTS.md).
-`write_attend` does a dense layer's attention over the cache, rotation and cache write included, in one launch.
-It is forward-only (serving does not differentiate).
+`write_attend` does a dense layer's attention over the cache, rotation and cache write included, in one launch;
+`write_attend_latent` a DeepSeek (absorbed MLA) layer's over the latent cache, cache write included. Both are
+forward-only (serving does not differentiate).
 
 `impl`:
 - "pallas": Pallas kernels on the Triton backend (CUDA GPU; a ValueError elsewhere, saying why). See
   `runtime.py` for why this backend and not jax-triton or Mosaic GPU;
 - "interpret": the same kernels run on the host (CPU tests);
-- "reference": pure JAX (`attention.write_attend_reference`);
+- "reference": pure JAX (`attention.write_attend_reference`, `latent.write_attend_reference`);
 - "auto": "pallas" where it can run, else "reference".
 """
 
@@ -17,9 +18,9 @@ from __future__ import annotations
 
 import jax
 
-from kernels.decode import attention, runtime
+from kernels.decode import attention, latent, runtime
 
-__all__ = ["IMPLS", "resolve", "write_attend"]
+__all__ = ["IMPLS", "resolve", "write_attend", "write_attend_latent"]
 
 IMPLS = ("auto", "pallas", "interpret", "reference")
 
@@ -63,3 +64,30 @@ def write_attend(
     if reason:
         raise ValueError(f"write_attend: {reason}")
     return attention.write_attend(*args, interpret=impl == "interpret")
+
+
+def write_attend_latent(
+    q_latent_bnc: jax.Array,
+    q_rope_bnr: jax.Array,
+    latent_bc: jax.Array,
+    rope_br: jax.Array,
+    latent_cache: jax.Array,
+    rope_cache: jax.Array,
+    layer,
+    positions_b: jax.Array,
+    scale: float,
+    impl: str = "auto",
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """A DeepSeek decode layer's absorbed MLA over the latent cache, row i for the caches' slot i (the first b):
+    store the new latent [b, c] and rotated key part [b, r] at each row's position (clamped into the cache) and
+    attend with the queries in latent space (q_latent [b, n, c], rotated q_rope [b, n, r];
+    `latent.write_attend_reference`). Returns (out [b, n, c], latent_cache, rope_cache); the kernel updates the
+    caches in place."""
+    impl = resolve(impl)
+    args = (q_latent_bnc, q_rope_bnr, latent_bc, rope_br, latent_cache, rope_cache, layer, positions_b, scale)
+    if impl == "reference":
+        return latent.write_attend_reference(*args)
+    reason = latent.check(q_latent_bnc, q_rope_bnr, latent_cache, rope_cache)
+    if reason:
+        raise ValueError(f"write_attend_latent: {reason}")
+    return latent.write_attend(*args, interpret=impl == "interpret")

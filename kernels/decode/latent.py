@@ -1,0 +1,191 @@
+"""A DeepSeek (MLA) decode layer's attention over the latent cache in one launch: one new token per sequence
+stores its latent and rotated key part in its slot and attends to the slot's entries up to its position.
+
+Absorbed MLA: every head reads the same cached rows, [latent (c) | rotated key part (r)] per position, and
+scores them with its query moved into latent space (q_latent [n, c], q_rope [n, r]); the output is the
+softmax-weighted sum of the latents, [n, c], which the caller maps back through the value up-projection.
+Caches are [layers, slots, positions, c] and [layers, slots, positions, r]; entries past a row's position are
+stale and never read.
+
+As `attention.py` for the dense model, each slot's positions split into chunks (flash-decoding): one program
+per (sequence, chunk) scores a block of positions for all heads at once with two small tensor-core products,
+runs an online softmax, and writes its unnormalised output with its running max and sum; a small XLA reduction
+merges the chunks. The program whose chunk holds the row's position stores the new entry and counts it from
+registers. One program serves all heads, so each cached row is read once per step, not once per head.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from kernels.decode import runtime
+
+BLOCK = 64  # positions per step of a program's loop
+MAX_CHUNKS = 16  # programs per sequence: enough to spread a batch-1 step over the GPU, few partials to merge
+MIN_HEADS = 16  # the tensor-core products need 16 rows: fewer heads are padded with zero queries
+
+
+def reference(q_bnc, qr_bnr, latent_cache, rope_cache, layer, positions_b, scale: float) -> jax.Array:
+    """Softmax attention of the first b slots' visible positions, in float32: [b, n, c]."""
+    b = q_bnc.shape[0]
+    lat, rope = latent_cache[layer, :b].astype(jnp.float32), rope_cache[layer, :b].astype(jnp.float32)
+    scores = jnp.einsum("bnc,bsc->bns", q_bnc.astype(jnp.float32), lat)
+    scores = (scores + jnp.einsum("bnr,bsr->bns", qr_bnr.astype(jnp.float32), rope)) * scale
+    visible = jnp.arange(lat.shape[1])[None, None, :] <= positions_b[:, None, None]
+    probs = jax.nn.softmax(jnp.where(visible, scores, -jnp.inf), axis=-1)
+    return jnp.einsum("bns,bsc->bnc", probs, lat).astype(q_bnc.dtype)
+
+
+def write_attend_reference(q_bnc, qr_bnr, latent_bc, rope_br, latent_cache, rope_cache, layer, positions_b, scale):
+    """Store each row's new latent and rotated key part at its position (clamped into the cache, as
+    `jaxdeep.serve.cache.write` does for idle slots) and attend: returns (out [b, n, c], latent_cache,
+    rope_cache)."""
+    rows = jnp.arange(q_bnc.shape[0])
+    at = jnp.minimum(positions_b, latent_cache.shape[2] - 1)
+    latent_cache = latent_cache.at[layer, rows, at].set(latent_bc.astype(latent_cache.dtype))
+    rope_cache = rope_cache.at[layer, rows, at].set(rope_br.astype(rope_cache.dtype))
+    return reference(q_bnc, qr_bnr, latent_cache, rope_cache, layer, at, scale), latent_cache, rope_cache
+
+
+def _pow2(x: int) -> bool:
+    return x > 0 and not x & (x - 1)
+
+
+def check(q_bnc, qr_bnr, latent_cache, rope_cache) -> str | None:
+    """Why the kernel cannot take these shapes, or None."""
+    (b, n, c), r = q_bnc.shape, qr_bnr.shape[-1]
+    if latent_cache.ndim != 4 or rope_cache.shape[:3] != latent_cache.shape[:3]:
+        return f"caches {latent_cache.shape} / {rope_cache.shape} are not [layers, slots, positions, width]"
+    if qr_bnr.shape[:2] != (b, n) or latent_cache.shape[3] != c or rope_cache.shape[3] != r:
+        return f"queries {q_bnc.shape} / {qr_bnr.shape} do not match caches {latent_cache.shape} / {rope_cache.shape}"
+    for name, width in (("latent", c), ("rope", r)):
+        if not _pow2(width) or width < 16:
+            return f"{name} width {width} is not a power of two >= 16"
+    if b > latent_cache.shape[1]:
+        return f"{b} rows of queries for a cache of {latent_cache.shape[1]} slots"
+    return None
+
+
+def _kernel(
+    layer_ref, pos_ref, q_ref, qr_ref, cn_ref, rn_ref, c_ref, r_ref,  # inputs
+    o_ref, stats_ref, c_out, r_out,  # outputs; c_out and r_out share c_ref's and r_ref's buffers
+    *, scale, chunk, block,
+):  # fmt: skip
+    b, s = pl.program_id(0), pl.program_id(1)
+    layer, last = layer_ref[0], jnp.minimum(pos_ref[b], c_ref.shape[2] - 1)
+    q, qr = q_ref[b], qr_ref[b]  # [n, c], [n, r] in the cache's dtype
+    cn, rn = cn_ref[b, :], rn_ref[b, :]
+    n, width, rope = q.shape[0], c_ref.shape[3], r_ref.shape[3]
+    start = s * chunk
+    owner = last // chunk == s  # this program's chunk holds the new entry: it stores it and counts it
+
+    @pl.when(owner)
+    def _():
+        c_out[layer, b, last, :] = cn
+        r_out[layer, b, last, :] = rn
+
+    def scores_of(lat, rot):  # [n, block] in float32
+        dims = (((1,), (1,)), ((), ()))
+        s1 = lax.dot_general(q, lat, dims, preferred_element_type=jnp.float32)
+        return (s1 + lax.dot_general(qr, rot, dims, preferred_element_type=jnp.float32)) * scale
+
+    def step(i, carry):
+        m, total, acc = carry
+        first = start + i * block
+        valid = first + jnp.arange(block) < last  # earlier entries only: the new one comes from registers
+        lat = runtime.load(c_ref.at[layer, b, pl.ds(first, block), :], jnp.broadcast_to(valid[:, None], (block, width)))
+        rot = runtime.load(r_ref.at[layer, b, pl.ds(first, block), :], jnp.broadcast_to(valid[:, None], (block, rope)))
+        scores = jnp.where(valid[None, :], scores_of(lat, rot), -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(scores, axis=1))
+        p = jnp.exp(scores - m_new[:, None])
+        alpha = jnp.exp(m - m_new)
+        weighted = lax.dot_general(
+            p.astype(lat.dtype), lat, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32
+        )
+        return m_new, total * alpha + jnp.sum(p, axis=1), acc * alpha[:, None] + weighted
+
+    init = (jnp.full((n,), -1e30, jnp.float32), jnp.zeros((n,), jnp.float32), jnp.zeros((n, width), jnp.float32))
+    visible = jnp.clip(last - start, 0, chunk)
+    m, total, acc = lax.fori_loop(0, (visible + block - 1) // block, step, init)
+    # The new entry, for the owner only (elsewhere its weight is exp(-inf) = 0).
+    cn32 = cn.astype(jnp.float32)
+    score = jnp.sum(q.astype(jnp.float32) * cn32[None, :], axis=1) + jnp.sum(
+        qr.astype(jnp.float32) * rn.astype(jnp.float32)[None, :], axis=1
+    )
+    score = jnp.where(owner, score * scale, -jnp.inf)
+    m_new = jnp.maximum(m, score)
+    p, alpha = jnp.exp(score - m_new), jnp.exp(m - m_new)
+    o_ref[s, b] = acc * alpha[:, None] + p[:, None] * cn32[None, :]
+    stats_ref[s, b, 0] = m_new
+    stats_ref[s, b, 1] = total * alpha + p
+
+
+def _merge(o_sbnc, stats_sb2n, dtype):
+    m_sbn, l_sbn = stats_sb2n[:, :, 0], stats_sb2n[:, :, 1]
+    w_sbn = jnp.exp(m_sbn - jnp.max(m_sbn, axis=0))
+    out = jnp.sum(w_sbn[..., None] * o_sbnc, axis=0) / jnp.sum(w_sbn * l_sbn, axis=0)[..., None]
+    return out.astype(dtype)
+
+
+def default_chunk(positions: int, block: int = BLOCK) -> int:
+    """Positions per program: at most MAX_CHUNKS programs per sequence, a power of two, at least one block."""
+    chunk = block
+    while chunk * MAX_CHUNKS < positions:
+        chunk *= 2
+    return chunk
+
+
+def write_attend(
+    q_bnc,
+    qr_bnr,
+    latent_bc,
+    rope_br,
+    latent_cache,
+    rope_cache,
+    layer,
+    positions_b,
+    scale: float,
+    interpret: bool = False,
+    poison: bool = False,
+    chunk: int | None = None,
+    block: int = BLOCK,
+    num_warps: int = 4,
+):
+    """`write_attend_reference` as one kernel launch; the caches are updated in place. Queries are used in the
+    cache's dtype (the tensor-core products take both operands alike); scores and sums are float32."""
+    chunk = chunk or default_chunk(latent_cache.shape[2], block)
+    if chunk % block or not _pow2(block):
+        raise ValueError(f"write_attend_latent: chunk {chunk} must be a multiple of block {block}, a power of two")
+    b, n, c = q_bnc.shape
+    heads = max(MIN_HEADS, 1 << (n - 1).bit_length())
+    dtype = latent_cache.dtype
+    q, qr = (jnp.pad(x.astype(dtype), ((0, 0), (0, heads - n), (0, 0))) for x in (q_bnc, qr_bnr))
+    chunks = -(-latent_cache.shape[2] // chunk)
+    o, stats, latent_cache, rope_cache = runtime.call(
+        functools.partial(_kernel, scale=scale, chunk=chunk, block=block),
+        grid=(b, chunks),
+        inputs=(
+            jnp.reshape(layer, (1,)).astype(jnp.int32),
+            positions_b.astype(jnp.int32),
+            q,
+            qr,
+            latent_bc.astype(dtype),
+            rope_br.astype(dtype),
+            latent_cache,
+            rope_cache,
+        ),
+        out_shapes=(
+            jax.ShapeDtypeStruct((chunks, b, heads, c), jnp.float32),  # each chunk's unnormalised output
+            jax.ShapeDtypeStruct((chunks, b, 2, heads), jnp.float32),  # its running max and sum
+        ),
+        in_place=(6, 7),
+        num_warps=num_warps,
+        interpret=interpret,
+        poison=poison,
+    )
+    return _merge(o, stats, q_bnc.dtype)[:, :n], latent_cache, rope_cache
