@@ -171,6 +171,9 @@ def test_one_sequence_decode_matches_full_forward(served, decode_layout):
     params = runner.params
     wo = params["blocks"]["attn"]["wo"] if kind == "dense" else params["moe_blocks"]["self_attn"]["o_proj"]
     assert wo.format.layout.major_to_minor == ((0, 3, 1, 2) if decode_layout else (0, 1, 2, 3))
+    if kind == "deepseek":  # the router's [embed, experts] weight too: one token's logits are row reductions
+        router = params["moe_blocks"]["mlp"]["gate"]["weight"]
+        assert router.format.layout.major_to_minor == ((0, 2, 1) if decode_layout else (0, 1, 2))
     prompt = _prompt(11, 5)
     cache, logits_v = runner.prefill_prompt(runner.new_cache(), prompt, slot=0)
     seq, decoded = list(prompt), [np.asarray(logits_v)]

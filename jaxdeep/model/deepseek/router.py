@@ -10,6 +10,7 @@ from flax import nnx
 
 from jaxdeep.config import DeepSeekConfig
 from jaxdeep.model.layers import StackableAxes, normal_param
+from jaxdeep.model.matmul import in_serving_layout, single_row_product
 
 
 class RoutingBias(StackableAxes, nnx.Variable):
@@ -50,7 +51,10 @@ class Router(nnx.Module):
 
 @jax.checkpoint  # the backward keeps x in the compute dtype, not its float32 copy
 def _float32_logits(x_td: jax.Array, weight_de: jax.Array) -> jax.Array:
-    return jnp.einsum("td,de->te", x_td.astype(jnp.float32), weight_de.astype(jnp.float32))
+    x_td, weight_de = x_td.astype(jnp.float32), weight_de.astype(jnp.float32)
+    if x_td.shape[0] == 1 and in_serving_layout("projections"):  # decode of one token: the weight is [experts]-major
+        return single_row_product("td,de->te", x_td, weight_de)
+    return jnp.einsum("td,de->te", x_td, weight_de)
 
 
 def route(logits_te: jax.Array, bias_e: jax.Array | None, ds: DeepSeekConfig) -> Routing:
