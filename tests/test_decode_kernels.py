@@ -149,7 +149,7 @@ def _latent_inputs(dtype, layers=2, slots=5, context=300, heads=4, width=32, rop
 def test_write_attend_latent_kernel_matches_reference(dtype, chunk):
     """Cache write and absorbed-MLA attention in one kernel, with its own chunking and two others: the same output
     and caches as the reference at position 0, a chunk's first entry (its owner loops over nothing), mid-block,
-    the cache's end and an idle slot past it; nothing else in the caches moves."""
+    the cache's end and an idle slot past it (which skips the attention); nothing else in the caches moves."""
     args = _latent_inputs(dtype)
     positions = jnp.array([0, 64, 65, 299, 310], jnp.int32)
     want, want_lat, want_rope = latent.write_attend_reference(*args, 1, positions, 0.2)
@@ -163,6 +163,9 @@ def test_write_attend_latent_kernel_matches_reference(dtype, chunk):
     np.testing.assert_array_equal(np.asarray(got_rope), np.asarray(want_rope))
     changed = np.argwhere(np.any(np.asarray(got_lat) != np.asarray(args[4]), axis=3))
     assert {tuple(int(i) for i in c) for c in changed} == {(1, 0, 0), (1, 1, 64), (1, 2, 65), (1, 3, 299), (1, 4, 299)}
+    # the idle slot (position past the cache) attends to its own new entry alone
+    own = np.broadcast_to(np.asarray(args[2][4], np.float32), got[4].shape)
+    np.testing.assert_allclose(np.asarray(got[4], np.float32), own, rtol=0, atol=atol)
 
 
 def test_write_attend_latent_reads_nothing_past_the_position_nor_other_slots():
@@ -214,6 +217,9 @@ def test_write_attend_latent_dispatch_and_bad_input():
         write_attend_latent(*six, lat, rope, 0, jnp.zeros(6, jnp.int32), 1.0, impl="interpret")
     with pytest.raises(ValueError, match="chunk 96 must be a multiple of block 64"):
         latent.write_attend(*args, 0, positions, 1.0, interpret=True, chunk=96)
+    # chunks per sequence: 16 for a lone row, fewer as rows fill the GPU (fewer partial outputs to merge)
+    assert [latent.default_chunk(1024, rows) for rows in (1, 16, 32, 64, 256)] == [64, 64, 128, 256, 1024]
+    assert latent.default_chunk(448, 64) == 128 and latent.default_chunk(40, 1) == 64
 
 
 @pytest.mark.parametrize("mesh", [{}, {"tensor": 2}])

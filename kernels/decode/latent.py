@@ -26,7 +26,8 @@ from jax.experimental import pallas as pl
 from kernels.decode import runtime
 
 BLOCK = 64  # positions per step of a program's loop
-MAX_CHUNKS = 16  # programs per sequence: enough to spread a batch-1 step over the GPU, few partials to merge
+MAX_CHUNKS = 16  # programs per sequence: enough to spread a batch-1 step over the GPU
+PROGRAMS = 256  # programs per launch to aim for (two per SM of an H100/H200): more only add partials to merge
 MIN_HEADS = 16  # the tensor-core products need 16 rows: fewer heads are padded with zero queries
 
 
@@ -42,14 +43,17 @@ def reference(q_bnc, qr_bnr, latent_cache, rope_cache, layer, positions_b, scale
 
 
 def write_attend_reference(q_bnc, qr_bnr, latent_bc, rope_br, latent_cache, rope_cache, layer, positions_b, scale):
-    """Store each row's new latent and rotated key part at its position (clamped into the cache, as
-    `jaxdeep.serve.cache.write` does for idle slots) and attend: returns (out [b, n, c], latent_cache,
-    rope_cache)."""
+    """Store each row's new latent and rotated key part at its position and attend: returns (out [b, n, c],
+    latent_cache, rope_cache). A position past the cache marks an idle slot (as in `jaxdeep.serve.cache.write`):
+    it stores its entry at the last position and its output is that entry's latent, attending to nothing else."""
     rows = jnp.arange(q_bnc.shape[0])
     at = jnp.minimum(positions_b, latent_cache.shape[2] - 1)
     latent_cache = latent_cache.at[layer, rows, at].set(latent_bc.astype(latent_cache.dtype))
     rope_cache = rope_cache.at[layer, rows, at].set(rope_br.astype(rope_cache.dtype))
-    return reference(q_bnc, qr_bnr, latent_cache, rope_cache, layer, at, scale), latent_cache, rope_cache
+    out = reference(q_bnc, qr_bnr, latent_cache, rope_cache, layer, at, scale)
+    idle = (positions_b >= latent_cache.shape[2])[:, None, None]
+    own = jnp.broadcast_to(latent_cache[layer, rows, at][:, None, :], out.shape).astype(out.dtype)
+    return jnp.where(idle, own, out), latent_cache, rope_cache
 
 
 def _pow2(x: int) -> bool:
@@ -78,6 +82,7 @@ def _kernel(
 ):  # fmt: skip
     b, s = pl.program_id(0), pl.program_id(1)
     layer, last = layer_ref[0], jnp.minimum(pos_ref[b], c_ref.shape[2] - 1)
+    idle = pos_ref[b] >= c_ref.shape[2]  # an idle slot: it stores its entry at the end and attends to that alone
     q, qr = q_ref[b], qr_ref[b]  # [n, c], [n, r] in the cache's dtype
     cn, rn = cn_ref[b, :], rn_ref[b, :]
     n, width, rope = q.shape[0], c_ref.shape[3], r_ref.shape[3]
@@ -110,7 +115,7 @@ def _kernel(
         return m_new, total * alpha + jnp.sum(p, axis=1), acc * alpha[:, None] + weighted
 
     init = (jnp.full((n,), -1e30, jnp.float32), jnp.zeros((n,), jnp.float32), jnp.zeros((n, width), jnp.float32))
-    visible = jnp.clip(last - start, 0, chunk)
+    visible = jnp.where(idle, 0, jnp.clip(last - start, 0, chunk))
     m, total, acc = lax.fori_loop(0, (visible + block - 1) // block, step, init)
     # The new entry, for the owner only (elsewhere its weight is exp(-inf) = 0).
     cn32 = cn.astype(jnp.float32)
@@ -132,10 +137,13 @@ def _merge(o_sbnc, stats_sb2n, dtype):
     return out.astype(dtype)
 
 
-def default_chunk(positions: int, block: int = BLOCK) -> int:
-    """Positions per program: at most MAX_CHUNKS programs per sequence, a power of two, at least one block."""
+def default_chunk(positions: int, rows: int, block: int = BLOCK) -> int:
+    """Positions per program, a power of two times `block`: enough chunks per sequence to fill the GPU with the
+    batch's rows (up to MAX_CHUNKS), no more. Each chunk writes a partial output of [heads, latent] float32 that
+    the merge reads back, which at 64 rows would outweigh the cache itself."""
+    chunks = min(MAX_CHUNKS, max(1, PROGRAMS // rows))
     chunk = block
-    while chunk * MAX_CHUNKS < positions:
+    while chunk * chunks < positions:
         chunk *= 2
     return chunk
 
@@ -158,7 +166,7 @@ def write_attend(
 ):
     """`write_attend_reference` as one kernel launch; the caches are updated in place. Queries are used in the
     cache's dtype (the tensor-core products take both operands alike); scores and sums are float32."""
-    chunk = chunk or default_chunk(latent_cache.shape[2], block)
+    chunk = chunk or default_chunk(latent_cache.shape[2], q_bnc.shape[0], block)
     if chunk % block or not _pow2(block):
         raise ValueError(f"write_attend_latent: chunk {chunk} must be a multiple of block {block}, a power of two")
     b, n, c = q_bnc.shape
