@@ -192,7 +192,8 @@ class KernelsConfig:
     # "mosaic" (Triton quantisers, GEMMs on the Pallas Mosaic GPU kernel; Hopper), "interpret" (the Triton kernels
     # in Triton's interpreter, CPU tests) or "auto" (mosaic on Hopper, else Triton where it can run)
     fp8: Literal["reference", "auto", "triton", "interpret", "mosaic"] = "auto"
-    # Serving's decode kernels (kernels.decode, `kernels/decode`): "pallas" (Pallas kernels on the Triton backend,
+    # Serving's decode kernels (kernels.decode, `kernels/decode`: a layer's attention over the cache, dense or
+    # DeepSeek's latent): "pallas" (Pallas kernels on the Triton backend,
     # CUDA GPU; an error elsewhere), "xla" (the model's own jnp code), "interpret" (the Pallas kernels run on the
     # host, CPU tests) or "auto" (pallas where it can run, else xla)
     decode: Literal["auto", "pallas", "xla", "interpret"] = "auto"

@@ -250,9 +250,9 @@ def absorbed_mla(attn, h_btd, cache: dict, layer, positions_bt, slot_b, leading_
 
 def extend_deepseek(model, cache: dict, tokens_bt, positions_bt, slot_b, leading_slots: bool, unroll: bool = False):
     """The `DeepSeekModel`: dense then MoE blocks, MLA on the latent cache; MoE layers route and dispatch with
-    the model's own code (bias-adjusted selection, as in training). MTP modules are not used. No decode kernel
-    runs here yet (RESULTS.md: a kernel on the routed experts made XLA copy each layer's slice of the stacked
-    expert weights every step)."""
+    the model's own code (bias-adjusted selection, as in training). MTP modules are not used. Decode inside
+    `matmul.decode_kernels` writes the cache and attends with `kernels.decode.write_attend_latent` where
+    `latent_kernel_reason` finds nothing against it."""
     rope = _rope_tables_bt(positions_bt, model.cfg)
 
     def layer_fn(block, x_btd, cache, layer):
