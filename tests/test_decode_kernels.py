@@ -237,20 +237,9 @@ def test_deepseek_decode_through_the_latent_kernel_matches_the_full_forward(mesh
     loaded = from_config(cfg, compiler_options=FAST)
     runner = ModelRunner.from_loaded(loaded, CacheGeometry(4, 40, 8), compiler_options=FAST)
     assert runner.decode_kernels == "interpret"
-    forward = jax.jit(lambda p, s, t: loaded.merge(p, s)(t), compiler_options=FAST)
-    rng = np.random.default_rng(2)
-    prompts = {0: rng.integers(1, 256, 5).tolist(), 2: rng.integers(1, 256, 17).tolist(), 3: [7]}
-    cache = runner.new_cache()
-    for slot, prompt in prompts.items():
-        cache, _ = runner.prefill_prompt(cache, prompt[:-1] or prompt, slot)
-    tokens = np.array([prompts[0][-1], 1, prompts[2][-1], 7], np.int32)
-    positions = np.array([4, 40, 16, 0], np.int32)  # slot 1 idle
+    cache, tokens, positions, _ = _decode_matches_the_full_forward(loaded, runner, seed=2)
     traced = runner._decode.trace(runner.params, runner.model_state, cache, tokens, positions)
     assert str(traced.jaxpr).count("pallas_call") == 2  # one per layer stack (dense, MoE), each a loop of layers
-    _, logits = runner.decode(cache, tokens, positions)
-    for slot, prompt in prompts.items():
-        full = np.asarray(forward(loaded.params, loaded.model_state, np.asarray([prompt])))[0, -1]
-        np.testing.assert_allclose(np.asarray(logits[slot]), full, rtol=0, atol=1e-5 * np.abs(full).max())
 
 
 def _runner(kernels: str, **mesh):
@@ -258,6 +247,25 @@ def _runner(kernels: str, **mesh):
     cfg = load_config(None, [*TINY, "model.init_std=0.3", f"kernels.decode={kernels}", *axes])
     loaded = from_config(cfg, compiler_options=FAST)
     return loaded, ModelRunner.from_loaded(loaded, CacheGeometry(4, 40, 8), compiler_options=FAST)
+
+
+def _decode_matches_the_full_forward(loaded, runner, seed: int):
+    """Prefill three of four slots with random prompts, decode all four (slot 1 idle) and check each active slot's
+    logits against the full forward at its position. Returns (the cache before decode, tokens, positions,
+    logits)."""
+    forward = jax.jit(lambda p, s, t: loaded.merge(p, s)(t), compiler_options=FAST)
+    rng = np.random.default_rng(seed)
+    prompts = {0: rng.integers(1, 256, 5).tolist(), 2: rng.integers(1, 256, 17).tolist(), 3: [7]}
+    cache = runner.new_cache()
+    for slot, prompt in prompts.items():
+        cache, _ = runner.prefill_prompt(cache, prompt[:-1] or prompt, slot)
+    tokens = np.array([prompts[0][-1], 1, prompts[2][-1], 7], np.int32)
+    positions = np.array([4, 40, 16, 0], np.int32)  # slot 1 idle
+    _, logits = runner.decode(jax.tree.map(jnp.copy, cache), tokens, positions)
+    for slot, prompt in prompts.items():
+        full = np.asarray(forward(loaded.params, loaded.model_state, np.asarray([prompt])))[0, -1]
+        np.testing.assert_allclose(np.asarray(logits[slot]), full, rtol=0, atol=1e-5 * np.abs(full).max())
+    return cache, tokens, positions, logits
 
 
 @pytest.mark.parametrize("mesh", [{}, {"tensor": 2}, {"tensor": 2, "data": 2}])
@@ -269,18 +277,7 @@ def test_decode_through_the_kernel_matches_the_full_forward(mesh):
         pytest.skip(f"needs {np.prod(list(mesh.values()))} devices, {len(jax.devices())} here")
     loaded, runner = _runner("interpret", **mesh)
     assert runner.decode_kernels == "interpret"
-    forward = jax.jit(lambda p, s, t: loaded.merge(p, s)(t), compiler_options=FAST)
-    rng = np.random.default_rng(1)
-    prompts = {0: rng.integers(1, 256, 5).tolist(), 2: rng.integers(1, 256, 17).tolist(), 3: [7]}
-    cache = runner.new_cache()
-    for slot, prompt in prompts.items():
-        cache, _ = runner.prefill_prompt(cache, prompt[:-1] or prompt, slot)
-    tokens = np.array([prompts[0][-1], 1, prompts[2][-1], 7], np.int32)
-    positions = np.array([4, 40, 16, 0], np.int32)  # slot 1 idle
-    _, logits = runner.decode(jax.tree.map(jnp.copy, cache), tokens, positions)
-    for slot, prompt in prompts.items():
-        full = np.asarray(forward(loaded.params, loaded.model_state, np.asarray([prompt])))[0, -1]
-        np.testing.assert_allclose(np.asarray(logits[slot]), full, rtol=0, atol=1e-5 * np.abs(full).max())
+    cache, tokens, positions, logits = _decode_matches_the_full_forward(loaded, runner, seed=1)
     if "data" in mesh:  # the mesh splits the slots: decode takes them all
         assert runner.decode_sizes == (4,)
         with pytest.raises(ValueError, match="rows"):

@@ -38,6 +38,18 @@ def resolve(impl: str) -> str:
     return impl
 
 
+def _dispatch(name: str, module, args, check_args, impl: str):
+    """`module.write_attend_reference(*args)`, or its kernel (`module.write_attend`) where `impl` resolves to one;
+    a ValueError naming `name` when `module.check(*check_args)` finds shapes the kernel cannot take."""
+    impl = resolve(impl)
+    if impl == "reference":
+        return module.write_attend_reference(*args)
+    reason = module.check(*check_args)
+    if reason:
+        raise ValueError(f"{name}: {reason}")
+    return module.write_attend(*args, interpret=impl == "interpret")
+
+
 def write_attend(
     q_bnh: jax.Array,
     k_bnh: jax.Array,
@@ -56,14 +68,8 @@ def write_attend(
     that position (clamped into the cache) and attend
     (`attention.write_attend_reference`). Returns (out [b, n, h], k_cache, v_cache); the kernel updates the
     caches in place."""
-    impl = resolve(impl)
     args = (q_bnh, k_bnh, v_bnh, cos_bh, sin_bh, k_cache, v_cache, layer, positions_b, scale)
-    if impl == "reference":
-        return attention.write_attend_reference(*args)
-    reason = attention.check(q_bnh, k_cache, v_cache)
-    if reason:
-        raise ValueError(f"write_attend: {reason}")
-    return attention.write_attend(*args, interpret=impl == "interpret")
+    return _dispatch("write_attend", attention, args, (q_bnh, k_cache, v_cache), impl)
 
 
 def write_attend_latent(
@@ -83,11 +89,5 @@ def write_attend_latent(
     attend with the queries in latent space (q_latent [b, n, c], rotated q_rope [b, n, r];
     `latent.write_attend_reference`). Returns (out [b, n, c], latent_cache, rope_cache); the kernel updates the
     caches in place."""
-    impl = resolve(impl)
     args = (q_latent_bnc, q_rope_bnr, latent_bc, rope_br, latent_cache, rope_cache, layer, positions_b, scale)
-    if impl == "reference":
-        return latent.write_attend_reference(*args)
-    reason = latent.check(q_latent_bnc, q_rope_bnr, latent_cache, rope_cache)
-    if reason:
-        raise ValueError(f"write_attend_latent: {reason}")
-    return latent.write_attend(*args, interpret=impl == "interpret")
+    return _dispatch("write_attend_latent", latent, args, (q_latent_bnc, q_rope_bnr, latent_cache, rope_cache), impl)
