@@ -217,12 +217,38 @@ def test_write_attend_latent_dispatch_and_bad_input():
         write_attend_latent(*six, lat, rope, 0, jnp.zeros(6, jnp.int32), 1.0, impl="interpret")
     with pytest.raises(ValueError, match="chunk 96 must be a multiple of block 64"):
         latent.write_attend(*args, 0, positions, 1.0, interpret=True, chunk=96)
-    # chunks per sequence: 16 for a lone row, fewer as rows fill the GPU (fewer partial outputs to merge)
+    with pytest.raises(ValueError, match="20 heads on a device"):
+        wide = [jnp.concatenate([x] * 5, axis=1) for x in (q, qr)]
+        write_attend_latent(*wide, new_lat, new_rope, lat, rope, 0, positions, 1.0, impl="interpret")
+    # chunks per sequence: up to 32 for a lone row (each at least a block), fewer as rows fill the GPU
     assert [latent.default_chunk(1024, rows) for rows in (1, 16, 32, 64, 256)] == [64, 64, 128, 256, 1024]
-    assert latent.default_chunk(448, 64) == 128 and latent.default_chunk(40, 1) == 64
+    assert latent.default_chunk(4096, 1) == 128 and latent.default_chunk(448, 64) == 128
+    assert latent.default_chunk(40, 1) == 64
 
 
-@pytest.mark.parametrize("mesh", [{}, {"tensor": 2}])
+def test_latent_kernel_reason_counts_heads_per_device_and_refuses_a_split_latent():
+    from jaxdeep.serve.extend import latent_kernel_reason
+    from jaxdeep.sharding import use_rules
+
+    cfg = load_config(EXPERIMENTS / "deepseek_tiny.yaml", [*DEEPSEEK, "model.deepseek.qk_rope_head_dim=16"])
+    wide = load_config(EXPERIMENTS / "deepseek_tiny.yaml", [*DEEPSEEK, "model.deepseek.qk_rope_head_dim=16"])
+    wide.model.n_heads = 32
+    if len(jax.devices()) < 2:
+        pytest.skip("needs 2 devices")
+    from jaxdeep.config import MESH_AXES
+
+    sizes = tuple(2 if a == "tensor" else 1 for a in MESH_AXES)
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]).reshape(sizes), MESH_AXES)
+    rules = cfg.sharding.rules
+    assert latent_kernel_reason(cfg.model) is None
+    assert "32 heads on a device" in latent_kernel_reason(wide.model)
+    with use_rules(rules, mesh):  # heads split two ways: 16 per device
+        assert latent_kernel_reason(wide.model) is None
+    with use_rules({**rules, "kv_lora": ["tensor"]}, mesh):
+        assert "the latent is split over mesh axes" in latent_kernel_reason(cfg.model)
+
+
+@pytest.mark.parametrize("mesh", [{}, {"tensor": 2}, {"tensor": 2, "data": 2}])
 def test_deepseek_decode_through_the_latent_kernel_matches_the_full_forward(mesh):
     """DeepSeek slots at different positions (one idle) decode through the latent kernel, per shard of the heads on
     a mesh; each active slot's logits equal the full forward's. Widths the kernel cannot take keep XLA's path."""

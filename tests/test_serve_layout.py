@@ -114,7 +114,8 @@ def test_weight_groups_by_path():
     assert weight_group((key("moe_blocks"), key("mlp"), key("experts"), key("down_proj"))) == "experts"
     assert weight_group((key("moe_blocks"), key("mlp"), key("shared_experts"), key("down_proj"))) == "projections"
     assert weight_group((key("blocks"), key("attn"), key("wo"))) == "projections"
-    assert weight_group((key("moe_blocks"), key("mlp"), key("gate"), key("weight"))) is None
+    assert weight_group((key("moe_blocks"), key("mlp"), key("gate"), key("weight"))) == "projections"  # router
+    assert weight_group((key("moe_blocks"), key("mlp"), key("gate"), key("bias"))) is None
     assert weight_group((key("head"),)) is None
 
 
@@ -135,12 +136,14 @@ def test_decode_layout_moves_only_projections_and_keeps_values():
         "blocks": {
             "attn": {"wq": jnp.arange(2 * 4 * 3 * 2.0).reshape(2, 4, 3, 2)},
             "norm": {"scale": jnp.ones((2, 4))},
+            "mlp": {"gate": {"weight": jnp.arange(2 * 4 * 3.0).reshape(2, 4, 3)}},  # a MoE router, [L, d, e]
         },
         "embed": jnp.arange(12.0).reshape(3, 4),
     }
     tree = jax.device_put(tree, sharding)
     formats = decode_formats(tree)
     assert formats["blocks"]["attn"]["wq"].layout.major_to_minor == (0, 2, 3, 1)
+    assert formats["blocks"]["mlp"]["gate"]["weight"].layout.major_to_minor == (0, 2, 1)
     assert formats["embed"] == tree["embed"].format
     relaid, formats = to_decode_layout(tree)
     assert relaid["blocks"]["attn"]["wq"].format.layout.major_to_minor == (0, 2, 3, 1)

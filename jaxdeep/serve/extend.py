@@ -9,6 +9,8 @@ rewritten, because it reads the cache.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -164,6 +166,10 @@ def latent_kernel_reason(cfg) -> str | None:
     (the shapes it takes, or a latent split over devices), or None."""
     ds = cfg.deepseek
     n, c, r = cfg.n_heads, ds.kv_lora_rank, ds.qk_rope_head_dim
+    heads = active_spec(("act_heads",))
+    if heads is not None and heads[1][0] is not None:  # each device runs the kernel on its own heads
+        mesh, axes = heads[0], heads[1][0]
+        n //= math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
     shape = jax.ShapeDtypeStruct
     reason = latent.check(
         shape((1, n, c), jnp.float32),

@@ -26,9 +26,12 @@ from jax.experimental import pallas as pl
 from kernels.decode import runtime
 
 BLOCK = 64  # positions per step of a program's loop
-MAX_CHUNKS = 16  # programs per sequence: enough to spread a batch-1 step over the GPU
+# Programs per sequence at most: at 4,096 positions and one row, 32 chunks of 128 ran 1.4x faster than 16 of 256
+# on an H200 (experiments/benchmarks/RESULTS.md); each chunk holds at least one block.
+MAX_CHUNKS = 32
 PROGRAMS = 256  # programs per launch to aim for (two per SM of an H100/H200): more only add partials to merge
 MIN_HEADS = 16  # the tensor-core products need 16 rows: fewer heads are padded with zero queries
+MAX_HEADS = 16  # one program holds every head's [latent] float32 accumulator: sized and measured for 16
 
 
 def reference(q_bnc, qr_bnr, latent_cache, rope_cache, layer, positions_b, scale: float) -> jax.Array:
@@ -70,6 +73,8 @@ def check(q_bnc, qr_bnr, latent_cache, rope_cache) -> str | None:
     for name, width in (("latent", c), ("rope", r)):
         if not _pow2(width) or width < 16:
             return f"{name} width {width} is not a power of two >= 16"
+    if n > MAX_HEADS:
+        return f"{n} heads on a device: one program holds every head's accumulator, sized for {MAX_HEADS} at most"
     if b > latent_cache.shape[1]:
         return f"{b} rows of queries for a cache of {latent_cache.shape[1]} slots"
     return None
@@ -170,7 +175,7 @@ def write_attend(
     if chunk % block or not _pow2(block):
         raise ValueError(f"write_attend_latent: chunk {chunk} must be a multiple of block {block}, a power of two")
     b, n, c = q_bnc.shape
-    heads = max(MIN_HEADS, 1 << (n - 1).bit_length())
+    heads = max(MIN_HEADS, 1 << (n - 1).bit_length())  # a power of two, as Triton's blocks must be
     dtype = latent_cache.dtype
     q, qr = (jnp.pad(x.astype(dtype), ((0, 0), (0, heads - n), (0, 0))) for x in (q_bnc, qr_bnr))
     chunks = -(-latent_cache.shape[2] // chunk)
