@@ -246,6 +246,17 @@ def test_latent_kernel_reason_counts_heads_per_device_and_refuses_a_split_latent
         assert latent_kernel_reason(wide.model) is None
     with use_rules({**rules, "kv_lora": ["tensor"]}, mesh):
         assert "the latent is split over mesh axes" in latent_kernel_reason(cfg.model)
+    # the runner says the same for its own mesh and setting
+    split = load_config(
+        EXPERIMENTS / "deepseek_tiny.yaml",
+        [*DEEPSEEK, "model.deepseek.qk_rope_head_dim=16", "mesh.tensor=2", "sharding.rules.kv_lora=[tensor]"],
+    )
+    split.kernels.decode = "xla"
+    loaded = from_config(split, compiler_options=FAST)
+    assert "xla runs XLA's path" in ModelRunner.from_loaded(loaded, CacheGeometry(2, 16, 4)).attention_kernel_reason
+    split.kernels.decode = "interpret"
+    runner = ModelRunner.from_loaded(from_config(split, compiler_options=FAST), CacheGeometry(2, 16, 4))
+    assert "the latent is split over mesh axes" in runner.attention_kernel_reason
 
 
 @pytest.mark.parametrize("mesh", [{}, {"tensor": 2}, {"tensor": 2, "data": 2}])
@@ -262,7 +273,7 @@ def test_deepseek_decode_through_the_latent_kernel_matches_the_full_forward(mesh
     assert "rope width 4" in latent_kernel_reason(load_config(EXPERIMENTS / "deepseek_tiny.yaml", DEEPSEEK).model)
     loaded = from_config(cfg, compiler_options=FAST)
     runner = ModelRunner.from_loaded(loaded, CacheGeometry(4, 40, 8), compiler_options=FAST)
-    assert runner.decode_kernels == "interpret"
+    assert runner.decode_kernels == "interpret" and runner.attention_kernel_reason is None
     cache, tokens, positions, _ = _decode_matches_the_full_forward(loaded, runner, seed=2)
     traced = runner._decode.trace(runner.params, runner.model_state, cache, tokens, positions)
     assert str(traced.jaxpr).count("pallas_call") == 2  # one per layer stack (dense, MoE), each a loop of layers

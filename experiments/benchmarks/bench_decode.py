@@ -44,7 +44,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from timing import busy_seconds, device_seconds, gpu_events, kernel_totals  # noqa: E402
 
 from jaxdeep.model import count_params
-from jaxdeep.serve.extend import latent_kernel_reason
 from jaxdeep.serve.loading import load_model
 from jaxdeep.serve.runner import CacheGeometry, ModelRunner
 
@@ -206,8 +205,7 @@ def main() -> None:
         )
         used_cache = cache_bytes * (args.context // 2) / args.context
         needed = active * itemsize + used_cache
-        takes_kernel = cfg.model.kind != "deepseek" or latent_kernel_reason(cfg.model) is None
-        kernel_used = runner.decode_kernels != "xla" and takes_kernel
+        kernel_used = runner.attention_kernel_reason is None
         read = weight_bytes - counts["embedding"] * itemsize + (used_cache if kernel_used else cache_bytes)
         row = {
             "model": cfg.name,

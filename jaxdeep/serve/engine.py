@@ -104,6 +104,8 @@ class InferenceEngine:
         self._closed = False
         self._cond = threading.Condition()
         self._seeds = random.SystemRandom()
+        reason = runner.attention_kernel_reason
+        log.info("decode attention: %s", "one kernels.decode kernel per layer" if reason is None else reason)
         if warm_up:
             self._warm_up()
         self._thread = threading.Thread(target=self._loop, name="jaxdeep-engine", daemon=True)

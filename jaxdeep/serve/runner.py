@@ -23,7 +23,7 @@ from jaxdeep.config import ConfigError, ExperimentConfig
 from jaxdeep.model import KernelChoice
 from jaxdeep.model.matmul import decode_kernels, serving_layout
 from jaxdeep.serve import cache as kv
-from jaxdeep.serve.extend import model_functions
+from jaxdeep.serve.extend import latent_kernel_reason, model_functions
 from jaxdeep.serve.layout import relaid_groups, split_layers, stacked_layers, to_decode_layout
 from jaxdeep.serve.sampling import MODES, sample, sample_rows
 from jaxdeep.sharding import use_rules
@@ -200,6 +200,17 @@ class ModelRunner:
     def from_loaded(cls, loaded, geometry: CacheGeometry, **options) -> ModelRunner:
         """The runner of a `loading.LoadedModel`; options as the constructor's."""
         return cls(loaded.cfg, loaded.mesh, loaded.merge, loaded.params, loaded.model_state, geometry, **options)
+
+    @property
+    def attention_kernel_reason(self) -> str | None:
+        """Why decode's attention does not run on a `kernels.decode` kernel here (the setting, or for DeepSeek
+        `extend.latent_kernel_reason` on this mesh), or None when it does."""
+        if self.decode_kernels == "xla":
+            return f"kernels.decode={self.cfg.kernels.decode} runs XLA's path here"
+        if self.cfg.model.kind != "deepseek":
+            return None
+        with use_rules(self.rules, self.mesh):
+            return latent_kernel_reason(self.cfg.model)
 
     def _check(self, g: CacheGeometry) -> None:
         if self.mesh.shape.get("pipeline", 1) > 1:
