@@ -3,6 +3,7 @@ on a GPU) against the pure-JAX references, their lowering to Triton, and the run
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 import jax
@@ -230,20 +231,19 @@ def test_latent_kernel_reason_counts_heads_per_device_and_refuses_a_split_latent
     from jaxdeep.serve.extend import latent_kernel_reason
     from jaxdeep.sharding import use_rules
 
-    cfg = load_config(EXPERIMENTS / "deepseek_tiny.yaml", [*DEEPSEEK, "model.deepseek.qk_rope_head_dim=16"])
-    wide = load_config(EXPERIMENTS / "deepseek_tiny.yaml", [*DEEPSEEK, "model.deepseek.qk_rope_head_dim=16"])
-    wide.model.n_heads = 32
     if len(jax.devices()) < 2:
         pytest.skip("needs 2 devices")
+    cfg = load_config(EXPERIMENTS / "deepseek_tiny.yaml", [*DEEPSEEK, "model.deepseek.qk_rope_head_dim=16"])
+    wide = dataclasses.replace(cfg.model, n_heads=32)
     from jaxdeep.config import MESH_AXES
 
     sizes = tuple(2 if a == "tensor" else 1 for a in MESH_AXES)
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]).reshape(sizes), MESH_AXES)
     rules = cfg.sharding.rules
     assert latent_kernel_reason(cfg.model) is None
-    assert "32 heads on a device" in latent_kernel_reason(wide.model)
+    assert "32 heads on a device" in latent_kernel_reason(wide)
     with use_rules(rules, mesh):  # heads split two ways: 16 per device
-        assert latent_kernel_reason(wide.model) is None
+        assert latent_kernel_reason(wide) is None
     with use_rules({**rules, "kv_lora": ["tensor"]}, mesh):
         assert "the latent is split over mesh axes" in latent_kernel_reason(cfg.model)
     # the runner says the same for its own mesh and setting

@@ -35,13 +35,6 @@ def reference(q_bnh, k_cache, v_cache, layer, positions_b, scale: float) -> jax.
     return jnp.einsum("bns,bsnh->bnh", probs, values).astype(q_bnh.dtype)
 
 
-def _merge(o_sbnh, stats_sbn2, dtype):
-    m_sbn, l_sbn = stats_sbn2[..., 0], stats_sbn2[..., 1]
-    w_sbn = jnp.exp(m_sbn - jnp.max(m_sbn, axis=0))
-    out = jnp.sum(w_sbn[..., None] * o_sbnh, axis=0) / jnp.sum(w_sbn * l_sbn, axis=0)[..., None]
-    return out.astype(dtype)
-
-
 def check(q_bnh, k_cache, v_cache) -> str | None:
     """Why the kernel cannot take these shapes, or None."""
     h = q_bnh.shape[-1]
@@ -171,4 +164,4 @@ def write_attend(
         interpret=interpret,
         poison=poison,
     )
-    return _merge(o, stats, q_bnh.dtype), k_cache, v_cache
+    return runtime.merge_chunks(o, stats[..., 0], stats[..., 1], q_bnh.dtype), k_cache, v_cache

@@ -135,13 +135,6 @@ def _kernel(
     stats_ref[s, b, 1] = total * alpha + p
 
 
-def _merge(o_sbnc, stats_sb2n, dtype):
-    m_sbn, l_sbn = stats_sb2n[:, :, 0], stats_sb2n[:, :, 1]
-    w_sbn = jnp.exp(m_sbn - jnp.max(m_sbn, axis=0))
-    out = jnp.sum(w_sbn[..., None] * o_sbnc, axis=0) / jnp.sum(w_sbn * l_sbn, axis=0)[..., None]
-    return out.astype(dtype)
-
-
 def default_chunk(positions: int, rows: int, block: int = BLOCK) -> int:
     """Positions per program, a power of two times `block`: enough chunks per sequence to fill the GPU with the
     batch's rows (up to MAX_CHUNKS), no more. Each chunk writes a partial output of [heads, latent] float32 that
@@ -201,4 +194,5 @@ def write_attend(
         interpret=interpret,
         poison=poison,
     )
-    return _merge(o, stats, q_bnc.dtype)[:, :n], latent_cache, rope_cache
+    out = runtime.merge_chunks(o, stats[:, :, 0], stats[:, :, 1], q_bnc.dtype)
+    return out[:, :n], latent_cache, rope_cache

@@ -42,6 +42,15 @@ def load(ref, mask):
     return plt.load(ref, mask=mask, other=0)
 
 
+def merge_chunks(o_sbnh, m_sbn, l_sbn, dtype):
+    """Flash-decoding's merge: each chunk's unnormalised output [chunks, b, n, h] with its running max and sum
+    [chunks, b, n] -> the softmax-weighted output over all chunks [b, n, h]. A chunk that saw nothing has max
+    -1e30 and sum 0, so its weight is 0."""
+    w_sbn = jnp.exp(m_sbn - jnp.max(m_sbn, axis=0))
+    out = jnp.sum(w_sbn[..., None] * o_sbnh, axis=0) / jnp.sum(w_sbn * l_sbn, axis=0)[..., None]
+    return out.astype(dtype)
+
+
 def call(
     kernel,
     *,
