@@ -124,8 +124,7 @@ class ModelRunner:
         chunk = geometry.prefill_chunk
         pre_rules = prefill_rules(self.rules)
 
-        def prefill(params, model_state, cache, tokens_t, slot, start, n_valid, logits_v):
-            del logits_v  # donated only (`_kept_output`)
+        def prefill(params, model_state, cache, tokens_t, slot, start, n_valid):
             with use_rules(pre_rules, mesh), serving_layout(self.relaid):
                 model = merge(stacked_layers(params), model_state)
                 positions_bt = (start + jnp.arange(chunk, dtype=jnp.int32))[None]
@@ -163,9 +162,7 @@ class ModelRunner:
             )
             return cache, following, tokens_b
 
-        def decode_block(params, model_state, cache, batch: DecodeBatch, tokens_sb, steps: int, sampling: str):
-            del tokens_sb  # donated only (`_kept_output`)
-
+        def decode_block(params, model_state, cache, batch: DecodeBatch, steps: int, sampling: str):
             def one(carry, _):
                 cache, batch, tokens_b = decode_one(params, model_state, *carry, sampling)
                 return (cache, batch), tokens_b
@@ -176,10 +173,9 @@ class ModelRunner:
 
         self._prefill = jax.jit(
             prefill,
-            in_shardings=(param_sh, state_sh, self.cache_shardings, *[replicated] * 5),
+            in_shardings=(param_sh, state_sh, self.cache_shardings, replicated, replicated, replicated, replicated),
             out_shardings=(self.cache_shardings, replicated),
-            donate_argnums=(2, 7),
-            keep_unused=True,  # the logits buffer, only donated
+            donate_argnums=(2,),
             compiler_options=compiler_options,
         )
         self._decode = jax.jit(
@@ -193,16 +189,12 @@ class ModelRunner:
         batch_sh = DecodeBatch(*[replicated] * len(DecodeBatch._fields))
         self._decode_block = jax.jit(
             decode_block,
-            in_shardings=(param_sh, state_sh, self.cache_shardings, batch_sh, replicated),
+            in_shardings=(param_sh, state_sh, self.cache_shardings, batch_sh),
             out_shardings=(self.cache_shardings, batch_sh, replicated),
-            static_argnums=(5, 6),
-            donate_argnums=(2, 3, 4),
-            keep_unused=True,  # the tokens buffer, only donated
+            static_argnums=(4, 5),
+            donate_argnums=(2, 3),
             compiler_options=compiler_options,
         )
-        # The buffers prefill's logits and decode's tokens are written into (`_kept_output`), and their copies.
-        self._kept: dict[tuple, jax.Array] = {}
-        self._copy = jax.jit(jnp.copy, out_shardings=replicated)
 
     @classmethod
     def from_loaded(cls, loaded, geometry: CacheGeometry, **options) -> ModelRunner:
@@ -265,13 +257,10 @@ class ModelRunner:
         chunk, vocab = self.geometry.prefill_chunk, self.cfg.model.vocab_size
         scalar = np.int32(0)
         programs = [
-            self._prefill.lower(
-                self.params, self.model_state, cache, np.zeros(chunk, np.int32), *[scalar] * 3, self._spec((vocab,))
-            ),
-            self._copy.lower(self._spec((vocab,))),
+            self._prefill.lower(self.params, self.model_state, cache, np.zeros(chunk, np.int32), *[scalar] * 3),
             # The engine samples a prompt's first token from prefill's logits (placed as prefill returns them).
             sample.lower(
-                self._spec((vocab,)),
+                jax.ShapeDtypeStruct((vocab,), jnp.float32, sharding=NamedSharding(self.mesh, PartitionSpec())),
                 *(np.zeros(1, t) for t in (np.float32, np.int32, np.float32, np.uint32, np.int32)),
             ),
         ]
@@ -279,13 +268,11 @@ class ModelRunner:
         for size in self.decode_sizes:
             ints, floats = self._pack(*self._idle_columns(size))
             batches[size] = batch = self._unpack_batch(ints, floats)
-            for k in steps:
-                tokens = self._spec((k, size), jnp.int32)
-                programs += [
-                    self._decode_block.lower(self.params, self.model_state, cache, batch, tokens, k, mode)
-                    for mode in MODES
-                ]
-                programs.append(self._copy.lower(tokens))
+            programs += [
+                self._decode_block.lower(self.params, self.model_state, cache, batch, k, mode)
+                for k in steps
+                for mode in MODES
+            ]
             programs += [
                 self._unpack_batch.lower(ints, floats),
                 self._merge_batch.lower(batch, np.zeros(size, bool), ints, floats),
@@ -307,11 +294,7 @@ class ModelRunner:
             raise ValueError(f"prefill takes 1..{chunk} tokens, got {n}")
         padded = np.zeros((chunk,), np.int32)
         padded[:n] = tokens
-        logits_v = self._kept_output("logits", (self.cfg.model.vocab_size,), jnp.float32)
-        cache, logits_v = self._prefill(
-            self.params, self.model_state, cache, padded, np.int32(slot), np.int32(start), np.int32(n), logits_v
-        )
-        return cache, self._keep("logits", logits_v)
+        return self._prefill(self.params, self.model_state, cache, padded, np.int32(slot), np.int32(start), np.int32(n))
 
     def prefill_prompt(self, cache: dict, tokens, slot: int) -> tuple[dict, jax.Array]:
         """A whole prompt, chunk by chunk."""
@@ -399,11 +382,7 @@ class ModelRunner:
             raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
         if sampling not in MODES:
             raise ValueError(f"sampling must be one of {MODES}, got {sampling!r}")
-        tokens_sb = self._kept_output("tokens", (steps, batch.tokens.shape[0]), jnp.int32)
-        cache, batch, tokens_sb = self._decode_block(
-            self.params, self.model_state, cache, batch, tokens_sb, steps, sampling
-        )
-        return cache, batch, self._keep("tokens", tokens_sb)
+        return self._decode_block(self.params, self.model_state, cache, batch, steps, sampling)
 
     def decode(self, cache: dict, tokens_b, positions_b) -> tuple[dict, jax.Array]:
         """One token for each of the first b slots (b in `decode_sizes`) at its own position; returns the new cache
@@ -413,22 +392,3 @@ class ModelRunner:
         return self._decode(
             self.params, self.model_state, cache, np.asarray(tokens_b, np.int32), np.asarray(positions_b, np.int32)
         )
-
-    def _spec(self, shape: tuple, dtype=jnp.float32) -> jax.ShapeDtypeStruct:
-        return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(self.mesh, PartitionSpec()))
-
-    def _kept_output(self, name: str, shape: tuple, dtype) -> jax.Array:
-        """The buffer that prefill's logits or a decode block's tokens of this shape are written into: the one the
-        last such call wrote, donated again, so that it never moves. XLA replays a program as CUDA graphs and
-        rewrites them when a buffer they write moves; a fresh output per call, alive while the next call is
-        launched (the engine reads a block's tokens after launching the next), moved every time and cost the host
-        0.1-0.8 ms per decode launch on an H200 (experiments/benchmarks/RESULTS.md). The caller gets a copy
-        (`_keep`), made by a one-kernel program."""
-        kept = self._kept.pop((name, shape), None)
-        if kept is None:
-            kept = jax.device_put(np.zeros(shape, dtype), NamedSharding(self.mesh, PartitionSpec()))
-        return kept
-
-    def _keep(self, name: str, out: jax.Array) -> jax.Array:
-        self._kept[(name, out.shape)] = out
-        return self._copy(out)
