@@ -296,6 +296,30 @@ def test_decode_steps_equal_single_steps(served):
         runner.decode_steps(cache, block, 0)
 
 
+def test_sampled_tokens_land_in_host_memory(served):
+    """What the host reads every step (a block's tokens, a prompt's first token) is written to pinned host memory
+    by the program itself, where the device has it: a read from device memory starts a transfer and waits for it."""
+    _, _, engine, _ = served
+    runner = engine.runner
+    assert {m.kind for m in jax.devices()[0].addressable_memories()} >= {"pinned_host"}
+    cache, logits_v = runner.prefill(runner.new_cache(), _prompt(5, 30), slot=0, start=0)
+    first = runner.sample(
+        logits_v,
+        np.zeros(1, np.float32),
+        np.zeros(1, np.int32),
+        np.ones(1, np.float32),
+        np.zeros(1, np.uint32),
+        np.zeros(1, np.int32),
+    )
+    zeros = np.zeros(1, np.int32)
+    batch = runner.decode_batch(np.asarray(first), np.array([5], np.int32), zeros, zeros, np.ones(1), zeros, zeros)
+    cache, batch, sampled = runner.decode_steps(cache, batch, 2, "greedy")
+    assert first.sharding.memory_kind == sampled.sharding.memory_kind == "pinned_host"
+    assert batch.tokens.sharding.memory_kind == "device"  # the batch stays with the model
+    assert np.asarray(first)[0] == np.argmax(np.asarray(logits_v))
+    np.testing.assert_array_equal(np.asarray(sampled)[-1], np.asarray(batch.tokens))
+
+
 def test_greedy_sampling_mode_gives_the_same_tokens(served):
     """A batch whose rows are all greedy (idle ones included) samples the same tokens and moves the same way in
     "greedy" mode, which skips the vocabulary's sort and draw; the engine picks the mode from its requests."""

@@ -34,7 +34,7 @@ from jaxdeep.serve.api import (
     Tokenizer,
 )
 from jaxdeep.serve.runner import CacheGeometry, ModelRunner
-from jaxdeep.serve.sampling import mode_for, sample
+from jaxdeep.serve.sampling import mode_for
 from jaxdeep.serve.textstream import TextStream
 
 log = logging.getLogger("jaxdeep.serve")
@@ -379,7 +379,7 @@ class InferenceEngine:
         greedy, ignored)."""
         temperature, top_k, top_p, seed = self._sampling_rows(rows)
         index = np.array([0 if seq is None else len(seq.generated) for seq in rows], np.int32)
-        return np.asarray(sample(logits_bv, temperature, top_k, top_p, seed, index))
+        return np.asarray(self.runner.sample(logits_bv, temperature, top_k, top_p, seed, index))
 
     def _accept(self, seq: _Sequence, token: int) -> None:
         """One new token: emit its safe text, or finish the request."""

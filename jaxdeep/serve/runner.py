@@ -62,6 +62,14 @@ def decode_kernel_choice(choice: str) -> str:
     return "xla" if impl == "reference" else impl
 
 
+def host_sharding(mesh: Mesh) -> NamedSharding:
+    """Replicated, in pinned host memory where the devices have it: the sampled tokens the host reads every step.
+    On an H200, reading a finished [8] int32 array from GPU memory took the host 0.15-0.36 ms (the transfer is
+    started only then), from pinned host memory 0.02 ms (the program writes it there as it ends)."""
+    kinds = {m.kind for m in mesh.devices.flat[0].addressable_memories()}
+    return NamedSharding(mesh, PartitionSpec(), memory_kind="pinned_host" if "pinned_host" in kinds else None)
+
+
 def _batch_shards(rules, mesh: Mesh, name: str) -> int:
     return int(np.prod([mesh.shape[a] for a in rules.get(name, [])]))
 
@@ -186,11 +194,13 @@ class ModelRunner:
             compiler_options=compiler_options,
         )
 
+        # The engine samples a prompt's first token from prefill's logits, and reads it on the host.
+        self.sample = jax.jit(sample, out_shardings=host_sharding(mesh))
         batch_sh = DecodeBatch(*[replicated] * len(DecodeBatch._fields))
         self._decode_block = jax.jit(
             decode_block,
             in_shardings=(param_sh, state_sh, self.cache_shardings, batch_sh),
-            out_shardings=(self.cache_shardings, batch_sh, replicated),
+            out_shardings=(self.cache_shardings, batch_sh, host_sharding(mesh)),
             static_argnums=(4, 5),
             donate_argnums=(2, 3),
             compiler_options=compiler_options,
@@ -259,7 +269,7 @@ class ModelRunner:
         programs = [
             self._prefill.lower(self.params, self.model_state, cache, np.zeros(chunk, np.int32), *[scalar] * 3),
             # The engine samples a prompt's first token from prefill's logits (placed as prefill returns them).
-            sample.lower(
+            self.sample.lower(
                 jax.ShapeDtypeStruct((vocab,), jnp.float32, sharding=NamedSharding(self.mesh, PartitionSpec())),
                 *(np.zeros(1, t) for t in (np.float32, np.int32, np.float32, np.uint32, np.int32)),
             ),
