@@ -296,28 +296,41 @@ def test_decode_steps_equal_single_steps(served):
         runner.decode_steps(cache, block, 0)
 
 
-def test_sampled_tokens_land_in_host_memory(served):
-    """What the host reads every step (a block's tokens, a prompt's first token) is written to pinned host memory
-    by the program itself, where the device has it: a read from device memory starts a transfer and waits for it."""
+def test_decode_tokens_land_in_host_memory(served):
+    """A decode block's tokens, which the host reads every step, are written to pinned host memory by the program
+    itself, where the device has it (a read from device memory starts a transfer and waits for it); the batch stays
+    with the model."""
     _, _, engine, _ = served
     runner = engine.runner
-    assert {m.kind for m in jax.devices()[0].addressable_memories()} >= {"pinned_host"}
-    cache, logits_v = runner.prefill(runner.new_cache(), _prompt(5, 30), slot=0, start=0)
-    first = runner.sample(
-        logits_v,
-        np.zeros(1, np.float32),
-        np.zeros(1, np.int32),
-        np.ones(1, np.float32),
-        np.zeros(1, np.uint32),
-        np.zeros(1, np.int32),
-    )
+    assert "pinned_host" in {m.kind for m in runner.mesh.devices.flat[0].addressable_memories()}
+    cache, _ = runner.prefill(runner.new_cache(), _prompt(5, 30), slot=0, start=0)
     zeros = np.zeros(1, np.int32)
-    batch = runner.decode_batch(np.asarray(first), np.array([5], np.int32), zeros, zeros, np.ones(1), zeros, zeros)
+    batch = runner.decode_batch(
+        np.array([4], np.int32), np.array([5], np.int32), zeros, zeros, np.ones(1), zeros, zeros
+    )
     cache, batch, sampled = runner.decode_steps(cache, batch, 2, "greedy")
-    assert first.sharding.memory_kind == sampled.sharding.memory_kind == "pinned_host"
-    assert batch.tokens.sharding.memory_kind == "device"  # the batch stays with the model
-    assert np.asarray(first)[0] == np.argmax(np.asarray(logits_v))
+    assert sampled.sharding.memory_kind == "pinned_host"
+    assert batch.tokens.sharding.memory_kind == "device"
     np.testing.assert_array_equal(np.asarray(sampled)[-1], np.asarray(batch.tokens))
+
+
+def test_engine_samples_a_prompts_first_token_into_host_memory(served, monkeypatch):
+    """The engine samples a prompt's first token through the runner's sampler, whose output is in pinned host
+    memory, and gets the argmax of prefill's logits for a greedy request."""
+    _, _, engine, full = served
+    runner, seen = engine.runner, []
+    sample = runner.sample
+
+    def recording(logits_v, *columns):
+        token = sample(logits_v, *columns)
+        seen.append((token.sharding.memory_kind, int(np.asarray(token)[0]), int(np.argmax(np.asarray(logits_v)))))
+        return token
+
+    monkeypatch.setattr(runner, "sample", recording)
+    prompt = _prompt(6, 31)
+    out = engine.generate(GenerationRequest("first", prompt, _greedy(1)), timeout=60)
+    assert [kind for kind, _, _ in seen] == ["pinned_host"]
+    assert seen[0][1] == seen[0][2] == out.tokens[0] == np.argmax(full(np.array([prompt]))[0, -1])
 
 
 def test_greedy_sampling_mode_gives_the_same_tokens(served):

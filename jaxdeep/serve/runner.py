@@ -382,7 +382,9 @@ class ModelRunner:
         """`steps` decode steps of the batch's slots in one launch (the engine's step), each sampling the next token
         of every row on the device and feeding it to the step after: returns the new cache, the batch after the
         last step (each active slot's last sampled token, position and index moved on; a slot that reaches
-        max_context turns idle; idle slots unchanged) and the sampled tokens [steps, b]. Cache and batch are
+        max_context turns idle; idle slots unchanged) and the sampled tokens [steps, b], for the host to read: in
+        pinned host memory where the device has it (`host_sharding`), while cache and batch stay on the device
+        (another jitted program taking the tokens would get them in that memory kind). Cache and batch are
         donated, so a generation reuses the same buffers and the host sends nothing while the slots keep their
         requests. The host launches once per block, so its launch cost per token shrinks `steps` times; the tokens
         are those of `steps` blocks of one. `sampling` is `sampling.sample_rows`' mode: "greedy" only when every row
