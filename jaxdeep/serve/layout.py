@@ -63,9 +63,13 @@ def inputs_minor(ndim: int, matrix_dims: int, input_dims: int) -> tuple[int, ...
 GROUPS = ("projections", "experts")  # the routed experts' weights sit under a module named `experts`
 
 
+def _keys(path) -> list:
+    return [getattr(entry, "key", None) for entry in path]
+
+
 def weight_group(path) -> str | None:
     """The group of the parameter at `path` in the tree: "experts", "projections", or None (never re-laid)."""
-    keys = [getattr(entry, "key", None) for entry in path]
+    keys = _keys(path)
     if _matrix(keys) is None:
         return None
     return "experts" if "experts" in keys[:-1] else "projections"
@@ -78,7 +82,7 @@ def decode_formats(params, groups=GROUPS) -> object:
     def one(path, leaf):
         if weight_group(path) not in groups:
             return leaf.format
-        matrix_dims, input_dims = _matrix([getattr(entry, "key", None) for entry in path])
+        matrix_dims, input_dims = _matrix(_keys(path))
         return Format(Layout(major_to_minor=inputs_minor(leaf.ndim, matrix_dims, input_dims)), leaf.sharding)
 
     return jax.tree_util.tree_map_with_path(one, params)

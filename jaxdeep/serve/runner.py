@@ -194,13 +194,14 @@ class ModelRunner:
             compiler_options=compiler_options,
         )
 
+        host = host_sharding(mesh)  # what the host reads: sampled tokens
         # The engine samples a prompt's first token from prefill's logits, and reads it on the host.
-        self.sample = jax.jit(sample, out_shardings=host_sharding(mesh))
+        self.sample = jax.jit(sample, out_shardings=host)
         batch_sh = DecodeBatch(*[replicated] * len(DecodeBatch._fields))
         self._decode_block = jax.jit(
             decode_block,
             in_shardings=(param_sh, state_sh, self.cache_shardings, batch_sh),
-            out_shardings=(self.cache_shardings, batch_sh, host_sharding(mesh)),
+            out_shardings=(self.cache_shardings, batch_sh, host),
             static_argnums=(4, 5),
             donate_argnums=(2, 3),
             compiler_options=compiler_options,
