@@ -75,7 +75,8 @@ def _parser() -> argparse.ArgumentParser:
     engine.add_argument("--num-slots", type=int, help="sequences decoded together (KV-cache slots)")
     engine.add_argument("--max-context", type=int, help="prompt + new tokens must fit in this many positions")
     engine.add_argument("--max-waiting", type=int, help="requests queued for a slot before new ones get HTTP 429")
-    engine.add_argument("--prefill-chunk", type=int, help="prompt tokens per prefill step")
+    engine.add_argument("--prefill-chunk", type=int, help="prompt tokens per prefill step, for each prompt")
+    engine.add_argument("--prefill-rows", type=int, help="prompts one prefill step takes at most (a chunk each)")
     engine.add_argument(
         "--decode-steps",
         type=int,
@@ -229,7 +230,7 @@ def _convert(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     """`jaxdeep serve TARGET [overrides]`: load the engine, then serve until Ctrl-C."""
-    names = ("num_slots", "max_context", "max_waiting", "prefill_chunk", "decode_steps")
+    names = ("num_slots", "max_context", "max_waiting", "prefill_chunk", "prefill_rows", "decode_steps")
     options = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     for name, value in options.items():
         if value < 1:

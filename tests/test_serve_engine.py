@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdeep.config import load_config
+from jaxdeep.config import ConfigError, load_config
 from jaxdeep.serve.api import GenerationRequest, QueueFull, RequestError, SamplingParams
 from jaxdeep.serve.engine import InferenceEngine
 from jaxdeep.serve.loading import from_config
@@ -377,6 +377,89 @@ def test_chunked_prefill_equals_one_shot(served):
     for a, b in zip(jax.tree.leaves(cache_a), jax.tree.leaves(cache_b), strict=True):
         a, b = np.asarray(a)[:, 1, : len(prompt)], np.asarray(b)[:, 1, : len(prompt)]
         np.testing.assert_allclose(a, b, rtol=0, atol=RTOL * np.abs(b).max())
+
+
+def test_prompts_prefilled_together_equal_each_alone(served):
+    """One prefill call over several prompts (other slots, lengths and starts; a second chunk among them) caches
+    what one call per prompt caches and gives each prompt its logits; the idle row that pads three prompts to a
+    call of four writes nothing."""
+    _, _, engine, _ = served
+    runner = engine.runner
+    assert runner.prefill_sizes == (1, 2, 4)
+    prompts = {1: _prompt(CHUNK + 5, 60), 2: _prompt(3, 61), 3: _prompt(CHUNK, 62)}
+    base, _ = runner.prefill(runner.new_cache(), prompts[1][:CHUNK], slot=1, start=0)  # slot 1's first chunk
+    pieces = [(prompts[2], 2, 0), (prompts[1][CHUNK:], 1, CHUNK), (prompts[3], 3, 0)]
+    together, logits_pv = runner.prefill_rows(jax.tree.map(jnp.copy, base), pieces)
+    assert logits_pv.shape == (4, runner.cfg.model.vocab_size)
+    alone = base
+    for row, (tokens, slot, start) in enumerate(pieces):
+        alone, logits_v = runner.prefill(alone, tokens, slot, start)
+        want = np.asarray(logits_v)
+        np.testing.assert_allclose(np.asarray(logits_pv[row]), want, rtol=0, atol=RTOL * np.abs(want).max())
+    for a, b in zip(jax.tree.leaves(together), jax.tree.leaves(alone), strict=True):
+        a, b = np.asarray(a), np.asarray(b)
+        np.testing.assert_allclose(a, b, rtol=0, atol=RTOL * np.abs(b).max())
+        np.testing.assert_array_equal(a[:, 0], 0)  # the idle row's slot 0, and each slot past its last chunk
+        for slot, prompt in prompts.items():
+            np.testing.assert_array_equal(a[:, slot, -(-len(prompt) // CHUNK) * CHUNK :], 0)
+
+
+def test_prefill_rows_rejects_what_it_cannot_take(served):
+    _, loaded, engine, _ = served
+    runner, cache = engine.runner, engine.runner.new_cache()
+    with pytest.raises(ValueError, match="1..4 prompts per call, got 5"):
+        runner.prefill_rows(cache, [([1], s, 0) for s in range(5)])
+    with pytest.raises(ValueError, match="slot of its own"):
+        runner.prefill_rows(cache, [([1], 2, 0), ([3], 2, 1)])
+    with pytest.raises(ValueError, match="slot 4 is not one of the 4 slots"):
+        runner.prefill_rows(cache, [([1], 4, 0)])
+    with pytest.raises(ValueError, match=f"1..{CHUNK} tokens per prompt, got 0"):
+        runner.prefill_rows(cache, [([], 0, 0)])
+    with pytest.raises(ConfigError, match="prefill_rows: must be >= 1, got 0"):
+        ModelRunner.from_loaded(loaded, CacheGeometry(SLOTS, CONTEXT, CHUNK, prefill_rows=0))
+    # More rows than slots: a call never holds more prompts than there are slots.
+    assert ModelRunner.from_loaded(loaded, CacheGeometry(2, CONTEXT, CHUNK, prefill_rows=8)).prefill_sizes == (1, 2)
+
+
+class _PrefillsSeen:
+    """A runner that records how many prompts each prefill call takes."""
+
+    def __init__(self, runner):
+        self.runner, self.calls = runner, []
+
+    def __getattr__(self, name):
+        return getattr(self.runner, name)
+
+    def prefill_rows(self, cache, pieces):
+        self.calls.append(len(pieces))
+        return self.runner.prefill_rows(cache, pieces)
+
+
+def test_engine_prefills_waiting_prompts_in_one_launch(served):
+    """Prompts admitted together are read in calls of up to prefill_rows prompts, a chunk of each per call, and
+    their requests get what they get alone."""
+    _, _, engine, _ = served
+    requests = [GenerationRequest(f"p{i}", _prompt(n, 70 + i), _greedy(4)) for i, n in enumerate((3, 2 * CHUNK, 5))]
+    alone = [engine.generate(r, timeout=60).tokens for r in requests]
+    runner = _PrefillsSeen(engine.runner)
+    batched = InferenceEngine(runner, engine.tokenizer, "batched")
+    try:
+        events, done = {r.request_id: [] for r in requests}, threading.Event()
+
+        def on_event(event):
+            events[event.request_id].append(event)
+            if all(evs and evs[-1].finished for evs in events.values()):
+                done.set()
+
+        with batched._cond:  # the loop waits for this (reentrant) lock: all three are admitted on one turn
+            for r in requests:
+                batched.submit(r, on_event)
+        assert done.wait(60)
+        assert runner.calls == [3, 1]  # three prompts in one call, then the long one's second chunk alone
+        for r, want in zip(requests, alone, strict=True):
+            assert [e.token for e in events[r.request_id] if e.token is not None] == want
+    finally:
+        batched.close()
 
 
 # ----------------------------------------------------------------------------- continuous batching
@@ -891,7 +974,7 @@ def test_failed_step_aborts_and_engine_recovers(dense):
             def __getattr__(self, name):
                 return getattr(original, name)
 
-            def prefill(self, *args):
+            def prefill_rows(self, *args):
                 raise RuntimeError("injected failure")
 
         engine.runner = Broken()

@@ -17,7 +17,8 @@ bytes / (bandwidth of a copy measured in the same run: `a + 1` over 2 GiB, timed
 profiler trace, as a host clock around the call would add the allocation and synchronisation of each call).
 Each row gives the step on the host's clock (what a server sees) and the GPU's busy time per step (from a
 profiler trace, `timing.device_seconds`), and the roofline fractions of the host-clock step. `--prefill N` also
-times one prefill chunk of N tokens on the GPU's clock (`prefill_ms`). Prompt tokens and each slot's first token
+times one prefill chunk of N tokens on the GPU's clock (`prefill_ms`), and with `--prefill-rows P ...` one call
+of P prompts, a chunk of N each (`prefill_ms_by_rows`). Prompt tokens and each slot's first token
 are random (seeded); later decode tokens are the model's own picks. (Rows of earlier raw rows without
 `"tokens": "random"` all started from token 1, so an MoE model routed every row to the same experts.)
 
@@ -114,15 +115,16 @@ def time_decode(
     return host, busy, [(name, (ns / 1e3, count)) for name, (ns, count) in ranked]
 
 
-def time_prefill(runner: ModelRunner, top: int = 0):
-    """GPU busy seconds of one prefill chunk (`ModelRunner.prefill`, a full chunk of the runner's prefill_chunk
-    tokens into slot 0 at position 0) and its `top` kernels, as `time_decode` gives them."""
+def time_prefill(runner: ModelRunner, top: int = 0, rows: int = 1):
+    """GPU busy seconds of one prefill call (`ModelRunner.prefill_rows`: a full chunk of the runner's prefill_chunk
+    tokens for each of `rows` prompts, into slots 0 .. rows-1 at position 0) and its `top` kernels, as
+    `time_decode` gives them."""
     chunk = runner.geometry.prefill_chunk
-    tokens = varied_tokens(runner, chunk, seed=2)
+    pieces = [(varied_tokens(runner, chunk, seed=2 + row), row, 0) for row in range(rows)]
     state = {"cache": runner.new_cache()}
 
     def step():  # prefill donates the cache it is given
-        state["cache"], logits = runner.prefill(state["cache"], tokens, 0, 0)
+        state["cache"], logits = runner.prefill_rows(state["cache"], pieces)
         return logits
 
     for _ in range(2):
@@ -174,6 +176,13 @@ def main() -> None:
         default=0,
         help="also time one prefill chunk of this many tokens on the GPU's clock (prefill_ms; default: not timed)",
     )
+    ap.add_argument(
+        "--prefill-rows",
+        type=int,
+        nargs="+",
+        default=[1],
+        help="with --prefill: prompts per prefill call, one chunk each (each at most the batch; prefill_ms_by_rows)",
+    )
     ap.add_argument("--top", type=int, default=0, help="print the N kernels that take the most GPU time per step")
     ap.add_argument("--out", default=None, help="append one JSON line per batch size here")
     args = ap.parse_args()
@@ -189,10 +198,12 @@ def main() -> None:
     print(f"{cfg.name} on {device}: weights {weight_bytes / 1e9:.2f} GB, copy bandwidth {bandwidth / 1e12:.2f} TB/s")
     if args.prefill > args.context:
         raise SystemExit(f"--prefill {args.prefill} does not fit a slot of --context {args.context}")
+    if args.prefill and max(args.prefill_rows) > min(args.batch):
+        raise SystemExit(f"--prefill-rows {max(args.prefill_rows)} needs as many slots: --batch of at least that")
     if args.inputs == "host" and args.decode_steps != [1]:
         raise SystemExit("--decode-steps times the engine's step: use it with --inputs device")
     for layout, batch, block in itertools.product(args.layout, args.batch, args.decode_steps):
-        geometry = CacheGeometry(num_slots=batch, max_context=args.context, prefill_chunk=args.prefill or batch)
+        geometry = CacheGeometry(batch, args.context, args.prefill or batch, prefill_rows=max(args.prefill_rows))
         runner = ModelRunner.from_loaded(
             loaded,
             geometry,
@@ -233,10 +244,15 @@ def main() -> None:
             "overrides": args.override,
         }
         if args.prefill:
-            prefill_s, prefill_top = time_prefill(runner, args.top)
-            row |= {"prefill_tokens": args.prefill, "prefill_ms": prefill_s * 1e3}
-            for name, (us, count) in prefill_top:
-                print(f"  prefill {us:10.1f} µs in {count:3d} kernels  {name}")
+            by_rows = {}
+            for rows in args.prefill_rows:
+                prefill_s, prefill_top = time_prefill(runner, args.top, rows)
+                by_rows[str(rows)] = prefill_s * 1e3
+                for name, (us, count) in prefill_top:
+                    print(f"  prefill of {rows} {us:10.1f} µs in {count:3d} kernels  {name}")
+            row |= {"prefill_tokens": args.prefill, "prefill_ms_by_rows": by_rows}
+            if "1" in by_rows:
+                row["prefill_ms"] = by_rows["1"]
         print(json.dumps(row))
         for name, (us, count) in top:
             print(f"    {us:8.1f} µs per step in {count:3d} kernels  {name}")

@@ -368,6 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--num-slots", type=int, default=64, help="jaxdeep serve --num-slots")
     ap.add_argument("--prefill-chunk", type=int, default=256, help="jaxdeep serve --prefill-chunk")
+    ap.add_argument("--prefill-rows", type=int, default=4, help="jaxdeep serve --prefill-rows")
     ap.add_argument("--decode-steps", type=int, default=1, help="jaxdeep serve --decode-steps")
     ap.add_argument("--max-context", type=int, default=None, help="default: input + output length, rounded up")
     ap.add_argument("--hf-device", default=None, help="default: cuda when torch sees one, else cpu")
@@ -407,6 +408,7 @@ def main(argv: list[str] | None = None) -> int:
         "output_len": args.output_len,
         "slo_ttft_ms": args.slo_ttft_ms,
         "decode_steps": args.decode_steps,
+        "prefill_rows": args.prefill_rows,
         "overrides": overrides,
     }
     rows: list[dict] = []
@@ -447,7 +449,8 @@ def main(argv: list[str] | None = None) -> int:
                     cmd = [
                         sys.executable, "-m", "jaxdeep.cli", "serve", *target, "--port", str(port),
                         "--num-slots", str(args.num_slots), "--max-context", str(max_context),
-                        "--prefill-chunk", str(args.prefill_chunk), "--max-waiting", "100000",
+                        "--prefill-chunk", str(args.prefill_chunk), "--prefill-rows", str(args.prefill_rows),
+                        "--max-waiting", "100000",
                         "--decode-steps", str(args.decode_steps),
                     ]  # fmt: skip
                     concurrency = args.num_slots

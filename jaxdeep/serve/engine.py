@@ -1,15 +1,14 @@
 """The inference engine: continuous batching over fixed cache slots, run by one background thread.
 
-Each turn of the loop: drop cancelled requests, admit waiting requests into free slots, prefill one chunk of
-every request still reading its prompt, then launch a block of decode steps for every request that is
-generating and read the tokens of the block launched on the turn before (so the host's launch overlaps the GPU's
-work). A block is one step, or `decode_steps` steps while no request waits for a slot or reads its prompt: one
-launch then serves several tokens, and the host's cost per token shrinks. A request leaves its slot as soon as it
-finishes (eos, max_tokens, a stop string) or is cancelled, and the next waiting request takes the slot on the next
-turn; the tokens it still had in flight are dropped. A request takes the lowest free slot, and decode runs over
-the fewest leading slots that hold every generating request (`ModelRunner.decode_sizes`): a lone request decodes
-as batch 1, however many slots the engine has.
-"""
+Each turn of the loop: drop cancelled requests, admit waiting requests into free slots, prefill one chunk of every
+request still reading its prompt (up to `prefill_rows` prompts per launch), then launch a block of decode steps for
+every request that is generating and read the tokens of the block launched on the turn before (so the host's launch
+overlaps the GPU's work). A block is one step, or `decode_steps` steps while no request waits for a slot or reads
+its prompt: one launch then serves several tokens, and the host's cost per token shrinks. A request leaves its slot
+as soon as it finishes (eos, max_tokens, a stop string) or is cancelled, and the next waiting request takes the slot
+on the next turn; the tokens it still had in flight are dropped. A request takes the lowest free slot, and decode
+runs over the fewest leading slots that hold every generating request (`ModelRunner.decode_sizes`): a lone request
+decodes as batch 1, however many slots the engine has."""
 
 from __future__ import annotations
 
@@ -118,6 +117,7 @@ class InferenceEngine:
         num_slots: int = 8,
         max_context: int | None = None,
         prefill_chunk: int = 64,
+        prefill_rows: int = 4,
         max_waiting: int = 64,
         model_name: str | None = None,
         compiler_options: dict | None = None,
@@ -127,16 +127,17 @@ class InferenceEngine:
         decode_all_slots: bool = False,
     ) -> InferenceEngine:
         """num_slots: sequences decoded together; max_context: positions per slot (default: the model's training
-        length; for HF models max_position_embeddings, at most 4096); prefill_chunk: prompt tokens per prefill call;
-        max_waiting: queued requests before submit raises QueueFull; own_params: the engine takes over
-        `loaded.params` (the runner frees each weight it re-lays out or splits by layer; `loaded` must not be used
-        after);
+        length; for HF models max_position_embeddings, at most 4096); prefill_chunk: prompt tokens per prefill call,
+        for each prompt; prefill_rows: prompts one prefill call takes at most (a chunk each: the weights are read
+        once for all of them; at most num_slots); max_waiting: queued requests before submit raises QueueFull;
+        own_params: the engine takes over `loaded.params` (the runner frees each weight it re-lays out or splits by
+        layer; `loaded` must not be used after);
         decode_steps: decode steps per launch while no request waits or reads its prompt (tokens then stream in
         bursts of that many); warm_up: compile the model's programs before the engine starts (prefill, and
         decode for each size, block length and sampling mode), so no request waits for XLA; decode_all_slots:
         every decode step takes all slots and samples, so a request's tokens never depend on the others beside it
         (`ModelRunner.decode_sizes`), at the cost of a lone request decoding as a full batch."""
-        geometry = CacheGeometry(num_slots, max_context or loaded.context_limit, prefill_chunk)
+        geometry = CacheGeometry(num_slots, max_context or loaded.context_limit, prefill_chunk, prefill_rows)
         runner = ModelRunner.from_loaded(
             loaded,
             geometry,
@@ -273,19 +274,30 @@ class InferenceEngine:
                 self._slots[slot] = seq
 
     def _step(self) -> None:
-        chunk = self.geometry.prefill_chunk
-        for seq in [s for s in self._slots if s is not None and not s.decoding]:
-            piece = seq.prompt[seq.cached : seq.cached + chunk]
-            self._cache, logits_v = self.runner.prefill(self._cache, piece, seq.slot, seq.cached)
-            seq.cached += len(piece)
-            if seq.decoding:  # the prompt is in: its last logits give the first new token
-                (token,) = self._sample(logits_v, [seq])
-                self._accept(seq, token)
+        reading = [s for s in self._slots if s is not None and not s.decoding]
+        most = self.runner.prefill_sizes[-1]
+        for first in range(0, len(reading), most):
+            self._prefill(reading[first : first + most])
         ready = [s for s in self._slots if s is not None and s.decoding and s.generated]
         launched = self._launch_decode(ready, self._block_steps(ready)) if ready else None
         if self._in_flight is not None:
             self._read_decode(*self._in_flight)
         self._in_flight = launched
+
+    def _prefill(self, group: list[_Sequence]) -> None:
+        """The next chunk of each prompt in `group`, in one launch; a prompt that is then in whole gets its first
+        token from its last logits (one sampling call and one read for the launch)."""
+        chunk = self.geometry.prefill_chunk
+        pieces = [(seq.prompt[seq.cached : seq.cached + chunk], seq.slot, seq.cached) for seq in group]
+        self._cache, logits_pv = self.runner.prefill_rows(self._cache, pieces)
+        for seq, (piece, _, _) in zip(group, pieces, strict=True):
+            seq.cached += len(piece)
+        if any(seq.decoding for seq in group):
+            rows = [seq if seq.decoding else None for seq in group]
+            tokens = self._sample(logits_pv, rows + [None] * (logits_pv.shape[0] - len(rows)))
+            for seq, token in zip(group, tokens, strict=False):
+                if seq.decoding:
+                    self._accept(seq, token)
 
     def _block_steps(self, ready: list[_Sequence]) -> int:
         """Steps of the next block: `decode_steps` while no request waits for a slot or reads its prompt, and some

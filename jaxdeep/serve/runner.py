@@ -1,10 +1,10 @@
 """The model's prefill and decode steps, jitted over the mesh with explicit shardings.
 
-Shapes never depend on a request: prefill always takes one chunk of `prefill_chunk` tokens for one slot
-(the slot, start position and valid length are arrays), and decode takes one token for each of the first b
-slots, b one of a few sizes (`decode_sizes`: powers of two, and all slots). So each compiles once per size (and
-decode once per block length and sampling mode), whatever is being served. The cache is donated: XLA updates it in
-place.
+Shapes never depend on a request: prefill takes one chunk of `prefill_chunk` tokens for each of p prompts, p one
+of a few sizes (`prefill_sizes`; each prompt's slot, start position and valid length are arrays), and decode takes
+one token for each of the first b slots, b one of a few sizes (`decode_sizes`: powers of two, and all slots). So
+each compiles once per size (and decode once per block length and sampling mode), whatever is being served. The
+cache is donated: XLA updates it in place.
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ from kernels.decode import resolve
 class CacheGeometry:
     num_slots: int  # sequences decoded together (cache rows)
     max_context: int  # positions per slot: prompt + generated tokens must fit
-    prefill_chunk: int  # prompt tokens per prefill call
+    prefill_chunk: int  # prompt tokens per prefill call, for each prompt
+    prefill_rows: int = 1  # prompts one prefill call takes at most (one chunk each)
 
 
 class DecodeBatch(NamedTuple):
@@ -132,15 +133,16 @@ class ModelRunner:
         chunk = geometry.prefill_chunk
         pre_rules = prefill_rules(self.rules)
 
-        def prefill(params, model_state, cache, tokens_t, slot, start, n_valid):
+        def prefill(params, model_state, cache, tokens_pt, slot_p, start_p, n_valid_p):
             with use_rules(pre_rules, mesh), serving_layout(self.relaid):
                 model = merge(stacked_layers(params), model_state)
-                positions_bt = (start + jnp.arange(chunk, dtype=jnp.int32))[None]
-                x_btd, cache = extend(
-                    model, cache, tokens_t[None], positions_bt, slot[None], leading_slots=False, unroll=unroll_layers
+                positions_pt = start_p[:, None] + jnp.arange(chunk, dtype=jnp.int32)
+                x_ptd, cache = extend(
+                    model, cache, tokens_pt, positions_pt, slot_p, leading_slots=False, unroll=unroll_layers
                 )
-                last_b1d = jax.lax.dynamic_slice_in_dim(x_btd, n_valid - 1, 1, axis=1)
-                return cache, logits(model, last_b1d)[0, 0]
+                last_p = jnp.maximum(n_valid_p - 1, 0)  # an idle row (no valid token) reads its first
+                last_p1d = jnp.take_along_axis(x_ptd, last_p[:, None, None], axis=1)
+                return cache, logits(model, last_p1d)[:, 0]
 
         def decode(params, model_state, cache, tokens_b, positions_b):
             with use_rules(self.rules, mesh), serving_layout(self.relaid), decode_kernels(self.decode_kernels):
@@ -230,6 +232,7 @@ class ModelRunner:
             ("num_slots", g.num_slots),
             ("max_context", g.max_context),
             ("prefill_chunk", g.prefill_chunk),
+            ("prefill_rows", g.prefill_rows),
         ):
             if value < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {value}")
@@ -238,6 +241,13 @@ class ModelRunner:
             raise ConfigError(f"num_slots={g.num_slots} must divide by the {shards} batch shards of the mesh")
         if g.prefill_chunk % shards:
             raise ConfigError(f"prefill_chunk={g.prefill_chunk} must divide by the {shards} batch shards of the mesh")
+
+    @functools.cached_property
+    def prefill_sizes(self) -> tuple[int, ...]:
+        """The numbers of prompts prefill takes per call: powers of two below the most (`prefill_rows`, at most
+        num_slots), and the most. Prompts that fill fewer rows ride with idle ones, which write nothing."""
+        most = min(self.geometry.prefill_rows, self.geometry.num_slots)
+        return tuple(1 << i for i in range(most.bit_length()) if 1 << i < most) + (most,)
 
     @functools.cached_property
     def decode_sizes(self) -> tuple[int, ...]:
@@ -260,21 +270,24 @@ class ModelRunner:
             raise ValueError(f"decode takes {self.decode_sizes} rows (the first slots), got {b}")
 
     def compile_all(self, cache: dict, steps=(1,)) -> int:
-        """Compile every program serving runs, so that no call waits for XLA later: prefill and sampling after it;
-        for every size of `decode_sizes`, `decode_steps` of each block length in `steps` and sampling mode, and the
-        batch's own small programs (`decode_batch`, `resize_batch`), one after another (on a GPU, XLA times candidate
+        """Compile every program serving runs, so that no call waits for XLA later: for every size of
+        `prefill_sizes`, prefill and sampling after it; for every size of `decode_sizes`, `decode_steps` of each block
+        length in `steps` and sampling mode, and the batch's own small programs (`decode_batch`, `resize_batch`), one
+        after another (on a GPU, XLA times candidate
         kernels while it compiles: compilations side by side would disturb each other's timings). Jitted calls then
         find them compiled. `cache` is only looked at. Returns how many programs it compiled."""
         chunk, vocab = self.geometry.prefill_chunk, self.cfg.model.vocab_size
-        scalar = np.int32(0)
-        programs = [
-            self._prefill.lower(self.params, self.model_state, cache, np.zeros(chunk, np.int32), *[scalar] * 3),
-            # The engine samples a prompt's first token from prefill's logits (placed as prefill returns them).
-            self.sample.lower(
-                jax.ShapeDtypeStruct((vocab,), jnp.float32, sharding=NamedSharding(self.mesh, PartitionSpec())),
-                *(np.zeros(1, t) for t in (np.float32, np.int32, np.float32, np.uint32, np.int32)),
-            ),
-        ]
+        programs = []
+        for p in self.prefill_sizes:
+            rows = np.zeros(p, np.int32)
+            programs += [
+                self._prefill.lower(self.params, self.model_state, cache, np.zeros((p, chunk), np.int32), *[rows] * 3),
+                # The engine samples the prompts' first tokens from prefill's logits (placed as prefill returns them).
+                self.sample.lower(
+                    jax.ShapeDtypeStruct((p, vocab), jnp.float32, sharding=NamedSharding(self.mesh, PartitionSpec())),
+                    *(np.zeros(p, t) for t in (np.float32, np.int32, np.float32, np.uint32, np.int32)),
+                ),
+            ]
         batches = {}
         for size in self.decode_sizes:
             ints, floats = self._pack(*self._idle_columns(size))
@@ -296,16 +309,36 @@ class ModelRunner:
     def new_cache(self) -> dict:
         return kv.init_cache(self.cfg.model, self.layout, self.cache_shardings)
 
+    def prefill_rows(self, cache: dict, pieces) -> tuple[dict, jax.Array]:
+        """Cache several prompts' chunks in one call: `pieces` is a list of (tokens, slot, start), each tokens at most
+        prefill_chunk, each for another slot, at most `prefill_sizes[-1]` of them. Returns the new cache and the
+        float32 logits [p, vocab] after each piece's last token, p the fewest of `prefill_sizes` that hold them (rows
+        past the pieces are idle: their logits mean nothing)."""
+        chunk, most = self.geometry.prefill_chunk, self.prefill_sizes[-1]
+        if not 1 <= len(pieces) <= most:
+            raise ValueError(f"prefill takes 1..{most} prompts per call, got {len(pieces)}")
+        if len({slot for _, slot, _ in pieces}) != len(pieces):
+            raise ValueError(f"prefill: each prompt needs a slot of its own, got slots {[s for _, s, _ in pieces]}")
+        p = min(size for size in self.prefill_sizes if size >= len(pieces))
+        tokens_pt = np.zeros((p, chunk), np.int32)
+        # Idle rows start past the cache's end, so their writes are dropped; they read slot 0, and are ignored.
+        slot_p, n_valid_p = np.zeros(p, np.int32), np.zeros(p, np.int32)
+        start_p = np.full(p, self.geometry.max_context, np.int32)
+        for row, (tokens, slot, start) in enumerate(pieces):
+            n = len(tokens)
+            if not 1 <= n <= chunk:
+                raise ValueError(f"prefill takes 1..{chunk} tokens per prompt, got {n}")
+            if not 0 <= slot < self.geometry.num_slots:
+                raise ValueError(f"prefill: slot {slot} is not one of the {self.geometry.num_slots} slots")
+            tokens_pt[row, :n] = tokens
+            slot_p[row], start_p[row], n_valid_p[row] = slot, start, n
+        return self._prefill(self.params, self.model_state, cache, tokens_pt, slot_p, start_p, n_valid_p)
+
     def prefill(self, cache: dict, tokens, slot: int, start: int) -> tuple[dict, jax.Array]:
         """Cache `tokens` (at most prefill_chunk) of slot `slot` at positions start.. ; returns the new cache and the
         float32 logits [vocab] after the last of them."""
-        n = len(tokens)
-        chunk = self.geometry.prefill_chunk
-        if not 1 <= n <= chunk:
-            raise ValueError(f"prefill takes 1..{chunk} tokens, got {n}")
-        padded = np.zeros((chunk,), np.int32)
-        padded[:n] = tokens
-        return self._prefill(self.params, self.model_state, cache, padded, np.int32(slot), np.int32(start), np.int32(n))
+        cache, logits_pv = self.prefill_rows(cache, [(tokens, slot, start)])
+        return cache, logits_pv[0]
 
     def prefill_prompt(self, cache: dict, tokens, slot: int) -> tuple[dict, jax.Array]:
         """A whole prompt, chunk by chunk."""
