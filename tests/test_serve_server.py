@@ -283,8 +283,10 @@ def test_cli_serve_refuses_bad_targets(capsys):
     assert cli.main(["serve", str(REPO / "experiments" / "quickstart.yaml"), "model.no_such_key=1"]) == 2
     assert cli.main(["serve", str(REPO / "experiments" / "quickstart.yaml"), "--num-slots", "0"]) == 2
     assert cli.main(["serve", str(REPO / "experiments" / "quickstart.yaml"), "--decode-steps", "0"]) == 2
+    assert cli.main(["serve", str(REPO / "experiments" / "quickstart.yaml"), "--prefill-rows", "0"]) == 2
     err = capsys.readouterr().err
     assert "does not exist" in err and "no_such_key" in err and "--num-slots" in err and "--decode-steps" in err
+    assert "--prefill-rows must be >= 1, got 0" in err
 
 
 @pytest.mark.slow
