@@ -389,7 +389,7 @@ def test_prompts_prefilled_together_equal_each_alone(served):
     prompts = {1: _prompt(CHUNK + 5, 60), 2: _prompt(3, 61), 3: _prompt(CHUNK, 62)}
     base, _ = runner.prefill(runner.new_cache(), prompts[1][:CHUNK], slot=1, start=0)  # slot 1's first chunk
     pieces = [(prompts[2], 2, 0), (prompts[1][CHUNK:], 1, CHUNK), (prompts[3], 3, 0)]
-    together, logits_pv = runner.prefill_rows(jax.tree.map(jnp.copy, base), pieces)
+    together, logits_pv = runner.prefill_chunks(jax.tree.map(jnp.copy, base), pieces)
     assert logits_pv.shape == (4, runner.cfg.model.vocab_size)
     alone = base
     for row, (tokens, slot, start) in enumerate(pieces):
@@ -404,17 +404,17 @@ def test_prompts_prefilled_together_equal_each_alone(served):
             np.testing.assert_array_equal(a[:, slot, -(-len(prompt) // CHUNK) * CHUNK :], 0)
 
 
-def test_prefill_rows_rejects_what_it_cannot_take(served):
+def test_prefill_chunks_rejects_what_it_cannot_take(served):
     _, loaded, engine, _ = served
     runner, cache = engine.runner, engine.runner.new_cache()
     with pytest.raises(ValueError, match="1..4 prompts per call, got 5"):
-        runner.prefill_rows(cache, [([1], s, 0) for s in range(5)])
+        runner.prefill_chunks(cache, [([1], s, 0) for s in range(5)])
     with pytest.raises(ValueError, match="slot of its own"):
-        runner.prefill_rows(cache, [([1], 2, 0), ([3], 2, 1)])
+        runner.prefill_chunks(cache, [([1], 2, 0), ([3], 2, 1)])
     with pytest.raises(ValueError, match="slot 4 is not one of the 4 slots"):
-        runner.prefill_rows(cache, [([1], 4, 0)])
+        runner.prefill_chunks(cache, [([1], 4, 0)])
     with pytest.raises(ValueError, match=f"1..{CHUNK} tokens per prompt, got 0"):
-        runner.prefill_rows(cache, [([], 0, 0)])
+        runner.prefill_chunks(cache, [([], 0, 0)])
     with pytest.raises(ConfigError, match="prefill_rows: must be >= 1, got 0"):
         ModelRunner.from_loaded(loaded, CacheGeometry(SLOTS, CONTEXT, CHUNK, prefill_rows=0))
     # More rows than slots: a call never holds more prompts than there are slots.
@@ -430,9 +430,9 @@ class _PrefillsSeen:
     def __getattr__(self, name):
         return getattr(self.runner, name)
 
-    def prefill_rows(self, cache, pieces):
+    def prefill_chunks(self, cache, pieces):
         self.calls.append(len(pieces))
-        return self.runner.prefill_rows(cache, pieces)
+        return self.runner.prefill_chunks(cache, pieces)
 
 
 def test_engine_prefills_waiting_prompts_in_one_launch(served):
@@ -649,6 +649,7 @@ def test_decode_all_slots_decodes_a_lone_request_as_a_full_batch(models):
         loaded, CacheGeometry(SLOTS, CONTEXT, CHUNK), compiler_options=FAST, decode_all_slots=True
     )
     assert runner.decode_sizes == (SLOTS,)
+    assert runner.prefill_sizes == (1,)  # one prompt per call: its logits never depend on another's
     seen = _StepsSeen(runner)
     engine = InferenceEngine(seen, Letters(), "all")
     try:
@@ -660,10 +661,12 @@ def test_decode_all_slots_decodes_a_lone_request_as_a_full_batch(models):
 
 
 def test_warm_up_compiles_every_model_program(models, caplog):
-    """A warm-up compiles prefill, sampling, and decode of every size, block length and sampling mode with its
-    batch's programs; serving greedy and sampled requests of every size then compiles nothing."""
+    """A warm-up compiles prefill and its sampling for every number of prompts per call, and decode of every size,
+    block length and sampling mode with its batch's programs; serving greedy and sampled requests, their prompts
+    read four, two and one per call, then compiles nothing."""
     _, loaded, _, _ = models.get("dense")
     runner = ModelRunner.from_loaded(loaded, CacheGeometry(SLOTS, CONTEXT, CHUNK), compiler_options=FAST)
+    assert runner.prefill_sizes == (1, 2, 4)
 
     def compiled():
         return [r.getMessage() for r in caplog.records if r.getMessage().startswith("Compiling ")]
@@ -673,19 +676,22 @@ def test_warm_up_compiles_every_model_program(models, caplog):
         try:
             blocks, modes = 2, 2  # block lengths 1 and 2; greedy and sampling
             assert sum("decode_block" in m for m in compiled()) == blocks * modes * len(runner.decode_sizes)
+            assert sum(m.startswith("Compiling jit(prefill)") for m in compiled()) == len(runner.prefill_sizes)
             caplog.clear()
-            done, finished = threading.Event(), []
+            for wave in ([(9, False), (5, False), (3, False), (6, True)], [(4, False), (2, True)], [(3, False)]):
+                done, finished, n = threading.Event(), [], len(wave)
 
-            def on_event(event):
-                if event.finished:
-                    finished.append(event)
-                    if len(finished) == 4:
-                        done.set()
+                def on_event(event, done=done, finished=finished, n=n):
+                    if event.finished:
+                        finished.append(event)
+                        if len(finished) == n:
+                            done.set()
 
-            for i, n in enumerate((9, 5, 3)):
-                engine.submit(GenerationRequest(f"w{i}", _prompt(4, i), _greedy(n)), on_event)
-            engine.submit(GenerationRequest("s", _prompt(5, 7), _seeded(6)), on_event)
-            assert done.wait(120)
+                with engine._cond:  # admitted on one turn: their prompts are read in one call
+                    for i, (n, seeded) in enumerate(wave):
+                        params = _seeded(n) if seeded else _greedy(n)
+                        engine.submit(GenerationRequest(f"w{len(wave)}.{i}", _prompt(4, i), params), on_event)
+                assert done.wait(120)
             assert compiled() == []
         finally:
             engine.close()
@@ -974,7 +980,7 @@ def test_failed_step_aborts_and_engine_recovers(dense):
             def __getattr__(self, name):
                 return getattr(original, name)
 
-            def prefill_rows(self, *args):
+            def prefill_chunks(self, *args):
                 raise RuntimeError("injected failure")
 
         engine.runner = Broken()
@@ -997,6 +1003,22 @@ def test_sharded_layout_gives_the_same_tokens(models, kind, mesh):
         for i, (n, m) in enumerate([(4, 8), (13, 6)]):
             request = GenerationRequest(f"s{i}", _prompt(n, 50 + i), SamplingParams(max_tokens=m, temperature=0.0))
             assert split.generate(request, timeout=120).tokens == one.generate(request, timeout=120).tokens
+        # Two prompts read in one prefill call over the mesh.
+        requests = [GenerationRequest(f"t{i}", _prompt(n, 55 + i), _greedy(5)) for i, n in enumerate((6, 11))]
+        events, done = {r.request_id: [] for r in requests}, threading.Event()
+
+        def on_event(event):
+            events[event.request_id].append(event)
+            if all(evs and evs[-1].finished for evs in events.values()):
+                done.set()
+
+        with split._cond:
+            for r in requests:
+                split.submit(r, on_event)
+        assert done.wait(120)
+        for r in requests:
+            got = [e.token for e in events[r.request_id] if e.token is not None]
+            assert got == one.generate(r, timeout=120).tokens
     finally:
         split.close()
 

@@ -116,7 +116,7 @@ def time_decode(
 
 
 def time_prefill(runner: ModelRunner, top: int = 0, rows: int = 1):
-    """GPU busy seconds of one prefill call (`ModelRunner.prefill_rows`: a full chunk of the runner's prefill_chunk
+    """GPU busy seconds of one prefill call (`ModelRunner.prefill_chunks`: a full chunk of the runner's prefill_chunk
     tokens for each of `rows` prompts, into slots 0 .. rows-1 at position 0) and its `top` kernels, as
     `time_decode` gives them."""
     chunk = runner.geometry.prefill_chunk
@@ -124,7 +124,7 @@ def time_prefill(runner: ModelRunner, top: int = 0, rows: int = 1):
     state = {"cache": runner.new_cache()}
 
     def step():  # prefill donates the cache it is given
-        state["cache"], logits = runner.prefill_rows(state["cache"], pieces)
+        state["cache"], logits = runner.prefill_chunks(state["cache"], pieces)
         return logits
 
     for _ in range(2):
@@ -246,6 +246,8 @@ def main() -> None:
         if args.prefill:
             by_rows = {}
             for rows in args.prefill_rows:
+                if rows not in runner.prefill_sizes:  # a call of 3 prompts would run the program of 4
+                    raise SystemExit(f"--prefill-rows {rows}: prefill runs {runner.prefill_sizes} prompts per call")
                 prefill_s, prefill_top = time_prefill(runner, args.top, rows)
                 by_rows[str(rows)] = prefill_s * 1e3
                 for name, (us, count) in prefill_top:

@@ -276,28 +276,29 @@ class InferenceEngine:
     def _step(self) -> None:
         reading = [s for s in self._slots if s is not None and not s.decoding]
         most = self.runner.prefill_sizes[-1]
-        for first in range(0, len(reading), most):
-            self._prefill(reading[first : first + most])
+        launched = [self._prefill(reading[first : first + most]) for first in range(0, len(reading), most)]
+        for group, sampled in filter(None, launched):  # read once every group is launched: no wait in between
+            for seq, token in zip(group, np.asarray(sampled)[: len(group)], strict=True):
+                if seq.decoding:
+                    self._accept(seq, int(token))
         ready = [s for s in self._slots if s is not None and s.decoding and s.generated]
         launched = self._launch_decode(ready, self._block_steps(ready)) if ready else None
         if self._in_flight is not None:
             self._read_decode(*self._in_flight)
         self._in_flight = launched
 
-    def _prefill(self, group: list[_Sequence]) -> None:
-        """The next chunk of each prompt in `group`, in one launch; a prompt that is then in whole gets its first
-        token from its last logits (one sampling call and one read for the launch)."""
+    def _prefill(self, group: list[_Sequence]) -> tuple | None:
+        """Launch the next chunk of each prompt in `group` in one call and, if that completes some prompts, the
+        sampling of their first tokens from its logits. Returns (group, sampled tokens) to read, or None."""
         chunk = self.geometry.prefill_chunk
         pieces = [(seq.prompt[seq.cached : seq.cached + chunk], seq.slot, seq.cached) for seq in group]
-        self._cache, logits_pv = self.runner.prefill_rows(self._cache, pieces)
+        self._cache, logits_pv = self.runner.prefill_chunks(self._cache, pieces)
         for seq, (piece, _, _) in zip(group, pieces, strict=True):
             seq.cached += len(piece)
-        if any(seq.decoding for seq in group):
-            rows = [seq if seq.decoding else None for seq in group]
-            tokens = self._sample(logits_pv, rows + [None] * (logits_pv.shape[0] - len(rows)))
-            for seq, token in zip(group, tokens, strict=False):
-                if seq.decoding:
-                    self._accept(seq, token)
+        if not any(seq.decoding for seq in group):
+            return None
+        rows = [seq if seq.decoding else None for seq in group]
+        return group, self._launch_sample(logits_pv, rows + [None] * (logits_pv.shape[0] - len(rows)))
 
     def _block_steps(self, ready: list[_Sequence]) -> int:
         """Steps of the next block: `decode_steps` while no request waits for a slot or reads its prompt, and some
@@ -386,12 +387,12 @@ class InferenceEngine:
                 top_k[i] = min(p.top_k, self.vocab_size)
         return temperature, top_k, top_p, seed
 
-    def _sample(self, logits_bv, rows: list[_Sequence | None]) -> np.ndarray:
-        """Sampled ids of `logits_bv`'s rows ([vocab]: one row) with the requests' parameters (rows without one:
-        greedy, ignored)."""
+    def _launch_sample(self, logits_bv, rows: list[_Sequence | None]) -> jax.Array:
+        """Ids of `logits_bv`'s rows, sampled with the requests' parameters (rows without one: greedy, ignored), in
+        pinned host memory once the program ends."""
         temperature, top_k, top_p, seed = self._sampling_rows(rows)
         index = np.array([0 if seq is None else len(seq.generated) for seq in rows], np.int32)
-        return np.asarray(self.runner.sample(logits_bv, temperature, top_k, top_p, seed, index))
+        return self.runner.sample(logits_bv, temperature, top_k, top_p, seed, index)
 
     def _accept(self, seq: _Sequence, token: int) -> None:
         """One new token: emit its safe text, or finish the request."""

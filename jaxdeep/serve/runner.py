@@ -35,7 +35,7 @@ class CacheGeometry:
     num_slots: int  # sequences decoded together (cache rows)
     max_context: int  # positions per slot: prompt + generated tokens must fit
     prefill_chunk: int  # prompt tokens per prefill call, for each prompt
-    prefill_rows: int = 1  # prompts one prefill call takes at most (one chunk each)
+    prefill_rows: int = 4  # prompts one prefill call takes at most (one chunk each)
 
 
 class DecodeBatch(NamedTuple):
@@ -245,7 +245,11 @@ class ModelRunner:
     @functools.cached_property
     def prefill_sizes(self) -> tuple[int, ...]:
         """The numbers of prompts prefill takes per call: powers of two below the most (`prefill_rows`, at most
-        num_slots), and the most. Prompts that fill fewer rows ride with idle ones, which write nothing."""
+        num_slots), and the most. Prompts that fill fewer rows ride with idle ones, which write nothing. Only 1 with
+        decode_all_slots: a prompt's logits may differ in their last bits between call sizes, and that option
+        promises tokens that never depend on the other requests."""
+        if self.decode_all_slots:
+            return (1,)
         most = min(self.geometry.prefill_rows, self.geometry.num_slots)
         return tuple(1 << i for i in range(most.bit_length()) if 1 << i < most) + (most,)
 
@@ -309,7 +313,7 @@ class ModelRunner:
     def new_cache(self) -> dict:
         return kv.init_cache(self.cfg.model, self.layout, self.cache_shardings)
 
-    def prefill_rows(self, cache: dict, pieces) -> tuple[dict, jax.Array]:
+    def prefill_chunks(self, cache: dict, pieces) -> tuple[dict, jax.Array]:
         """Cache several prompts' chunks in one call: `pieces` is a list of (tokens, slot, start), each tokens at most
         prefill_chunk, each for another slot, at most `prefill_sizes[-1]` of them. Returns the new cache and the
         float32 logits [p, vocab] after each piece's last token, p the fewest of `prefill_sizes` that hold them (rows
@@ -337,7 +341,7 @@ class ModelRunner:
     def prefill(self, cache: dict, tokens, slot: int, start: int) -> tuple[dict, jax.Array]:
         """Cache `tokens` (at most prefill_chunk) of slot `slot` at positions start.. ; returns the new cache and the
         float32 logits [vocab] after the last of them."""
-        cache, logits_pv = self.prefill_rows(cache, [(tokens, slot, start)])
+        cache, logits_pv = self.prefill_chunks(cache, [(tokens, slot, start)])
         return cache, logits_pv[0]
 
     def prefill_prompt(self, cache: dict, tokens, slot: int) -> tuple[dict, jax.Array]:
