@@ -456,6 +456,7 @@ def test_engine_prefills_waiting_prompts_in_one_launch(served):
                 batched.submit(r, on_event)
         assert done.wait(60)
         assert runner.calls == [3, 1]  # three prompts in one call, then the long one's second chunk alone
+        assert (batched.stats().prefill_calls, batched.stats().prefill_chunks) == (2, 4)
         for r, want in zip(requests, alone, strict=True):
             assert [e.token for e in events[r.request_id] if e.token is not None] == want
     finally:

@@ -160,6 +160,8 @@ def test_metrics_parse_and_move(server, client, model):
     assert delta("jaxdeep:request_time_per_output_token_seconds_count") == 1
     assert after["jaxdeep:num_requests_running"] == 0
     assert delta("jaxdeep:decode_batch_size_count") >= 1  # sampled while the request ran
+    # A lone request: one launch per chunk of its prompt.
+    assert delta("jaxdeep:prefill_calls_total") == delta("jaxdeep:prefill_chunks_total") >= 1
     assert after["jaxdeep:decode_batch_size_sum"] >= after["jaxdeep:decode_batch_size_count"]  # batches of >= 1
 
 

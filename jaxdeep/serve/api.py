@@ -84,6 +84,8 @@ class EngineStats:
     cache_usage: float  # fraction of the KV cache allocated to requests, 0..1
     batch_size: int  # sequences in the last decode step
     max_context: int  # prompt + max_tokens must fit in this
+    prefill_calls: int = 0  # prefill launches since the engine started
+    prefill_chunks: int = 0  # prompt chunks those launches read (a launch reads one chunk of each of its prompts)
 
 
 class Tokenizer(Protocol):

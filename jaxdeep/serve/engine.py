@@ -94,6 +94,7 @@ class InferenceEngine:
         self._cancelled: set[str] = set()
         self._ids: set[str] = set()  # request ids queued or running
         self._last_batch = 0
+        self._prefill_calls = self._prefill_chunks = 0
         # The decode batch lives on the device between steps (`ModelRunner.decode_steps`): `_rows` says which
         # request each of its rows decodes, and only rows whose request changes are sent again. A block is launched
         # before the tokens of the one before are read (`_in_flight`), so the host's launch overlaps the GPU's work.
@@ -178,7 +179,15 @@ class InferenceEngine:
             # A request holds its whole slot (max_context positions) from admission to finish: allocated, as a
             # paged cache would count its blocks, whatever part of the slot is written yet.
             usage = running / self.geometry.num_slots
-            return EngineStats(running, self._waiting_count(), usage, self._last_batch, self.geometry.max_context)
+            return EngineStats(
+                running,
+                self._waiting_count(),
+                usage,
+                self._last_batch,
+                self.geometry.max_context,
+                self._prefill_calls,
+                self._prefill_chunks,
+            )
 
     def close(self) -> None:
         with self._cond:
@@ -293,6 +302,8 @@ class InferenceEngine:
         chunk = self.geometry.prefill_chunk
         pieces = [(seq.prompt[seq.cached : seq.cached + chunk], seq.slot, seq.cached) for seq in group]
         self._cache, logits_pv = self.runner.prefill_chunks(self._cache, pieces)
+        self._prefill_calls += 1
+        self._prefill_chunks += len(pieces)
         for seq, (piece, _, _) in zip(group, pieces, strict=True):
             seq.cached += len(piece)
         if not any(seq.decoding for seq in group):

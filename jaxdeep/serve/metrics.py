@@ -16,6 +16,8 @@ Names follow vLLM's under a `jaxdeep:` prefix:
 | `jaxdeep:request_success_total{finished_reason}` | counter | finished requests by reason: stop, length, abort |
 | `jaxdeep:request_errors_total{status}` | counter | requests refused with an HTTP error (400, 404, 429, ...) |
 | `jaxdeep:decode_batch_size` | histogram | sequences per decode step, sampled while requests run (1) |
+| `jaxdeep:prefill_calls_total` | counter | prefill launches (engine, read at scrape time) |
+| `jaxdeep:prefill_chunks_total` | counter | prompt chunks they read (per launch: prompts per prefill launch) |
 | `jaxdeep:gpu_utilization_perc{gpu}` | gauge | NVML GPU utilisation, 0..1 (2) |
 | `jaxdeep:gpu_memory_used_bytes{gpu}` | gauge | NVML memory used |
 | `jaxdeep:gpu_memory_total_bytes{gpu}` | gauge | NVML memory total |
@@ -35,7 +37,7 @@ import sys
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from jaxdeep.serve.api import EngineStats
@@ -121,6 +123,9 @@ class _EngineCollector(Collector):
         yield GaugeMetricFamily(PREFIX + "num_requests_waiting", "Requests queued for a slot.", value=s.waiting)
         usage = "Fraction of the KV cache allocated to requests."
         yield GaugeMetricFamily(PREFIX + "kv_cache_usage_perc", usage, value=s.cache_usage)
+        yield CounterMetricFamily(PREFIX + "prefill_calls", "Prefill launches.", value=s.prefill_calls)
+        chunks = "Prompt chunks read by prefill launches (one chunk of each prompt in a launch)."
+        yield CounterMetricFamily(PREFIX + "prefill_chunks", chunks, value=s.prefill_chunks)
 
 
 class _DeviceCollector(Collector):
