@@ -14,7 +14,9 @@ values) on one accelerator:
    servers, `--output-len` new tokens with `ignore_eos` (both generate exactly that many), greedy; a rate passes
    when every request completes and the P99 time to first token is <= `--slo-ttft-ms`. Rates double (or halve)
    from an estimate of the server's capacity until one fails (passes), then bisect while time allows;
-3. write one JSON line per measured point and per server summary to `--out` and print a table.
+3. write one JSON line per measured point and per server summary to `--out` and print a table. A jaxdeep point
+   also gives its prefill launches and prompts per launch (`prefill_calls`, `prefill_prompts_per_call`, from the
+   server's `/metrics` before and after it).
 
 The whole run fits in `--budget` seconds (default 480; servers' start-up included): each server gets an even
 share of what is left, and a point that would overrun its share is not started. A rate is measured for about
@@ -75,6 +77,25 @@ def export(config: str, out_dir: str, overrides: list[str], max_position_embeddi
 def _get_json(url: str, timeout: float = 5.0) -> dict:
     with urllib.request.urlopen(url, timeout=timeout) as resp:
         return json.loads(resp.read())
+
+
+PREFILL_COUNTERS = ("jaxdeep:prefill_calls_total", "jaxdeep:prefill_chunks_total")
+
+
+def prefill_counts(url: str) -> tuple[float, float] | None:
+    """(prefill launches, prompt chunks they read) from a jaxdeep server's `/metrics`, or None for a server
+    without them."""
+    try:
+        with urllib.request.urlopen(url + "/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return None
+    values = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in PREFILL_COUNTERS:
+            values[name] = float(value)
+    return tuple(values[name] for name in PREFILL_COUNTERS) if len(values) == len(PREFILL_COUNTERS) else None
 
 
 class Server:
@@ -145,6 +166,7 @@ def run_point(server: Server, args, tmp: Path, rate: float, num_prompts: int, la
         cmd += ["--max-concurrency", str(extra["max_concurrency"])]
     if extra.get("warmup"):
         cmd += ["--warmup", str(extra["warmup"])]
+    counts = prefill_counts(server.url)
     t0 = time.perf_counter()
     limit = num_prompts / rate + extra.get("timeout", args.request_timeout) + 60 if rate < math.inf else 600
     try:
@@ -163,6 +185,10 @@ def run_point(server: Server, args, tmp: Path, rate: float, num_prompts: int, la
     idle = server.wait_idle()
     if not idle:
         summary.setdefault("error_kinds", []).append("server still busy 60 s after the point")
+    after = prefill_counts(server.url)
+    if counts and after and after[0] > counts[0]:
+        calls, chunks = after[0] - counts[0], after[1] - counts[1]
+        summary.update(prefill_calls=calls, prefill_prompts_per_call=chunks / calls)
     return summary
 
 
@@ -247,8 +273,11 @@ def sweep(server: Server, args, tmp: Path, deadline: float, record) -> dict:
         points.append((rate, ok, s))
         p99 = s.get("p99_ttft_ms")
         p99_text = f"{p99:.0f} ms" if p99 is not None else "-"
+        per_call = (
+            f", {s['prefill_prompts_per_call']:.2f} prompts per prefill" if "prefill_prompts_per_call" in s else ""
+        )
         print(
-            f"  {server.name}: rate {rate:g} req/s x {n}: P99 TTFT {p99_text}, "
+            f"  {server.name}: rate {rate:g} req/s x {n}: P99 TTFT {p99_text}{per_call}, "
             f"{s.get('completed', 0)} ok / {s.get('failed', 0)} failed -> {'pass' if ok else 'fail'}",
             flush=True,
         )
