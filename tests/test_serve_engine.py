@@ -117,6 +117,23 @@ def _seeded(n: int) -> SamplingParams:
     return SamplingParams(max_tokens=n, temperature=1.0, seed=11)
 
 
+def _generate_together(engine: InferenceEngine, requests, timeout: float = 120) -> dict[str, list[int]]:
+    """Each request's tokens, the requests submitted while the engine's loop waits for its (reentrant) lock, so
+    all are admitted on one turn and their prompts read in the same prefill calls."""
+    events, done = {r.request_id: [] for r in requests}, threading.Event()
+
+    def on_event(event):
+        events[event.request_id].append(event)
+        if all(evs and evs[-1].finished for evs in events.values()):
+            done.set()
+
+    with engine._cond:
+        for r in requests:
+            engine.submit(r, on_event)
+    assert done.wait(timeout)
+    return {rid: [e.token for e in evs if e.token is not None] for rid, evs in events.items()}
+
+
 def _sibling(engine: InferenceEngine, tokenizer=None, **kw) -> InferenceEngine:
     """Another engine on the same compiled model (its own cache and thread)."""
     return InferenceEngine(engine.runner, tokenizer or engine.tokenizer, "sibling", **kw)
@@ -444,21 +461,10 @@ def test_engine_prefills_waiting_prompts_in_one_launch(served):
     runner = _PrefillsSeen(engine.runner)
     batched = InferenceEngine(runner, engine.tokenizer, "batched")
     try:
-        events, done = {r.request_id: [] for r in requests}, threading.Event()
-
-        def on_event(event):
-            events[event.request_id].append(event)
-            if all(evs and evs[-1].finished for evs in events.values()):
-                done.set()
-
-        with batched._cond:  # the loop waits for this (reentrant) lock: all three are admitted on one turn
-            for r in requests:
-                batched.submit(r, on_event)
-        assert done.wait(60)
+        tokens = _generate_together(batched, requests, timeout=60)
         assert runner.calls == [3, 1]  # three prompts in one call, then the long one's second chunk alone
         assert (batched.stats().prefill_calls, batched.stats().prefill_chunks) == (2, 4)
-        for r, want in zip(requests, alone, strict=True):
-            assert [e.token for e in events[r.request_id] if e.token is not None] == want
+        assert [tokens[r.request_id] for r in requests] == alone
     finally:
         batched.close()
 
@@ -680,19 +686,9 @@ def test_warm_up_compiles_every_model_program(models, caplog):
             assert sum(m.startswith("Compiling jit(prefill)") for m in compiled()) == len(runner.prefill_sizes)
             caplog.clear()
             for wave in ([(9, False), (5, False), (3, False), (6, True)], [(4, False), (2, True)], [(3, False)]):
-                done, finished, n = threading.Event(), [], len(wave)
-
-                def on_event(event, done=done, finished=finished, n=n):
-                    if event.finished:
-                        finished.append(event)
-                        if len(finished) == n:
-                            done.set()
-
-                with engine._cond:  # admitted on one turn: their prompts are read in one call
-                    for i, (n, seeded) in enumerate(wave):
-                        params = _seeded(n) if seeded else _greedy(n)
-                        engine.submit(GenerationRequest(f"w{len(wave)}.{i}", _prompt(4, i), params), on_event)
-                assert done.wait(120)
+                params = [_seeded(n) if seeded else _greedy(n) for n, seeded in wave]
+                requests = [GenerationRequest(f"w{len(wave)}.{i}", _prompt(4, i), p) for i, p in enumerate(params)]
+                _generate_together(engine, requests)  # their prompts read in one call
             assert compiled() == []
         finally:
             engine.close()
@@ -1006,20 +1002,9 @@ def test_sharded_layout_gives_the_same_tokens(models, kind, mesh):
             assert split.generate(request, timeout=120).tokens == one.generate(request, timeout=120).tokens
         # Two prompts read in one prefill call over the mesh.
         requests = [GenerationRequest(f"t{i}", _prompt(n, 55 + i), _greedy(5)) for i, n in enumerate((6, 11))]
-        events, done = {r.request_id: [] for r in requests}, threading.Event()
-
-        def on_event(event):
-            events[event.request_id].append(event)
-            if all(evs and evs[-1].finished for evs in events.values()):
-                done.set()
-
-        with split._cond:
-            for r in requests:
-                split.submit(r, on_event)
-        assert done.wait(120)
+        tokens = _generate_together(split, requests)
         for r in requests:
-            got = [e.token for e in events[r.request_id] if e.token is not None]
-            assert got == one.generate(r, timeout=120).tokens
+            assert tokens[r.request_id] == one.generate(r, timeout=120).tokens
     finally:
         split.close()
 

@@ -132,11 +132,11 @@ class InferenceEngine:
         for each prompt; prefill_rows: prompts one prefill call takes at most (a chunk each: the weights are read
         once for all of them; at most num_slots); max_waiting: queued requests before submit raises QueueFull;
         own_params: the engine takes over `loaded.params` (the runner frees each weight it re-lays out or splits by
-        layer; `loaded` must not be used after);
-        decode_steps: decode steps per launch while no request waits or reads its prompt (tokens then stream in
-        bursts of that many); warm_up: compile the model's programs before the engine starts (prefill, and
-        decode for each size, block length and sampling mode), so no request waits for XLA; decode_all_slots:
-        every decode step takes all slots and samples, so a request's tokens never depend on the others beside it
+        layer; `loaded` must not be used after); decode_steps: decode steps per launch while no request waits or
+        reads its prompt (tokens then stream in bursts of that many); warm_up: compile the model's programs before
+        the engine starts (prefill for each number of prompts per call, decode for each size, block length and
+        sampling mode), so no request waits for XLA; decode_all_slots: every decode step takes all slots and
+        samples, and prefill takes one prompt per call, so a request's tokens never depend on the others beside it
         (`ModelRunner.decode_sizes`), at the cost of a lone request decoding as a full batch."""
         geometry = CacheGeometry(num_slots, max_context or loaded.context_limit, prefill_chunk, prefill_rows)
         runner = ModelRunner.from_loaded(
@@ -285,8 +285,8 @@ class InferenceEngine:
     def _step(self) -> None:
         reading = [s for s in self._slots if s is not None and not s.decoding]
         most = self.runner.prefill_sizes[-1]
-        launched = [self._prefill(reading[first : first + most]) for first in range(0, len(reading), most)]
-        for group, sampled in filter(None, launched):  # read once every group is launched: no wait in between
+        prefills = [self._prefill(reading[first : first + most]) for first in range(0, len(reading), most)]
+        for group, sampled in filter(None, prefills):  # read once every group is launched: no wait in between
             for seq, token in zip(group, np.asarray(sampled)[: len(group)], strict=True):
                 if seq.decoding:
                     self._accept(seq, int(token))

@@ -276,10 +276,10 @@ class ModelRunner:
     def compile_all(self, cache: dict, steps=(1,)) -> int:
         """Compile every program serving runs, so that no call waits for XLA later: for every size of
         `prefill_sizes`, prefill and sampling after it; for every size of `decode_sizes`, `decode_steps` of each block
-        length in `steps` and sampling mode, and the batch's own small programs (`decode_batch`, `resize_batch`), one
-        after another (on a GPU, XLA times candidate
-        kernels while it compiles: compilations side by side would disturb each other's timings). Jitted calls then
-        find them compiled. `cache` is only looked at. Returns how many programs it compiled."""
+        length in `steps` and sampling mode, and the batch's own small programs (`decode_batch`, `resize_batch`).
+        One after another: on a GPU, XLA times candidate kernels while it compiles, and compilations side by side
+        would disturb each other's timings. Jitted calls then find them compiled. `cache` is only looked at.
+        Returns how many programs it compiled."""
         chunk, vocab = self.geometry.prefill_chunk, self.cfg.model.vocab_size
         programs = []
         for p in self.prefill_sizes:
