@@ -87,6 +87,11 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="decode every slot each step: a request's tokens never depend on the others (a lone one runs slower)",
     )
+    engine.add_argument(
+        "--serial-kernels",
+        action="store_true",
+        help="run each step's GPU kernels one after another (default: independent kernels may run side by side)",
+    )
     serve.set_defaults(coordinator=None, num_processes=None, process_id=None)
 
     from jaxdeep.serve import bench
@@ -238,6 +243,8 @@ def _serve(args: argparse.Namespace) -> int:
             return 2
     if args.decode_all_slots:
         options["decode_all_slots"] = True
+    if args.serial_kernels:
+        options["concurrent_kernels"] = False
     target = Path(args.target)
     if not target.exists():
         print(

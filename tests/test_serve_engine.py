@@ -667,6 +667,27 @@ def test_decode_all_slots_decodes_a_lone_request_as_a_full_batch(models):
     assert set(seen.modes) == {"sample"}  # one program for every step, even for a greedy request
 
 
+def test_steps_compile_with_concurrent_kernels_unless_told_not_to(models, monkeypatch):
+    """The serving steps hand XLA `runner.CONCURRENT_KERNELS` by default and leave it out with
+    concurrent_kernels=False; the caller's own options win. A value XLA refuses shows where the option goes."""
+    from jaxdeep.serve import runner as runner_module
+
+    assert runner_module.step_compiler_options(True, None) == runner_module.CONCURRENT_KERNELS
+    assert runner_module.step_compiler_options(False, None) is None
+    mode = "xla_gpu_command_buffer_scheduling_mode"
+    assert runner_module.step_compiler_options(True, {mode: "SERIALIZE"}) == {mode: "SERIALIZE"}
+    _, loaded, _, _ = models.get("dense")
+    monkeypatch.setattr(runner_module, "CONCURRENT_KERNELS", {mode: "NO_SUCH_MODE"})
+    geometry = CacheGeometry(SLOTS, CONTEXT, CHUNK)
+    tokens, positions = np.ones(SLOTS, np.int32), np.full(SLOTS, 3, np.int32)
+    refused = ModelRunner.from_loaded(loaded, geometry, compiler_options=FAST)
+    with pytest.raises(Exception, match=mode):
+        refused.decode(refused.new_cache(), tokens, positions)
+    plain = ModelRunner.from_loaded(loaded, geometry, compiler_options=FAST, concurrent_kernels=False)
+    _, logits = plain.decode(plain.new_cache(), tokens, positions)
+    assert np.isfinite(np.asarray(logits)).all()
+
+
 def test_warm_up_compiles_every_model_program(models, caplog):
     """A warm-up compiles prefill and its sampling for every number of prompts per call, and decode of every size,
     block length and sampling mode with its batch's programs; serving greedy and sampled requests, their prompts

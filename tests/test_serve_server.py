@@ -291,6 +291,24 @@ def test_cli_serve_refuses_bad_targets(capsys):
     assert "--prefill-rows must be >= 1, got 0" in err
 
 
+def test_cli_serve_hands_engine_options_over(monkeypatch):
+    """`jaxdeep serve`'s engine flags reach `load_engine`: --serial-kernels turns concurrent kernels off, and
+    without it the engine keeps its default."""
+    from jaxdeep.serve import loading
+
+    seen = []
+
+    def load_engine(target, overrides, **options):
+        seen.append(options)
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(loading, "load_engine", load_engine)
+    quickstart = str(REPO / "experiments" / "quickstart.yaml")
+    assert cli.main(["serve", quickstart, "--serial-kernels", "--prefill-rows", "2"]) == 2
+    assert cli.main(["serve", quickstart]) == 2
+    assert seen == [{"prefill_rows": 2, "concurrent_kernels": False}, {}]
+
+
 @pytest.mark.slow
 def test_cli_serve_end_to_end(tmp_path):
     """`jaxdeep serve` in a subprocess: it comes up, answers the openai client, and stops cleanly on Ctrl-C."""

@@ -183,6 +183,14 @@ def main() -> None:
         default=[1],
         help="with --prefill: prompts per prefill call, one chunk each (each at most the batch; prefill_ms_by_rows)",
     )
+    ap.add_argument(
+        "--kernels",
+        nargs="+",
+        choices=["concurrent", "serial"],
+        default=["concurrent"],
+        help="concurrent: a step's independent GPU kernels may run side by side (the engine's default); serial: one "
+        "after another (ModelRunner concurrent_kernels=False)",
+    )
     ap.add_argument("--top", type=int, default=0, help="print the N kernels that take the most GPU time per step")
     ap.add_argument("--out", default=None, help="append one JSON line per batch size here")
     args = ap.parse_args()
@@ -202,13 +210,14 @@ def main() -> None:
         raise SystemExit(f"--prefill-rows {max(args.prefill_rows)} needs as many slots: --batch of at least that")
     if args.inputs == "host" and args.decode_steps != [1]:
         raise SystemExit("--decode-steps times the engine's step: use it with --inputs device")
-    for layout, batch, block in itertools.product(args.layout, args.batch, args.decode_steps):
+    for layout, kernels, batch, block in itertools.product(args.layout, args.kernels, args.batch, args.decode_steps):
         geometry = CacheGeometry(batch, args.context, args.prefill or batch, prefill_rows=max(args.prefill_rows))
         runner = ModelRunner.from_loaded(
             loaded,
             geometry,
             unroll_layers=not args.scan,
             decode_layout=layout == "decode",
+            concurrent_kernels=kernels == "concurrent",
         )
         cache_bytes = tree_bytes(jax.eval_shape(runner.new_cache))
         step_s, busy_s, top = time_decode(
@@ -233,6 +242,7 @@ def main() -> None:
             "roofline_read": read / bandwidth / step_s,
             "unroll": not args.scan,
             "layout": layout,
+            "kernels": kernels,
             "inputs": args.inputs,
             "decode_steps": block,  # steps per launch
             "sampling": args.sampling if args.inputs == "device" else None,

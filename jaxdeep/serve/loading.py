@@ -176,8 +176,8 @@ def load_model(target: str | Path, overrides: Sequence[str] = (), devices: Seque
 
 def load_engine(target: str | Path, overrides: Sequence[str] = (), **engine_options):
     """An engine serving `target` (see `load_model`). Options: num_slots, max_context, prefill_chunk,
-    prefill_rows, max_waiting, decode_steps, warm_up (default on here), decode_all_slots, model_name, devices (those
-    go to the mesh) — see `InferenceEngine`."""
+    prefill_rows, max_waiting, decode_steps, warm_up (default on here), decode_all_slots, concurrent_kernels,
+    model_name, devices (those go to the mesh) — see `InferenceEngine`."""
     from jaxdeep.serve.engine import InferenceEngine
 
     devices = engine_options.pop("devices", None)

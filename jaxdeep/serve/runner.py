@@ -38,6 +38,20 @@ class CacheGeometry:
     prefill_rows: int = 4  # prompts one prefill call takes at most (one chunk each)
 
 
+# XLA replays a step on a GPU as CUDA graphs. By default a graph runs its kernels one after another; in its
+# "concurrent" scheduling mode, kernels that touch no common buffer may run side by side. A batch-1 decode step is
+# a chain of small kernels that each leave most SMs idle, and a DeepSeek layer has independent branches (the
+# query's and the latent's projections, shared and routed experts): DeepSeek 2B's step on an H200 took 5% less GPU
+# time this way (experiments/benchmarks/RESULTS.md). The option is ignored off the GPU.
+CONCURRENT_KERNELS = {"xla_gpu_command_buffer_scheduling_mode": "CONCURRENT"}
+
+
+def step_compiler_options(concurrent_kernels: bool, compiler_options: dict | None) -> dict | None:
+    """XLA options of the serving steps: `CONCURRENT_KERNELS` where asked for, then the caller's (which win)."""
+    options = (CONCURRENT_KERNELS if concurrent_kernels else {}) | (compiler_options or {})
+    return options or None
+
+
 class DecodeBatch(NamedTuple):
     """What a decode step of the first b slots takes, kept on the device between steps: each slot's last token, its
     position (>= max_context: idle) and its sampling parameters (as `sampling.sample` takes them; `index` is the
@@ -89,6 +103,7 @@ class ModelRunner:
 
     merge(params, model_state) builds the nnx model from parameter trees (already placed on the mesh);
     compiler_options go to XLA (e.g. a lower backend optimisation level where compile time dominates);
+    concurrent_kernels lets the steps' independent kernels run side by side on a GPU (`CONCURRENT_KERNELS`);
     unroll_layers lays the layer stack out straight instead of looping over it: longer compile, 16-20% faster
     decode of the dense 1B model on an H200; decode_layout keeps a copy of the projection weights in the compute
     dtype with their input dimensions minor (`layout.py`, `relaid` names the groups), and runs single-row products
@@ -108,6 +123,7 @@ class ModelRunner:
         model_state,
         geometry: CacheGeometry,
         compiler_options: dict | None = None,
+        concurrent_kernels: bool = True,
         unroll_layers: bool = True,
         decode_layout: bool = True,
         donate_params: bool = False,
@@ -115,6 +131,7 @@ class ModelRunner:
     ):
         self.cfg, self.mesh, self.geometry = cfg, mesh, geometry
         self.decode_all_slots = decode_all_slots
+        compiler_options = step_compiler_options(concurrent_kernels, compiler_options)
         self.rules = {k: list(v) for k, v in cfg.sharding.rules.items()}
         self._check(geometry)
         # Weights re-laid for decode, and the products that then run as row reductions (layout.py).
