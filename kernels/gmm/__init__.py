@@ -30,9 +30,15 @@ from kernels.gmm import reference
 from kernels.gmm.batching import mappable
 from kernels.gmm.ops import SUPPORTED_DTYPES, check_shapes, triton_gmm
 
-__all__ = ["IMPLS", "gmm"]
+__all__ = ["IMPLS", "auto_impl", "gmm"]
 
 IMPLS = ("auto", "reference", "triton", "interpret")
+
+
+def auto_impl(dtype) -> str:
+    """What impl "auto" runs for operands of this dtype: "triton" where the kernels can run, else "reference"."""
+    fast = jnp.dtype(dtype) in SUPPORTED_DTYPES and triton_runtime.unavailable_reason() is None
+    return "triton" if fast else "reference"
 
 
 @cache
@@ -55,7 +61,5 @@ def gmm(
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     check_shapes("gmm", lhs, rhs, group_sizes, transpose_rhs)
     if impl == "auto":
-        dtype = jnp.result_type(lhs.dtype, rhs.dtype)
-        fast = dtype in SUPPORTED_DTYPES and triton_runtime.unavailable_reason() is None
-        impl = "triton" if fast else "reference"
+        impl = auto_impl(jnp.result_type(lhs.dtype, rhs.dtype))
     return _mappable(impl, bool(transpose_rhs))(lhs, rhs, group_sizes, preferred_element_type)

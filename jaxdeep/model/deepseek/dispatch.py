@@ -18,6 +18,7 @@ from jax.sharding import PartitionSpec
 from jaxdeep import sharding
 from jaxdeep.model.kernel_choice import DEFAULT_KERNELS, KernelChoice
 from jaxdeep.model.matmul import activated_grouped, grouped, in_serving_layout, silu_gate, single_row_product
+from kernels.gmm import auto_impl
 
 TOKENS = ("batch", "act_seq", None)
 GATE_UP = ("expert", "embed", None, "mlp")  # [E, d, 2, F]: gate and up projections side by side
@@ -80,13 +81,25 @@ def gathered_experts(x_td, experts_tk, weights_tk, gate_up_edcf, down_efd):
     return _combine(y_tkd.reshape(t * k, -1), weights_tk), jnp.int32(t * k)
 
 
+def gathers_experts(experts_tk, n_experts: int, dtype, kernels: KernelChoice = DEFAULT_KERNELS) -> bool:
+    """Whether `local_experts` multiplies each token copy by its gathered expert instead of sorting the copies for
+    the grouped matmuls: with `kernels.gmm` "auto" and `kernels.matmul` "bf16", for fewer copies than experts,
+    when there is one token (its experts' products as row reductions) or no grouped kernel runs here. The grouped
+    Triton kernel reads only the experts that have rows, where gathering the experts of a few tokens lays their
+    weights out again: DeepSeek 2B's decode at 2-8 rows took 3.5 times as long as at 16 that way on an H200
+    (experiments/benchmarks/RESULTS.md)."""
+    if kernels.gmm != "auto" or kernels.matmul != "bf16" or experts_tk.size >= n_experts:
+        return False
+    return experts_tk.shape[0] == 1 or auto_impl(dtype) == "reference"
+
+
 def local_experts(x_td, experts_tk, weights_tk, gate_up_edcf, down_efd, kernels: KernelChoice = DEFAULT_KERNELS):
     """All experts on this device: one sort, two grouped matmuls (the weights applied between them), unsort, sum —
-    or, with `kernels.gmm` "auto", fewer token copies than experts and `kernels.matmul` "bf16", `gathered_experts`.
+    or `gathered_experts` where `gathers_experts` says so.
 
     Returns the float32 output [T, d] and the number of token copies the experts computed."""
     n_experts, k = gate_up_edcf.shape[0], experts_tk.shape[1]
-    if kernels.gmm == "auto" and kernels.matmul == "bf16" and experts_tk.size < n_experts:
+    if gathers_experts(experts_tk, n_experts, jnp.result_type(x_td, gate_up_edcf), kernels):
         return gathered_experts(x_td, experts_tk, weights_tk, gate_up_edcf, down_efd)
     flat = experts_tk.reshape(-1)
     order = jnp.argsort(flat, stable=True)
