@@ -88,9 +88,11 @@ def _parser() -> argparse.ArgumentParser:
         help="decode every slot each step: a request's tokens never depend on the others (a lone one runs slower)",
     )
     engine.add_argument(
-        "--serial-kernels",
-        action="store_true",
-        help="run each step's GPU kernels one after another (default: independent kernels may run side by side)",
+        "--concurrent-kernels",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="on: a step's independent GPU kernels may run side by side; off: one after another; auto (default): on "
+        "for DeepSeek models",
     )
     serve.set_defaults(coordinator=None, num_processes=None, process_id=None)
 
@@ -243,8 +245,8 @@ def _serve(args: argparse.Namespace) -> int:
             return 2
     if args.decode_all_slots:
         options["decode_all_slots"] = True
-    if args.serial_kernels:
-        options["concurrent_kernels"] = False
+    if args.concurrent_kernels != "auto":
+        options["concurrent_kernels"] = args.concurrent_kernels == "on"
     target = Path(args.target)
     if not target.exists():
         print(

@@ -523,9 +523,11 @@ def test_bad_precision_gives_a_clear_error():
 
 def test_fp8_train_step_on_an_expert_parallel_mesh_matches_one_device():
     """data 2 x expert 4 against one device, both FP8. The projections see the same global tiles under GSPMD,
-    so every gradient but the routed experts' agrees to float32 rounding; the experts' weight gradients are
-    reduced over each device's own token buffer, whose 128-token Wgrad tiles are not one device's, so they
-    agree to FP8 noise (cosine)."""
+    so every gradient but the routed experts' agrees to float32 rounding, except where a float32 rounding difference
+    moves a value across an E4M3 rounding boundary: then the elements it feeds differ by an FP8 step (7 of 1,024 in
+    one leaf on one CPU, none on another). So at most 1% of a leaf's elements may leave float32 rounding, and none by
+    more than 2^-4 of the leaf's largest. The experts' weight gradients are reduced over each device's own token
+    buffer, whose 128-token Wgrad tiles are not one device's, so they agree to FP8 noise (cosine)."""
     from jaxdeep.train.state import build_setup, init_train_state
     from jaxdeep.train.step import make_train_step
     from tests.helpers import layout
@@ -561,4 +563,6 @@ def test_fp8_train_step_on_an_expert_parallel_mesh_matches_one_device():
         if "experts" in key:
             assert _cos(got, want) > 0.99, key
         else:
-            assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max(), key
+            diff, largest = np.abs(got - want), np.abs(want).max()
+            assert np.mean(diff > 1e-4 * largest) <= 0.01, key
+            assert diff.max() <= 2**-4 * largest, key

@@ -667,23 +667,28 @@ def test_decode_all_slots_decodes_a_lone_request_as_a_full_batch(models):
     assert set(seen.modes) == {"sample"}  # one program for every step, even for a greedy request
 
 
-def test_steps_compile_with_concurrent_kernels_unless_told_not_to(models, monkeypatch):
-    """The serving steps hand XLA `runner.CONCURRENT_KERNELS` by default and leave it out with
-    concurrent_kernels=False; the caller's own options win. A value XLA refuses shows where the option goes."""
+def test_steps_compile_with_concurrent_kernels_where_asked(models, monkeypatch):
+    """The serving steps hand XLA `runner.CONCURRENT_KERNELS` with concurrent_kernels=True, by default for DeepSeek
+    models only, and leave it out otherwise; the caller's own options win. A value XLA refuses shows where the
+    option goes."""
     from jaxdeep.serve import runner as runner_module
 
     assert runner_module.step_compiler_options(True, None) == runner_module.CONCURRENT_KERNELS
     assert runner_module.step_compiler_options(False, None) is None
     mode = "xla_gpu_command_buffer_scheduling_mode"
     assert runner_module.step_compiler_options(True, {mode: "SERIALIZE"}) == {mode: "SERIALIZE"}
+    geometry = CacheGeometry(SLOTS, CONTEXT, CHUNK)
+    _, deepseek, _, _ = models.get("deepseek")
+    assert ModelRunner.from_loaded(deepseek, geometry).concurrent_kernels
+    assert not ModelRunner.from_loaded(deepseek, geometry, concurrent_kernels=False).concurrent_kernels
     _, loaded, _, _ = models.get("dense")
     monkeypatch.setattr(runner_module, "CONCURRENT_KERNELS", {mode: "NO_SUCH_MODE"})
-    geometry = CacheGeometry(SLOTS, CONTEXT, CHUNK)
     tokens, positions = np.ones(SLOTS, np.int32), np.full(SLOTS, 3, np.int32)
-    refused = ModelRunner.from_loaded(loaded, geometry, compiler_options=FAST)
+    refused = ModelRunner.from_loaded(loaded, geometry, compiler_options=FAST, concurrent_kernels=True)
     with pytest.raises(Exception, match=mode):
         refused.decode(refused.new_cache(), tokens, positions)
-    plain = ModelRunner.from_loaded(loaded, geometry, compiler_options=FAST, concurrent_kernels=False)
+    plain = ModelRunner.from_loaded(loaded, geometry, compiler_options=FAST)  # a dense model: off by default
+    assert not plain.concurrent_kernels
     _, logits = plain.decode(plain.new_cache(), tokens, positions)
     assert np.isfinite(np.asarray(logits)).all()
 

@@ -292,8 +292,8 @@ def test_cli_serve_refuses_bad_targets(capsys):
 
 
 def test_cli_serve_hands_engine_options_over(monkeypatch):
-    """`jaxdeep serve`'s engine flags reach `load_engine`: --serial-kernels turns concurrent kernels off, and
-    without it the engine keeps its default."""
+    """`jaxdeep serve`'s engine flags reach `load_engine`: --concurrent-kernels on/off sets the engine's choice,
+    and auto (the default) leaves it to the engine."""
     from jaxdeep.serve import loading
 
     seen = []
@@ -304,9 +304,10 @@ def test_cli_serve_hands_engine_options_over(monkeypatch):
 
     monkeypatch.setattr(loading, "load_engine", load_engine)
     quickstart = str(REPO / "experiments" / "quickstart.yaml")
-    assert cli.main(["serve", quickstart, "--serial-kernels", "--prefill-rows", "2"]) == 2
+    assert cli.main(["serve", quickstart, "--concurrent-kernels", "off", "--prefill-rows", "2"]) == 2
+    assert cli.main(["serve", quickstart, "--concurrent-kernels", "on"]) == 2
     assert cli.main(["serve", quickstart]) == 2
-    assert seen == [{"prefill_rows": 2, "concurrent_kernels": False}, {}]
+    assert seen == [{"prefill_rows": 2, "concurrent_kernels": False}, {"concurrent_kernels": True}, {}]
 
 
 @pytest.mark.slow

@@ -186,10 +186,10 @@ def main() -> None:
     ap.add_argument(
         "--kernels",
         nargs="+",
-        choices=["concurrent", "serial"],
-        default=["concurrent"],
-        help="concurrent: a step's independent GPU kernels may run side by side (the engine's default); serial: one "
-        "after another (ModelRunner concurrent_kernels=False)",
+        choices=["auto", "concurrent", "serial"],
+        default=["auto"],
+        help="concurrent: a step's independent GPU kernels may run side by side; serial: one after another; auto: "
+        "the engine's default for the model (ModelRunner concurrent_kernels)",
     )
     ap.add_argument("--top", type=int, default=0, help="print the N kernels that take the most GPU time per step")
     ap.add_argument("--out", default=None, help="append one JSON line per batch size here")
@@ -217,7 +217,7 @@ def main() -> None:
             geometry,
             unroll_layers=not args.scan,
             decode_layout=layout == "decode",
-            concurrent_kernels=kernels == "concurrent",
+            concurrent_kernels=None if kernels == "auto" else kernels == "concurrent",
         )
         cache_bytes = tree_bytes(jax.eval_shape(runner.new_cache))
         step_s, busy_s, top = time_decode(
@@ -242,7 +242,7 @@ def main() -> None:
             "roofline_read": read / bandwidth / step_s,
             "unroll": not args.scan,
             "layout": layout,
-            "kernels": kernels,
+            "kernels": "concurrent" if runner.concurrent_kernels else "serial",
             "inputs": args.inputs,
             "decode_steps": block,  # steps per launch
             "sampling": args.sampling if args.inputs == "device" else None,

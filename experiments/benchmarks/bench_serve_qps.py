@@ -399,7 +399,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prefill-chunk", type=int, default=256, help="jaxdeep serve --prefill-chunk")
     ap.add_argument("--prefill-rows", type=int, default=4, help="jaxdeep serve --prefill-rows")
     ap.add_argument("--decode-steps", type=int, default=1, help="jaxdeep serve --decode-steps")
-    ap.add_argument("--serial-kernels", action="store_true", help="jaxdeep serve --serial-kernels")
+    ap.add_argument(
+        "--concurrent-kernels", choices=["auto", "on", "off"], default="auto", help="jaxdeep serve --concurrent-kernels"
+    )
     ap.add_argument("--max-context", type=int, default=None, help="default: input + output length, rounded up")
     ap.add_argument("--hf-device", default=None, help="default: cuda when torch sees one, else cpu")
     ap.add_argument("--hf-dtype", default="bfloat16")
@@ -439,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
         "slo_ttft_ms": args.slo_ttft_ms,
         "decode_steps": args.decode_steps,
         "prefill_rows": args.prefill_rows,
-        "kernels": "serial" if args.serial_kernels else "concurrent",
+        "concurrent_kernels": args.concurrent_kernels,
         "overrides": overrides,
     }
     rows: list[dict] = []
@@ -483,7 +485,8 @@ def main(argv: list[str] | None = None) -> int:
                         "--prefill-chunk", str(args.prefill_chunk), "--prefill-rows", str(args.prefill_rows),
                         "--max-waiting", "100000",
                         "--decode-steps", str(args.decode_steps),
-                    ] + (["--serial-kernels"] if args.serial_kernels else [])  # fmt: skip
+                        "--concurrent-kernels", args.concurrent_kernels,
+                    ]  # fmt: skip
                     concurrency = args.num_slots
                 else:
                     cmd = [sys.executable, str(HF_SERVER), str(hf_dir), "--port", str(port), "--dtype", args.hf_dtype]

@@ -41,9 +41,16 @@ class CacheGeometry:
 # XLA replays a step on a GPU as CUDA graphs. By default a graph runs its kernels one after another; in its
 # "concurrent" scheduling mode, kernels that touch no common buffer may run side by side. A batch-1 decode step is
 # a chain of small kernels that each leave most SMs idle, and a DeepSeek layer has independent branches (the
-# query's and the latent's projections, shared and routed experts): DeepSeek 2B's step on an H200 took 5% less GPU
-# time this way (experiments/benchmarks/RESULTS.md). The option is ignored off the GPU.
+# query's and the latent's projections, shared and routed experts): on an H200 DeepSeek 2B's decode steps took
+# 2-5% less time this way (4.5-7% less GPU time) and its prefill 3% less, while the dense 1B model's batch-1 step,
+# one chain of kernels, took 1-3% more (experiments/benchmarks/RESULTS.md). So by default only DeepSeek models use
+# it. Ignored off the GPU.
 CONCURRENT_KERNELS = {"xla_gpu_command_buffer_scheduling_mode": "CONCURRENT"}
+
+
+def concurrent_by_default(cfg: ExperimentConfig) -> bool:
+    """Whether a model's serving steps use `CONCURRENT_KERNELS` unless told otherwise: DeepSeek models do."""
+    return cfg.model.kind == "deepseek"
 
 
 def step_compiler_options(concurrent_kernels: bool, compiler_options: dict | None) -> dict | None:
@@ -103,7 +110,8 @@ class ModelRunner:
 
     merge(params, model_state) builds the nnx model from parameter trees (already placed on the mesh);
     compiler_options go to XLA (e.g. a lower backend optimisation level where compile time dominates);
-    concurrent_kernels lets the steps' independent kernels run side by side on a GPU (`CONCURRENT_KERNELS`);
+    concurrent_kernels lets the steps' independent kernels run side by side on a GPU (`CONCURRENT_KERNELS`; None:
+    `concurrent_by_default`);
     unroll_layers lays the layer stack out straight instead of looping over it: longer compile, 16-20% faster
     decode of the dense 1B model on an H200; decode_layout keeps a copy of the projection weights in the compute
     dtype with their input dimensions minor (`layout.py`, `relaid` names the groups), and runs single-row products
@@ -123,7 +131,7 @@ class ModelRunner:
         model_state,
         geometry: CacheGeometry,
         compiler_options: dict | None = None,
-        concurrent_kernels: bool = True,
+        concurrent_kernels: bool | None = None,
         unroll_layers: bool = True,
         decode_layout: bool = True,
         donate_params: bool = False,
@@ -131,6 +139,9 @@ class ModelRunner:
     ):
         self.cfg, self.mesh, self.geometry = cfg, mesh, geometry
         self.decode_all_slots = decode_all_slots
+        if concurrent_kernels is None:
+            concurrent_kernels = concurrent_by_default(cfg)
+        self.concurrent_kernels = concurrent_kernels
         compiler_options = step_compiler_options(concurrent_kernels, compiler_options)
         self.rules = {k: list(v) for k, v in cfg.sharding.rules.items()}
         self._check(geometry)
