@@ -92,7 +92,8 @@ def _parser() -> argparse.ArgumentParser:
         choices=["auto", "on", "off"],
         default="auto",
         help="on: a step's independent GPU kernels may run side by side; off: one after another; auto (default): on "
-        "for DeepSeek models",
+        "for DeepSeek models on one device, unless XLA_FLAGS sets xla_gpu_command_buffer_scheduling_mode (on and "
+        "off override XLA_FLAGS for the serving steps)",
     )
     serve.set_defaults(coordinator=None, num_processes=None, process_id=None)
 

@@ -63,7 +63,7 @@ def test_few_copies_gather_only_one_token_or_without_a_grouped_kernel(monkeypatc
     assert not gathers_experts(chosen, 8, bf16, auto)
     calls = []
     monkeypatch.setattr(dispatch, "gathered_experts", lambda *a: calls.append(a))
-    y_grouped, n = local_experts(x, chosen, weights, gate_up, down, kernels=auto)  # `gmm` itself picks the reference
+    y_grouped, n = local_experts(x, chosen, weights, gate_up, down, kernels=auto)  # `gmm` picks what runs here
     assert calls == [] and int(n) == 6
     np.testing.assert_allclose(y_grouped, y_gathered, rtol=1e-5, atol=1e-5)
 
@@ -106,7 +106,8 @@ def test_moe_block_runs_inside_plain_jax_transforms():
     np.testing.assert_array_equal(np.asarray(dx, np.float32), np.asarray(dx_nnx, np.float32))
 
 
-def test_auto_gathers_only_below_the_expert_count():
+def test_auto_gathers_only_below_the_expert_count(monkeypatch):
+    monkeypatch.setattr(dispatch, "auto_impl", lambda dtype: "reference")  # where no grouped kernel runs
     few = _problem(tokens=3, k=2, experts=8)  # 6 copies < 8 experts: gathered
     many = _problem(tokens=5, k=2, experts=8)  # 10 copies: grouped matmuls
     for args in (few, many):

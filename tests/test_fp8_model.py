@@ -523,11 +523,13 @@ def test_bad_precision_gives_a_clear_error():
 
 def test_fp8_train_step_on_an_expert_parallel_mesh_matches_one_device():
     """data 2 x expert 4 against one device, both FP8. The projections see the same global tiles under GSPMD,
-    so every gradient but the routed experts' agrees to float32 rounding, except where a float32 rounding difference
-    moves a value across an E4M3 rounding boundary: then the elements it feeds differ by an FP8 step (7 of 1,024 in
-    one leaf on one CPU, none on another). So at most 1% of a leaf's elements may leave float32 rounding, and none by
-    more than 2^-4 of the leaf's largest. The experts' weight gradients are reduced over each device's own token
-    buffer, whose 128-token Wgrad tiles are not one device's, so they agree to FP8 noise (cosine)."""
+    so every gradient but the routed experts' agrees to float32 rounding (measured within 5e-7 of each leaf's
+    largest), except where a float32 rounding difference moves a value across an E4M3 rounding boundary: the
+    elements it feeds then differ by an FP8 step. Measured: 7 of the 1,024 of the MoE layer's kv_b_proj on one CPU,
+    by up to 6.9e-4 of that leaf's largest; none on another. So at most 2% of a leaf's elements may leave float32
+    rounding (1e-4 of its largest), and none by more than 2^-8 of its largest. The experts' weight gradients are
+    reduced over each device's own token buffer, whose 128-token Wgrad tiles are not one device's, so they agree to
+    FP8 noise (cosine)."""
     from jaxdeep.train.state import build_setup, init_train_state
     from jaxdeep.train.step import make_train_step
     from tests.helpers import layout
@@ -564,5 +566,5 @@ def test_fp8_train_step_on_an_expert_parallel_mesh_matches_one_device():
             assert _cos(got, want) > 0.99, key
         else:
             diff, largest = np.abs(got - want), np.abs(want).max()
-            assert np.mean(diff > 1e-4 * largest) <= 0.01, key
-            assert diff.max() <= 2**-4 * largest, key
+            assert np.mean(diff > 1e-4 * largest) <= 0.02, key
+            assert diff.max() <= 2**-8 * largest, key

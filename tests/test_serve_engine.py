@@ -668,26 +668,48 @@ def test_decode_all_slots_decodes_a_lone_request_as_a_full_batch(models):
 
 
 def test_steps_compile_with_concurrent_kernels_where_asked(models, monkeypatch):
-    """The serving steps hand XLA `runner.CONCURRENT_KERNELS` with concurrent_kernels=True, by default for DeepSeek
-    models only, and leave it out otherwise; the caller's own options win. A value XLA refuses shows where the
-    option goes."""
+    """Every serving step hands XLA `runner.CONCURRENT_KERNELS` with concurrent_kernels=True (by default: DeepSeek
+    models on one device, unless XLA_FLAGS sets the mode) and leaves it out otherwise; the caller's own options win.
+    A value XLA refuses shows where the option goes; the real one compiles and runs."""
+    from jax.sharding import Mesh
+
     from jaxdeep.serve import runner as runner_module
 
-    assert runner_module.step_compiler_options(True, None) == runner_module.CONCURRENT_KERNELS
+    mode = runner_module.SCHEDULING_MODE
+    assert runner_module.step_compiler_options(True, None) == runner_module.CONCURRENT_KERNELS == {mode: "CONCURRENT"}
     assert runner_module.step_compiler_options(False, None) is None
-    mode = "xla_gpu_command_buffer_scheduling_mode"
     assert runner_module.step_compiler_options(True, {mode: "SERIALIZE"}) == {mode: "SERIALIZE"}
-    geometry = CacheGeometry(SLOTS, CONTEXT, CHUNK)
     _, deepseek, _, _ = models.get("deepseek")
-    assert ModelRunner.from_loaded(deepseek, geometry).concurrent_kernels
-    assert not ModelRunner.from_loaded(deepseek, geometry, concurrent_kernels=False).concurrent_kernels
-    _, loaded, _, _ = models.get("dense")
-    monkeypatch.setattr(runner_module, "CONCURRENT_KERNELS", {mode: "NO_SUCH_MODE"})
+    _, dense, _, _ = models.get("dense")
+    one, all_devices = Mesh(np.array(jax.devices()[:1]), ("data",)), Mesh(np.array(jax.devices()), ("data",))
+    assert runner_module.concurrent_by_default(deepseek.cfg, one)
+    assert not runner_module.concurrent_by_default(dense.cfg, one)
+    assert len(jax.devices()) > 1 and not runner_module.concurrent_by_default(deepseek.cfg, all_devices)
+    monkeypatch.setenv("XLA_FLAGS", f"--{mode}=LHS")  # read by the runner, not by the running backend
+    assert not runner_module.concurrent_by_default(deepseek.cfg, one)
+    monkeypatch.delenv("XLA_FLAGS")
+
+    geometry = CacheGeometry(SLOTS, CONTEXT, CHUNK)
     tokens, positions = np.ones(SLOTS, np.int32), np.full(SLOTS, 3, np.int32)
-    refused = ModelRunner.from_loaded(loaded, geometry, compiler_options=FAST, concurrent_kernels=True)
-    with pytest.raises(Exception, match=mode):
-        refused.decode(refused.new_cache(), tokens, positions)
-    plain = ModelRunner.from_loaded(loaded, geometry, compiler_options=FAST)  # a dense model: off by default
+    on = ModelRunner.from_loaded(deepseek, geometry, compiler_options=FAST, concurrent_kernels=True)
+    assert on.concurrent_kernels
+    _, logits = on.decode(on.new_cache(), tokens, positions)
+    assert np.isfinite(np.asarray(logits)).all()
+    overridden = {**FAST, mode: "SERIALIZE"}
+    assert not ModelRunner.from_loaded(deepseek, geometry, compiler_options=overridden).concurrent_kernels
+
+    monkeypatch.setattr(runner_module, "CONCURRENT_KERNELS", {mode: "NO_SUCH_MODE"})
+    refused = ModelRunner.from_loaded(dense, geometry, compiler_options=FAST, concurrent_kernels=True)
+    batch = refused.decode_batch(*refused._idle_columns(SLOTS))
+    steps = (
+        lambda: refused.decode(refused.new_cache(), tokens, positions),
+        lambda: refused.prefill(refused.new_cache(), np.ones(CHUNK, np.int32), 0, 0),
+        lambda: refused.decode_steps(refused.new_cache(), batch, 2, "greedy"),
+    )
+    for step in steps:
+        with pytest.raises(Exception, match="NO_SUCH_MODE"):
+            step()
+    plain = ModelRunner.from_loaded(dense, geometry, compiler_options=FAST)  # a dense model: off by default
     assert not plain.concurrent_kernels
     _, logits = plain.decode(plain.new_cache(), tokens, positions)
     assert np.isfinite(np.asarray(logits)).all()

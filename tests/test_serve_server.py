@@ -303,6 +303,7 @@ def test_cli_serve_hands_engine_options_over(monkeypatch):
         raise ValueError("stop here")
 
     monkeypatch.setattr(loading, "load_engine", load_engine)
+    monkeypatch.setattr(cli, "_start_jax", lambda cfg, args: None)  # it would set JAX_PLATFORMS for the session
     quickstart = str(REPO / "experiments" / "quickstart.yaml")
     assert cli.main(["serve", quickstart, "--concurrent-kernels", "off", "--prefill-rows", "2"]) == 2
     assert cli.main(["serve", quickstart, "--concurrent-kernels", "on"]) == 2

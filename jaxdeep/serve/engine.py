@@ -140,7 +140,7 @@ class InferenceEngine:
         samples, and prefill takes one prompt per call, so a request's tokens never depend on the others beside it
         (`ModelRunner.decode_sizes`), at the cost of a lone request decoding as a full batch; concurrent_kernels:
         independent kernels of a step may run side by side on a GPU (`runner.CONCURRENT_KERNELS`; None: for
-        DeepSeek models, `runner.concurrent_by_default`)."""
+        DeepSeek models on one device, `runner.concurrent_by_default`)."""
         geometry = CacheGeometry(num_slots, max_context or loaded.context_limit, prefill_chunk, prefill_rows)
         runner = ModelRunner.from_loaded(
             loaded,

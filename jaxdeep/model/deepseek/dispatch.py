@@ -62,8 +62,9 @@ def _combine(y_copies_sd: jax.Array, weights_tk: jax.Array) -> jax.Array:
 
 
 def gathered_experts(x_td, experts_tk, weights_tk, gate_up_edcf, down_efd):
-    """Each token copy multiplied by its own expert's weights, gathered: for few copies (decode), where a grouped
-    matmul would read every expert's weights to compute a handful of rows. Returns as `local_experts`. Meant for
+    """Each token copy multiplied by its own expert's weights, gathered: for one token's copies (decode at batch 1,
+    as row reductions in the serving layout), or a few tokens' where only XLA's `ragged_dot` would run the grouped
+    matmul, which reads every expert's weights (`gathers_experts`). Returns as `local_experts`. Meant for
     inference: its SwiGLU is differentiated as written, without `cached_activation`."""
     t, k = experts_tk.shape
     if t == 1 and in_serving_layout("experts"):  # one token, experts in the serving layout: row reductions
