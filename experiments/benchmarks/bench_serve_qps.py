@@ -9,7 +9,9 @@ values) on one accelerator:
 2. for each server in turn, never two at once (same card): `jaxdeep serve` (dense: the experiment itself, whose
    parameters are those exported; DeepSeek: the exported directory) and `hf_generate_server.py` (the exported
    directory through `AutoModelForCausalLM` and `model.generate`, one request at a time). Wait for `/health`,
-   measure the unloaded latency (requests one at a time), send a warm-up burst, then search the request rate:
+   measure the unloaded latency (requests one at a time), the latency of a few users (`--few-users` requests at a
+   time, three rounds: a batching server then decodes that many rows), send a warm-up burst, then search the
+   request rate:
    Poisson arrivals (`jaxdeep bench serve` load generator) with prompts of `--input-len` bytes = tokens for both
    servers, `--output-len` new tokens with `ignore_eos` (both generate exactly that many), greedy; a rate passes
    when every request completes and the P99 time to first token is <= `--slo-ttft-ms`. Rates double (or halve)
@@ -241,6 +243,14 @@ def sweep(server: Server, args, tmp: Path, deadline: float, record) -> dict:
     e2el_s = unloaded["median_e2el_ms"] / 1e3
     result.update(unloaded_ttft_ms=unloaded["median_ttft_ms"], unloaded_e2el_ms=unloaded["median_e2el_ms"])
     result["unloaded_tpot_ms"] = unloaded["median_tpot_ms"]
+    few_n = min(args.few_users, server.concurrency)
+    if few_n > 1:
+        few = run_point(server, args, tmp, math.inf, 3 * few_n, "few", max_concurrency=few_n, timeout=300)
+        record({"kind": "few", "users": few_n, **few})
+        if few.get("completed"):
+            result.update(
+                few_users=few_n, few_users_tpot_ms=few["median_tpot_ms"], few_users_ttft_ms=few["median_ttft_ms"]
+            )
     burst_n = server.concurrency
     burst = {}
     if burst_n > 1:  # all slots busy at once; one at a time it would be 1 / E2EL
@@ -344,10 +354,10 @@ def print_table(rows: list[dict], args) -> None:
     )
     head = (
         "| model | server | QPS at SLO | P99 TTFT there (ms) | first failing rate (P99 TTFT ms) | unloaded TTFT / "
-        "E2EL (ms) | unloaded TPOT (ms) | burst throughput (req/s, tok/s) | points |"
+        "E2EL (ms) | unloaded TPOT (ms) | TPOT of a few users (ms) | burst throughput (req/s, tok/s) | points |"
     )
     print(head)
-    print("|" + "---|" * 9)
+    print("|" + "---|" * 10)
     for r in rows:
         if r.get("qps_at_slo") is not None:
             qps = f"{r['qps_at_slo']:g}"
@@ -360,13 +370,16 @@ def print_table(rows: list[dict], args) -> None:
         failing = "-"
         if r.get("first_failing_rate") is not None:
             failing = f"{r['first_failing_rate']:g} ({fmt(r.get('p99_ttft_ms_at_failing'), '.0f')})"
+        few = "-"
+        if r.get("few_users_tpot_ms") is not None:
+            few = f"{r['few_users_tpot_ms']:.2f} ({r['few_users']} users)"
         burst = "-"
         if r.get("burst_request_throughput") is not None:
             burst = f"{r['burst_request_throughput']:.2f}, {r['burst_output_throughput']:.0f}"
         print(
             f"| {r['model']} | {r['server']} | {qps} | {fmt(r.get('p99_ttft_ms_at_qps'), '.0f')} | {failing} | "
             f"{fmt(r.get('unloaded_ttft_ms'), '.0f')} / {fmt(r.get('unloaded_e2el_ms'), '.0f')} | "
-            f"{fmt(r.get('unloaded_tpot_ms'), '.2f')} | {burst} | {r.get('points', 0)} |"
+            f"{fmt(r.get('unloaded_tpot_ms'), '.2f')} | {few} | {burst} | {r.get('points', 0)} |"
             + (f" error: {r['error']}" if r.get("error") else "")
         )
 
@@ -389,6 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--point-seconds", type=float, default=20.0, help="arrivals per rate span about this long")
     ap.add_argument("--max-point-seconds", type=float, default=40.0, help="at low rates, fewer requests than min")
     ap.add_argument("--min-requests", type=int, default=10)
+    ap.add_argument("--few-users", type=int, default=4, help="requests at a time for the few-users latency (0: skip)")
     ap.add_argument("--request-timeout", type=float, default=30.0, help="seconds a request may take at most")
     ap.add_argument("--start-fraction", type=float, default=0.25, help="first rate, as a share of capacity")
     ap.add_argument("--min-rate", type=float, default=0.1)
