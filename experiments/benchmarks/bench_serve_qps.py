@@ -50,6 +50,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from prometheus_client.parser import text_string_to_metric_families
+
 ROOT = Path(__file__).resolve().parents[2]
 HF_SERVER = Path(__file__).resolve().parent / "hf_generate_server.py"
 
@@ -92,11 +94,8 @@ def prefill_counts(url: str) -> tuple[float, float] | None:
             text = resp.read().decode()
     except (urllib.error.URLError, ConnectionError, TimeoutError):
         return None
-    values = {}
-    for line in text.splitlines():
-        name, _, value = line.partition(" ")
-        if name in PREFILL_COUNTERS:
-            values[name] = float(value)
+    values = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+    values = {name: values[name] for name in PREFILL_COUNTERS if name in values}
     return tuple(values[name] for name in PREFILL_COUNTERS) if len(values) == len(PREFILL_COUNTERS) else None
 
 
