@@ -46,6 +46,33 @@ def test_gathered_experts_equal_the_grouped_matmuls_forward_and_gradients():
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_one_token_in_the_serving_layout_equals_the_grouped_matmuls():
+    """One token's experts in the serving layout (the weights re-laid with their input axis minor, as the serving
+    runner stores them) gather each chosen expert's rows: the output must match the grouped reference, for every
+    token of a problem whose experts differ from token to token (a wrong row offset picks another expert)."""
+    from jax.experimental.layout import Format, Layout
+
+    from jaxdeep.model.matmul import serving_layout
+    from jaxdeep.serve.layout import inputs_minor
+
+    x, chosen, weights, gate_up, down = _problem(tokens=4, k=3, experts=8, seed=1)
+    relaid = lambda a, order: jax.device_put(a, Format(Layout(major_to_minor=order), a.sharding))  # noqa: E731
+    gate_up_r, down_r = relaid(gate_up, inputs_minor(4, 3, 1)), relaid(down, inputs_minor(3, 2, 1))
+    grouped = lambda *a: local_experts(*a, kernels=KernelChoice(gmm="reference"))[0]  # noqa: E731
+
+    def one_token(x, chosen, weights, gu, dn):
+        with serving_layout(["experts"]):
+            return gathered_experts(x, chosen, weights, gu, dn)
+
+    step = jax.jit(one_token, in_shardings=(None, None, None, gate_up_r.format, down_r.format))
+    for i in range(4):
+        rows = slice(i, i + 1)
+        want = grouped(x[rows], chosen[rows], weights[rows], gate_up, down)
+        got, n = step(x[rows], chosen[rows], weights[rows], gate_up_r, down_r)
+        assert int(n) == 3
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_few_copies_gather_only_one_token_or_without_a_grouped_kernel(monkeypatch):
     """One token's copies, or a few tokens' where no grouped kernel runs, are gathered; a few tokens' copies go to
     the grouped kernel where it runs (it reads only the experts chosen), and both paths give the same output."""

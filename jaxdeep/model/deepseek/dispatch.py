@@ -17,7 +17,7 @@ from jax.sharding import PartitionSpec
 
 from jaxdeep import sharding
 from jaxdeep.model.kernel_choice import DEFAULT_KERNELS, KernelChoice
-from jaxdeep.model.matmul import activated_grouped, grouped, in_serving_layout, silu_gate, single_row_product
+from jaxdeep.model.matmul import activated_grouped, grouped, in_serving_layout, silu_gate
 from kernels.gmm import auto_impl
 
 TOKENS = ("batch", "act_seq", None)
@@ -68,18 +68,32 @@ def gathered_experts(x_td, experts_tk, weights_tk, gate_up_edcf, down_efd):
     inference: its SwiGLU is differentiated as written, without `cached_activation`."""
     t, k = experts_tk.shape
     if t == 1 and in_serving_layout("experts"):  # one token, experts in the serving layout: row reductions
-        # One slice per expert, not a gather: XLA lays a gather's output out as it sees fit, at times making the sum
-        # a strided walk of the weight (7x slower on an H200); a slice keeps the weight's own layout, which in the
-        # serving layout (jaxdeep/serve/layout.py) has the summed axis minor.
-        expert = lambda w, e: jax.lax.dynamic_index_in_dim(w, e, keepdims=False)  # noqa: E731
-        h_kcf = jnp.stack([single_row_product("d,dcf->cf", x_td[0], expert(gate_up_edcf, e)) for e in experts_tk[0]])
-        h_kf = jax.nn.silu(h_kcf[:, 0]) * h_kcf[:, 1]  # the k experts' SwiGLU together: one kernel, not k
-        y_kd = [single_row_product("f,fd->d", h_kf[i], expert(down_efd, e)) for i, e in enumerate(experts_tk[0])]
-        return _combine(jnp.stack(y_kd), weights_tk), jnp.int32(k)
+        h_kcf = _chosen_expert_products(jnp.broadcast_to(x_td, (k, x_td.shape[-1])), gate_up_edcf, experts_tk[0])
+        h_kf = jax.nn.silu(h_kcf[:, 0]) * h_kcf[:, 1]
+        y_kd = _chosen_expert_products(h_kf, down_efd, experts_tk[0])
+        return _combine(y_kd, weights_tk), jnp.int32(k)
     h_tkcf = jnp.einsum("td,tkdcf->tkcf", x_td, gate_up_edcf[experts_tk])
     h_tkf = jax.nn.silu(h_tkcf[:, :, 0]) * h_tkcf[:, :, 1]
     y_tkd = jnp.einsum("tkf,tkfd->tkd", h_tkf, down_efd[experts_tk])
     return _combine(y_tkd.reshape(t * k, -1), weights_tk), jnp.int32(t * k)
+
+
+def _chosen_expert_products(x_ki: jax.Array, w: jax.Array, experts_k: jax.Array) -> jax.Array:
+    """[k, out...]: each row x_ki[j] times the matrix of expert experts_k[j] in w ([E, in, out...], stored in the
+    serving layout: the input axis minor), as one row reduction over the chosen experts' rows.
+
+    Viewed in its stored order, w is [E·out, in] rows, and each expert's rows are a contiguous run of them, so
+    gathering rows keeps every row contiguous and the sum streams the chosen weights. Per-expert slices (one
+    reduction each, which XLA fused side by side) ran DeepSeek 2B's six experts at 3.0 TB/s on an H200, gathered
+    rows at 3.6 (experiments/benchmarks/RESULTS.md); a gather of whole experts lets XLA lay them out anew and
+    walk the sum with a stride (0.9 TB/s)."""
+    e, n_in, out = w.shape[0], w.shape[1], w.shape[2:]
+    n_out = math.prod(out)
+    rows_i = jnp.moveaxis(w, 1, -1).reshape(e * n_out, n_in)  # the stored order: a view, not a copy
+    rows = (experts_k[:, None] * n_out + jnp.arange(n_out, dtype=experts_k.dtype)).reshape(-1)
+    w_koi = rows_i[rows].reshape(experts_k.shape[0], n_out, n_in)
+    y_ko = jnp.sum(w_koi.astype(jnp.float32) * x_ki[:, None, :].astype(jnp.float32), axis=-1)
+    return y_ko.reshape(experts_k.shape[0], *out).astype(jnp.result_type(x_ki, w))
 
 
 def gathers_experts(experts_tk, n_experts: int, dtype, kernels: KernelChoice = DEFAULT_KERNELS) -> bool:
