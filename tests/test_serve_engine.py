@@ -1044,6 +1044,8 @@ def test_failed_step_aborts_and_engine_recovers(dense):
 
 @pytest.mark.parametrize("kind,mesh", [("dense", dict(tensor=2, data=2)), ("deepseek", dict(tensor=2, expert=2))])
 def test_sharded_layout_gives_the_same_tokens(models, kind, mesh):
+    if len(jax.devices()) < 4:  # the CPU test process has eight; a one-GPU host has one
+        pytest.skip(f"needs 4 devices for the mesh, {len(jax.devices())} here")
     one, split = models.get(kind)[2], _engine(_loaded(kind, **mesh))
     try:
         assert split.runner.mesh.size == 4
