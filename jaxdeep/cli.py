@@ -89,11 +89,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     engine.add_argument(
         "--concurrent-kernels",
-        choices=["auto", "on", "off"],
-        default="auto",
-        help="on: a step's independent GPU kernels may run side by side; off: one after another; auto (default): on "
-        "for DeepSeek models on one device, unless XLA_FLAGS sets xla_gpu_command_buffer_scheduling_mode (on and "
-        "off override XLA_FLAGS for the serving steps)",
+        choices=["on", "off"],
+        default="off",
+        help="on: a step's independent GPU kernels may run side by side (xla_gpu_command_buffer_scheduling_mode="
+        "CONCURRENT for the serving steps, whatever XLA_FLAGS says); off (default): as XLA schedules them",
     )
     serve.set_defaults(coordinator=None, num_processes=None, process_id=None)
 
@@ -246,8 +245,8 @@ def _serve(args: argparse.Namespace) -> int:
             return 2
     if args.decode_all_slots:
         options["decode_all_slots"] = True
-    if args.concurrent_kernels != "auto":
-        options["concurrent_kernels"] = args.concurrent_kernels == "on"
+    if args.concurrent_kernels == "on":
+        options["concurrent_kernels"] = True
     target = Path(args.target)
     if not target.exists():
         print(

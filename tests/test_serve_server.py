@@ -292,8 +292,8 @@ def test_cli_serve_refuses_bad_targets(capsys):
 
 
 def test_cli_serve_hands_engine_options_over(monkeypatch):
-    """`jaxdeep serve`'s engine flags reach `load_engine`: --concurrent-kernels on/off sets the engine's choice,
-    and auto (the default) leaves it to the engine."""
+    """`jaxdeep serve`'s engine flags reach `load_engine`: --concurrent-kernels on asks the engine for it; off,
+    the default, leaves the engine's default (off)."""
     from jaxdeep.serve import loading
 
     seen = []
@@ -308,7 +308,7 @@ def test_cli_serve_hands_engine_options_over(monkeypatch):
     assert cli.main(["serve", quickstart, "--concurrent-kernels", "off", "--prefill-rows", "2"]) == 2
     assert cli.main(["serve", quickstart, "--concurrent-kernels", "on"]) == 2
     assert cli.main(["serve", quickstart]) == 2
-    assert seen == [{"prefill_rows": 2, "concurrent_kernels": False}, {"concurrent_kernels": True}, {}]
+    assert seen == [{"prefill_rows": 2}, {"concurrent_kernels": True}, {}]
 
 
 @pytest.mark.slow

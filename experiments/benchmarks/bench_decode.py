@@ -186,10 +186,10 @@ def main() -> None:
     ap.add_argument(
         "--kernels",
         nargs="+",
-        choices=["auto", "concurrent", "serial"],
-        default=["auto"],
-        help="concurrent: a step's independent GPU kernels may run side by side; serial: one after another; auto: "
-        "the engine's default for the model (ModelRunner concurrent_kernels)",
+        choices=["serial", "concurrent"],
+        default=["serial"],
+        help="concurrent: a step's independent GPU kernels may run side by side (ModelRunner concurrent_kernels); "
+        "serial (the engine's default): as XLA schedules them",
     )
     ap.add_argument("--top", type=int, default=0, help="print the N kernels that take the most GPU time per step")
     ap.add_argument("--out", default=None, help="append one JSON line per batch size here")
@@ -217,7 +217,7 @@ def main() -> None:
             geometry,
             unroll_layers=not args.scan,
             decode_layout=layout == "decode",
-            concurrent_kernels=None if kernels == "auto" else kernels == "concurrent",
+            concurrent_kernels=kernels == "concurrent",
         )
         cache_bytes = tree_bytes(jax.eval_shape(runner.new_cache))
         step_s, busy_s, top = time_decode(

@@ -413,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prefill-rows", type=int, default=4, help="jaxdeep serve --prefill-rows")
     ap.add_argument("--decode-steps", type=int, default=1, help="jaxdeep serve --decode-steps")
     ap.add_argument(
-        "--concurrent-kernels", choices=["auto", "on", "off"], default="auto", help="jaxdeep serve --concurrent-kernels"
+        "--concurrent-kernels", choices=["on", "off"], default="off", help="jaxdeep serve --concurrent-kernels"
     )
     ap.add_argument("--max-context", type=int, default=None, help="default: input + output length, rounded up")
     ap.add_argument("--hf-device", default=None, help="default: cuda when torch sees one, else cpu")

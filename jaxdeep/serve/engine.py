@@ -126,7 +126,7 @@ class InferenceEngine:
         decode_steps: int = 1,
         warm_up: bool = False,
         decode_all_slots: bool = False,
-        concurrent_kernels: bool | None = None,
+        concurrent_kernels: bool = False,
     ) -> InferenceEngine:
         """num_slots: sequences decoded together; max_context: positions per slot (default: the model's training
         length; for HF models max_position_embeddings, at most 4096); prefill_chunk: prompt tokens per prefill call,
@@ -139,8 +139,8 @@ class InferenceEngine:
         sampling mode), so no request waits for XLA; decode_all_slots: every decode step takes all slots and
         samples, and prefill takes one prompt per call, so a request's tokens never depend on the others beside it
         (`ModelRunner.decode_sizes`), at the cost of a lone request decoding as a full batch; concurrent_kernels:
-        independent kernels of a step may run side by side on a GPU (`runner.CONCURRENT_KERNELS`; None: for
-        DeepSeek models on one device, `runner.concurrent_by_default`)."""
+        independent kernels of a step may run side by side on a GPU (`runner.CONCURRENT_KERNELS`; off by default:
+        behind the server it made DeepSeek 2B slower on an H200)."""
         geometry = CacheGeometry(num_slots, max_context or loaded.context_limit, prefill_chunk, prefill_rows)
         runner = ModelRunner.from_loaded(
             loaded,

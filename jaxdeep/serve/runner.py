@@ -10,7 +10,6 @@ cache is donated: XLA updates it in place.
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -40,22 +39,14 @@ class CacheGeometry:
 
 
 # XLA replays a step on a GPU as CUDA graphs. By default a graph runs its kernels one after another; in its
-# "concurrent" scheduling mode, kernels that touch no common buffer may run side by side. A batch-1 decode step is
-# a chain of small kernels that each leave most SMs idle, and a DeepSeek layer has independent branches (the
-# query's and the latent's projections, shared and routed experts): on one H200 DeepSeek 2B's decode steps took
-# 1.5-5% less time this way (4.5-7% less GPU time) and its prefill 3% less, while the dense 1B model's batch-1 step,
-# one chain of kernels, took 1-3% more (experiments/benchmarks/RESULTS.md). Steps over several devices, with their
-# collectives, have not been measured with it. Ignored off the GPU.
+# "concurrent" scheduling mode, kernels that touch no common buffer may run side by side. In a loop of decode steps
+# alone this took DeepSeek 2B's steps 1.5-5% less time on one H200 (the dense 1B model's, one chain of kernels, 1-3%
+# more), but behind the HTTP server the same build served a lone request at 0.54-0.55 ms per token against 0.45
+# with it off, and held 69-70 requests/s within the TTFT objective against 98 (experiments/benchmarks/RESULTS.md).
+# So it is off unless asked for. Steps over several devices, with their collectives, have not been measured with
+# it. Ignored off the GPU.
 SCHEDULING_MODE = "xla_gpu_command_buffer_scheduling_mode"
 CONCURRENT_KERNELS = {SCHEDULING_MODE: "CONCURRENT"}
-
-
-def concurrent_by_default(cfg: ExperimentConfig, mesh: Mesh) -> bool:
-    """Whether a model's serving steps use `CONCURRENT_KERNELS` unless told otherwise: DeepSeek models on one
-    device do, unless XLA_FLAGS sets the scheduling mode itself (a program's own option would override it)."""
-    if SCHEDULING_MODE in os.environ.get("XLA_FLAGS", ""):
-        return False
-    return cfg.model.kind == "deepseek" and mesh.devices.size == 1
 
 
 def step_compiler_options(concurrent_kernels: bool, compiler_options: dict | None) -> dict | None:
@@ -115,8 +106,8 @@ class ModelRunner:
 
     merge(params, model_state) builds the nnx model from parameter trees (already placed on the mesh);
     compiler_options go to XLA (e.g. a lower backend optimisation level where compile time dominates);
-    concurrent_kernels lets the steps' independent kernels run side by side on a GPU (`CONCURRENT_KERNELS`; None:
-    `concurrent_by_default`; `self.concurrent_kernels` says what the steps were given);
+    concurrent_kernels lets the steps' independent kernels run side by side on a GPU (`CONCURRENT_KERNELS`, off by
+    default; `self.concurrent_kernels` says what the steps were given);
     unroll_layers lays the layer stack out straight instead of looping over it: longer compile, 16-20% faster
     decode of the dense 1B model on an H200; decode_layout keeps a copy of the projection weights in the compute
     dtype with their input dimensions minor (`layout.py`, `relaid` names the groups), and runs single-row products
@@ -136,7 +127,7 @@ class ModelRunner:
         model_state,
         geometry: CacheGeometry,
         compiler_options: dict | None = None,
-        concurrent_kernels: bool | None = None,
+        concurrent_kernels: bool = False,
         unroll_layers: bool = True,
         decode_layout: bool = True,
         donate_params: bool = False,
@@ -144,8 +135,6 @@ class ModelRunner:
     ):
         self.cfg, self.mesh, self.geometry = cfg, mesh, geometry
         self.decode_all_slots = decode_all_slots
-        if concurrent_kernels is None:
-            concurrent_kernels = concurrent_by_default(cfg, mesh)
         compiler_options = step_compiler_options(concurrent_kernels, compiler_options)
         self.concurrent_kernels = (compiler_options or {}).get(SCHEDULING_MODE) == "CONCURRENT"
         self.rules = {k: list(v) for k, v in cfg.sharding.rules.items()}
