@@ -46,7 +46,7 @@ def test_gathered_experts_equal_the_grouped_matmuls_forward_and_gradients():
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_one_token_in_the_serving_layout_equals_the_grouped_matmuls():
+def test_one_token_in_the_serving_layout_equals_the_grouped_matmuls(monkeypatch):
     """One token's experts in the serving layout (the weights re-laid with their input axis minor, as the serving
     runner stores them) gather each chosen expert's rows: the output must match the grouped reference, for every
     token of a problem whose experts differ from token to token (a wrong row offset picks another expert)."""
@@ -64,6 +64,9 @@ def test_one_token_in_the_serving_layout_equals_the_grouped_matmuls():
         with serving_layout(["experts"]):
             return gathered_experts(x, chosen, weights, gu, dn)
 
+    products = []  # the gathered rows' products run, once for gate/up and once for down
+    chosen_products = dispatch._chosen_expert_products
+    monkeypatch.setattr(dispatch, "_chosen_expert_products", lambda *a: products.append(1) or chosen_products(*a))
     step = jax.jit(one_token, in_shardings=(None, None, None, gate_up_r.format, down_r.format))
     for i in range(4):
         rows = slice(i, i + 1)
@@ -71,6 +74,7 @@ def test_one_token_in_the_serving_layout_equals_the_grouped_matmuls():
         got, n = step(x[rows], chosen[rows], weights[rows], gate_up_r, down_r)
         assert int(n) == 3
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert len(products) == 2  # traced once: gate/up and down
 
 
 def test_few_copies_gather_only_one_token_or_without_a_grouped_kernel(monkeypatch):

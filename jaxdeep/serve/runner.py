@@ -40,7 +40,7 @@ class CacheGeometry:
 
 # XLA replays a step on a GPU as CUDA graphs. By default a graph runs its kernels one after another; in its
 # "concurrent" scheduling mode, kernels that touch no common buffer may run side by side. In a loop of decode steps
-# alone this took DeepSeek 2B's steps 1.5-5% less time on one H200 (the dense 1B model's, one chain of kernels, 1-3%
+# alone this took DeepSeek 2B's steps 2-6% less time on one H200 (the dense 1B model's, one chain of kernels, 1-3%
 # more), but behind the HTTP server the same build served a lone request at 0.54-0.55 ms per token against 0.45
 # with it off, and held 69-70 requests/s within the TTFT objective against 98 (experiments/benchmarks/RESULTS.md).
 # So it is off unless asked for. Steps over several devices, with their collectives, have not been measured with
