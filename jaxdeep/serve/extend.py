@@ -17,7 +17,7 @@ from flax import nnx
 
 from jaxdeep.model.deepseek.rope import apply_rope, inverse_frequencies
 from jaxdeep.model.layers import rotary, rotary_tables
-from jaxdeep.model.matmul import decode_kernel, in_serving_layout, project, single_row_product
+from jaxdeep.model.matmul import decode_kernel, project
 from jaxdeep.serve import cache as kv
 from jaxdeep.sharding import active_spec, constrain
 from kernels.decode import latent, write_attend, write_attend_latent
@@ -223,32 +223,19 @@ def _rotated_query_and_key(q_rope_btnr, k_rope_btr, rope, interleave: bool) -> t
     return both[:, :, :-1], both[:, :, -1]
 
 
-def _input_projections(h_btd: jax.Array, w_q: jax.Array, w_kv_a: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """h times MLA's two projections of the layer input: the query's (`q_proj` [d, n, h], or `q_a_proj` [d, r])
-    and `kv_a_proj_with_mqa` [d, c + r]. One row on one device, weights in the serving layout: both as one row
-    reduction over their rows, which XLA reads straight from the two weights (apart, two kernels a layer)."""
-    single = math.prod(h_btd.shape[:-1]) == 1 and in_serving_layout("projections") and active_spec(RESIDUAL) is None
-    if not single:
-        q_subscripts = "btd,dnh->btnh" if w_q.ndim == 3 else "btd,dr->btr"
-        return project(q_subscripts, h_btd, w_q), project("btd,dc->btc", h_btd, w_kv_a)
-    d, q_width = w_q.shape[0], math.prod(w_q.shape[1:])
-    both = single_row_product("btd,do->bto", h_btd, jnp.concatenate([w_q.reshape(d, q_width), w_kv_a], axis=1))
-    return both[..., :q_width].reshape(*h_btd.shape[:-1], *w_q.shape[1:]), both[..., q_width:]
-
-
 def absorbed_mla(attn, h_btd, cache: dict, layer, positions_bt, slot_b, leading_slots: bool, rope):
     """MLA on the latent cache with the key up-projection folded into the query and the value up-projection
     applied after the weighted sum: scores = (q_nope·W_UK)·c + q_rope·k_rope, out = ((p·c)·W_UV)·W_O."""
     cfg = attn.cfg
     ds, dt = cfg.deepseek, DTYPES[cfg.dtype]
     nope, c = ds.qk_nope_head_dim, ds.kv_lora_rank
-    first = attn.q_proj if ds.q_lora_rank is None else attn.q_a_proj
-    q_first, kv_a_btc = _input_projections(h_btd, first[...].astype(dt), attn.kv_a_proj_with_mqa[...].astype(dt))
     if ds.q_lora_rank is None:
-        q_btnh = q_first
+        q_btnh = project("btd,dnh->btnh", h_btd, attn.q_proj[...].astype(dt))
     else:
-        q_btnh = project("btr,rnh->btnh", attn.q_a_layernorm(q_first), attn.q_b_proj[...].astype(dt))
+        q_btr = project("btd,dr->btr", h_btd, attn.q_a_proj[...].astype(dt))
+        q_btnh = project("btr,rnh->btnh", attn.q_a_layernorm(q_btr), attn.q_b_proj[...].astype(dt))
     q_btnh = constrain(q_btnh, HEADS)
+    kv_a_btc = project("btd,dc->btc", h_btd, attn.kv_a_proj_with_mqa[...].astype(dt))
     q_nope_btnh = q_btnh[..., :nope]
     q_rope_btnh, k_rope_btr = _rotated_query_and_key(q_btnh[..., nope:], kv_a_btc[..., c:], rope, ds.rope_interleave)
     w_ukv_cnh = attn.kv_b_proj[...].astype(dt)

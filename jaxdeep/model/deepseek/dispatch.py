@@ -80,63 +80,20 @@ def gathered_experts(x_td, experts_tk, weights_tk, gate_up_edcf, down_efd):
 
 def _chosen_expert_products(x_ki: jax.Array, w: jax.Array, experts_k: jax.Array) -> jax.Array:
     """[k, out...]: each row x_ki[j] times the matrix of expert experts_k[j] in w ([E, in, out...], stored in the
-    serving layout: the input axis minor), as one row reduction over the chosen experts' rows (`_chosen_rows`)."""
-    out = w.shape[2:]
-    w_koi = _chosen_rows(w, experts_k)
-    y_ko = jnp.sum(w_koi.astype(jnp.float32) * x_ki[:, None, :].astype(jnp.float32), axis=-1)
-    return y_ko.reshape(experts_k.shape[0], *out).astype(jnp.result_type(x_ki, w))
-
-
-def _chosen_rows(w: jax.Array, experts_k: jax.Array) -> jax.Array:
-    """[k, out, in]: the rows of the experts experts_k in w ([E, in, out...], stored in the serving layout: the
-    input axis minor), gathered inside the reduction that reads them.
+    serving layout: the input axis minor), as one row reduction over the chosen experts' rows.
 
     Viewed in its stored order, w is [E·out, in] rows, and each expert's rows are a contiguous run of them, so
     gathering rows keeps every row contiguous and the sum streams the chosen weights. Per-expert slices (one
     reduction each, which XLA fused side by side) ran DeepSeek 2B's six experts at 3.0 TB/s on an H200, gathered
     rows at 3.6 (experiments/benchmarks/RESULTS.md); a gather of whole experts lets XLA lay them out anew and
     walk the sum with a stride (0.9 TB/s)."""
-    e, n_in = w.shape[0], w.shape[1]
-    n_out = math.prod(w.shape[2:])
+    e, n_in, out = w.shape[0], w.shape[1], w.shape[2:]
+    n_out = math.prod(out)
     rows_i = jnp.moveaxis(w, 1, -1).reshape(e * n_out, n_in)  # the stored order: a view, not a copy
     rows = (experts_k[:, None] * n_out + jnp.arange(n_out, dtype=experts_k.dtype)).reshape(-1)
-    return rows_i[rows].reshape(experts_k.shape[0], n_out, n_in)
-
-
-def fuses_shared_experts(experts_tk, n_experts: int, dtype, kernels: KernelChoice = DEFAULT_KERNELS) -> bool:
-    """Whether `one_token_experts` computes a MoE layer: one token on one device, routed experts and projections
-    in the serving layout, where `gathers_experts` would gather its copies."""
-    return (
-        experts_tk.shape[0] == 1
-        and in_serving_layout("experts")
-        and in_serving_layout("projections")
-        and sharding.active_spec(TOKENS) is None
-        and gathers_experts(experts_tk, n_experts, dtype, kernels)
-    )
-
-
-def one_token_experts(x_d, experts_k, weights_k, gate_up_edcf, down_efd, shared_gate_df, shared_up_df, shared_down_fd):
-    """float32 [d]: one token through its routed experts and the shared experts together, all weights in the
-    serving layout: the chosen experts' gate/up rows and the shared experts' in one row reduction, one SwiGLU,
-    and their down rows in a second reduction, with each routed expert's weight applied to its SwiGLU output
-    (the down projection is linear). Apart, the shared experts took four kernels of their own per layer beside the
-    routed experts' three (`fuses_shared_experts` says when this runs)."""
-    k, dt = experts_k.shape[0], jnp.result_type(x_d, gate_up_edcf)
-    _, d, _, f = gate_up_edcf.shape
-    fs = shared_gate_df.shape[1]
-    rows_od = jnp.concatenate(
-        [_chosen_rows(gate_up_edcf, experts_k).reshape(k * 2 * f, d), shared_gate_df.T, shared_up_df.T]
-    )
-    h_o = jnp.sum(rows_od.astype(jnp.float32) * x_d.astype(jnp.float32), axis=-1).astype(dt)
-    h_k2f, h_2f = h_o[: k * 2 * f].reshape(k, 2, f), h_o[k * 2 * f :].reshape(2, fs)
-    routed_kf = jax.nn.silu(h_k2f[:, 0]) * h_k2f[:, 1]
-    shared_f = jax.nn.silu(h_2f[0]) * h_2f[1]
-    act_i = jnp.concatenate(
-        [(routed_kf.astype(jnp.float32) * weights_k[:, None]).reshape(-1), shared_f.astype(jnp.float32)]
-    )
-    down_dkf = jnp.moveaxis(_chosen_rows(down_efd, experts_k), 1, 0)  # [d, k, f]: each row still a contiguous run
-    down_di = jnp.concatenate([down_dkf.reshape(d, k * f), shared_down_fd.T], axis=1)
-    return jnp.sum(down_di.astype(jnp.float32) * act_i, axis=-1)
+    w_koi = rows_i[rows].reshape(experts_k.shape[0], n_out, n_in)
+    y_ko = jnp.sum(w_koi.astype(jnp.float32) * x_ki[:, None, :].astype(jnp.float32), axis=-1)
+    return y_ko.reshape(experts_k.shape[0], *out).astype(jnp.result_type(x_ki, w))
 
 
 def gathers_experts(experts_tk, n_experts: int, dtype, kernels: KernelChoice = DEFAULT_KERNELS) -> bool:

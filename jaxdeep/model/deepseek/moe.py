@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxdeep.config import ModelConfig
-from jaxdeep.model.deepseek.dispatch import DOWN, GATE_UP, fuses_shared_experts, one_token_experts, routed_experts
+from jaxdeep.model.deepseek.dispatch import DOWN, GATE_UP, routed_experts
 from jaxdeep.model.deepseek.norm import DTYPES
 from jaxdeep.model.deepseek.router import Router, Routing, expert_counts, sequence_balance_loss
 from jaxdeep.model.kernel_choice import DEFAULT_KERNELS, KernelChoice
@@ -76,18 +76,10 @@ class MoE(nnx.Module):
         weights_btk = routing.weights_tk.reshape(b, t, -1)
         gate_up = self.experts.gate_up_proj[...].astype(dt)
         down = self.experts.down_proj[...].astype(dt)
-        if ds.n_shared_experts and fuses_shared_experts(routing.experts_tk, ds.n_routed_experts, dt, self.kernels):
-            shared = self.shared_experts
-            y_d = one_token_experts(
-                x_btd.reshape(d), routing.experts_tk[0], routing.weights_tk[0], gate_up, down,
-                *(w[...].astype(dt) for w in (shared.gate_proj, shared.up_proj, shared.down_proj)),
-            )  # fmt: skip
-            y_btd, computed = y_d.reshape(b, t, d).astype(dt), jnp.int32(routing.experts_tk.size)
-        else:
-            y_btd, computed = routed_experts(x_btd, experts_btk, weights_btk, gate_up, down, self.kernels)
-            y_btd = y_btd.astype(dt)
-            if ds.n_shared_experts:
-                y_btd = y_btd + self.shared_experts(x_btd)
+        y_btd, computed = routed_experts(x_btd, experts_btk, weights_btk, gate_up, down, self.kernels)
+        y_btd = y_btd.astype(dt)
+        if ds.n_shared_experts:
+            y_btd = y_btd + self.shared_experts(x_btd)
         counts = expert_counts(routing.experts_tk, ds.n_routed_experts)
         if ds.aux_loss_alpha > 0:
             balance = sequence_balance_loss(routing.scores_te.reshape(b, t, -1), experts_btk)
