@@ -183,19 +183,16 @@ def latent_kernel_reason(cfg) -> str | None:
     return reason
 
 
-def _write_attend_latent(q_bnc, qr_bnr, raw_latent_bc, rope_br, cache: dict, layer, positions_b, scale, impl, norm):
-    """`kernels.decode.write_attend_latent` on the layer's queries in latent space and its new cache entries (the
-    latent before its norm, `norm` = (scale, eps)). Returns (out [b, n, c], cache)."""
-    norm_scale, eps = norm
+def _write_attend_latent(q_bnc, qr_bnr, latent_bc, rope_br, cache: dict, layer, positions_b, scale, impl):
+    """`kernels.decode.write_attend_latent` on the layer's queries in latent space and its new cache entries.
+    Returns (out [b, n, c], cache)."""
 
-    def run(q, qr, new_latent, new_rope, latent_cache, rope_cache, layer, positions, norm_scale):
-        return write_attend_latent(
-            q, qr, new_latent, new_rope, latent_cache, rope_cache, layer, positions, scale, impl, (norm_scale, eps)
-        )
+    def run(q, qr, new_latent, new_rope, latent_cache, rope_cache, layer, positions):
+        return write_attend_latent(q, qr, new_latent, new_rope, latent_cache, rope_cache, layer, positions, scale, impl)
 
     heads, rows = ("batch", "act_heads", None), ("batch", None)
-    in_axes = (heads, heads, rows, rows, kv.LATENT_AXES, kv.ROPE_AXES, None, ("batch",), None)
-    args = (q_bnc, qr_bnr, raw_latent_bc, rope_br, cache["latent"], cache["k_rope"], layer, positions_b, norm_scale)
+    in_axes = (heads, heads, rows, rows, kv.LATENT_AXES, kv.ROPE_AXES, None, ("batch",))
+    args = (q_bnc, qr_bnr, latent_bc, rope_br, cache["latent"], cache["k_rope"], layer, positions_b)
     out, latent_cache, rope_cache = _per_shard(run, args, in_axes, (heads, kv.LATENT_AXES, kv.ROPE_AXES))
     return out, {"latent": latent_cache, "k_rope": rope_cache}
 
@@ -211,18 +208,6 @@ def _values_up(o_latent_btnc: jax.Array, w_uv_cnh: jax.Array) -> jax.Array:
     return o_nh[None, None].astype(jnp.result_type(o_latent_btnc, w_uv_cnh))
 
 
-def _rotated_query_and_key(q_rope_btnr, k_rope_btr, rope, interleave: bool) -> tuple[jax.Array, jax.Array]:
-    """The rotary parts of the queries [b, t, n, r] and of the shared key [b, t, r], rotated. On one device both go
-    through one rotation as n + 1 heads (apart, XLA ran them as two kernels a layer)."""
-    cos_bth, sin_bth = rope
-    if active_spec(RESIDUAL) is not None:  # the query's heads may be split over devices: keep the key apart
-        q_rotated = _rope_bt(q_rope_btnr, cos_bth, sin_bth, interleave)
-        return q_rotated, _rope_bt(k_rope_btr[:, :, None], cos_bth, sin_bth, interleave)[:, :, 0]
-    both = jnp.concatenate([q_rope_btnr, k_rope_btr[:, :, None].astype(q_rope_btnr.dtype)], axis=2)
-    both = _rope_bt(both, cos_bth, sin_bth, interleave)
-    return both[:, :, :-1], both[:, :, -1]
-
-
 def absorbed_mla(attn, h_btd, cache: dict, layer, positions_bt, slot_b, leading_slots: bool, rope):
     """MLA on the latent cache with the key up-projection folded into the query and the value up-projection
     applied after the weighted sum: scores = (q_nope·W_UK)·c + q_rope·k_rope, out = ((p·c)·W_UV)·W_O."""
@@ -235,23 +220,25 @@ def absorbed_mla(attn, h_btd, cache: dict, layer, positions_bt, slot_b, leading_
         q_btr = project("btd,dr->btr", h_btd, attn.q_a_proj[...].astype(dt))
         q_btnh = project("btr,rnh->btnh", attn.q_a_layernorm(q_btr), attn.q_b_proj[...].astype(dt))
     q_btnh = constrain(q_btnh, HEADS)
-    kv_a_btc = project("btd,dc->btc", h_btd, attn.kv_a_proj_with_mqa[...].astype(dt))
+    cos_bth, sin_bth = rope
     q_nope_btnh = q_btnh[..., :nope]
-    q_rope_btnh, k_rope_btr = _rotated_query_and_key(q_btnh[..., nope:], kv_a_btc[..., c:], rope, ds.rope_interleave)
+    q_rope_btnh = _rope_bt(q_btnh[..., nope:], cos_bth, sin_bth, ds.rope_interleave)
+
+    kv_a_btc = project("btd,dc->btc", h_btd, attn.kv_a_proj_with_mqa[...].astype(dt))
+    latent_btc = attn.kv_a_layernorm(kv_a_btc[..., :c])
+    k_rope_btr = _rope_bt(kv_a_btc[:, :, None, c:], cos_bth, sin_bth, ds.rope_interleave)[:, :, 0]
     w_ukv_cnh = attn.kv_b_proj[...].astype(dt)
     w_uk_cnh, w_uv_cnh = w_ukv_cnh[..., :nope], w_ukv_cnh[..., nope:]
     q_latent_btnc = constrain(jnp.einsum("btnh,cnh->btnc", q_nope_btnh, w_uk_cnh), HEADS)
     kernels = decode_kernel()
     if h_btd.shape[1] == 1 and leading_slots and kernels != "xla" and latent_kernel_reason(cfg) is None:
-        # decode: the new latent's norm, cache write and attention over the latent cache in one kernel
-        norm = (attn.kv_a_layernorm.scale[...], attn.kv_a_layernorm.eps)
+        # decode: cache write and attention over the latent cache in one kernel
         o_latent_bnc, cache = _write_attend_latent(
-            q_latent_btnc[:, 0], q_rope_btnh[:, 0], kv_a_btc[:, 0, :c], k_rope_btr[:, 0], cache, layer,
-            positions_bt[:, 0], attn.scale, kernels, norm,
+            q_latent_btnc[:, 0], q_rope_btnh[:, 0], latent_btc[:, 0], k_rope_btr[:, 0], cache, layer,
+            positions_bt[:, 0], attn.scale, kernels,
         )  # fmt: skip
         o_latent_btnc = constrain(o_latent_bnc[:, None], HEADS)
     else:
-        latent_btc = attn.kv_a_layernorm(kv_a_btc[..., :c])
         drop = not leading_slots  # decode (leading slots) clamps its idle slots' positions instead: see kv.write
         cache = {
             "latent": kv.write(cache["latent"], latent_btc, layer, slot_b, positions_bt, drop),

@@ -83,12 +83,11 @@ def write_attend_latent(
     positions_b: jax.Array,
     scale: float,
     impl: str = "auto",
-    norm: tuple[jax.Array, float] | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """A DeepSeek decode layer's absorbed MLA over the latent cache, row i for the caches' slot i (the first b):
-    store the new latent [b, c] (RMS-normalised first with `norm` = (scale [c], eps): MLA's kv_a_layernorm) and
-    rotated key part [b, r] at each row's position (clamped into the cache) and attend with the queries in latent
-    space (q_latent [b, n, c], rotated q_rope [b, n, r]; `latent.write_attend_reference`). Returns (out [b, n, c],
-    latent_cache, rope_cache); the kernel updates the caches in place."""
-    args = (q_latent_bnc, q_rope_bnr, latent_bc, rope_br, latent_cache, rope_cache, layer, positions_b, scale, norm)
+    store the new latent [b, c] and rotated key part [b, r] at each row's position (clamped into the cache) and
+    attend with the queries in latent space (q_latent [b, n, c], rotated q_rope [b, n, r];
+    `latent.write_attend_reference`). Returns (out [b, n, c], latent_cache, rope_cache); the kernel updates the
+    caches in place."""
+    args = (q_latent_bnc, q_rope_bnr, latent_bc, rope_br, latent_cache, rope_cache, layer, positions_b, scale)
     return _dispatch("write_attend_latent", latent, args, (q_latent_bnc, q_rope_bnr, latent_cache, rope_cache), impl)

@@ -25,10 +25,11 @@ from jax.experimental import pallas as pl
 
 from kernels.decode import runtime
 
-BLOCK = 64  # positions per step of a program's loop
-# Programs per sequence at most: at 4,096 positions and one row, 32 chunks of 128 ran 1.4x faster than 16 of 256
-# on an H200 (experiments/benchmarks/RESULTS.md); each chunk holds at least one block.
-MAX_CHUNKS = 32
+BLOCK = 64  # positions per step of a program's loop, at most (32 within chunks of 64 ran slower)
+MIN_CHUNK = 32
+# Programs per sequence at most. At one row on an H200, more and shorter chunks ran faster: at 4,096 positions 128
+# chunks of 32 took the kernel and its merge 6.1 µs a layer, 32 of 128 10.8 (experiments/benchmarks/RESULTS.md).
+MAX_CHUNKS = 128
 PROGRAMS = 256  # programs per launch to aim for (two per SM of an H100/H200): more only add partials to merge
 MIN_HEADS = 16  # the tensor-core products need 16 rows: fewer heads are padded with zero queries
 MAX_HEADS = 16  # one program holds every head's [latent] float32 accumulator: sized and measured for 16
@@ -45,25 +46,10 @@ def reference(q_bnc, qr_bnr, latent_cache, rope_cache, layer, positions_b, scale
     return jnp.einsum("bns,bsc->bnc", probs, lat).astype(q_bnc.dtype)
 
 
-def rms_norm(latent_bc, norm, dtype):
-    """The new latent as cached: RMS-normalised first when `norm` = (scale [c], eps) is given (MLA's
-    kv_a_layernorm, statistics in float32), then in `dtype`."""
-    if norm is None:
-        return latent_bc.astype(dtype)
-    scale_c, eps = norm
-    x = latent_bc.astype(jnp.float32)
-    rstd = lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
-    return (x * rstd * scale_c.astype(jnp.float32)).astype(dtype)
-
-
-def write_attend_reference(
-    q_bnc, qr_bnr, latent_bc, rope_br, latent_cache, rope_cache, layer, positions_b, scale, norm=None
-):
-    """Store each row's new latent (RMS-normalised first with `norm` = (scale, eps), see `rms_norm`) and rotated
-    key part at its position and attend: returns (out [b, n, c], latent_cache, rope_cache). A position past the
-    cache marks an idle slot (as in `jaxdeep.serve.cache.write`): it stores its entry at the last position and its
-    output is that entry's latent, attending to nothing else."""
-    latent_bc = rms_norm(latent_bc, norm, latent_bc.dtype)
+def write_attend_reference(q_bnc, qr_bnr, latent_bc, rope_br, latent_cache, rope_cache, layer, positions_b, scale):
+    """Store each row's new latent and rotated key part at its position and attend: returns (out [b, n, c],
+    latent_cache, rope_cache). A position past the cache marks an idle slot (as in `jaxdeep.serve.cache.write`):
+    it stores its entry at the last position and its output is that entry's latent, attending to nothing else."""
     rows = jnp.arange(q_bnc.shape[0])
     at = jnp.minimum(positions_b, latent_cache.shape[2] - 1)
     latent_cache = latent_cache.at[layer, rows, at].set(latent_bc.astype(latent_cache.dtype))
@@ -96,19 +82,15 @@ def check(q_bnc, qr_bnr, latent_cache, rope_cache) -> str | None:
 
 
 def _kernel(
-    layer_ref, pos_ref, q_ref, qr_ref, cn_ref, rn_ref, g_ref, c_ref, r_ref,  # inputs
+    layer_ref, pos_ref, q_ref, qr_ref, cn_ref, rn_ref, c_ref, r_ref,  # inputs
     o_ref, stats_ref, c_out, r_out,  # outputs; c_out and r_out share c_ref's and r_ref's buffers
-    *, scale, chunk, block, eps,
+    *, scale, chunk, block,
 ):  # fmt: skip
     b, s = pl.program_id(0), pl.program_id(1)
     layer, last = layer_ref[0], jnp.minimum(pos_ref[b], c_ref.shape[2] - 1)
     idle = pos_ref[b] >= c_ref.shape[2]  # an idle slot: it stores its entry at the end and attends to that alone
     q, qr = q_ref[b], qr_ref[b]  # [n, c], [n, r] in the cache's dtype
     cn, rn = cn_ref[b, :], rn_ref[b, :]
-    if eps is not None:  # every program normalises the new latent itself: c values, cheaper than a launch
-        x = cn.astype(jnp.float32)
-        rstd = lax.rsqrt(jnp.sum(x * x) / x.shape[0] + eps)
-        cn = (x * rstd * g_ref[...]).astype(c_ref.dtype)
     n, width, rope = q.shape[0], c_ref.shape[3], r_ref.shape[3]
     start = s * chunk
     owner = last // chunk == s  # this program's chunk holds the new entry: it stores it and counts it
@@ -154,12 +136,12 @@ def _kernel(
     stats_ref[s, b, 1] = total * alpha + p
 
 
-def default_chunk(positions: int, rows: int, block: int = BLOCK) -> int:
-    """Positions per program, a power of two times `block`: enough chunks per sequence to fill the GPU with the
+def default_chunk(positions: int, rows: int) -> int:
+    """Positions per program, a power of two from MIN_CHUNK up: enough chunks per sequence to fill the GPU with the
     batch's rows (up to MAX_CHUNKS), no more. Each chunk writes a partial output of [heads, latent] float32 that
     the merge reads back, which at 64 rows would outweigh the cache itself."""
     chunks = min(MAX_CHUNKS, max(1, PROGRAMS // rows))
-    chunk = block
+    chunk = MIN_CHUNK
     while chunk * chunks < positions:
         chunk *= 2
     return chunk
@@ -175,17 +157,16 @@ def write_attend(
     layer,
     positions_b,
     scale: float,
-    norm=None,
     interpret: bool = False,
     poison: bool = False,
     chunk: int | None = None,
-    block: int = BLOCK,
+    block: int | None = None,
     num_warps: int = 4,
 ):
     """`write_attend_reference` as one kernel launch; the caches are updated in place. Queries are used in the
-    cache's dtype (the tensor-core products take both operands alike); scores and sums are float32. With `norm`
-    the kernel normalises the new latent (the raw one comes in, in any float dtype)."""
-    chunk = chunk or default_chunk(latent_cache.shape[2], q_bnc.shape[0], block)
+    cache's dtype (the tensor-core products take both operands alike); scores and sums are float32."""
+    chunk = chunk or default_chunk(latent_cache.shape[2], q_bnc.shape[0])
+    block = block or min(chunk, BLOCK)
     if chunk % block or not _pow2(block):
         raise ValueError(f"write_attend_latent: chunk {chunk} must be a multiple of block {block}, a power of two")
     b, n, c = q_bnc.shape
@@ -193,18 +174,16 @@ def write_attend(
     dtype = latent_cache.dtype
     q, qr = (jnp.pad(x.astype(dtype), ((0, 0), (0, heads - n), (0, 0))) for x in (q_bnc, qr_bnr))
     chunks = -(-latent_cache.shape[2] // chunk)
-    norm_scale, eps = (jnp.ones((c,), jnp.float32), None) if norm is None else (norm[0].astype(jnp.float32), norm[1])
     o, stats, latent_cache, rope_cache = runtime.call(
-        functools.partial(_kernel, scale=scale, chunk=chunk, block=block, eps=eps),
+        functools.partial(_kernel, scale=scale, chunk=chunk, block=block),
         grid=(b, chunks),
         inputs=(
             jnp.reshape(layer, (1,)).astype(jnp.int32),
             positions_b.astype(jnp.int32),
             q,
             qr,
-            latent_bc if norm is not None else latent_bc.astype(dtype),
+            latent_bc.astype(dtype),
             rope_br.astype(dtype),
-            norm_scale,
             latent_cache,
             rope_cache,
         ),
@@ -212,7 +191,7 @@ def write_attend(
             jax.ShapeDtypeStruct((chunks, b, heads, c), jnp.float32),  # each chunk's unnormalised output
             jax.ShapeDtypeStruct((chunks, b, 2, heads), jnp.float32),  # its running max and sum
         ),
-        in_place=(7, 8),
+        in_place=(6, 7),
         num_warps=num_warps,
         interpret=interpret,
         poison=poison,
