@@ -21,21 +21,8 @@ from jax.experimental import pallas as pl
 
 from kernels.decode import runtime
 
-BLOCK = 64  # positions per step of a program's loop, at most
-CHUNK = 128  # positions per program, at most (with BLOCK, the fastest of a sweep on an H200 at batch 1-64)
-MIN_CHUNK = 16
-PROGRAMS = 512  # programs per launch to aim for: smaller chunks until there would be more
-
-
-def default_chunk(positions: int, rows: int, heads: int) -> int:
-    """Positions per program for a cache of `positions` per slot: the smallest chunk from MIN_CHUNK up to CHUNK that
-    launches at most PROGRAMS programs. A few short sequences then spread over the SMs: at one row of 16 heads and
-    448 positions, chunks of 16 (two warps) took the kernel and its merge 3.1 µs a layer on an H200, against 4.5
-    with chunks of 128; at 4,096 positions the two were level (experiments/benchmarks/RESULTS.md)."""
-    chunk = MIN_CHUNK
-    while chunk < CHUNK and rows * heads * -(-positions // chunk) > PROGRAMS:
-        chunk *= 2
-    return chunk
+BLOCK = 64  # positions per step of a program's loop (with CHUNK, the fastest of a sweep on an H200 at batch 1-64)
+CHUNK = 128  # positions per program
 
 
 def reference(q_bnh, k_cache, v_cache, layer, positions_b, scale: float) -> jax.Array:
@@ -151,19 +138,15 @@ def write_attend(
     scale: float,
     interpret: bool = False,
     poison: bool = False,
-    chunk: int | None = None,
-    block: int | None = None,
-    num_warps: int | None = None,
+    chunk: int = CHUNK,
+    block: int = BLOCK,
+    num_warps: int = 4,
 ):
     """`write_attend_reference` as one kernel launch; the caches are updated in place. The new entry's score uses
-    the float32 rotated key; the cache (and so later steps, and the reference) holds it rounded to its dtype.
-    The chunk left out comes from `default_chunk`."""
-    b, n, h = q_bnh.shape
-    chunk = chunk or default_chunk(k_cache.shape[2], b, n)
-    block = block or min(chunk, BLOCK)
-    num_warps = num_warps or (2 if chunk <= 32 else 4)  # short chunks: two warps ran faster than four
+    the float32 rotated key; the cache (and so later steps, and the reference) holds it rounded to its dtype."""
     if chunk % block or block & (block - 1):
         raise ValueError(f"write_attend: chunk {chunk} must be a multiple of block {block}, a power of two")
+    b, n, h = q_bnh.shape
     chunks = -(-k_cache.shape[2] // chunk)
     kernel = functools.partial(_write_attend_kernel, scale=scale, chunk=chunk, block=block, head_dim=h)
     layer = jnp.reshape(layer, (1,)).astype(jnp.int32)

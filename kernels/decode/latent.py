@@ -27,10 +27,12 @@ from kernels.decode import runtime
 
 BLOCK = 64  # positions per step of a program's loop, at most (32 within chunks of 64 ran slower)
 MIN_CHUNK = 32
-# Programs per sequence at most. At one row on an H200, more and shorter chunks ran faster: at 4,096 positions 128
-# chunks of 32 took the kernel and its merge 6.1 µs a layer, 32 of 128 10.8 (experiments/benchmarks/RESULTS.md).
-MAX_CHUNKS = 128
-PROGRAMS = 256  # programs per launch to aim for (two per SM of an H100/H200): more only add partials to merge
+MAX_CHUNKS = 128  # programs per sequence at most
+# Programs per launch to aim for. On an H200 a lone row ran fastest with the most chunks (4,096 positions: 128
+# chunks of 32 took the kernel and its merge 6.9 µs a layer, 32 of 128 12.0), 16 rows with about 8 chunks each
+# (2,048 positions: 25.0 µs in chunks of 256, 28.2 in 128), as every chunk adds partials to merge
+# (experiments/benchmarks/RESULTS.md).
+PROGRAMS = 128
 MIN_HEADS = 16  # the tensor-core products need 16 rows: fewer heads are padded with zero queries
 MAX_HEADS = 16  # one program holds every head's [latent] float32 accumulator: sized and measured for 16
 
