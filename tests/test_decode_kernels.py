@@ -218,6 +218,12 @@ def test_write_attend_latent_dispatch_and_bad_input():
         write_attend_latent(*six, lat, rope, 0, jnp.zeros(6, jnp.int32), 1.0, impl="interpret")
     with pytest.raises(ValueError, match="chunk 96 must be a multiple of block 64"):
         latent.write_attend(*args, 0, positions, 1.0, interpret=True, chunk=96)
+    with pytest.raises(ValueError, match="block 8, a power of two >= 16"):  # the tensor-core products' least
+        latent.write_attend(*args, 0, positions, 1.0, interpret=True, chunk=8)
+    # a block asked for alone: the default chunk (32 here) grows to hold it
+    blocked = latent.write_attend(*args, 1, positions, 0.3, interpret=True, block=64)
+    for got, want in zip(blocked, latent.write_attend_reference(*args, 1, positions, 0.3), strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-5)
     with pytest.raises(ValueError, match="20 heads on a device"):
         wide = [jnp.concatenate([x] * 5, axis=1) for x in (q, qr)]
         write_attend_latent(*wide, new_lat, new_rope, lat, rope, 0, positions, 1.0, impl="interpret")
@@ -386,10 +392,13 @@ def test_write_attend_kernel_on_gpu(dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_write_attend_latent_kernel_on_gpu(dtype):
+@pytest.mark.parametrize("rows", [8, 1])  # default chunks of 64 positions, and one row's of 32
+def test_write_attend_latent_kernel_on_gpu(dtype, rows):
     """The DeepSeek 2B preset's shapes (16 heads, latent 512, rope 64), compiled."""
-    args = _latent_inputs(dtype, layers=2, slots=8, context=1000, heads=16, width=512, rope=64, seed=3)
-    positions = jnp.array([0, 1, 63, 64, 511, 998, 999, 1500], jnp.int32)
+    inputs = _latent_inputs(dtype, layers=2, slots=8, context=1000, heads=16, width=512, rope=64, seed=3)
+    args = (*(a[:rows] for a in inputs[:4]), *inputs[4:])
+    assert latent.default_chunk(1000, rows) == (32 if rows == 1 else 64)
+    positions = jnp.array([998, 1, 63, 64, 511, 0, 999, 1500], jnp.int32)[:rows]
     want, want_lat, want_rope = latent.write_attend_reference(*args, 1, positions, 0.07)
     got, got_lat, got_rope = jax.jit(lambda *a: latent.write_attend(*a, 0.07, poison=True))(
         *args, jnp.int32(1), positions

@@ -25,7 +25,7 @@ from jax.experimental import pallas as pl
 
 from kernels.decode import runtime
 
-BLOCK = 64  # positions per step of a program's loop, at most (32 within chunks of 64 ran slower)
+BLOCK = 64  # positions per step of a program's loop, at most
 MIN_CHUNK = 32
 MAX_CHUNKS = 128  # programs per sequence at most
 # Programs per launch to aim for. On an H200 a lone row ran fastest with the most chunks (4,096 positions: 128
@@ -167,10 +167,12 @@ def write_attend(
 ):
     """`write_attend_reference` as one kernel launch; the caches are updated in place. Queries are used in the
     cache's dtype (the tensor-core products take both operands alike); scores and sums are float32."""
-    chunk = chunk or default_chunk(latent_cache.shape[2], q_bnc.shape[0])
+    chunk = chunk or max(default_chunk(latent_cache.shape[2], q_bnc.shape[0]), block or 0)
     block = block or min(chunk, BLOCK)
-    if chunk % block or not _pow2(block):
-        raise ValueError(f"write_attend_latent: chunk {chunk} must be a multiple of block {block}, a power of two")
+    if chunk % block or not _pow2(block) or block < 16:  # the tensor-core products take 16 positions at least
+        raise ValueError(
+            f"write_attend_latent: chunk {chunk} must be a multiple of block {block}, a power of two >= 16"
+        )
     b, n, c = q_bnc.shape
     heads = max(MIN_HEADS, 1 << (n - 1).bit_length())  # a power of two, as Triton's blocks must be
     dtype = latent_cache.dtype
