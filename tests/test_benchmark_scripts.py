@@ -32,3 +32,35 @@ def test_trace_summaries_count_overlap_once_and_kernels_per_call(monkeypatch):
     events["/device:GPU:0"].append(("a", 60, 10.0))
     assert timing.busy_seconds(events, calls=2) * 1e9 == pytest.approx(25.0)  # (15 + 10 + 15 + 10) / 2
     assert timing.kernel_totals(events, calls=2) == {"a": (20.0, 2), "b": (10.0, 1)}
+
+
+def test_kernel_descriptions_name_what_each_kernel_of_a_decode_step_reads(monkeypatch):
+    """The optimised HLO of a tiny model's decode step, compiled here: every kernel-level instruction is described
+    under its profile name ("." as "_"), with the weights it reads named by their paths; the instructions inside
+    fused computations are not kernels of their own."""
+    import re
+
+    import numpy as np
+
+    from jaxdeep.serve.runner import CacheGeometry, ModelRunner
+    from tests.test_serve_engine import CHUNK, CONTEXT, _loaded
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import timing
+
+    runner = ModelRunner.from_loaded(_loaded("dense"), CacheGeometry(2, CONTEXT, CHUNK))
+    zeros = np.zeros(2, np.int32)
+    batch = runner.decode_batch(np.array([1, 2], np.int32), np.array([3, 4]), zeros, zeros, np.ones(2), zeros, zeros)
+    hlo = runner.decode_steps_hlo(runner.new_cache(), batch, 2, "greedy")
+    described = timing.kernel_descriptions(hlo)
+    entry = hlo[hlo.index("\nENTRY") :]
+    entry = entry[: entry.index("\n}")]
+    kernels = {
+        m.replace(".", "_")
+        for m in re.findall(r"^\s*(?:ROOT )?%(\S+) = .*? (?:fusion|custom-call|copy)\(", entry, re.M)
+    }
+    assert kernels and kernels <= set(described)  # every fusion, custom call and copy of the program
+    assert not any(name.startswith("param_") for name in described)  # fused computations' parameters
+    reads = " ".join(described.values())
+    for weight in ("blocks.attn.wq", "blocks.mlp.w_in", "blocks.mlp.w_out", "embed"):
+        assert f" of {weight}" in reads or f", {weight}" in reads, weight

@@ -42,7 +42,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from timing import busy_seconds, device_seconds, gpu_events, kernel_totals  # noqa: E402
+from timing import busy_seconds, device_seconds, gpu_events, kernel_descriptions, kernel_totals  # noqa: E402
 
 from jaxdeep.model import count_params
 from jaxdeep.serve.loading import load_model
@@ -112,7 +112,14 @@ def time_decode(
     events = gpu_events(step, calls=traced)  # one trace for both figures
     ranked = sorted(kernel_totals(events, traced * per_call).items(), key=lambda kv: -kv[1][0])[:top]
     busy = busy_seconds(events, traced * per_call)
-    return host, busy, [(name, (ns / 1e3, count)) for name, (ns, count) in ranked]
+    described = {}
+    if ranked and inputs == "device":  # say what each kernel computes, from the step's optimised HLO
+        described = kernel_descriptions(runner.decode_steps_hlo(state["cache"], state["batch"], block, sampling))
+    return host, busy, [(_named(name, described), (ns / 1e3, count)) for name, (ns, count) in ranked]
+
+
+def _named(kernel: str, described: dict[str, str]) -> str:
+    return f"{kernel}  [{described[kernel]}]" if kernel in described else kernel
 
 
 def time_prefill(runner: ModelRunner, top: int = 0, rows: int = 1):
@@ -191,7 +198,13 @@ def main() -> None:
         help="concurrent: a step's independent GPU kernels may run side by side (ModelRunner concurrent_kernels); "
         "serial (the engine's default): as XLA schedules them",
     )
-    ap.add_argument("--top", type=int, default=0, help="print the N kernels that take the most GPU time per step")
+    ap.add_argument(
+        "--top",
+        type=int,
+        default=0,
+        help="print the N kernels that take the most GPU time per step (decode: each with what it computes, from the "
+        "step's optimised HLO, which costs one more compilation)",
+    )
     ap.add_argument("--out", default=None, help="append one JSON line per batch size here")
     args = ap.parse_args()
 

@@ -10,6 +10,7 @@ gaps or synchronisation in the figure at all, for kernels of a few microseconds.
 from __future__ import annotations
 
 import pathlib
+import re
 import statistics
 import tempfile
 import time
@@ -107,3 +108,56 @@ def kernel_totals(per_device: dict[str, list[tuple[str, float, float]]], calls: 
         for name, _, duration in events:
             totals.setdefault(name, []).append(duration)
     return {name: (sum(d) / calls, len(d) // calls) for name, d in totals.items()}
+
+
+# One instruction of an optimised HLO module: name, result type, opcode, operands, the rest of the line.
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%(\S+) = (.+?) ([a-z][a-z-]*)\((.*?)\)(.*)$")
+_JAX_OP = re.compile(r'op_name="([^"]*)"')
+
+
+def _argument_name(parameter: str) -> str:
+    """ "moe_blocks.mlp.experts.gate_up_proj.0" for the entry parameter "params__moe_blocks____mlp____experts____
+    gate_up_proj___0_.1" (XLA names a jitted function's arguments after their paths in the arguments)."""
+    parts = re.findall(r"[A-Za-z0-9]+(?:_[A-Za-z0-9]+)*", parameter.rsplit(".", 1)[0])
+    return ".".join(parts[1:] or parts)
+
+
+def kernel_descriptions(hlo_text: str) -> dict[str, str]:
+    """Kernel name in a GPU profile -> what it computes, from the optimised HLO of the program that ran it
+    (`jax.jit(f).lower(...).compile().as_text()`): its output type, the jitted function's arguments it reads (a
+    weight names its layer) and the JAX operation it came from. A profile names each of XLA's kernels after an
+    instruction, with "." written "_" (the instruction `input_reduce_fusion.150` runs as `input_reduce_fusion_150`).
+    The instructions of fused computations are left out: they run inside their fusion's kernel."""
+    computations: list[tuple[str, list[re.Match]]] = []
+    arguments: dict[str, str] = {}  # the entry computation's parameters, by instruction name
+    for line in hlo_text.splitlines():
+        if line and not line[0].isspace() and line.rstrip().endswith("{"):  # a computation's header
+            entry = line.startswith("ENTRY")
+            computations.append((line.removeprefix("ENTRY ").split()[0].lstrip("%"), []))
+        elif computations and (match := _INSTRUCTION.match(line)):
+            computations[-1][1].append(match)
+            if entry and match.group(3) == "parameter":
+                arguments[match.group(1)] = _argument_name(match.group(1))
+    fused = {
+        called
+        for _, instructions in computations
+        for m in instructions
+        if m.group(3) == "fusion"
+        for called in re.findall(r"calls=%?([\w.\-]+)", m.group(5))
+    }
+    described: dict[str, str] = {}
+    for computation, instructions in computations:
+        if computation in fused:
+            continue
+        for m in instructions:
+            name, result, opcode, operands, rest = m.groups()
+            if opcode in ("parameter", "constant", "get-tuple-element", "tuple", "bitcast"):
+                continue
+            read = [arguments[o] for o in re.findall(r"%([^\s,#]+)", operands) if o in arguments]
+            text = f"{opcode} {re.sub(r'{[^}]*}', '', result)}"
+            if read:
+                text += " of " + ", ".join(read)
+            if jax_op := _JAX_OP.search(rest):
+                text += f" ({jax_op.group(1).rsplit('/', 1)[-1]})"
+            described[name.replace(".", "_")] = text
+    return described

@@ -456,6 +456,13 @@ class ModelRunner:
             raise ValueError(f"sampling must be one of {MODES}, got {sampling!r}")
         return self._decode_block(self.params, self.model_state, cache, batch, steps, sampling)
 
+    def decode_steps_hlo(self, cache: dict, batch: DecodeBatch, steps: int = 1, sampling: str = "sample") -> str:
+        """The optimised HLO of `decode_steps` for these arguments (compiled again, not run): the program whose
+        kernels a GPU profile of the engine's step names (`experiments/benchmarks/timing.kernel_descriptions`)."""
+        return (
+            self._decode_block.lower(self.params, self.model_state, cache, batch, steps, sampling).compile().as_text()
+        )
+
     def decode(self, cache: dict, tokens_b, positions_b) -> tuple[dict, jax.Array]:
         """One token for each of the first b slots (b in `decode_sizes`) at its own position; returns the new cache
         and float32 logits [b, vocab]. A position >= max_context marks an idle slot: its logits mean nothing, and
