@@ -116,8 +116,8 @@ _JAX_OP = re.compile(r'op_name="([^"]*)"')
 
 
 def _argument_name(parameter: str) -> str:
-    """ "moe_blocks.mlp.experts.gate_up_proj.0" for the entry parameter "params__moe_blocks____mlp____experts____
-    gate_up_proj___0_.1" (XLA names a jitted function's arguments after their paths in the arguments)."""
+    """A dotted path for an entry parameter of a jitted function, which XLA names after the argument's path:
+    `params__moe_blocks____mlp____experts____gate_up_proj___0_.1` -> `moe_blocks.mlp.experts.gate_up_proj.0`."""
     parts = re.findall(r"[A-Za-z0-9]+(?:_[A-Za-z0-9]+)*", parameter.rsplit(".", 1)[0])
     return ".".join(parts[1:] or parts)
 
