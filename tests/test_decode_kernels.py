@@ -47,8 +47,11 @@ def test_write_attend_kernel_matches_reference(dtype):
     cos, sin = _tables(positions, 64)
     args = (q, k_new, v_new, cos, sin, k_cache, v_cache)
     want, want_k, want_v = attention.write_attend_reference(*args, 1, positions, 0.125)
-    got, got_k, got_v = attention.write_attend(*args, jnp.int32(1), positions, 0.125, interpret=True, poison=True)
+    got, got_k, got_v, arrivals = attention.write_attend(
+        *args, jnp.int32(1), positions, 0.125, interpret=True, poison=True
+    )
     assert got.dtype == dtype and not np.isnan(np.asarray(got, np.float32)).any()
+    assert arrivals.shape == (3, 5, 2) and not np.asarray(arrivals).any()  # every count back to zero
     atol = TOL[dtype] * float(jnp.abs(want.astype(jnp.float32)).max())
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=0, atol=atol)
     np.testing.assert_array_equal(np.asarray(got_v), np.asarray(want_v))
@@ -74,7 +77,7 @@ def test_write_attend_on_the_first_slots_of_a_larger_cache():
         q[:3], q[:3], q[:3], cos[:3], sin[:3], k_cache, v_cache, jnp.int32(2), positions[:3], 0.125, interpret=True
     )
     np.testing.assert_allclose(np.asarray(part[0]), np.asarray(full[0][:3]), rtol=0, atol=1e-5)
-    for got, all_rows, before in zip(part[1:], full[1:], (k_cache, v_cache), strict=True):
+    for got, all_rows, before in zip(part[1:3], full[1:], (k_cache, v_cache), strict=True):
         np.testing.assert_allclose(np.asarray(got[:, :3]), np.asarray(all_rows[:, :3]), rtol=0, atol=1e-5)
         np.testing.assert_array_equal(np.asarray(got[:, 3:]), np.asarray(before[:, 3:]))
     with pytest.raises(ValueError, match="6 rows of queries for a cache of 5 slots"):
@@ -98,10 +101,10 @@ def test_write_attend_reads_nothing_past_the_position():
     positions = jnp.array([5, 64, 130, 199], jnp.int32)
     cos, sin = _tables(positions, 64)
     args = (q, q, q, cos, sin)
-    out, _, _ = attention.write_attend(*args, k_cache, v_cache, jnp.int32(0), positions, 0.125, interpret=True)
+    out, *_ = attention.write_attend(*args, k_cache, v_cache, jnp.int32(0), positions, 0.125, interpret=True)
     after = jnp.arange(200)[None, :, None, None] > positions[:, None, None, None]
     garbage = jnp.where(after[None], 1e4, k_cache), jnp.where(after[None], jnp.nan, v_cache)
-    out2, _, _ = attention.write_attend(*args, *garbage, jnp.int32(0), positions, 0.125, interpret=True)
+    out2, *_ = attention.write_attend(*args, *garbage, jnp.int32(0), positions, 0.125, interpret=True)
     np.testing.assert_array_equal(np.asarray(out2), np.asarray(out))
 
 
@@ -119,8 +122,11 @@ def test_dispatch_and_bad_input():
     pos = jnp.array([3, 0, 39, 12], jnp.int32)
     cos, sin = _tables(pos, 64)
     args = (q, q, q, cos, sin, k, v, 2, pos, 0.3)
-    for got, want in zip(write_attend(*args, impl="interpret"), write_attend(*args), strict=True):
+    *kernel, arrivals = write_attend(*args, impl="interpret")
+    *reference, passed = write_attend(*args, impl="reference", arrivals=arrivals)
+    for got, want in zip(kernel, reference, strict=True):
         np.testing.assert_allclose(got, want, atol=1e-5)
+    assert passed is arrivals and not np.asarray(arrivals).any()
     if jax.default_backend() == "cpu":
         assert resolve("auto") == "reference"
         with pytest.raises(ValueError, match="'pallas' cannot run here: no GPU"):
@@ -374,20 +380,26 @@ def test_pallas_where_it_cannot_run_names_the_setting():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_write_attend_kernel_on_gpu(dtype):
+@pytest.mark.parametrize("rows", [8, 1])  # 8 chunks of 128 positions per head, and one row's 32 chunks of 32
+def test_write_attend_kernel_on_gpu(dtype, rows):
+    """Compiled, with the counts of one launch passed to the next as the engine's layers do: each launch merges
+    every head's chunks and leaves the counts at zero."""
     q, k, v = _attention_inputs(dtype, layers=2, slots=8, context=1000, heads=16, head_dim=128, seed=3)
-    positions = jnp.array([0, 1, 127, 128, 511, 998, 999, 1500], jnp.int32)
+    assert attention.default_chunk(1000, rows, 16) == (32 if rows == 1 else 128)
+    positions = jnp.array([998, 1, 127, 128, 511, 0, 999, 1500], jnp.int32)[:rows]
     cos, sin = _tables(positions, 128)
-    args = (q, q * 0.5, q * 2, cos, sin, k, v)
-    want, want_k, want_v = attention.write_attend_reference(*args, 1, positions, 128**-0.5)
-    got, got_k, got_v = jax.jit(lambda *a: attention.write_attend(*a, 128**-0.5, poison=True))(
-        *args, jnp.int32(1), positions
-    )
-    assert not np.isnan(np.asarray(got, np.float32)).any()
-    atol = TOL[dtype] * float(jnp.abs(want.astype(jnp.float32)).max())
-    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=0, atol=atol)
-    np.testing.assert_allclose(np.asarray(got_k, np.float32), np.asarray(want_k, np.float32), rtol=0, atol=1e-2)
-    np.testing.assert_array_equal(np.asarray(got_v), np.asarray(want_v))
+    args = (q[:rows], q[:rows] * 0.5, q[:rows] * 2, cos, sin)
+    kernel = jax.jit(lambda *a: attention.write_attend(*a, 128**-0.5, poison=True))
+    arrivals = jnp.zeros((2, rows, 16), jnp.int32)
+    for layer in (1, 0):
+        want, want_k, want_v = attention.write_attend_reference(*args, k, v, layer, positions, 128**-0.5)
+        got, k, v, arrivals = kernel(*args, k, v, jnp.int32(layer), positions, arrivals)
+        assert not np.isnan(np.asarray(got, np.float32)).any()
+        assert not np.asarray(arrivals).any()
+        atol = TOL[dtype] * float(jnp.abs(want.astype(jnp.float32)).max())
+        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=0, atol=atol)
+        np.testing.assert_allclose(np.asarray(k, np.float32), np.asarray(want_k, np.float32), rtol=0, atol=1e-2)
+        np.testing.assert_array_equal(np.asarray(v), np.asarray(want_v))
 
 
 @pytest.mark.gpu

@@ -50,17 +50,21 @@ def _per_shard(run, args, in_axes, out_axes):
     return jax.shard_map(run, mesh=active[0], in_specs=in_specs, out_specs=out_specs, check_vma=False)(*args)
 
 
-def _write_attend(q_bnh, k_bnh, v_bnh, tables, cache: dict, layer, positions_b, scale: float, impl: str):
-    """`kernels.decode.write_attend` on the layer's new query, key and value. Returns (out [b, n, h], cache)."""
+ARRIVALS_AXES = ("layers", "batch", "act_heads")  # the attention kernel's per-head counts (`write_attend`)
 
-    def run(q, k, v, cos, sin, k_cache, v_cache, layer, positions):
-        return write_attend(q, k, v, cos, sin, k_cache, v_cache, layer, positions, scale, impl)
+
+def _write_attend(q_bnh, k_bnh, v_bnh, tables, cache: dict, layer, positions_b, scale: float, impl: str):
+    """`kernels.decode.write_attend` on the layer's new query, key and value, with the kernel's counts in
+    `cache["arrivals"]`. Returns (out [b, n, h], cache)."""
+
+    def run(q, k, v, cos, sin, k_cache, v_cache, layer, positions, arrivals):
+        return write_attend(q, k, v, cos, sin, k_cache, v_cache, layer, positions, scale, impl, arrivals)
 
     heads, rows, kv_axes = ("batch", "act_heads", None), ("batch", None), kv.KV_AXES
-    in_axes = (heads, heads, heads, rows, rows, kv_axes, kv_axes, None, ("batch",))
-    args = (q_bnh, k_bnh, v_bnh, *tables, cache["k"], cache["v"], layer, positions_b)
-    out, k_cache, v_cache = _per_shard(run, args, in_axes, (heads, kv_axes, kv_axes))
-    return out, {"k": k_cache, "v": v_cache}
+    in_axes = (heads, heads, heads, rows, rows, kv_axes, kv_axes, None, ("batch",), ARRIVALS_AXES)
+    args = (q_bnh, k_bnh, v_bnh, *tables, cache["k"], cache["v"], layer, positions_b, cache["arrivals"])
+    out, k_cache, v_cache, arrivals = _per_shard(run, args, in_axes, (heads, kv_axes, kv_axes, ARRIVALS_AXES))
+    return out, {"k": k_cache, "v": v_cache, "arrivals": arrivals}
 
 
 def _scan_layers(stack: nnx.Module, x_btd: jax.Array, cache: dict, layer_fn, unroll: bool) -> tuple[jax.Array, dict]:
@@ -136,7 +140,12 @@ def extend_dense(model, cache: dict, tokens_bt, positions_bt, slot_b, leading_sl
         return constrain(x_btd + block.mlp(norm(block.mlp_norm, x_btd)), RESIDUAL), cache
 
     x_btd = model.embed_tokens(tokens_bt)
-    x_btd, blocks = _scan_layers(model.blocks, x_btd, cache["blocks"], layer_fn, unroll)
+    blocks = cache["blocks"]
+    if attention_kernel:  # the kernel's counts, zero between launches: one array for the step's layers
+        rows = (cfg.n_layers, tokens_bt.shape[0], cfg.n_heads)
+        blocks = {**blocks, "arrivals": constrain(jnp.zeros(rows, jnp.int32), ARRIVALS_AXES)}
+    x_btd, blocks = _scan_layers(model.blocks, x_btd, blocks, layer_fn, unroll)
+    blocks.pop("arrivals", None)
     return x_btd, {"blocks": blocks}
 
 

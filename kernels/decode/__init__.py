@@ -62,14 +62,19 @@ def write_attend(
     positions_b: jax.Array,
     scale: float,
     impl: str = "auto",
-) -> tuple[jax.Array, jax.Array, jax.Array]:
+    arrivals: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]:
     """A decode layer's attention from its projections, row i for the caches' slot i (b <= slots: the first b):
     rotate the new query and key (tables [b, h/2] at each row's position), store key and value in the caches at
     that position (clamped into the cache) and attend
-    (`attention.write_attend_reference`). Returns (out [b, n, h], k_cache, v_cache); the kernel updates the
-    caches in place."""
+    (`attention.write_attend_reference`). Returns (out [b, n, h], k_cache, v_cache, arrivals); the kernel
+    updates the caches in place. arrivals: the kernel's count of finished chunks (`attention.write_attend`),
+    int32 [layers, b, n] zeros, which comes back zeroed: pass one call's to the next. The reference returns it as
+    given."""
     args = (q_bnh, k_bnh, v_bnh, cos_bh, sin_bh, k_cache, v_cache, layer, positions_b, scale)
-    return _dispatch("write_attend", attention, args, (q_bnh, k_cache, v_cache), impl)
+    if resolve(impl) == "reference":
+        return (*attention.write_attend_reference(*args), arrivals)
+    return _dispatch("write_attend", attention, (*args, arrivals), (q_bnh, k_cache, v_cache), impl)
 
 
 def write_attend_latent(

@@ -5,9 +5,10 @@ Caches are [layers, slots, positions, n, h]; new queries, keys and values [b, n,
 row's position are stale and never read. The kernel splits each slot's positions into chunks (flash-decoding):
 one program per (sequence, head, chunk) runs an online softmax over its chunk in blocks of `BLOCK` positions,
 stopping before the row's position, and the program whose chunk holds that position stores the new entry and
-counts it from registers. Each program writes its unnormalised output with its running max and sum, and a small
-XLA reduction merges the chunks. With a few chunks per head the programs fill the GPU at batch 1, where one
-program per head would leave most SMs idle.
+counts it from registers. Each program writes its unnormalised output with its running max and sum, then counts
+itself in with an atomic add: the last of a head's chunks to arrive merges them and resets the count, so no other
+kernel runs for the merge. With a few chunks per head the programs fill the GPU at batch 1, where one program per
+head would leave most SMs idle.
 """
 
 from __future__ import annotations
@@ -21,8 +22,12 @@ from jax.experimental import pallas as pl
 
 from kernels.decode import runtime
 
-BLOCK = 64  # positions per step of a program's loop (with CHUNK, the fastest of a sweep on an H200 at batch 1-64)
-CHUNK = 128  # positions per program
+BLOCK = 64  # positions per step of a program's loop, at most
+MIN_CHUNK = 32
+MAX_CHUNK = 128  # positions per program at most: with blocks of 64, the fastest of a sweep on an H200 at batch 4-64
+# Programs per launch to aim for: a lone row of dense 1B (16 heads) at 448 positions ran its kernel in 4.5 µs a layer
+# on an H200 in 14 chunks of 32 (224 programs), against 6.4 in 4 of 128 (experiments/benchmarks/RESULTS.md).
+PROGRAMS = 256
 
 
 def reference(q_bnh, k_cache, v_cache, layer, positions_b, scale: float) -> jax.Array:
@@ -70,9 +75,9 @@ def write_attend_reference(q_bnh, k_bnh, v_bnh, cos_bh, sin_bh, k_cache, v_cache
 
 
 def _write_attend_kernel(
-    layer_ref, pos_ref, cos_ref, sin_ref, q_ref, kn_ref, vn_ref, k_ref, v_ref,  # inputs
-    o_ref, stats_ref, k_out, v_out,  # outputs; k_out and v_out share k_ref's and v_ref's buffers
-    *, scale, chunk, block, head_dim,
+    layer_ref, pos_ref, cos_ref, sin_ref, q_ref, kn_ref, vn_ref, k_ref, v_ref, _arrived_in,  # inputs
+    out_ref, o_ref, stats_ref, k_out, v_out, arrived_ref,  # outputs; the last three share their inputs' buffers
+    *, scale, chunk, block, head_dim, chunks, interpret,
 ):  # fmt: skip
     b, n, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     half = head_dim // 2
@@ -124,6 +129,36 @@ def _write_attend_kernel(
     o_ref[s, b, n, :] = acc
     stats_ref[s, b, n, :] = jnp.where(jnp.arange(2) == 0, m_new, total * alpha + p)
 
+    # The last of the head's chunks to finish merges them all, and sets the count back to zero for the next launch.
+    from jax.experimental.pallas import triton as plt
+
+    if not interpret:  # the interpreter runs programs one at a time, and has no barrier
+        plt.debug_barrier()  # every thread's partial stored before the count's release below
+    arrived = plt.atomic_add(arrived_ref, (layer, b, n), jnp.int32(1))
+
+    @pl.when(arrived == chunks - 1)
+    def _():
+        span = pl.ds(0, pl.next_power_of_2(chunks))
+        mine = jnp.arange(span.size) < chunks
+        load = functools.partial(plt.load, other=0, volatile=True)  # not from L1: other programs wrote them
+        m_s = jnp.where(mine, load(stats_ref.at[span, b, n, jnp.int32(0)], mask=mine), -1e30)
+        l_s = load(stats_ref.at[span, b, n, jnp.int32(1)], mask=mine)
+        o_sh = load(o_ref.at[span, b, n, :], mask=jnp.broadcast_to(mine[:, None], (span.size, head_dim)))
+        w_s = jnp.exp(m_s - jnp.max(m_s))
+        out = jnp.sum(w_s[:, None] * o_sh, axis=0) / jnp.sum(w_s * l_s)
+        out_ref[b, n, :] = out.astype(out_ref.dtype)
+        arrived_ref[layer, b, n] = 0
+
+
+def default_chunk(positions: int, rows: int, heads: int) -> int:
+    """Positions per program, a power of two from MIN_CHUNK to MAX_CHUNK: about PROGRAMS programs per launch over the
+    rows' heads, as few as MAX_CHUNK allows at larger batches."""
+    chunks = max(1, PROGRAMS // (rows * heads))
+    chunk = MIN_CHUNK
+    while chunk * chunks < positions and chunk < MAX_CHUNK:
+        chunk *= 2
+    return chunk
+
 
 def write_attend(
     q_bnh,
@@ -136,32 +171,50 @@ def write_attend(
     layer,
     positions_b,
     scale: float,
+    arrivals=None,
     interpret: bool = False,
     poison: bool = False,
-    chunk: int = CHUNK,
-    block: int = BLOCK,
-    num_warps: int = 4,
+    chunk: int | None = None,
+    block: int | None = None,
+    num_warps: int | None = None,
 ):
-    """`write_attend_reference` as one kernel launch; the caches are updated in place. The new entry's score uses
-    the float32 rotated key; the cache (and so later steps, and the reference) holds it rounded to its dtype."""
+    """`write_attend_reference` as one kernel launch, the merge of the chunks included; the caches are updated in
+    place. Returns (out, k_cache, v_cache, arrivals). The new entry's score uses the float32 rotated key; the
+    cache (and so later steps, and the reference) holds it rounded to its dtype.
+
+    arrivals: int32 [layers, b, n], zeros: each layer's, row's and head's count of finished chunks, which the last
+    one sets back to zero. Pass one launch's to the next (layers, steps) so that none needs a fresh zeroed array;
+    None makes one.
+    `chunk` (positions per program) defaults to `default_chunk`, `block` to at most BLOCK of it, `num_warps` to 2
+    for blocks of 32 positions or fewer (a lone row's), else 4."""
+    b, n, h = q_bnh.shape
+    counts = (k_cache.shape[0], b, n)
+    arrivals = jnp.zeros(counts, jnp.int32) if arrivals is None else arrivals
+    if arrivals.shape != counts or arrivals.dtype != jnp.int32:
+        raise ValueError(f"write_attend: arrivals must be int32 {list(counts)}, got {arrivals.dtype} {arrivals.shape}")
+    chunk = chunk or max(default_chunk(k_cache.shape[2], b, n), block or 0)
+    block = block or min(chunk, BLOCK)
+    num_warps = num_warps or (2 if block <= 32 else 4)
     if chunk % block or block & (block - 1):
         raise ValueError(f"write_attend: chunk {chunk} must be a multiple of block {block}, a power of two")
-    b, n, h = q_bnh.shape
     chunks = -(-k_cache.shape[2] // chunk)
-    kernel = functools.partial(_write_attend_kernel, scale=scale, chunk=chunk, block=block, head_dim=h)
+    kernel = functools.partial(
+        _write_attend_kernel, scale=scale, chunk=chunk, block=block, head_dim=h, chunks=chunks, interpret=interpret
+    )
     layer = jnp.reshape(layer, (1,)).astype(jnp.int32)
     tables = (cos_bh.astype(jnp.float32), sin_bh.astype(jnp.float32))
-    o, stats, k_cache, v_cache = runtime.call(
+    out, _, _, k_cache, v_cache, arrivals = runtime.call(
         kernel,
         grid=(b, n, chunks),
-        inputs=(layer, positions_b.astype(jnp.int32), *tables, q_bnh, k_bnh, v_bnh, k_cache, v_cache),
+        inputs=(layer, positions_b.astype(jnp.int32), *tables, q_bnh, k_bnh, v_bnh, k_cache, v_cache, arrivals),
         out_shapes=(
+            jax.ShapeDtypeStruct((b, n, h), q_bnh.dtype),
             jax.ShapeDtypeStruct((chunks, b, n, h), jnp.float32),  # each chunk's unnormalised output
             jax.ShapeDtypeStruct((chunks, b, n, 2), jnp.float32),  # its running max and sum
         ),
-        in_place=(7, 8),
+        in_place=(7, 8, 9),
         num_warps=num_warps,
         interpret=interpret,
         poison=poison,
     )
-    return runtime.merge_chunks(o, stats[..., 0], stats[..., 1], q_bnh.dtype), k_cache, v_cache
+    return out, k_cache, v_cache, arrivals
