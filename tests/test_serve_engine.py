@@ -214,7 +214,11 @@ def test_grouped_kernel_reads_the_relaid_experts_in_place():
     gate_up = runner.params["moe_blocks"]["mlp"]["experts"]["gate_up_proj"]  # per layer (layout.split_layers)
     assert len(gate_up) == 2 and all(g.format.layout.major_to_minor == (0, 2, 3, 1) for g in gate_up)  # d minor
     stacked = loaded.params["moe_blocks"]["mlp"]["experts"]["gate_up_proj"]
-    np.testing.assert_array_equal(np.stack([np.asarray(g) for g in gate_up]), np.asarray(stacked))
+    n_routed = stacked.shape[1]  # the shared experts follow the routed ones (layout.with_shared_experts)
+    np.testing.assert_array_equal(np.stack([np.asarray(g)[:n_routed] for g in gate_up]), np.asarray(stacked))
+    shared_gate = np.asarray(loaded.params["moe_blocks"]["mlp"]["shared_experts"]["gate_proj"])  # [L, d, n_s * f]
+    f = stacked.shape[-1]
+    np.testing.assert_array_equal(np.asarray(gate_up[1])[n_routed, :, 0], shared_gate[1][:, :f])
     unsplit = ModelRunner.from_loaded(loaded, CacheGeometry(2, CONTEXT, CHUNK), decode_layout=False)
     assert unsplit.params["moe_blocks"]["mlp"]["experts"]["gate_up_proj"] is stacked  # the caller's: never twice
     prompt = _prompt(10, 9)
@@ -224,6 +228,28 @@ def test_grouped_kernel_reads_the_relaid_experts_in_place():
         seq.append(int(np.argmax(decoded[-1])))
         cache, logits_bv = runner.decode(cache, [0, seq[-1]], [CONTEXT, len(seq) - 1])
         decoded.append(np.asarray(logits_bv[1]))
+    full = np.asarray(forward(loaded.params, loaded.model_state, np.asarray([seq])))[0, len(prompt) - 1 :]
+    np.testing.assert_allclose(np.stack(decoded), full, rtol=0, atol=RTOL * np.abs(full).max())
+
+
+@needs_triton_interpreter
+def test_one_token_runs_the_shared_experts_with_its_chosen_ones():
+    """A lone row's decode reads the shared experts appended to each layer's routed stack
+    (`layout.with_shared_experts`) in the routed experts' one gather: its logits are the full forward's."""
+    cfg = load_config(EXPERIMENTS / "deepseek_tiny.yaml", [*DEEPSEEK, "kernels.gmm=interpret"])
+    loaded = from_config(cfg, compiler_options=FAST)
+    forward = jax.jit(lambda p, s, t: loaded.merge(p, s)(t), compiler_options=FAST)
+    runner = ModelRunner.from_loaded(loaded, CacheGeometry(2, CONTEXT, CHUNK), compiler_options=FAST)
+    ds = cfg.model.deepseek
+    gate_up = runner.params["moe_blocks"]["mlp"]["experts"]["gate_up_proj"]
+    assert all(g.shape[0] == ds.n_routed_experts + ds.n_shared_experts for g in gate_up)
+    prompt = _prompt(7, 3)
+    cache, logits_v = runner.prefill_prompt(runner.new_cache(), prompt, slot=0)
+    seq, decoded = list(prompt), [np.asarray(logits_v)]
+    for _ in range(3):
+        seq.append(int(np.argmax(decoded[-1])))
+        cache, logits_bv = runner.decode(cache, [seq[-1]], [len(seq) - 1])
+        decoded.append(np.asarray(logits_bv[0]))
     full = np.asarray(forward(loaded.params, loaded.model_state, np.asarray([seq])))[0, len(prompt) - 1 :]
     np.testing.assert_allclose(np.stack(decoded), full, rtol=0, atol=RTOL * np.abs(full).max())
 

@@ -7,10 +7,13 @@ about 3 TB/s (experiments/benchmarks/RESULTS.md). Only the physical layout chang
 shardings and the model code stay as they are, and XLA adapts its prefill GEMMs to the layout; the routed
 experts' grouped Triton matmul reads them transposed, in place. FP8 weights, which other kernels read row-major,
 are left as they are (`relaid_groups`). The routed experts may also be split into one array per layer
-(`split_layers`), which the serving runner stacks again inside its jitted steps.
+(`split_layers`), which the serving runner stacks again inside its jitted steps, and the shared experts appended
+to them for one token's decode (`with_shared_experts`).
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -141,3 +144,34 @@ def _is_layers(x) -> bool:
 def stacked_layers(params):
     """The tree of `split_layers` with each list of per-layer arrays stacked again (inside a jitted step)."""
     return jax.tree.map(lambda a: jnp.stack(a) if _is_layers(a) else a, params, is_leaf=_is_layers)
+
+
+def with_shared_experts(params, formats, n_shared: int):
+    """(params, formats) with each MoE layer's shared experts appended to its routed experts' stack as `n_shared`
+    more experts (the shared hidden units cut into n_shared experts' widths; SwiGLU acts unit by unit, so the sum
+    of their outputs is the shared MLP's), for `split_layers`' per-layer lists in the serving layout. One token's
+    decode then reads its chosen experts and the shared ones in one gather (`moe.MoE`). The shared MLP's own
+    weights stay for the other paths: each layer holds its shared weights twice."""
+    mlp = params.get("moe_blocks", {}).get("mlp")
+    if not n_shared or mlp is None or not _is_layers(mlp["experts"]["gate_up_proj"]):
+        return params, formats
+    shared = mlp["shared_experts"]
+    gate_up, down = mlp["experts"]["gate_up_proj"], mlp["experts"]["down_proj"]
+    e, d, _, f = gate_up[0].shape
+
+    def extend(layer, routed_gu, routed_down, shared_gate, shared_up, shared_down):
+        gate, up = (w[layer].reshape(d, n_shared, f).transpose(1, 0, 2) for w in (shared_gate, shared_up))
+        gu = jnp.concatenate([routed_gu, jnp.stack([gate, up], axis=2).astype(routed_gu.dtype)])
+        dn = jnp.concatenate([routed_down, shared_down[layer].reshape(n_shared, f, d).astype(routed_down.dtype)])
+        return gu, dn
+
+    new_gu, new_down = [], []
+    for layer, (gu, dn) in enumerate(zip(gate_up, down, strict=True)):
+        put = jax.jit(functools.partial(extend, layer), out_shardings=(gu.format, dn.format))
+        gu2, dn2 = put(gu, dn, shared["gate_proj"], shared["up_proj"], shared["down_proj"])
+        new_gu.append(gu2), new_down.append(dn2)
+        gu.delete(), dn.delete()
+    mlp["experts"]["gate_up_proj"], mlp["experts"]["down_proj"] = new_gu, new_down
+    f_mlp = formats["moe_blocks"]["mlp"]["experts"]
+    f_mlp["gate_up_proj"], f_mlp["down_proj"] = [a.format for a in new_gu], [a.format for a in new_down]
+    return params, formats

@@ -24,7 +24,7 @@ from jaxdeep.model import KernelChoice
 from jaxdeep.model.matmul import decode_kernels, serving_layout
 from jaxdeep.serve import cache as kv
 from jaxdeep.serve.extend import latent_kernel_reason, model_functions
-from jaxdeep.serve.layout import relaid_groups, split_layers, stacked_layers, to_decode_layout
+from jaxdeep.serve.layout import relaid_groups, split_layers, stacked_layers, to_decode_layout, with_shared_experts
 from jaxdeep.serve.sampling import MODES, sample, sample_rows
 from jaxdeep.sharding import use_rules
 from kernels.decode import resolve
@@ -78,6 +78,10 @@ def decode_kernel_choice(choice: str) -> str:
     except ValueError as e:  # "pallas" where it cannot run
         raise ConfigError(f"kernels.decode: {e}; set kernels.decode=auto or xla") from None
     return "xla" if impl == "reference" else impl
+
+
+def active_devices(mesh: Mesh) -> int:
+    return int(np.prod(list(mesh.shape.values())))
 
 
 def host_sharding(mesh: Mesh) -> NamedSharding:
@@ -145,6 +149,8 @@ class ModelRunner:
         params, param_sh = to_decode_layout(params, self.relaid, donate=donate_params)
         if unroll_layers:  # each layer's routed experts in a buffer of their own, for the grouped kernel (layout.py)
             params, param_sh = split_layers(params, param_sh, keep=callers)
+            if "experts" in self.relaid and cfg.model.kind == "deepseek" and active_devices(mesh) == 1:
+                params, param_sh = with_shared_experts(params, param_sh, cfg.model.deepseek.n_shared_experts)
         self.params, self.model_state = params, model_state
         self.layout = kv.cache_layout(cfg.model, geometry.num_slots, geometry.max_context)
         self.cache_shardings = kv.cache_shardings(self.layout, self.rules, mesh)

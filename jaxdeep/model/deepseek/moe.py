@@ -8,13 +8,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxdeep import sharding
 from jaxdeep.config import ModelConfig
-from jaxdeep.model.deepseek.dispatch import DOWN, GATE_UP, routed_experts
+from jaxdeep.model.deepseek.dispatch import DOWN, GATE_UP, TOKENS, routed_experts
 from jaxdeep.model.deepseek.norm import DTYPES
 from jaxdeep.model.deepseek.router import Router, Routing, expert_counts, sequence_balance_loss
 from jaxdeep.model.kernel_choice import DEFAULT_KERNELS, KernelChoice
 from jaxdeep.model.layers import normal_param, scaled_init_std
-from jaxdeep.model.matmul import activated_project, project_shared, silu_gate
+from jaxdeep.model.matmul import activated_project, in_serving_layout, project_shared, silu_gate
 from jaxdeep.sharding import constrain
 
 
@@ -76,10 +77,20 @@ class MoE(nnx.Module):
         weights_btk = routing.weights_tk.reshape(b, t, -1)
         gate_up = self.experts.gate_up_proj[...].astype(dt)
         down = self.experts.down_proj[...].astype(dt)
-        y_btd, computed = routed_experts(x_btd, experts_btk, weights_btk, gate_up, down, self.kernels)
-        y_btd = y_btd.astype(dt)
-        if ds.n_shared_experts:
-            y_btd = y_btd + self.shared_experts(x_btd)
+        # Serving may append the shared experts to the stack (`serve.layout.with_shared_experts`): one token then
+        # runs them as chosen experts of weight 1, in the routed experts' gather.
+        stacked = ds.n_shared_experts and gate_up.shape[0] == ds.n_routed_experts + ds.n_shared_experts
+        if stacked and b * t == 1 and in_serving_layout("experts") and sharding.active_spec(TOKENS) is None:
+            shared = jnp.arange(ds.n_routed_experts, gate_up.shape[0], dtype=experts_btk.dtype)
+            chosen_btk = jnp.concatenate([experts_btk, shared[None, None]], axis=-1)
+            scales_btk = jnp.concatenate([weights_btk, jnp.ones((1, 1, ds.n_shared_experts), weights_btk.dtype)], -1)
+            y_btd, _ = routed_experts(x_btd, chosen_btk, scales_btk, gate_up, down, self.kernels)
+            y_btd, computed = y_btd.astype(dt), jnp.int32(routing.experts_tk.size)
+        else:
+            y_btd, computed = routed_experts(x_btd, experts_btk, weights_btk, gate_up, down, self.kernels)
+            y_btd = y_btd.astype(dt)
+            if ds.n_shared_experts:
+                y_btd = y_btd + self.shared_experts(x_btd)
         counts = expert_counts(routing.experts_tk, ds.n_routed_experts)
         if ds.aux_loss_alpha > 0:
             balance = sequence_balance_loss(routing.scores_te.reshape(b, t, -1), experts_btk)
