@@ -3,6 +3,7 @@ on a GPU) against the pure-JAX references, their lowering to Triton, and the run
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import threading
 
@@ -337,14 +338,41 @@ def test_decode_through_the_kernel_matches_the_full_forward(mesh):
         np.testing.assert_allclose(np.asarray(first[0]), np.asarray(logits[0]), rtol=0, atol=1e-5 * np.abs(first).max())
 
 
-def test_engine_through_the_kernel_gives_the_greedy_tokens():
+@pytest.mark.gpu
+def test_decode_through_the_compiled_kernel_matches_the_full_forward():
+    """As above with the kernel compiled: its chunks merged by the last to arrive, whose counts pass from layer to
+    layer."""
+    with _float32_products():
+        loaded, runner = _runner("pallas")
+        assert runner.decode_kernels == "pallas"
+        _decode_matches_the_full_forward(loaded, runner, seed=1)
+
+
+@contextlib.contextmanager
+def _float32_products():
+    """float32 matrix products on a GPU (not TF32) for every thread, the engine's included, so that the model
+    matches its full forward as closely as on the host."""
+    before = jax.config.jax_default_matmul_precision
+    jax.config.update("jax_default_matmul_precision", "highest")
+    try:
+        yield
+    finally:
+        jax.config.update("jax_default_matmul_precision", before)
+
+
+@pytest.mark.parametrize("kernels", ["interpret", pytest.param("pallas", marks=pytest.mark.gpu)])
+def test_engine_through_the_kernel_gives_the_greedy_tokens(kernels):
     """Requests decoded together by the engine (device batch, one-step lookahead) through the kernel: each gets the
     argmax continuation of the full forward."""
+    with _float32_products():
+        _engine_gives_the_greedy_tokens(*_runner(kernels))
+
+
+def _engine_gives_the_greedy_tokens(loaded, runner):
     from jaxdeep.serve.api import GenerationRequest, SamplingParams
     from jaxdeep.serve.engine import InferenceEngine
     from jaxdeep.serve.tokenizers import ByteTokens
 
-    loaded, runner = _runner("interpret")
     forward = jax.jit(lambda p, s, t: loaded.merge(p, s)(t), compiler_options=FAST)
     engine = InferenceEngine(runner, ByteTokens(), "tiny")
     rng = np.random.default_rng(4)
@@ -389,7 +417,7 @@ def test_write_attend_kernel_on_gpu(dtype, rows):
     positions = jnp.array([998, 1, 127, 128, 511, 0, 999, 1500], jnp.int32)[:rows]
     cos, sin = _tables(positions, 128)
     args = (q[:rows], q[:rows] * 0.5, q[:rows] * 2, cos, sin)
-    kernel = jax.jit(lambda *a: attention.write_attend(*a, 128**-0.5, poison=True))
+    kernel = jax.jit(lambda *a: attention.write_attend(*a[:-1], 128**-0.5, a[-1], poison=True))
     arrivals = jnp.zeros((2, rows, 16), jnp.int32)
     for layer in (1, 0):
         want, want_k, want_v = attention.write_attend_reference(*args, k, v, layer, positions, 128**-0.5)
