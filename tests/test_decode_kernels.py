@@ -15,7 +15,7 @@ import pytest
 from jaxdeep.config import ConfigError, load_config
 from jaxdeep.serve.loading import from_config
 from jaxdeep.serve.runner import CacheGeometry, ModelRunner
-from kernels.decode import attention, latent, resolve, write_attend, write_attend_latent
+from kernels.decode import attention, latent, resolve, route, routing, write_attend, write_attend_latent
 from tests.fast_compile import FAST
 from tests.helpers import TINY
 from tests.test_serve_engine import DEEPSEEK, EXPERIMENTS
@@ -290,6 +290,73 @@ def test_deepseek_decode_through_the_latent_kernel_matches_the_full_forward(mesh
     cache, tokens, positions, _ = _decode_matches_the_full_forward(loaded, runner, seed=2)
     traced = runner._decode.trace(runner.params, runner.model_state, cache, tokens, positions)
     assert str(traced.jaxpr).count("pallas_call") == 2  # one per layer stack (dense, MoE), each a loop of layers
+
+
+def test_deepseek_decode_routes_through_the_kernel():
+    """With greedy (ungrouped) selection a decode step's experts are chosen by `kernels.decode.route`, on one device:
+    each active slot's logits equal the full forward's. Grouped selection keeps XLA's path (the test above)."""
+    routed = [
+        f"model.deepseek.{k}" for k in ("topk_method=greedy", "scoring_func=softmax", "n_group=1", "topk_group=1")
+    ]
+    overrides = [*DEEPSEEK, "model.deepseek.qk_rope_head_dim=16", "kernels.decode=interpret", *routed]
+    loaded = from_config(load_config(EXPERIMENTS / "deepseek_tiny.yaml", overrides), compiler_options=FAST)
+    runner = ModelRunner.from_loaded(loaded, CacheGeometry(4, 40, 8), compiler_options=FAST)
+    cache, tokens, positions, _ = _decode_matches_the_full_forward(loaded, runner, seed=3)
+    traced = runner._decode.trace(runner.params, runner.model_state, cache, tokens, positions)
+    assert str(traced.jaxpr).count("pallas_call") == 3  # the latent kernel per layer stack, and the MoE's router
+
+
+def _routing_logits(tokens=5, experts=64, seed=0):
+    return 3 * jax.random.normal(jax.random.key(seed), (tokens, experts), jnp.float32)
+
+
+@pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("biased", [False, True])
+def test_route_kernel_matches_top_k(scoring, biased):
+    """The kernel's choice is `lax.top_k`'s, in its order (ties to the lower expert: rows of equal logits), and its
+    weights are the chosen experts' unbiased scores."""
+    logits = _routing_logits().at[3].set(0.0).at[4, 10:20].set(50.0)  # a row all ties, a row with a tie at the top
+    bias = 0.05 * jax.random.normal(jax.random.key(1), (64,)) if biased else None
+    want = routing.route_reference(logits, bias, 6, scoring)
+    got = routing.route(logits, bias, 6, scoring, interpret=True)
+    np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
+    if not biased:
+        assert np.asarray(got[0])[3].tolist() == [0, 1, 2, 3, 4, 5] and np.asarray(got[0])[4].tolist() == [
+            *range(10, 16)
+        ]
+    for g, w in zip(got[1:], want[1:], strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-6, atol=1e-7)
+    if biased:  # the bias moves the choice: the unbiased top 6 of some row differs
+        plain = routing.route_reference(logits, None, 6, scoring)[0]
+        assert (np.asarray(plain) != np.asarray(want[0])).any()
+
+
+def test_route_dispatch_and_bad_input():
+    logits = _routing_logits(tokens=2)
+    for got, want in zip(
+        route(logits, None, 6, "softmax", "interpret"), route(logits, None, 6, "softmax"), strict=True
+    ):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6)
+    with pytest.raises(ValueError, match="48 experts: the kernel takes a power of two"):
+        routing.route(logits[:, :48], None, 6, "softmax", interpret=True)
+    with pytest.raises(ValueError, match="k = 0 for 64 experts"):
+        routing.route(logits, None, 0, "softmax", interpret=True)
+    with pytest.raises(ValueError, match="scoring must be one of"):
+        routing.route(logits, None, 6, "softplus", interpret=True)
+    lowered = jax.jit(lambda x: routing.route(x, None, 6, "sigmoid")).trace(logits).lower(lowering_platforms=("cuda",))
+    assert "__gpu$xla.gpu.triton" in lowered.as_text()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens", [1, 16])
+def test_route_kernel_on_gpu(tokens):
+    logits = _routing_logits(tokens=tokens, seed=4)
+    bias = 0.05 * jax.random.normal(jax.random.key(5), (64,))
+    want = routing.route_reference(logits, bias, 6, "softmax")
+    got = jax.jit(lambda x, b: routing.route(x, b, 6, "softmax"))(logits, bias)
+    np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
+    for g, w in zip(got[1:], want[1:], strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-7)
 
 
 def _runner(kernels: str, **mesh):

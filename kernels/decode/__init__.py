@@ -3,14 +3,16 @@
 A batch-1 decode step of a 1B model on XLA alone runs ~20 small kernels per layer; each costs the GPU 1.5-2.5 µs
 whatever its size, which caps the step far below the memory roofline (experiments/benchmarks/RESULTS.md).
 `write_attend` does a dense layer's attention over the cache, rotation and cache write included, in one launch;
-`write_attend_latent` a DeepSeek (absorbed MLA) layer's over the latent cache, cache write included. Both are
-forward-only (serving does not differentiate).
+`write_attend_latent` a DeepSeek (absorbed MLA) layer's over the latent cache, cache write included; `route` a
+DeepSeek MoE layer's scores and greedy top-k for a few tokens. All are forward-only (serving does not
+differentiate).
 
 `impl`:
 - "pallas": Pallas kernels on the Triton backend (CUDA GPU; a ValueError elsewhere, saying why). See
   `runtime.py` for why this backend and not jax-triton or Mosaic GPU;
 - "interpret": the same kernels run on the host (CPU tests);
-- "reference": pure JAX (`attention.write_attend_reference`, `latent.write_attend_reference`);
+- "reference": pure JAX (`attention.write_attend_reference`, `latent.write_attend_reference`,
+  `routing.route_reference`);
 - "auto": "pallas" where it can run, else "reference".
 """
 
@@ -18,9 +20,9 @@ from __future__ import annotations
 
 import jax
 
-from kernels.decode import attention, latent, runtime
+from kernels.decode import attention, latent, routing, runtime
 
-__all__ = ["IMPLS", "resolve", "write_attend", "write_attend_latent"]
+__all__ = ["IMPLS", "resolve", "route", "write_attend", "write_attend_latent"]
 
 IMPLS = ("auto", "pallas", "interpret", "reference")
 
@@ -96,3 +98,13 @@ def write_attend_latent(
     caches in place."""
     args = (q_latent_bnc, q_rope_bnr, latent_bc, rope_br, latent_cache, rope_cache, layer, positions_b, scale)
     return _dispatch("write_attend_latent", latent, args, (q_latent_bnc, q_rope_bnr, latent_cache, rope_cache), impl)
+
+
+def route(logits_te: jax.Array, bias_e: jax.Array | None, k: int, scoring: str, impl: str = "auto"):
+    """A MoE layer's expert choice for a few tokens (`routing.route_reference`): (experts [t, k] int32, largest
+    first, ties to the lower index; their scores [t, k] float32; scores [t, E] float32, softmax or sigmoid of the
+    logits). `bias_e` (or None) shifts the choice only."""
+    impl = resolve(impl)
+    if impl == "reference":
+        return routing.route_reference(logits_te, bias_e, k, scoring)
+    return routing.route(logits_te, bias_e, k, scoring, interpret=impl == "interpret")

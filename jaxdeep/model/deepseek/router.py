@@ -10,7 +10,9 @@ from flax import nnx
 
 from jaxdeep.config import DeepSeekConfig
 from jaxdeep.model.layers import StackableAxes, normal_param
-from jaxdeep.model.matmul import in_serving_layout, single_row_product
+from jaxdeep.model.matmul import decode_kernel, in_serving_layout, single_row_product
+from jaxdeep.sharding import active_spec
+from kernels import decode as decode_kernels
 
 
 class RoutingBias(StackableAxes, nnx.Variable):
@@ -59,6 +61,11 @@ def _float32_logits(x_td: jax.Array, weight_de: jax.Array) -> jax.Array:
 
 def route(logits_te: jax.Array, bias_e: jax.Array | None, ds: DeepSeekConfig) -> Routing:
     """Choose `num_experts_per_tok` experts per token. The bias shifts only the choice, never the weights."""
+    if _on_decode_kernel(logits_te, ds):  # a few tokens' greedy choice in one launch, not a softmax and a sort
+        experts_tk, weights_tk, scores_te = decode_kernels.route(
+            logits_te, bias_e, ds.num_experts_per_tok, ds.scoring_func, impl=decode_kernel()
+        )
+        return _weighted(experts_tk, weights_tk, scores_te, ds)
     if ds.scoring_func == "sigmoid":
         scores_te = jax.nn.sigmoid(logits_te)
     else:
@@ -79,9 +86,28 @@ def route(logits_te: jax.Array, bias_e: jax.Array | None, ds: DeepSeekConfig) ->
         choice_te = jnp.where(keep_tg[:, :, None], choice_tgx, fill).reshape(n_tokens, n_experts)
     _, experts_tk = jax.lax.top_k(choice_te, ds.num_experts_per_tok)
     weights_tk = jnp.take_along_axis(scores_te, experts_tk, axis=-1)
+    return _weighted(experts_tk, weights_tk, scores_te, ds)
+
+
+def _weighted(experts_tk, weights_tk, scores_te, ds: DeepSeekConfig) -> Routing:
     if ds.norm_topk_prob:
         weights_tk = weights_tk / (weights_tk.sum(-1, keepdims=True) + 1e-20)
     return Routing(experts_tk.astype(jnp.int32), weights_tk * ds.routed_scaling_factor, scores_te)
+
+
+DECODE_KERNEL_TOKENS = 64  # the most tokens whose choice runs on `kernels.decode.route` (one program each)
+
+
+def _on_decode_kernel(logits_te: jax.Array, ds: DeepSeekConfig) -> bool:
+    """Whether serving's decode kernels choose these tokens' experts: a decode step's few tokens on one device,
+    with greedy selection (no expert groups), inside `matmul.decode_kernels`."""
+    return (
+        decode_kernel() in ("pallas", "interpret")
+        and logits_te.shape[0] <= DECODE_KERNEL_TOKENS
+        and (ds.n_group <= 1 or ds.topk_method == "greedy")
+        and active_spec(("batch",)) is None
+        and decode_kernels.routing.check(logits_te, ds.num_experts_per_tok) is None
+    )
 
 
 def expert_counts(experts_tk: jax.Array, n_experts: int) -> jax.Array:
