@@ -109,6 +109,21 @@ def test_write_attend_reads_nothing_past_the_position():
     np.testing.assert_array_equal(np.asarray(out2), np.asarray(out))
 
 
+def test_default_chunks_and_where_the_kernel_merges():
+    """A lone row of 16 heads gets chunks of 32-64 positions and merges them in the kernel; larger batches keep
+    chunks of 128 and merge in XLA. Both merges give the reference's output."""
+    assert [attention.default_chunk(448, rows, 16) for rows in (1, 2, 4, 16, 64)] == [32, 64, 128, 128, 128]
+    assert attention.default_chunk(1000, 1, 16) == 64 and attention.default_chunk(4096, 1, 16) == 128
+    q, k_cache, v_cache = _attention_inputs(jnp.float32, slots=5)
+    positions = jnp.array([0, 128, 129, 299, 7], jnp.int32)
+    args = (q, q, q, *_tables(positions, 64), k_cache, v_cache, jnp.int32(1), positions, 0.125)
+    want = attention.write_attend_reference(*args)[0]
+    for merge in (True, False):
+        got, _, _, arrivals = attention.write_attend(*args, interpret=True, poison=True, merge=merge)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-5 * float(jnp.abs(want).max()))
+        assert not np.asarray(arrivals).any()
+
+
 def test_write_attend_lowers_to_triton():
     """The Pallas-to-Triton lowering runs on any host: an op the backend lacks fails here, not first on a GPU."""
     q, k, v = _attention_inputs(jnp.bfloat16)
@@ -475,16 +490,19 @@ def test_pallas_where_it_cannot_run_names_the_setting():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("rows", [8, 1])  # 8 chunks of 128 positions per head, and one row's 32 chunks of 32
-def test_write_attend_kernel_on_gpu(dtype, rows):
+@pytest.mark.parametrize(
+    "rows, chunk, merge",
+    [(8, None, None), (8, None, True), (1, None, None), (1, 32, None)],  # 8 chunks of 128 per head, 16 of 64, 32 of 32
+)
+def test_write_attend_kernel_on_gpu(dtype, rows, chunk, merge):
     """Compiled, with the counts of one launch passed to the next as the engine's layers do: each launch merges
-    every head's chunks and leaves the counts at zero."""
+    every head's chunks (in the kernel, or after it for 8 rows by default) and leaves the counts at zero."""
     q, k, v = _attention_inputs(dtype, layers=2, slots=8, context=1000, heads=16, head_dim=128, seed=3)
-    assert attention.default_chunk(1000, rows, 16) == (32 if rows == 1 else 128)
     positions = jnp.array([998, 1, 127, 128, 511, 0, 999, 1500], jnp.int32)[:rows]
     cos, sin = _tables(positions, 128)
     args = (q[:rows], q[:rows] * 0.5, q[:rows] * 2, cos, sin)
-    kernel = jax.jit(lambda *a: attention.write_attend(*a[:-1], 128**-0.5, a[-1], poison=True))
+    options = dict(poison=True, chunk=chunk, merge=merge)
+    kernel = jax.jit(lambda *a: attention.write_attend(*a[:-1], 128**-0.5, a[-1], **options))
     arrivals = jnp.zeros((2, rows, 16), jnp.int32)
     for layer in (1, 0):
         want, want_k, want_v = attention.write_attend_reference(*args, k, v, layer, positions, 128**-0.5)

@@ -7,8 +7,8 @@ one program per (sequence, head, chunk) runs an online softmax over its chunk in
 stopping before the row's position, and the program whose chunk holds that position stores the new entry and
 counts it from registers. Each program writes its unnormalised output with its running max and sum, then counts
 itself in with an atomic add: the last of a head's chunks to arrive merges them and resets the count, so no other
-kernel runs for the merge. With a few chunks per head the programs fill the GPU at batch 1, where one program per
-head would leave most SMs idle.
+kernel runs for the merge (at large batches a small XLA reduction merges them instead: `MERGE_PROGRAMS`). With a
+few chunks per head the programs fill the GPU at batch 1, where one program per head would leave most SMs idle.
 """
 
 from __future__ import annotations
@@ -28,6 +28,10 @@ MAX_CHUNK = 128  # positions per program at most: with blocks of 64, the fastest
 # Programs per launch to aim for: a lone row of dense 1B (16 heads) at 448 positions ran its kernel in 4.5 µs a layer
 # on an H200 in 14 chunks of 32 (224 programs), against 6.4 in 4 of 128 (experiments/benchmarks/RESULTS.md).
 PROGRAMS = 256
+# Launches of at most this many programs merge the chunks in the kernel: the dense 1B batch-1 step (224 programs)
+# took 3.3% less time on an H200 with it, batch 16 (1,024) was level and batch 64 (4,096) 4.6% slower, where
+# each head's last chunk merges while most programs have finished (experiments/benchmarks/RESULTS.md).
+MERGE_PROGRAMS = 512
 
 
 def reference(q_bnh, k_cache, v_cache, layer, positions_b, scale: float) -> jax.Array:
@@ -74,11 +78,14 @@ def write_attend_reference(q_bnh, k_bnh, v_bnh, cos_bh, sin_bh, k_cache, v_cache
     return out, k_cache, v_cache
 
 
-def _write_attend_kernel(
-    layer_ref, pos_ref, cos_ref, sin_ref, q_ref, kn_ref, vn_ref, k_ref, v_ref, _arrived_in,  # inputs
-    out_ref, o_ref, stats_ref, k_out, v_out, arrived_ref,  # outputs; the last three share their inputs' buffers
-    *, scale, chunk, block, head_dim, chunks, interpret,
-):  # fmt: skip
+def _write_attend_kernel(*refs, scale, chunk, block, head_dim, chunks, merge, interpret):
+    # Inputs, then outputs; the caches (and the counts) are outputs sharing their inputs' buffers. Without `merge`
+    # there are no counts and no merged output: XLA merges the partials.
+    layer_ref, pos_ref, cos_ref, sin_ref, q_ref, kn_ref, vn_ref, k_ref, v_ref = refs[:9]
+    if merge:
+        _, out_ref, o_ref, stats_ref, k_out, v_out, arrived_ref = refs[9:]
+    else:
+        o_ref, stats_ref, k_out, v_out = refs[9:]
     b, n, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     half = head_dim // 2
     lo, hi = pl.ds(0, half), pl.ds(half, half)
@@ -129,6 +136,8 @@ def _write_attend_kernel(
     o_ref[s, b, n, :] = acc
     stats_ref[s, b, n, :] = jnp.where(jnp.arange(2) == 0, m_new, total * alpha + p)
 
+    if not merge:
+        return
     # The last of the head's chunks to finish merges them all, and sets the count back to zero for the next launch.
     from jax.experimental.pallas import triton as plt
 
@@ -177,14 +186,16 @@ def write_attend(
     chunk: int | None = None,
     block: int | None = None,
     num_warps: int | None = None,
+    merge: bool | None = None,
 ):
-    """`write_attend_reference` as one kernel launch, the merge of the chunks included; the caches are updated in
-    place. Returns (out, k_cache, v_cache, arrivals). The new entry's score uses the float32 rotated key; the
-    cache (and so later steps, and the reference) holds it rounded to its dtype.
+    """`write_attend_reference` as one kernel launch; the caches are updated in place. Returns (out, k_cache,
+    v_cache, arrivals). The new entry's score uses the float32 rotated key; the cache (and so later steps, and the
+    reference) holds it rounded to its dtype.
 
-    arrivals: int32 [layers, b, n], zeros: each layer's, row's and head's count of finished chunks, which the last
-    one sets back to zero. Pass one launch's to the next (layers, steps) so that none needs a fresh zeroed array;
-    None makes one.
+    `merge`: the kernel merges the chunks itself (by default when the launch has at most MERGE_PROGRAMS programs);
+    otherwise XLA does after it. arrivals: int32 [layers, b, n], zeros: each layer's, row's and head's count of
+    finished chunks, which the last one sets back to zero. Pass one launch's to the next (layers, steps) so that
+    none needs a fresh zeroed array; None makes one. Without `merge` it comes back as given.
     `chunk` (positions per program) defaults to `default_chunk`, `block` to at most BLOCK of it, `num_warps` to 2
     for blocks of 32 positions or fewer (a lone row's), else 4."""
     b, n, h = q_bnh.shape
@@ -198,23 +209,26 @@ def write_attend(
     if chunk % block or block & (block - 1):
         raise ValueError(f"write_attend: chunk {chunk} must be a multiple of block {block}, a power of two")
     chunks = -(-k_cache.shape[2] // chunk)
+    merge = b * n * chunks <= MERGE_PROGRAMS if merge is None else merge
     kernel = functools.partial(
-        _write_attend_kernel, scale=scale, chunk=chunk, block=block, head_dim=h, chunks=chunks, interpret=interpret
-    )
+        _write_attend_kernel,
+        scale=scale, chunk=chunk, block=block, head_dim=h, chunks=chunks, merge=merge, interpret=interpret,
+    )  # fmt: skip
     layer = jnp.reshape(layer, (1,)).astype(jnp.int32)
     tables = (cos_bh.astype(jnp.float32), sin_bh.astype(jnp.float32))
-    out, _, _, k_cache, v_cache, arrivals = runtime.call(
-        kernel,
-        grid=(b, n, chunks),
-        inputs=(layer, positions_b.astype(jnp.int32), *tables, q_bnh, k_bnh, v_bnh, k_cache, v_cache, arrivals),
-        out_shapes=(
-            jax.ShapeDtypeStruct((b, n, h), q_bnh.dtype),
-            jax.ShapeDtypeStruct((chunks, b, n, h), jnp.float32),  # each chunk's unnormalised output
-            jax.ShapeDtypeStruct((chunks, b, n, 2), jnp.float32),  # its running max and sum
-        ),
-        in_place=(7, 8, 9),
-        num_warps=num_warps,
-        interpret=interpret,
-        poison=poison,
+    partials = (
+        jax.ShapeDtypeStruct((chunks, b, n, h), jnp.float32),  # each chunk's unnormalised output
+        jax.ShapeDtypeStruct((chunks, b, n, 2), jnp.float32),  # its running max and sum
     )
-    return out, k_cache, v_cache, arrivals
+    inputs = (layer, positions_b.astype(jnp.int32), *tables, q_bnh, k_bnh, v_bnh, k_cache, v_cache)
+    launch = functools.partial(
+        runtime.call, kernel, grid=(b, n, chunks), num_warps=num_warps, interpret=interpret, poison=poison
+    )
+    if merge:
+        out_shape = jax.ShapeDtypeStruct((b, n, h), q_bnh.dtype)
+        out, _, _, k_cache, v_cache, arrivals = launch(
+            inputs=(*inputs, arrivals), out_shapes=(out_shape, *partials), in_place=(7, 8, 9)
+        )
+        return out, k_cache, v_cache, arrivals
+    o, stats, k_cache, v_cache = launch(inputs=inputs, out_shapes=partials, in_place=(7, 8))
+    return runtime.merge_chunks(o, stats[..., 0], stats[..., 1], q_bnh.dtype), k_cache, v_cache, arrivals
