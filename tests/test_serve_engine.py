@@ -179,7 +179,8 @@ def test_decode_logits_match_full_forward(served):
 @pytest.mark.parametrize("decode_layout", [True, False])
 def test_one_sequence_decode_matches_full_forward(served, decode_layout):
     """One slot: every projection sees a single row (`single_row_product`, and for DeepSeek the gathered experts of
-    one token), with the weights in the serving layout (input dims minor) or the model's."""
+    one token, with the shared experts appended to them in the serving layout: `layout.with_shared_experts`), with
+    the weights in the serving layout (input dims minor) or the model's."""
     kind, loaded, _, forward = served
     runner = ModelRunner.from_loaded(
         loaded, CacheGeometry(1, CONTEXT, CHUNK), compiler_options=FAST, decode_layout=decode_layout
@@ -191,6 +192,9 @@ def test_one_sequence_decode_matches_full_forward(served, decode_layout):
     if kind == "deepseek":  # the router's [embed, experts] weight too: one token's logits are row reductions
         router = params["moe_blocks"]["mlp"]["gate"]["weight"]
         assert router.format.layout.major_to_minor == ((0, 2, 1) if decode_layout else (0, 1, 2))
+        ds, experts = loaded.cfg.model.deepseek, params["moe_blocks"]["mlp"]["experts"]["gate_up_proj"]
+        stacked = [e.shape[0] for e in experts] if decode_layout else [experts.shape[1]]
+        assert set(stacked) == {ds.n_routed_experts + (ds.n_shared_experts if decode_layout else 0)}
     prompt = _prompt(11, 5)
     cache, logits_v = runner.prefill_prompt(runner.new_cache(), prompt, slot=0)
     seq, decoded = list(prompt), [np.asarray(logits_v)]
@@ -228,28 +232,6 @@ def test_grouped_kernel_reads_the_relaid_experts_in_place():
         seq.append(int(np.argmax(decoded[-1])))
         cache, logits_bv = runner.decode(cache, [0, seq[-1]], [CONTEXT, len(seq) - 1])
         decoded.append(np.asarray(logits_bv[1]))
-    full = np.asarray(forward(loaded.params, loaded.model_state, np.asarray([seq])))[0, len(prompt) - 1 :]
-    np.testing.assert_allclose(np.stack(decoded), full, rtol=0, atol=RTOL * np.abs(full).max())
-
-
-@needs_triton_interpreter
-def test_one_token_runs_the_shared_experts_with_its_chosen_ones():
-    """A lone row's decode reads the shared experts appended to each layer's routed stack
-    (`layout.with_shared_experts`) in the routed experts' one gather: its logits are the full forward's."""
-    cfg = load_config(EXPERIMENTS / "deepseek_tiny.yaml", [*DEEPSEEK, "kernels.gmm=interpret"])
-    loaded = from_config(cfg, compiler_options=FAST)
-    forward = jax.jit(lambda p, s, t: loaded.merge(p, s)(t), compiler_options=FAST)
-    runner = ModelRunner.from_loaded(loaded, CacheGeometry(2, CONTEXT, CHUNK), compiler_options=FAST)
-    ds = cfg.model.deepseek
-    gate_up = runner.params["moe_blocks"]["mlp"]["experts"]["gate_up_proj"]
-    assert all(g.shape[0] == ds.n_routed_experts + ds.n_shared_experts for g in gate_up)
-    prompt = _prompt(7, 3)
-    cache, logits_v = runner.prefill_prompt(runner.new_cache(), prompt, slot=0)
-    seq, decoded = list(prompt), [np.asarray(logits_v)]
-    for _ in range(3):
-        seq.append(int(np.argmax(decoded[-1])))
-        cache, logits_bv = runner.decode(cache, [seq[-1]], [len(seq) - 1])
-        decoded.append(np.asarray(logits_bv[0]))
     full = np.asarray(forward(loaded.params, loaded.model_state, np.asarray([seq])))[0, len(prompt) - 1 :]
     np.testing.assert_allclose(np.stack(decoded), full, rtol=0, atol=RTOL * np.abs(full).max())
 

@@ -1,10 +1,11 @@
 """A DeepSeek MoE layer's expert choice for a few tokens in one launch: scores (softmax or sigmoid of the router's
 logits), the selection bias, and the greedy top-k.
 
-XLA runs this as a softmax kernel and a sort of each token's scores, about 3.8 µs a layer on an H200 for one token
-(experiments/benchmarks/RESULTS.md). Here one program per token holds its E scores in registers and takes the
-k largest one at a time: the maximum, then the lowest expert holding it, which is `lax.top_k`'s order (ties to
-the lower index). Only the choice sees the bias; the weights are the chosen experts' scores.
+XLA runs this as a softmax kernel and a sort of each token's scores, about 3.8 µs a layer on an H200 for one token;
+this kernel took 2.3 (experiments/benchmarks/RESULTS.md). Here one program per token holds its E scores in
+registers and takes the k largest one at a time: the maximum, then the lowest expert holding it, which is
+`lax.top_k`'s order (ties to the lower index). Only the choice sees the bias; the weights are the chosen experts'
+scores.
 """
 
 from __future__ import annotations
