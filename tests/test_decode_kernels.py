@@ -114,6 +114,9 @@ def test_default_chunks_and_where_the_kernel_merges():
     chunks of 128 and merge in XLA. Both merges give the reference's output."""
     assert [attention.default_chunk(448, rows, 16) for rows in (1, 2, 4, 16, 64)] == [32, 64, 128, 128, 128]
     assert attention.default_chunk(1000, 1, 16) == 64 and attention.default_chunk(4096, 1, 16) == 128
+    # In the kernel up to 512 programs and 64 chunks per head: 1-8 rows of 16 heads at 448 positions, not 16 rows.
+    assert [attention.merges_in_kernel(rows, 16, 4 if rows > 2 else 14) for rows in (1, 8, 16)] == [True, True, False]
+    assert not attention.merges_in_kernel(1, 2, 128)  # too many chunks for one program to merge
     q, k_cache, v_cache = _attention_inputs(jnp.float32, slots=5)
     positions = jnp.array([0, 128, 129, 299, 7], jnp.int32)
     args = (q, q, q, *_tables(positions, 64), k_cache, v_cache, jnp.int32(1), positions, 0.125)
@@ -316,9 +319,15 @@ def test_deepseek_decode_routes_through_the_kernel():
     overrides = [*DEEPSEEK, "model.deepseek.qk_rope_head_dim=16", "kernels.decode=interpret", *routed]
     loaded = from_config(load_config(EXPERIMENTS / "deepseek_tiny.yaml", overrides), compiler_options=FAST)
     runner = ModelRunner.from_loaded(loaded, CacheGeometry(4, 40, 8), compiler_options=FAST)
-    cache, tokens, positions, _ = _decode_matches_the_full_forward(loaded, runner, seed=3)
+    cache, tokens, positions, logits = _decode_matches_the_full_forward(loaded, runner, seed=3)
     traced = runner._decode.trace(runner.params, runner.model_state, cache, tokens, positions)
     assert str(traced.jaxpr).count("pallas_call") == 3  # the latent kernel per layer stack, and the MoE's router
+    # One row, as a lone request decodes: the routing kernel and the shared experts in the routed stack.
+    ds = loaded.cfg.model.deepseek
+    experts = runner.params["moe_blocks"]["mlp"]["experts"]["gate_up_proj"][0].shape[0]
+    assert experts == ds.n_routed_experts + ds.n_shared_experts
+    _, first = runner.decode(cache, tokens[:1], positions[:1])
+    np.testing.assert_allclose(np.asarray(first[0]), np.asarray(logits[0]), rtol=0, atol=1e-5 * np.abs(first).max())
 
 
 def _routing_logits(tokens=5, experts=64, seed=0):
@@ -344,6 +353,16 @@ def test_route_kernel_matches_top_k(scoring, biased):
     if biased:  # the bias moves the choice: the unbiased top 6 of some row differs
         plain = routing.route_reference(logits, None, 6, scoring)[0]
         assert (np.asarray(plain) != np.asarray(want[0])).any()
+
+
+def test_route_kernel_gives_distinct_experts_whatever_the_scores():
+    """NaN and -inf scores: k distinct valid experts, never one taken twice."""
+    logits = _routing_logits(tokens=3).at[0, 5].set(jnp.nan).at[1].set(jnp.nan)
+    bias = jnp.full((64,), -jnp.inf).at[:3].set(0.0)  # only three experts may be chosen on merit
+    experts = np.asarray(routing.route(logits, bias, 6, "sigmoid", interpret=True)[0])
+    assert ((experts >= 0) & (experts < 64)).all()
+    assert all(len(set(row.tolist())) == 6 for row in experts)
+    assert set(experts[2, :3].tolist()) == {0, 1, 2}
 
 
 def test_route_dispatch_and_bad_input():
@@ -491,18 +510,26 @@ def test_pallas_where_it_cannot_run_names_the_setting():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize(
-    "rows, chunk, merge",
-    [(8, None, None), (8, None, True), (1, None, None), (1, 32, None)],  # 8 chunks of 128 per head, 16 of 64, 32 of 32
+    "rows, context, chunk, merge",
+    [  # chunks per head: 8 of 128 (merged after), 8 of 128 (merged in), 16 of 64, 32 of 32, 14 of 32, 7 of 64
+        (8, 1000, None, None),
+        (8, 1000, None, True),
+        (1, 1000, None, None),
+        (1, 1000, 32, None),
+        (1, 448, None, None),
+        (2, 448, None, None),
+    ],
 )
-def test_write_attend_kernel_on_gpu(dtype, rows, chunk, merge):
+def test_write_attend_kernel_on_gpu(dtype, rows, context, chunk, merge):
     """Compiled, with the counts of one launch passed to the next as the engine's layers do: each launch merges
-    every head's chunks (in the kernel, or after it for 8 rows by default) and leaves the counts at zero."""
-    q, k, v = _attention_inputs(dtype, layers=2, slots=8, context=1000, heads=16, head_dim=128, seed=3)
-    positions = jnp.array([998, 1, 127, 128, 511, 0, 999, 1500], jnp.int32)[:rows]
+    every head's chunks (in the kernel, or after it for 8 rows at 1,000 positions by default) and leaves the counts
+    at zero. 448 positions give chunk counts that are not powers of two (the merge's masked loads)."""
+    q, k, v = _attention_inputs(dtype, layers=2, slots=8, context=context, heads=16, head_dim=128, seed=3)
+    positions = jnp.array([context - 2, 1, 127, 128, 311, 0, context - 1, 1500], jnp.int32)[:rows]
     cos, sin = _tables(positions, 128)
     args = (q[:rows], q[:rows] * 0.5, q[:rows] * 2, cos, sin)
     options = dict(poison=True, chunk=chunk, merge=merge)
-    kernel = jax.jit(lambda *a: attention.write_attend(*a[:-1], 128**-0.5, a[-1], **options))
+    kernel = jax.jit(lambda *a: attention.write_attend(*a[:-1], 128**-0.5, arrivals=a[-1], **options))
     arrivals = jnp.zeros((2, rows, 16), jnp.int32)
     for layer in (1, 0):
         want, want_k, want_v = attention.write_attend_reference(*args, k, v, layer, positions, 128**-0.5)

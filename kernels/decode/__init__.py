@@ -40,7 +40,7 @@ def resolve(impl: str) -> str:
     return impl
 
 
-def _dispatch(name: str, module, args, check_args, impl: str):
+def _dispatch(name: str, module, args, check_args, impl: str, **kernel_options):
     """`module.write_attend_reference(*args)`, or its kernel (`module.write_attend`) where `impl` resolves to one;
     a ValueError naming `name` when `module.check(*check_args)` finds shapes the kernel cannot take."""
     impl = resolve(impl)
@@ -49,7 +49,7 @@ def _dispatch(name: str, module, args, check_args, impl: str):
     reason = module.check(*check_args)
     if reason:
         raise ValueError(f"{name}: {reason}")
-    return module.write_attend(*args, interpret=impl == "interpret")
+    return module.write_attend(*args, interpret=impl == "interpret", **kernel_options)
 
 
 def write_attend(
@@ -71,12 +71,12 @@ def write_attend(
     that position (clamped into the cache) and attend
     (`attention.write_attend_reference`). Returns (out [b, n, h], k_cache, v_cache, arrivals); the kernel
     updates the caches in place. arrivals: the kernel's count of finished chunks (`attention.write_attend`),
-    int32 [layers, b, n] zeros, which comes back zeroed: pass one call's to the next. The reference returns it as
-    given."""
+    int32 [layers, b, n] zeros, which comes back zeroed: pass one call's to the next (None: the kernel makes
+    one). The reference returns it as given, None included."""
     args = (q_bnh, k_bnh, v_bnh, cos_bh, sin_bh, k_cache, v_cache, layer, positions_b, scale)
     if resolve(impl) == "reference":
         return (*attention.write_attend_reference(*args), arrivals)
-    return _dispatch("write_attend", attention, (*args, arrivals), (q_bnh, k_cache, v_cache), impl)
+    return _dispatch("write_attend", attention, args, (q_bnh, k_cache, v_cache), impl, arrivals=arrivals)
 
 
 def write_attend_latent(

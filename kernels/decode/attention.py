@@ -32,6 +32,12 @@ PROGRAMS = 256
 # took 3.3% less time on an H200 with it, batch 16 (1,024) was level and batch 64 (4,096) 4.6% slower, where
 # each head's last chunk merges while most programs have finished (experiments/benchmarks/RESULTS.md).
 MERGE_PROGRAMS = 512
+MERGE_CHUNKS = 64  # and at most this many chunks per head, which the merging program holds at once
+
+
+def merges_in_kernel(rows: int, heads: int, chunks: int) -> bool:
+    """Whether a launch over these rows, heads and chunks per head merges its chunks itself by default."""
+    return rows * heads * chunks <= MERGE_PROGRAMS and chunks <= MERGE_CHUNKS
 
 
 def reference(q_bnh, k_cache, v_cache, layer, positions_b, scale: float) -> jax.Array:
@@ -180,6 +186,7 @@ def write_attend(
     layer,
     positions_b,
     scale: float,
+    *,
     arrivals=None,
     interpret: bool = False,
     poison: bool = False,
@@ -192,10 +199,10 @@ def write_attend(
     v_cache, arrivals). The new entry's score uses the float32 rotated key; the cache (and so later steps, and the
     reference) holds it rounded to its dtype.
 
-    `merge`: the kernel merges the chunks itself (by default when the launch has at most MERGE_PROGRAMS programs);
-    otherwise XLA does after it. arrivals: int32 [layers, b, n], zeros: each layer's, row's and head's count of
-    finished chunks, which the last one sets back to zero. Pass one launch's to the next (layers, steps) so that
-    none needs a fresh zeroed array; None makes one. Without `merge` it comes back as given.
+    `merge`: the kernel merges the chunks itself (by default where `merges_in_kernel`); otherwise XLA does after
+    it. arrivals: int32 [layers, b, n], zeros: each layer's, row's and head's count of finished chunks, which the
+    last one sets back to zero. Pass one launch's to the next (layers, steps) so that none needs a fresh zeroed
+    array; None makes one. Without `merge` it comes back unused.
     `chunk` (positions per program) defaults to `default_chunk`, `block` to at most BLOCK of it, `num_warps` to 2
     for blocks of 32 positions or fewer (a lone row's), else 4."""
     b, n, h = q_bnh.shape
@@ -209,7 +216,7 @@ def write_attend(
     if chunk % block or block & (block - 1):
         raise ValueError(f"write_attend: chunk {chunk} must be a multiple of block {block}, a power of two")
     chunks = -(-k_cache.shape[2] // chunk)
-    merge = b * n * chunks <= MERGE_PROGRAMS if merge is None else merge
+    merge = merges_in_kernel(b, n, chunks) if merge is None else merge
     kernel = functools.partial(
         _write_attend_kernel,
         scale=scale, chunk=chunk, block=block, head_dim=h, chunks=chunks, merge=merge, interpret=interpret,

@@ -5,7 +5,8 @@ XLA runs this as a softmax kernel and a sort of each token's scores, about 3.8 Â
 this kernel took 2.3 (experiments/benchmarks/RESULTS.md). Here one program per token holds its E scores in
 registers and takes the k largest one at a time: the maximum, then the lowest expert holding it, which is
 `lax.top_k`'s order (ties to the lower index). Only the choice sees the bias; the weights are the chosen experts'
-scores.
+scores. Scores that do not compare (NaN) are never preferred, where `lax.top_k` ranks NaN first; the kernel still
+returns k distinct experts.
 """
 
 from __future__ import annotations
@@ -61,12 +62,16 @@ def _kernel(logits_ref, bias_ref, experts_ref, weights_ref, scores_ref, *, k: in
     scores_ref[t, :] = scores
     choice = scores + bias_ref[:]
     index = jnp.arange(experts)
+    taken = index < 0
     for r in range(k):  # k is small: the loop is laid out straight
-        best = jnp.min(jnp.where(choice == jnp.max(choice), index, experts))
+        left = jnp.where(taken, -jnp.inf, choice)
+        best = jnp.min(jnp.where((left == jnp.max(left)) & ~taken, index, experts))
+        # Where no score compares (NaN), the lowest expert not yet taken: always k distinct, valid experts.
+        best = jnp.where(best < experts, best, jnp.min(jnp.where(taken, experts, index)))
         picked = index == best
         experts_ref[t, r] = best
         weights_ref[t, r] = jnp.sum(jnp.where(picked, scores, 0.0))
-        choice = jnp.where(picked, -jnp.inf, choice)
+        taken = taken | picked
 
 
 def route(logits_te, bias_e, k: int, scoring: str, interpret: bool = False):
