@@ -124,7 +124,7 @@ def test_default_chunks_and_where_the_kernel_merges():
     for merge in (True, False):
         got, _, _, arrivals = attention.write_attend(*args, interpret=True, poison=True, merge=merge)
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-5 * float(jnp.abs(want).max()))
-        assert not np.asarray(arrivals).any()
+        assert not np.asarray(arrivals).any() if merge else arrivals is None  # made and zeroed, or not used at all
 
 
 def test_write_attend_lowers_to_triton():

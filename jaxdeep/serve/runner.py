@@ -80,10 +80,6 @@ def decode_kernel_choice(choice: str) -> str:
     return "xla" if impl == "reference" else impl
 
 
-def active_devices(mesh: Mesh) -> int:
-    return int(np.prod(list(mesh.shape.values())))
-
-
 def host_sharding(mesh: Mesh) -> NamedSharding:
     """Replicated, in pinned host memory where the devices have it: the sampled tokens the host reads every step.
     On an H200, reading a finished [8] int32 array from GPU memory took the host 0.15-0.36 ms (the transfer is
@@ -149,7 +145,7 @@ class ModelRunner:
         params, param_sh = to_decode_layout(params, self.relaid, donate=donate_params)
         if unroll_layers:  # each layer's routed experts in a buffer of their own, for the grouped kernel (layout.py)
             params, param_sh = split_layers(params, param_sh, keep=callers)
-            if "experts" in self.relaid and cfg.model.kind == "deepseek" and active_devices(mesh) == 1:
+            if "experts" in self.relaid and cfg.model.kind == "deepseek" and mesh.size == 1:
                 params, param_sh = with_shared_experts(params, param_sh, cfg.model.deepseek.n_shared_experts)
         self.params, self.model_state = params, model_state
         self.layout = kv.cache_layout(cfg.model, geometry.num_slots, geometry.max_context)

@@ -202,14 +202,10 @@ def write_attend(
     `merge`: the kernel merges the chunks itself (by default where `merges_in_kernel`); otherwise XLA does after
     it. arrivals: int32 [layers, b, n], zeros: each layer's, row's and head's count of finished chunks, which the
     last one sets back to zero. Pass one launch's to the next (layers, steps) so that none needs a fresh zeroed
-    array; None makes one. Without `merge` it comes back unused.
+    array; None makes one. Without `merge` it is not read and comes back as given.
     `chunk` (positions per program) defaults to `default_chunk`, `block` to at most BLOCK of it, `num_warps` to 2
     for blocks of 32 positions or fewer (a lone row's), else 4."""
     b, n, h = q_bnh.shape
-    counts = (k_cache.shape[0], b, n)
-    arrivals = jnp.zeros(counts, jnp.int32) if arrivals is None else arrivals
-    if arrivals.shape != counts or arrivals.dtype != jnp.int32:
-        raise ValueError(f"write_attend: arrivals must be int32 {list(counts)}, got {arrivals.dtype} {arrivals.shape}")
     chunk = chunk or max(default_chunk(k_cache.shape[2], b, n), block or 0)
     block = block or min(chunk, BLOCK)
     num_warps = num_warps or (2 if block <= 32 else 4)
@@ -232,6 +228,12 @@ def write_attend(
         runtime.call, kernel, grid=(b, n, chunks), num_warps=num_warps, interpret=interpret, poison=poison
     )
     if merge:
+        counts = (k_cache.shape[0], b, n)
+        arrivals = jnp.zeros(counts, jnp.int32) if arrivals is None else arrivals
+        if arrivals.shape != counts or arrivals.dtype != jnp.int32:
+            raise ValueError(
+                f"write_attend: arrivals must be int32 {list(counts)}, got {arrivals.dtype} {arrivals.shape}"
+            )
         out_shape = jax.ShapeDtypeStruct((b, n, h), q_bnh.dtype)
         out, _, _, k_cache, v_cache, arrivals = launch(
             inputs=(*inputs, arrivals), out_shapes=(out_shape, *partials), in_place=(7, 8, 9)

@@ -23,9 +23,13 @@ SCORINGS = ("softmax", "sigmoid")
 MAX_EXPERTS = 1024  # one program holds a token's scores in registers
 
 
+def _scoring_error(scoring: str) -> str | None:
+    return None if scoring in SCORINGS else f"scoring must be one of {SCORINGS}, got {scoring!r}"
+
+
 def scores_of(logits_te, scoring: str):
-    if scoring not in SCORINGS:
-        raise ValueError(f"route: scoring must be one of {SCORINGS}, got {scoring!r}")
+    if reason := _scoring_error(scoring):
+        raise ValueError(f"route: {reason}")
     logits_te = logits_te.astype(jnp.float32)
     return jax.nn.softmax(logits_te, axis=-1) if scoring == "softmax" else jax.nn.sigmoid(logits_te)
 
@@ -39,8 +43,8 @@ def route_reference(logits_te, bias_e, k: int, scoring: str):
     return experts_tk.astype(jnp.int32), jnp.take_along_axis(scores_te, experts_tk, axis=-1), scores_te
 
 
-def check(logits_te, k: int) -> str | None:
-    """Why the kernel cannot take these shapes, or None."""
+def check(logits_te, k: int, scoring: str) -> str | None:
+    """Why the kernel cannot take these shapes or this scoring, or None."""
     e = logits_te.shape[-1]
     if logits_te.ndim != 2:
         return f"logits must be [tokens, experts], got shape {logits_te.shape}"
@@ -48,7 +52,7 @@ def check(logits_te, k: int) -> str | None:
         return f"{e} experts: the kernel takes a power of two up to {MAX_EXPERTS}"
     if not 0 < k <= e:
         return f"k = {k} for {e} experts"
-    return None
+    return _scoring_error(scoring)
 
 
 def _kernel(logits_ref, bias_ref, experts_ref, weights_ref, scores_ref, *, k: int, scoring: str, experts: int):
@@ -76,11 +80,8 @@ def _kernel(logits_ref, bias_ref, experts_ref, weights_ref, scores_ref, *, k: in
 
 def route(logits_te, bias_e, k: int, scoring: str, interpret: bool = False):
     """`route_reference` as one kernel launch, one program per token."""
-    reason = check(logits_te, k)
-    if reason:
+    if reason := check(logits_te, k, scoring):
         raise ValueError(f"route: {reason}")
-    if scoring not in SCORINGS:
-        raise ValueError(f"route: scoring must be one of {SCORINGS}, got {scoring!r}")
     t, e = logits_te.shape
     bias = jnp.zeros((e,), jnp.float32) if bias_e is None else bias_e.astype(jnp.float32)
     return runtime.call(

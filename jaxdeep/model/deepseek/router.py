@@ -74,7 +74,7 @@ def route(logits_te: jax.Array, bias_e: jax.Array | None, ds: DeepSeekConfig) ->
     if bias_e is not None:
         choice_te = choice_te + jax.lax.stop_gradient(bias_e).astype(jnp.float32)
     n_tokens, n_experts = choice_te.shape
-    if ds.n_group > 1 and ds.topk_method != "greedy":
+    if _grouped(ds):
         choice_tgx = choice_te.reshape(n_tokens, ds.n_group, n_experts // ds.n_group)
         if ds.topk_method == "noaux_tc":
             group_scores_tg = jax.lax.top_k(choice_tgx, 2)[0].sum(-1)
@@ -87,6 +87,11 @@ def route(logits_te: jax.Array, bias_e: jax.Array | None, ds: DeepSeekConfig) ->
     _, experts_tk = jax.lax.top_k(choice_te, ds.num_experts_per_tok)
     weights_tk = jnp.take_along_axis(scores_te, experts_tk, axis=-1)
     return _weighted(experts_tk, weights_tk, scores_te, ds)
+
+
+def _grouped(ds: DeepSeekConfig) -> bool:
+    """Whether selection is group-limited: the experts of the best `topk_group` groups only."""
+    return ds.n_group > 1 and ds.topk_method != "greedy"
 
 
 def _weighted(experts_tk, weights_tk, scores_te, ds: DeepSeekConfig) -> Routing:
@@ -104,9 +109,9 @@ def _on_decode_kernel(logits_te: jax.Array, ds: DeepSeekConfig) -> bool:
     return (
         decode_kernel() in ("pallas", "interpret")
         and logits_te.shape[0] <= DECODE_KERNEL_TOKENS
-        and (ds.n_group <= 1 or ds.topk_method == "greedy")
+        and not _grouped(ds)
         and active_spec(("batch",)) is None
-        and decode_kernels.routing.check(logits_te, ds.num_experts_per_tok) is None
+        and decode_kernels.routing.check(logits_te, ds.num_experts_per_tok, ds.scoring_func) is None
     )
 
 
