@@ -1,0 +1,222 @@
+"""A decode step's projections of a few rows, each in one launch with the work around it: the input's norm before
+the product, the activation and the residual add after it.
+
+y_i = epilogue(prologue(x) @ W_i.T) for x [b, K] and weights W_i [N_i, K], input dimension minor (the serving
+layout of `jaxdeep.serve.layout`), all W_i in one launch: a dense layer's query, key and value share their
+normed input. At batch 1 XLA runs a layer norm as two kernels (statistics, then scaling) and the activation and
+the residual add as kernels of their own, each 1-3 µs on an H200 whatever its size; here they ride along with the
+product, which streams the weight.
+
+One program per `block_n` outputs of one weight: it takes its rows' norm statistics (the input is a few KB, read
+from cache by every program), then walks K in blocks of `block_k`, multiplying the weight's tile by the normed
+input, and applies the epilogue to its outputs. Norm statistics and products are float32; the normed input is
+rounded to the input's dtype first, as the model's norm hands it to its matmul.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from kernels.decode import runtime
+
+NORMS = ("layer", "rms")
+ACTIVATIONS = ("gelu",)
+MAX_ROWS = 8  # each program holds one float32 accumulator tile per row
+BLOCK_N = 8
+BLOCK_K = 512
+NUM_WARPS = 4
+
+
+class Norm(NamedTuple):
+    """The input's norm: "layer" ((x - mean) / std * scale + bias) or "rms" (x / rms * scale), statistics over K
+    in float32. `bias` only for "layer" (None: no bias)."""
+
+    kind: str
+    scale: jax.Array
+    bias: jax.Array | None
+    eps: float
+
+
+def normalise(x_bk, norm: Norm):
+    """The norm in float32, rounded to the input's dtype."""
+    x = x_bk.astype(jnp.float32)
+    if norm.kind == "layer":
+        x = x - jnp.mean(x, axis=-1, keepdims=True)
+    z = x * lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + norm.eps) * norm.scale.astype(jnp.float32)
+    if norm.bias is not None:
+        z = z + norm.bias.astype(jnp.float32)
+    return z.astype(x_bk.dtype)
+
+
+def reference(x_bk, weights, norm: Norm | None = None, activation: str | None = None, residual_bn=None):
+    """The projections in plain JAX: a tuple of [b, N_i] in x's dtype."""
+    x = x_bk if norm is None else normalise(x_bk, norm)
+    outs = []
+    for w_nk in weights:
+        y = jnp.einsum("bk,nk->bn", x, w_nk, preferred_element_type=jnp.float32)
+        if activation == "gelu":
+            y = jax.nn.gelu(y, approximate=False)
+        if residual_bn is not None:
+            y = y + residual_bn.astype(jnp.float32)
+        outs.append(y.astype(x_bk.dtype))
+    return tuple(outs)
+
+
+def check(x_bk, weights, norm: Norm | None, activation: str | None, residual_bn, block_n: int, block_k: int):
+    """Why the kernel cannot take these inputs, or None."""
+    if x_bk.ndim != 2:
+        return f"x must be [rows, K], got shape {x_bk.shape}"
+    b, k = x_bk.shape
+    if not 0 < b <= MAX_ROWS:
+        return f"{b} rows: the kernel takes 1 to {MAX_ROWS}"
+    if not weights:
+        return "no weights"
+    for w in weights:
+        if w.ndim != 2 or w.shape[1] != k:
+            return f"weight of shape {w.shape} does not take inputs of {k}"
+        if w.shape[0] % block_n:
+            return f"{w.shape[0]} outputs are not a multiple of block_n {block_n}"
+    if block_n & (block_n - 1) or block_k & (block_k - 1) or k % block_k:
+        return f"block_n {block_n} and block_k {block_k} must be powers of two, block_k dividing K = {k}"
+    if norm is not None:
+        if norm.kind not in NORMS:
+            return f"norm must be one of {NORMS}, got {norm.kind!r}"
+        if norm.scale.shape != (k,) or (norm.bias is not None and norm.bias.shape != (k,)):
+            return f"norm parameters must be [{k}]"
+        if norm.kind == "rms" and norm.bias is not None:
+            return "an RMS norm has no bias"
+    if activation is not None and activation not in ACTIVATIONS:
+        return f"activation must be None or one of {ACTIVATIONS}, got {activation!r}"
+    if residual_bn is not None and (len(weights) != 1 or residual_bn.shape != (b, weights[0].shape[0])):
+        return f"a residual [{b}, N] goes with one weight of N outputs, got {residual_bn.shape}"
+    return None
+
+
+# Phi(z) = 1 - 0.5 erfc(|z| / sqrt 2) for z >= 0 (mirrored for z < 0), erfc by Abramowitz & Stegun 7.1.26
+# (|error| < 1.5e-7): Triton has no erf of its own here, and bf16 outputs need far less.
+_AS = (0.254829592, -0.284496736, 1.421413741, -1.453152027, 1.061405429)
+_AS_P = 0.3275911
+
+
+def _gelu(z):
+    a = jnp.abs(z) * (1.0 / math.sqrt(2.0))
+    t = 1.0 / (1.0 + _AS_P * a)
+    poly = t * (_AS[0] + t * (_AS[1] + t * (_AS[2] + t * (_AS[3] + t * _AS[4]))))
+    tail = 0.5 * poly * jnp.exp(-a * a)  # Phi(-|z|)
+    return z * jnp.where(z >= 0, 1.0 - tail, tail)
+
+
+def _kernel(*refs, outputs, rows, k, block_n, block_k, norm, eps, bias, activation, residual, unroll):
+    it = iter(refs)
+    x_ref = next(it)
+    w_refs = [next(it) for _ in outputs]
+    scale_ref = next(it) if norm else None
+    bias_ref = next(it) if bias else None
+    residual_ref = next(it) if residual else None
+    out_refs = list(it)
+    steps = k // block_k
+
+    def x_block(r, i):
+        return x_ref[r, pl.ds(i * block_k, block_k)].astype(jnp.float32)
+
+    def total(r, f):  # sum over K of f(x block) for row r
+        return sum(jnp.sum(f(x_block(r, i))) for i in range(steps))
+
+    shift, rstd = [0.0] * rows, [1.0] * rows
+    if norm:
+        for r in range(rows):
+            if norm == "layer":
+                shift[r] = total(r, lambda x: x) / k
+            rstd[r] = lax.rsqrt(total(r, lambda x, s=shift[r]: (x - s) * (x - s)) / k + eps)
+
+    def normed(r, i):
+        x = x_block(r, i)
+        if not norm:
+            return x
+        span = pl.ds(i * block_k, block_k)
+        z = (x - shift[r]) * rstd[r] * scale_ref[span].astype(jnp.float32)
+        if bias:
+            z = z + bias_ref[span].astype(jnp.float32)
+        return z.astype(x_ref.dtype).astype(jnp.float32)
+
+    pid = pl.program_id(0)
+    first = 0
+    for w_ref, out_ref, n in zip(w_refs, out_refs, outputs):
+        blocks = n // block_n
+
+        @pl.when((pid >= first) & (pid < first + blocks))
+        def _(w_ref=w_ref, out_ref=out_ref, first=first):
+            n0 = pl.multiple_of((pid - first) * block_n, block_n)
+
+            def step(i, acc):  # products summed along K only at the end: one cross-thread reduction per output
+                w = w_ref[pl.ds(n0, block_n), pl.ds(i * block_k, block_k)].astype(jnp.float32)
+                return tuple(a + w * normed(r, i)[None, :] for r, a in enumerate(acc))
+
+            acc = tuple(jnp.zeros((block_n, block_k), jnp.float32) for _ in range(rows))
+            if unroll:
+                for i in range(steps):
+                    acc = step(i, acc)
+            else:
+                acc = lax.fori_loop(0, steps, step, acc)
+            for r in range(rows):
+                y = jnp.sum(acc[r], axis=1)
+                if activation == "gelu":
+                    y = _gelu(y)
+                if residual:
+                    y = y + residual_ref[r, pl.ds(n0, block_n)].astype(jnp.float32)
+                out_ref[r, pl.ds(n0, block_n)] = y.astype(out_ref.dtype)
+
+        first += blocks
+
+
+def project(
+    x_bk,
+    weights,
+    norm: Norm | None = None,
+    activation: str | None = None,
+    residual_bn=None,
+    *,
+    interpret: bool = False,
+    poison: bool = False,
+    block_n: int = BLOCK_N,
+    block_k: int = BLOCK_K,
+    num_warps: int = NUM_WARPS,
+    num_stages: int = 1,
+    unroll: bool = True,
+):
+    """`reference` as one kernel launch. `unroll` lays the K loop out straight (every tile's load issued ahead);
+    otherwise a loop, which Triton pipelines over `num_stages`."""
+    weights = tuple(weights)
+    if reason := check(x_bk, weights, norm, activation, residual_bn, block_n, block_k):
+        raise ValueError(f"project: {reason}")
+    b, k = x_bk.shape
+    outputs = tuple(w.shape[0] for w in weights)
+    extra = ()
+    if norm is not None:
+        extra = (norm.scale,) + (() if norm.bias is None else (norm.bias,))
+    if residual_bn is not None:
+        extra = (*extra, residual_bn)
+    kernel = functools.partial(
+        _kernel,
+        outputs=outputs, rows=b, k=k, block_n=block_n, block_k=block_k,
+        norm=norm.kind if norm is not None else None, eps=norm.eps if norm is not None else 0.0,
+        bias=norm is not None and norm.bias is not None, activation=activation,
+        residual=residual_bn is not None, unroll=unroll,
+    )  # fmt: skip
+    return runtime.call(
+        kernel,
+        grid=(sum(n // block_n for n in outputs),),
+        inputs=(x_bk, *weights, *extra),
+        out_shapes=tuple(jax.ShapeDtypeStruct((b, n), x_bk.dtype) for n in outputs),
+        num_warps=num_warps,
+        num_stages=num_stages,
+        interpret=interpret,
+        poison=poison,
+    )
