@@ -30,7 +30,8 @@ from kernels.decode import runtime
 
 NORMS = ("layer", "rms")
 ACTIVATIONS = ("gelu",)
-MAX_ROWS = 8  # each program holds one float32 accumulator tile per row
+MAX_ROWS = 16  # the rows of the tensor-core products ("dot"); "fma" holds a float32 tile per row
+ROWS = 16
 BLOCK_N = 8
 BLOCK_K = 512
 NUM_WARPS = 4
@@ -194,6 +195,74 @@ def _kernel(*refs, outputs, rows, k, block_n, block_k, norm, eps, bias, activati
         first += blocks
 
 
+def _dot_kernel(*refs, outputs, rows, k, block_n, block_k, norm, eps, bias, activation, residual):
+    # The rows padded to ROWS with zeros, so that each step is a tensor-core product [block_n, block_k] x
+    # [block_k, ROWS]: a loop Triton pipelines, its loads issued stages ahead.
+    it = iter(refs)
+    layer_ref, x_ref = next(it), next(it)
+    w_refs = [next(it) for _ in outputs]
+    scale_ref = next(it) if norm else None
+    bias_ref = next(it) if bias else None
+    residual_ref = next(it) if residual else None
+    out_refs = list(it)
+    layer = layer_ref[0]
+    steps = k // block_k
+    row_ids = jnp.arange(ROWS)[:, None]
+
+    def padded(ref, start, size):  # ref[:rows, start:start + size] as float32 [ROWS, size], zeros below
+        if rows == ROWS:
+            return ref[:, pl.ds(start, size)].astype(jnp.float32)
+        tile = jnp.zeros((ROWS, size), jnp.float32)
+        for r in range(rows):
+            tile = jnp.where(row_ids == r, ref[r, pl.ds(start, size)].astype(jnp.float32)[None, :], tile)
+        return tile
+
+    def x_tile(i):
+        return padded(x_ref, i * block_k, block_k)
+
+    shift = rstd = None
+    if norm:
+        shift = jnp.zeros((ROWS,), jnp.float32)
+        if norm == "layer":
+            shift = sum(jnp.sum(x_tile(i), axis=1) for i in range(steps)) / k
+        centred = (x_tile(i) - shift[:, None] for i in range(steps))
+        rstd = lax.rsqrt(sum(jnp.sum(c * c, axis=1) for c in centred) / k + eps)
+
+    def normed(i):  # [ROWS, block_k] in the input's dtype
+        x = x_tile(i)
+        if norm:
+            span = pl.ds(i * block_k, block_k)
+            x = (x - shift[:, None]) * rstd[:, None] * scale_ref[layer, span].astype(jnp.float32)[None, :]
+            if bias:
+                x = x + bias_ref[layer, span].astype(jnp.float32)[None, :]
+        return x.astype(x_ref.dtype)
+
+    pid = pl.program_id(0)
+    first = 0
+    for w_ref, out_ref, n in zip(w_refs, out_refs, outputs, strict=True):
+        blocks = n // block_n
+
+        @pl.when((pid >= first) & (pid < first + blocks))
+        def _(w_ref=w_ref, out_ref=out_ref, first=first):
+            n0 = pl.multiple_of((pid - first) * block_n, block_n)
+
+            def step(i, acc):
+                w = w_ref[layer, pl.ds(n0, block_n), pl.ds(i * block_k, block_k)]
+                dims = (((1,), (1,)), ((), ()))
+                return acc + lax.dot_general(w, normed(i), dims, preferred_element_type=jnp.float32)
+
+            y = lax.fori_loop(0, steps, step, jnp.zeros((block_n, ROWS), jnp.float32)).T  # [ROWS, block_n]
+            if activation == "gelu":
+                y = _gelu(y)
+            if residual:
+                y = y + padded(residual_ref, n0, block_n)
+            for r in range(rows):
+                row = jnp.where(row_ids == r, y, 0.0)  # the padding rows hold the norm's bias
+                out_ref[r, pl.ds(n0, block_n)] = jnp.sum(row, axis=0).astype(out_ref.dtype)
+
+        first += blocks
+
+
 def project(
     x_bk,
     weights,
@@ -210,6 +279,7 @@ def project(
     num_stages: int = 1,
     unroll: bool = True,
     tile_sums: bool = True,
+    products: str = "fma",
     name: str = "project",
 ):
     """`reference` as one kernel launch. `unroll` lays the K loop out straight (every tile's load issued ahead);
@@ -228,13 +298,16 @@ def project(
         extra = (norm.scale,) + (() if norm.bias is None else (norm.bias,))
     if residual_bn is not None:
         extra = (*extra, residual_bn)
-    kernel = functools.partial(
-        _kernel,
+    options = dict(
         outputs=outputs, rows=b, k=k, block_n=block_n, block_k=block_k,
         norm=norm.kind if norm is not None else None, eps=norm.eps if norm is not None else 0.0,
         bias=norm is not None and norm.bias is not None, activation=activation,
-        residual=residual_bn is not None, unroll=unroll, tile_sums=tile_sums,
+        residual=residual_bn is not None,
     )  # fmt: skip
+    if products == "dot":
+        kernel = functools.partial(_dot_kernel, **options)
+    else:
+        kernel = functools.partial(_kernel, **options, unroll=unroll, tile_sums=tile_sums)
     layer = jnp.reshape(layer, (1,)).astype(jnp.int32)
     return runtime.call(
         kernel,
