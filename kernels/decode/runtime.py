@@ -62,13 +62,11 @@ def call(
     poison: bool,
     in_place: tuple[int, ...] = (),
     num_stages: int = 1,
-    name: str | None = None,
 ):
     """Run `kernel(*input_refs, *output_refs)` over `grid`; every ref is the whole array (kernels index it).
     `in_place`: indices of inputs that are also outputs, after those of `out_shapes`, sharing the input's buffer
     (the kernel writes only what changes; XLA updates a donated buffer without a copy). `poison` fills the
-    `out_shapes` outputs with NaN first, so elements the kernel never writes show. `name` names the kernel in
-    profiles (default: the kernel function's)."""
+    `out_shapes` outputs with NaN first, so elements the kernel never writes show."""
     from jax.experimental.pallas import triton as plt
 
     n_in, n_out = len(inputs), len(out_shapes)
@@ -90,6 +88,5 @@ def call(
             out_shape=out_shapes,
             input_output_aliases=aliases,
             interpret=interpret,
-            name=name,
             compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         )(*inputs)
