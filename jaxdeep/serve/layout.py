@@ -13,8 +13,6 @@ to them for one token's decode (`with_shared_experts`).
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 from jax.experimental.layout import Format, Layout
@@ -167,8 +165,9 @@ def with_shared_experts(params, formats, n_shared: int):
 
     new_gu, new_down = [], []
     for layer, (gu, dn) in enumerate(zip(gate_up, down, strict=True)):
-        put = jax.jit(functools.partial(extend, layer), out_shardings=(gu.format, dn.format))
-        gu2, dn2 = put(gu, dn, shared["gate_proj"], shared["up_proj"], shared["down_proj"])
+        # The layer goes in as a value, not baked in: every layer reuses one compiled program.
+        put = jax.jit(extend, out_shardings=(gu.format, dn.format))
+        gu2, dn2 = put(jnp.int32(layer), gu, dn, shared["gate_proj"], shared["up_proj"], shared["down_proj"])
         new_gu.append(gu2), new_down.append(dn2)
         gu.delete(), dn.delete()
     mlp["experts"]["gate_up_proj"], mlp["experts"]["down_proj"] = new_gu, new_down
