@@ -211,13 +211,55 @@ def test_write_attend_latent_reads_nothing_past_the_position_nor_other_slots():
     np.testing.assert_array_equal(np.asarray(out2), np.asarray(out))
 
 
+def _kv_b(dtype, layers=2, width=32, heads=4, nope=24, values=32, seed=7):
+    """kv_b_proj's layer stack [layers, c, n, nope + values]."""
+    return jax.random.normal(jax.random.key(seed), (layers, width, heads, nope + values), jnp.float32).astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("context, chunk", [(300, 32), (300, 128), (1100, 32)])  # 10, 3 and 35 chunks a row
+def test_merge_values_matches_merge_then_value_projection(dtype, context, chunk):
+    """The latent kernel's partials merged and mapped through the layer's value columns of kv_b in a second
+    launch: the reference's output times those columns, for rows at a chunk's edge, mid-chunk, the cache's end and
+    idle; with 35 chunks the merge reads its partials in three groups."""
+    args = _latent_inputs(dtype, context=context)
+    stack = _kv_b(dtype)
+    positions = jnp.array([0, 32, 65, context - 1, context + 10], jnp.int32)
+    want, _, _ = write_attend_latent(*args, 1, positions, 0.2, impl="reference", values=(stack, 24))
+    attended, _, _ = latent.write_attend_reference(*args, 1, positions, 0.2)
+    by_hand = jnp.einsum("bnc,cnh->bnh", attended.astype(jnp.float32), stack[1, :, :, 24:].astype(jnp.float32))
+    atol = TOL[dtype] * float(jnp.abs(by_hand).max())
+    np.testing.assert_allclose(np.asarray(want, np.float32), np.asarray(by_hand), rtol=0, atol=atol)
+    got, _, _ = latent.write_attend(
+        *args, jnp.int32(1), positions, 0.2, interpret=True, poison=True, chunk=chunk, values=(stack, 24)
+    )
+    assert got.dtype == dtype and got.shape == (5, 4, 32) and not np.isnan(np.asarray(got, np.float32)).any()
+    atol = TOL[dtype] * float(jnp.abs(want.astype(jnp.float32)).max())
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=0, atol=atol)
+    # the other layer's columns give another answer: the kernel reads the stack at the layer it is given
+    other, _, _ = latent.write_attend(*args, jnp.int32(0), positions, 0.2, interpret=True, values=(stack, 24))
+    assert float(jnp.abs(other.astype(jnp.float32) - got.astype(jnp.float32)).max()) > 10 * atol
+
+
+def test_merge_values_bad_input():
+    args = _latent_inputs(jnp.float32, context=40)
+    positions = jnp.zeros(5, jnp.int32)
+    with pytest.raises(ValueError, match=r"kv_b stack \(2, 32, 3, 56\) does not hold"):
+        write_attend_latent(*args, 1, positions, 1.0, impl="interpret", values=(_kv_b(jnp.float32, heads=3), 24))
+    with pytest.raises(ValueError, match="does not hold"):
+        write_attend_latent(*args, 1, positions, 1.0, impl="interpret", values=(_kv_b(jnp.float32), 56))
+    with pytest.raises(ValueError, match="24 value columns do not split"):
+        write_attend_latent(*args, 1, positions, 1.0, impl="interpret", values=(_kv_b(jnp.float32, values=24), 24))
+
+
 def test_write_attend_latent_lowers_to_triton():
     """Sixteen heads and the DeepSeek widths (512 + 64) lower; four heads are padded to the products' sixteen."""
     for heads in (16, 4):
         args = _latent_inputs(jnp.bfloat16, slots=2, context=256, heads=heads, width=512, rope=64)
-        fused = lambda *a: latent.write_attend(*a, 0.1)  # noqa: E731
+        stack = _kv_b(jnp.bfloat16, width=512, heads=heads, nope=128, values=128)
+        fused = lambda *a: latent.write_attend(*a, 0.1, values=(stack, 128))  # noqa: E731
         lowered = jax.jit(fused).trace(*args, jnp.int32(0), jnp.zeros(2, jnp.int32)).lower(lowering_platforms=("cuda",))
-        assert "__gpu$xla.gpu.triton" in lowered.as_text()
+        assert lowered.as_text().count("__gpu$xla.gpu.triton") == 2  # attention, then merge and values
 
 
 def test_write_attend_latent_dispatch_and_bad_input():
@@ -307,7 +349,8 @@ def test_deepseek_decode_through_the_latent_kernel_matches_the_full_forward(mesh
     assert runner.decode_kernels == "interpret" and runner.attention_kernel_reason is None
     cache, tokens, positions, _ = _decode_matches_the_full_forward(loaded, runner, seed=2)
     traced = runner._decode.trace(runner.params, runner.model_state, cache, tokens, positions)
-    assert str(traced.jaxpr).count("pallas_call") == 2  # one per layer stack (dense, MoE), each a loop of layers
+    # per layer stack (dense, MoE; each a loop of layers): the latent kernel, then the merge with the values' product
+    assert str(traced.jaxpr).count("pallas_call") == 4
 
 
 def test_deepseek_decode_routes_through_the_kernel():
@@ -321,7 +364,7 @@ def test_deepseek_decode_routes_through_the_kernel():
     runner = ModelRunner.from_loaded(loaded, CacheGeometry(4, 40, 8), compiler_options=FAST)
     cache, tokens, positions, logits = _decode_matches_the_full_forward(loaded, runner, seed=3)
     traced = runner._decode.trace(runner.params, runner.model_state, cache, tokens, positions)
-    assert str(traced.jaxpr).count("pallas_call") == 3  # the latent kernel per layer stack, and the MoE's router
+    assert str(traced.jaxpr).count("pallas_call") == 5  # two attention kernels per layer stack, the MoE's router
     # One row, as a lone request decodes: the routing kernel and the shared experts in the routed stack.
     ds = loaded.cfg.model.deepseek
     experts = runner.params["moe_blocks"]["mlp"]["experts"]["gate_up_proj"][0].shape[0]
@@ -560,3 +603,12 @@ def test_write_attend_latent_kernel_on_gpu(dtype, rows):
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=0, atol=atol)
     np.testing.assert_array_equal(np.asarray(got_lat), np.asarray(want_lat))
     np.testing.assert_array_equal(np.asarray(got_rope), np.asarray(want_rope))
+    # with the merge and the value up-projection in the second kernel (32 chunks of 32 for one row: 2 groups)
+    stack = _kv_b(dtype, width=512, heads=16, nope=128, values=128)
+    want = latent.values_reference(want, stack, 1, 128)
+    got, _, _ = jax.jit(lambda *a: latent.write_attend(*a, 0.07, poison=True, values=(stack, 128)))(
+        *args, jnp.int32(1), positions
+    )
+    assert got.shape == (rows, 16, 128) and not np.isnan(np.asarray(got, np.float32)).any()
+    atol = TOL[dtype] * float(jnp.abs(want.astype(jnp.float32)).max())
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=0, atol=atol)

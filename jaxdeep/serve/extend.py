@@ -9,6 +9,8 @@ rewritten, because it reads the cache.
 
 from __future__ import annotations
 
+import functools
+
 import math
 
 import jax
@@ -192,16 +194,20 @@ def latent_kernel_reason(cfg) -> str | None:
     return reason
 
 
-def _write_attend_latent(q_bnc, qr_bnr, latent_bc, rope_br, cache: dict, layer, positions_b, scale, impl):
-    """`kernels.decode.write_attend_latent` on the layer's queries in latent space and its new cache entries.
-    Returns (out [b, n, c], cache)."""
+def _write_attend_latent(q_bnc, qr_bnr, latent_bc, rope_br, cache: dict, layer, positions_b, scale, impl, kv_b):
+    """`kernels.decode.write_attend_latent` on the layer's queries in latent space and its new cache entries, then
+    through the value up-projection: columns `offset` on of kv_b_proj's layer stack, `kv_b = (stack, offset)`, read
+    at the layer in place (a slice handed to a kernel would be copied first). Returns (out [b, n, h], cache)."""
+    stack, offset = kv_b
 
-    def run(q, qr, new_latent, new_rope, latent_cache, rope_cache, layer, positions):
-        return write_attend_latent(q, qr, new_latent, new_rope, latent_cache, rope_cache, layer, positions, scale, impl)
+    def run(q, qr, new_latent, new_rope, latent_cache, rope_cache, layer, positions, stack):
+        return write_attend_latent(
+            q, qr, new_latent, new_rope, latent_cache, rope_cache, layer, positions, scale, impl, (stack, offset)
+        )
 
     heads, rows = ("batch", "act_heads", None), ("batch", None)
-    in_axes = (heads, heads, rows, rows, kv.LATENT_AXES, kv.ROPE_AXES, None, ("batch",))
-    args = (q_bnc, qr_bnr, latent_bc, rope_br, cache["latent"], cache["k_rope"], layer, positions_b)
+    in_axes = (heads, heads, rows, rows, kv.LATENT_AXES, kv.ROPE_AXES, None, ("batch",), (None, None, "act_heads", None))
+    args = (q_bnc, qr_bnr, latent_bc, rope_br, cache["latent"], cache["k_rope"], layer, positions_b, stack)
     out, latent_cache, rope_cache = _per_shard(run, args, in_axes, (heads, kv.LATENT_AXES, kv.ROPE_AXES))
     return out, {"latent": latent_cache, "k_rope": rope_cache}
 
@@ -217,9 +223,10 @@ def _values_up(o_latent_btnc: jax.Array, w_uv_cnh: jax.Array) -> jax.Array:
     return o_nh[None, None].astype(jnp.result_type(o_latent_btnc, w_uv_cnh))
 
 
-def absorbed_mla(attn, h_btd, cache: dict, layer, positions_bt, slot_b, leading_slots: bool, rope):
+def absorbed_mla(attn, h_btd, cache: dict, layer, positions_bt, slot_b, leading_slots: bool, rope, kv_b_stack):
     """MLA on the latent cache with the key up-projection folded into the query and the value up-projection
-    applied after the weighted sum: scores = (q_nope·W_UK)·c + q_rope·k_rope, out = ((p·c)·W_UV)·W_O."""
+    applied after the weighted sum: scores = (q_nope·W_UK)·c + q_rope·k_rope, out = ((p·c)·W_UV)·W_O.
+    kv_b_stack: the stack's kv_b_proj, all layers, which decode's kernels read at `layer`."""
     cfg = attn.cfg
     ds, dt = cfg.deepseek, DTYPES[cfg.dtype]
     nope, c = ds.qk_nope_head_dim, ds.kv_lora_rank
@@ -242,11 +249,13 @@ def absorbed_mla(attn, h_btd, cache: dict, layer, positions_bt, slot_b, leading_
     kernels = decode_kernel()
     if h_btd.shape[1] == 1 and leading_slots and kernels != "xla" and latent_kernel_reason(cfg) is None:
         # decode: cache write and attention over the latent cache in one kernel
-        o_latent_bnc, cache = _write_attend_latent(
+        # decode: cache write and attention over the latent cache, then the chunks' merge and the value
+        # up-projection in a second kernel
+        o_bnh, cache = _write_attend_latent(
             q_latent_btnc[:, 0], q_rope_btnh[:, 0], latent_btc[:, 0], k_rope_btr[:, 0], cache, layer,
-            positions_bt[:, 0], attn.scale, kernels,
+            positions_bt[:, 0], attn.scale, kernels, (kv_b_stack, nope),
         )  # fmt: skip
-        o_latent_btnc = constrain(o_latent_bnc[:, None], HEADS)
+        o_btnh = constrain(o_bnh[:, None].astype(dt), HEADS)
     else:
         drop = not leading_slots  # decode (leading slots) clamps its idle slots' positions instead: see kv.write
         cache = {
@@ -259,7 +268,7 @@ def absorbed_mla(attn, h_btd, cache: dict, layer, positions_bt, slot_b, leading_
         scores = scores + jnp.einsum("btnr,bsr->bnts", q_rope_btnh, k_rope_bsr)
         probs = _softmax(constrain(scores * attn.scale, SCORES), _causal_mask(positions_bt, latent_bsc.shape[1]))
         o_latent_btnc = constrain(jnp.einsum("bnts,bsc->btnc", probs.astype(dt), latent_bsc), HEADS)
-    o_btnh = constrain(_values_up(o_latent_btnc, w_uv_cnh), HEADS)
+        o_btnh = constrain(_values_up(o_latent_btnc, w_uv_cnh), HEADS)
     return project("btnh,nhd->btd", o_btnh, attn.o_proj[...].astype(dt)), cache
 
 
@@ -270,9 +279,11 @@ def extend_deepseek(model, cache: dict, tokens_bt, positions_bt, slot_b, leading
     `latent_kernel_reason` finds nothing against it."""
     rope = _rope_tables_bt(positions_bt, model.cfg)
 
-    def layer_fn(block, x_btd, cache, layer):
+    def layer_fn(block, x_btd, cache, layer, kv_b_stack):
         h_btd = block.input_layernorm(x_btd)
-        attn_btd, cache = absorbed_mla(block.self_attn, h_btd, cache, layer, positions_bt, slot_b, leading_slots, rope)
+        attn_btd, cache = absorbed_mla(
+            block.self_attn, h_btd, cache, layer, positions_bt, slot_b, leading_slots, rope, kv_b_stack
+        )
         x_btd = constrain(x_btd + attn_btd, RESIDUAL)
         h_btd = block.post_attention_layernorm(x_btd)
         y_btd = block.mlp(h_btd)[0] if block.moe else block.mlp(h_btd)
@@ -282,7 +293,9 @@ def extend_deepseek(model, cache: dict, tokens_bt, positions_bt, slot_b, leading
     new_cache = {}
     for name in ("dense_blocks", "moe_blocks"):
         if name in cache:
-            x_btd, new_cache[name] = _scan_layers(getattr(model, name), x_btd, cache[name], layer_fn, unroll)
+            stack = getattr(model, name)
+            per_layer = functools.partial(layer_fn, kv_b_stack=stack.self_attn.kv_b_proj[...])
+            x_btd, new_cache[name] = _scan_layers(stack, x_btd, cache[name], per_layer, unroll)
     return x_btd, new_cache
 
 

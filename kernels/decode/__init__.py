@@ -90,14 +90,22 @@ def write_attend_latent(
     positions_b: jax.Array,
     scale: float,
     impl: str = "auto",
+    values: tuple[jax.Array, int] | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """A DeepSeek decode layer's absorbed MLA over the latent cache, row i for the caches' slot i (the first b):
     store the new latent [b, c] and rotated key part [b, r] at each row's position (clamped into the cache) and
     attend with the queries in latent space (q_latent [b, n, c], rotated q_rope [b, n, r];
     `latent.write_attend_reference`). Returns (out [b, n, c], latent_cache, rope_cache); the kernel updates the
-    caches in place."""
+    caches in place. `values`: (kv_b_proj's layer stack [layers, c, n, w], the first value column): the output
+    also goes through the layer's value up-projection, [b, n, w - that column] (`latent.values_reference`)."""
     args = (q_latent_bnc, q_rope_bnr, latent_bc, rope_br, latent_cache, rope_cache, layer, positions_b, scale)
-    return _dispatch("write_attend_latent", latent, args, (q_latent_bnc, q_rope_bnr, latent_cache, rope_cache), impl)
+    if resolve(impl) == "reference":
+        out, latent_cache, rope_cache = latent.write_attend_reference(*args)
+        if values is not None:
+            out = latent.values_reference(out, values[0], layer, values[1])
+        return out, latent_cache, rope_cache
+    check_args = (q_latent_bnc, q_rope_bnr, latent_cache, rope_cache)
+    return _dispatch("write_attend_latent", latent, args, check_args, impl, values=values)
 
 
 def route(logits_te: jax.Array, bias_e: jax.Array | None, k: int, scoring: str, impl: str = "auto"):

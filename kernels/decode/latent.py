@@ -164,9 +164,12 @@ def write_attend(
     chunk: int | None = None,
     block: int | None = None,
     num_warps: int = 4,
+    values: tuple | None = None,
 ):
     """`write_attend_reference` as one kernel launch; the caches are updated in place. Queries are used in the
-    cache's dtype (the tensor-core products take both operands alike); scores and sums are float32."""
+    cache's dtype (the tensor-core products take both operands alike); scores and sums are float32. `values`:
+    (kv_b stack [layers, c, n, w], the value columns' first index): the output then goes through the layer's
+    value up-projection in a second launch that also merges the chunks (`merge_values`), [b, n, w - offset]."""
     chunk = chunk or max(default_chunk(latent_cache.shape[2], q_bnc.shape[0]), block or 0)
     block = block or min(chunk, BLOCK)
     if chunk % block or not _pow2(block) or block < 16:  # the tensor-core products take 16 positions at least
@@ -200,5 +203,72 @@ def write_attend(
         interpret=interpret,
         poison=poison,
     )
-    out = runtime.merge_chunks(o, stats[:, :, 0], stats[:, :, 1], q_bnc.dtype)
-    return out[:, :n], latent_cache, rope_cache
+    if values is None:
+        out = runtime.merge_chunks(o, stats[:, :, 0], stats[:, :, 1], q_bnc.dtype)[:, :n]
+    else:
+        stack, offset = values
+        out = merge_values(o, stats, stack, layer, offset, n, q_bnc.dtype, interpret=interpret, poison=poison)
+    return out, latent_cache, rope_cache
+
+
+def values_reference(out_bnc, w_lcnw, layer, offset: int) -> jax.Array:
+    """Each head's latent output through its value up-projection, the columns from `offset` on of the layer's
+    kv_b weight [c, n, w] (the key's come before them), in float32: [b, n, w - offset]."""
+    w_cnh = lax.dynamic_index_in_dim(w_lcnw, layer, keepdims=False)[..., offset:].astype(jnp.float32)
+    return jnp.einsum("bnc,cnh->bnh", out_bnc.astype(jnp.float32), w_cnh).astype(out_bnc.dtype)
+
+
+def _values_kernel(layer_ref, o_ref, stats_ref, w_ref, out_ref, *, chunks, offset, tile, group):
+    # One program per (row, head, tile of output columns): merge the head's chunks into its [c] output, then
+    # multiply by the tile's columns of the value up-projection. Every tile of a head merges it again, from L2.
+    from jax.experimental.pallas import triton as plt
+
+    r, h, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    width = o_ref.shape[3]
+    every = pl.ds(0, pl.next_power_of_2(chunks))
+    mine = jnp.arange(every.size) < chunks
+    m_s = jnp.where(mine, plt.load(stats_ref.at[every, r, jnp.int32(0), h], mask=mine, other=0), -1e30)
+    top = jnp.max(m_s)
+    total = jnp.sum(jnp.exp(m_s - top) * plt.load(stats_ref.at[every, r, jnp.int32(1), h], mask=mine, other=0))
+
+    def add(i, acc):  # `group` chunks at a time, so a long row's partials need not sit in registers at once
+        span = pl.ds(i * group, group)
+        ours = i * group + jnp.arange(group) < chunks
+        m = plt.load(stats_ref.at[span, r, jnp.int32(0), h], mask=ours, other=-1e30)
+        o_sc = plt.load(o_ref.at[span, r, h, :], mask=jnp.broadcast_to(ours[:, None], (group, width)), other=0)
+        return acc + jnp.sum(jnp.exp(m - top)[:, None] * o_sc, axis=0)
+
+    o_c = lax.fori_loop(0, -(-chunks // group), add, jnp.zeros((width,), jnp.float32)) / total
+    w_ct = w_ref[layer_ref[0], :, h, pl.ds(offset + j * tile, tile)].astype(jnp.float32)
+    out_ref[r, h, pl.ds(j * tile, tile)] = jnp.sum(o_c[:, None] * w_ct, axis=0).astype(out_ref.dtype)
+
+
+VALUE_TILE = 32  # output columns per program: a lone row of 16 heads with 128-wide values launches 64 programs
+MERGE_GROUP = 16  # chunks of partials read at a time
+
+
+def merge_values(o_sbnc, stats_sb2n, w_lcnw, layer, offset: int, n: int, dtype, *, interpret=False, poison=False,
+                 tile: int | None = None, num_warps: int = 4):  # fmt: skip
+    """The kernel's chunk partials (o [chunks, b, heads, c], stats [chunks, b, 2, heads]: running max and sum)
+    merged and mapped through the value up-projection in one launch: `runtime.merge_chunks` then
+    `values_reference` on the first n heads of kv_b's stack `w_lcnw` [layers, c, n, w] at `layer`. Returns
+    [b, n, w - offset] in `dtype`."""
+    chunks, b, _, c = o_sbnc.shape
+    width = w_lcnw.shape[-1] - offset
+    tile = tile or min(VALUE_TILE, width)
+    if w_lcnw.ndim != 4 or w_lcnw.shape[1:3] != (c, n) or not 0 <= offset < w_lcnw.shape[-1]:
+        raise ValueError(
+            f"merge_values: kv_b stack {w_lcnw.shape} does not hold [layers, {c}, {n}, w] with columns past {offset}"
+        )
+    if width % tile or not _pow2(tile):
+        raise ValueError(f"merge_values: {width} value columns do not split into power-of-two tiles of {tile}")
+    (out,) = runtime.call(
+        functools.partial(_values_kernel, chunks=chunks, offset=offset, tile=tile, group=min(MERGE_GROUP, pl.next_power_of_2(chunks))),
+        grid=(b, n, width // tile),
+        inputs=(jnp.reshape(layer, (1,)).astype(jnp.int32), o_sbnc, stats_sb2n, w_lcnw),
+        out_shapes=(jax.ShapeDtypeStruct((b, n, width), dtype),),
+        num_warps=num_warps,
+        interpret=interpret,
+        poison=poison,
+    )
+    return out
