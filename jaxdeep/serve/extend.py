@@ -205,8 +205,8 @@ def _write_attend_latent(q_bnc, qr_bnr, latent_bc, rope_br, cache: dict, layer, 
             q, qr, new_latent, new_rope, latent_cache, rope_cache, layer, positions, scale, impl, (stack, offset)
         )
 
-    heads, rows = ("batch", "act_heads", None), ("batch", None)
-    in_axes = (heads, heads, rows, rows, kv.LATENT_AXES, kv.ROPE_AXES, None, ("batch",), (None, None, "act_heads", None))
+    heads, rows, stack_axes = ("batch", "act_heads", None), ("batch", None), (None, None, "act_heads", None)
+    in_axes = (heads, heads, rows, rows, kv.LATENT_AXES, kv.ROPE_AXES, None, ("batch",), stack_axes)
     args = (q_bnc, qr_bnr, latent_bc, rope_br, cache["latent"], cache["k_rope"], layer, positions_b, stack)
     out, latent_cache, rope_cache = _per_shard(run, args, in_axes, (heads, kv.LATENT_AXES, kv.ROPE_AXES))
     return out, {"latent": latent_cache, "k_rope": rope_cache}

@@ -262,8 +262,9 @@ def merge_values(o_sbnc, stats_sb2n, w_lcnw, layer, offset: int, n: int, dtype, 
         )
     if width % tile or not _pow2(tile):
         raise ValueError(f"merge_values: {width} value columns do not split into power-of-two tiles of {tile}")
+    group = min(MERGE_GROUP, pl.next_power_of_2(chunks))
     (out,) = runtime.call(
-        functools.partial(_values_kernel, chunks=chunks, offset=offset, tile=tile, group=min(MERGE_GROUP, pl.next_power_of_2(chunks))),
+        functools.partial(_values_kernel, chunks=chunks, offset=offset, tile=tile, group=group),
         grid=(b, n, width // tile),
         inputs=(jnp.reshape(layer, (1,)).astype(jnp.int32), o_sbnc, stats_sb2n, w_lcnw),
         out_shapes=(jax.ShapeDtypeStruct((b, n, width), dtype),),
