@@ -10,7 +10,6 @@ rewritten, because it reads the cache.
 from __future__ import annotations
 
 import functools
-
 import math
 
 import jax
