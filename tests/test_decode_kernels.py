@@ -257,8 +257,9 @@ def test_write_attend_latent_lowers_to_triton():
     for heads in (16, 4):
         args = _latent_inputs(jnp.bfloat16, slots=2, context=256, heads=heads, width=512, rope=64)
         stack = _kv_b(jnp.bfloat16, width=512, heads=heads, nope=128, values=128)
-        fused = lambda *a: latent.write_attend(*a, 0.1, values=(stack, 128))  # noqa: E731
-        lowered = jax.jit(fused).trace(*args, jnp.int32(0), jnp.zeros(2, jnp.int32)).lower(lowering_platforms=("cuda",))
+        fused = lambda *a: latent.write_attend(*a[:-1], 0.1, values=(a[-1], 128))  # noqa: E731
+        traced = jax.jit(fused).trace(*args, jnp.int32(0), jnp.zeros(2, jnp.int32), stack)
+        lowered = traced.lower(lowering_platforms=("cuda",))
         assert lowered.as_text().count("__gpu$xla.gpu.triton") == 2  # attention, then merge and values
 
 
