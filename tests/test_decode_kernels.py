@@ -241,6 +241,20 @@ def test_merge_values_matches_merge_then_value_projection(dtype, context, chunk)
     assert float(jnp.abs(other.astype(jnp.float32) - got.astype(jnp.float32)).max()) > 10 * atol
 
 
+def test_merge_values_past_value_rows_keeps_xla_merge(monkeypatch):
+    """More rows than `latent.VALUE_ROWS` merge in XLA and take a batched product: one kernel launch, not two, and
+    the same output."""
+    args = _latent_inputs(jnp.float32, context=100)
+    stack, positions = _kv_b(jnp.float32), jnp.array([0, 31, 32, 99, 120], jnp.int32)
+    want, _, _ = write_attend_latent(*args, 1, positions, 0.2, impl="reference", values=(stack, 24))
+    for rows, launches in ((5, 2), (4, 1)):
+        monkeypatch.setattr(latent, "VALUE_ROWS", rows)
+        run = lambda *a: latent.write_attend(*a, 0.2, interpret=True, values=(stack, 24))  # noqa: E731
+        assert str(jax.make_jaxpr(run)(*args, jnp.int32(1), positions)).count("pallas_call") == launches
+        got, _, _ = run(*args, jnp.int32(1), positions)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-5 * float(jnp.abs(want).max()))
+
+
 def test_merge_values_bad_input():
     args = _latent_inputs(jnp.float32, context=40)
     positions = jnp.zeros(5, jnp.int32)
