@@ -247,9 +247,12 @@ def _values_kernel(layer_ref, o_ref, stats_ref, w_ref, out_ref, *, chunks, offse
     out_ref[r, h, pl.ds(j * tile, tile)] = jnp.sum(o_c[:, None] * w_ct, axis=0).astype(out_ref.dtype)
 
 
-VALUE_TILE = 32  # output columns per program: a lone row of 16 heads with 128-wide values launches 64 programs
-# Rows up to this many merge and project in the kernel; more keep XLA's merge and a batched product, since every
-# program reads its tile of the weight again for each row (DeepSeek 2B at 16 rows on an H200: 1% slower).
+# Output columns per program: 32 for a lone row (16 heads of 128 values: 64 programs), 64 for more, so fewer
+# programs merge each head's partials again. Rows up to VALUE_ROWS merge and project in the kernel; more keep XLA's
+# merge and a batched product, since every program reads its tile of the weight again for each row. On an H200,
+# against XLA's chain (the latent kernel included): 0.80x at 1 row, 0.88x at 4, 0.86x at 8, 1.08x at 16
+# (experiments/benchmarks/RESULTS.md).
+VALUE_TILES = (32, 64)
 VALUE_ROWS = 8
 MERGE_GROUP = 16  # chunks of partials read at a time
 
@@ -262,7 +265,7 @@ def merge_values(o_sbnc, stats_sb2n, w_lcnw, layer, offset: int, n: int, dtype, 
     [b, n, w - offset] in `dtype`."""
     chunks, b, _, c = o_sbnc.shape
     width = w_lcnw.shape[-1] - offset
-    tile = tile or min(VALUE_TILE, width)
+    tile = tile or min(VALUE_TILES[b > 1], width)
     if w_lcnw.ndim != 4 or w_lcnw.shape[1:3] != (c, n) or not 0 <= offset < w_lcnw.shape[-1]:
         raise ValueError(
             f"merge_values: kv_b stack {w_lcnw.shape} does not hold [layers, {c}, {n}, w] with columns past {offset}"
