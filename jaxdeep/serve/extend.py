@@ -247,7 +247,6 @@ def absorbed_mla(attn, h_btd, cache: dict, layer, positions_bt, slot_b, leading_
     q_latent_btnc = constrain(jnp.einsum("btnh,cnh->btnc", q_nope_btnh, w_uk_cnh), HEADS)
     kernels = decode_kernel()
     if h_btd.shape[1] == 1 and leading_slots and kernels != "xla" and latent_kernel_reason(cfg) is None:
-        # decode: cache write and attention over the latent cache in one kernel
         # decode: cache write and attention over the latent cache, then the chunks' merge and the value
         # up-projection in a second kernel
         o_bnh, cache = _write_attend_latent(

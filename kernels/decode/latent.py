@@ -170,7 +170,7 @@ def write_attend(
     cache's dtype (the tensor-core products take both operands alike); scores and sums are float32. `values`:
     (kv_b stack [layers, c, n, w], the value columns' first index): the output then goes through the layer's
     value up-projection, [b, n, w - offset]; up to VALUE_ROWS rows in a second launch that also merges the chunks
-    (`merge_values`), more after XLA's merge (`values_reference`)."""
+    (`merge_values`, where `value_tile` finds a tile), more after XLA's merge (`values_reference`)."""
     chunk = chunk or max(default_chunk(latent_cache.shape[2], q_bnc.shape[0]), block or 0)
     block = block or min(chunk, BLOCK)
     if chunk % block or not _pow2(block) or block < 16:  # the tensor-core products take 16 positions at least
@@ -204,7 +204,7 @@ def write_attend(
         interpret=interpret,
         poison=poison,
     )
-    if values is not None and b <= VALUE_ROWS:
+    if values is not None and b <= VALUE_ROWS and value_tile(b, values[0].shape[-1] - values[1]):
         stack, offset = values
         out = merge_values(o, stats, stack, layer, offset, n, q_bnc.dtype, interpret=interpret, poison=poison)
         return out, latent_cache, rope_cache
@@ -257,15 +257,36 @@ VALUE_ROWS = 8
 MERGE_GROUP = 16  # chunks of partials read at a time
 
 
-def merge_values(o_sbnc, stats_sb2n, w_lcnw, layer, offset: int, n: int, dtype, *, interpret=False, poison=False,
-                 tile: int | None = None, num_warps: int = 4):  # fmt: skip
+def value_tile(rows: int, width: int) -> int | None:
+    """`merge_values`' output columns per program for these rows and value width: VALUE_TILES' choice, halved until
+    it divides the width; None below 8 columns (the width then keeps XLA's merge)."""
+    tile = VALUE_TILES[rows > 1]
+    while tile >= 8 and width % tile:
+        tile //= 2
+    return tile if tile >= 8 else None
+
+
+def merge_values(
+    o_sbnc,
+    stats_sb2n,
+    w_lcnw,
+    layer,
+    offset: int,
+    n: int,
+    dtype,
+    *,
+    interpret: bool = False,
+    poison: bool = False,
+    tile: int | None = None,
+    num_warps: int = 4,
+):
     """The kernel's chunk partials (o [chunks, b, heads, c], stats [chunks, b, 2, heads]: running max and sum)
     merged and mapped through the value up-projection in one launch: `runtime.merge_chunks` then
     `values_reference` on the first n heads of kv_b's stack `w_lcnw` [layers, c, n, w] at `layer`. Returns
-    [b, n, w - offset] in `dtype`."""
+    [b, n, w - offset] in `dtype`. `tile`: output columns per program (default `value_tile`)."""
     chunks, b, _, c = o_sbnc.shape
     width = w_lcnw.shape[-1] - offset
-    tile = tile or min(VALUE_TILES[b > 1], width)
+    tile = tile or value_tile(b, width) or width
     if w_lcnw.ndim != 4 or w_lcnw.shape[1:3] != (c, n) or not 0 <= offset < w_lcnw.shape[-1]:
         raise ValueError(
             f"merge_values: kv_b stack {w_lcnw.shape} does not hold [layers, {c}, {n}, w] with columns past {offset}"
