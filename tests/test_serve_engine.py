@@ -1118,6 +1118,29 @@ def test_hugging_face_directory_serves_the_same_tokens(models, tmp_path):
         same_eos.close()
 
 
+def test_byte_tokens_decode_equals_the_byte_tokenizer_between_placeholders():
+    # Random ids with eos (0), bytes of multi-byte characters and ids past the bytes: each run of bytes decodes as
+    # ByteTokenizer.decode decodes it (documents apart at eos), placeholders between them.
+    from jaxdeep.data.tokenizer import ByteTokenizer
+    from jaxdeep.serve.tokenizers import ByteTokens
+
+    decode, rng = ByteTokens().decode, np.random.default_rng(1)
+    for _ in range(200):
+        ids = [
+            int(i) for i in rng.choice([0, 97, 0xC3, 0xA9, 0xE2, 0x82, 0xAC, 0xFF, 300, 102399], rng.integers(0, 20))
+        ]
+        want, run = "", []
+        for i in [*ids, None]:
+            if i is None or i >= 256:
+                want += ByteTokenizer().decode(np.asarray(run, np.int64)) + ("" if i is None else f"<x{i}>")
+                run = []
+            else:
+                run.append(i)
+        assert decode(ids) == want, ids
+    with pytest.raises(ValueError, match="must be >= 0"):
+        decode([97, -1])
+
+
 def test_byte_tokens_decode_ids_past_the_bytes_as_placeholders():
     # A DeepSeek preset trained on bytes has a vocabulary far past 256; an untrained one samples such ids.
     from jaxdeep.serve.tokenizers import ByteTokens
