@@ -438,3 +438,45 @@ def test_chat_uses_the_models_own_template(tmp_path):
     body = {"messages": [{"role": "user", "content": [{"type": "text", "text": "w5 w6"}]}]}
     parsed = parse_request(body, "chat", HFTokens(tmp_path), stats)
     assert parsed.prompt_tokens == [1, 5, 6, 9]  # "user" is not a word of this vocabulary: unk (w1)
+
+
+def test_relay_delivers_every_event_in_order_with_few_wakeups():
+    """Events posted from another thread reach their queues on the loop in order, and a burst of them (a decode
+    step's tokens for many requests) wakes the loop far fewer times than it has events."""
+    import asyncio
+    import threading
+
+    from jaxdeep.serve.server import _Relay
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        wakeups = []
+
+        class Counting:  # the real loop, with its thread-safe calls counted
+            def call_soon_threadsafe(self, *args):
+                wakeups.append(1)
+                return loop.call_soon_threadsafe(*args)
+
+        async def queues():
+            return [asyncio.Queue() for _ in range(8)]
+
+        qs = asyncio.run_coroutine_threadsafe(queues(), loop).result()
+        relay = _Relay(Counting())
+        for step in range(50):  # 50 steps of 8 requests' tokens, posted back to back
+            for i, q in enumerate(qs):
+                relay.post(q, (step, i))
+
+        async def drained():
+            while sum(q.qsize() for q in qs) < 400:
+                await asyncio.sleep(0.001)
+            return [[q.get_nowait() for _ in range(q.qsize())] for q in qs]
+
+        got = asyncio.run_coroutine_threadsafe(drained(), loop).result(timeout=10)
+        assert got == [[(step, i) for step in range(50)] for i in range(8)]
+        assert 1 <= len(wakeups) < 400 / 4
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=5)
+        loop.close()

@@ -12,8 +12,9 @@ context, impossible sampling values); 404 `invalid_request_error`/`model_not_fou
 closed. A client that goes away before its answer is complete has its request cancelled in the engine, which
 frees its cache slot.
 
-The engine calls back from its own thread; each callback hands its event to the event loop through
-`loop.call_soon_threadsafe` into the request's `asyncio.Queue`.
+The engine calls back from its own thread; each callback hands its event to the event loop, into the request's
+`asyncio.Queue`, through one `_Relay` per server, which wakes the loop once for all the events posted before the
+loop gets to them (a step's tokens for every request), not once per event.
 """
 
 from __future__ import annotations
@@ -34,6 +35,31 @@ from jaxdeep.serve.metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
 DISCONNECT_POLL_S = 0.5  # how often a request waiting for events checks that its client is still there
+
+
+class _Relay:
+    """Events from the engine's thread to queues on the event loop, in order, with one `call_soon_threadsafe` for
+    all those posted before the loop takes them. One per event cost the engine's thread about 3.5 µs each on a CPU
+    host (224 µs for a step of 64 requests), each a write that wakes the loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self._loop = loop
+        self._lock = threading.Lock()
+        self._pending: list[tuple[asyncio.Queue, Any]] = []
+
+    def post(self, queue: asyncio.Queue, item: Any) -> None:  # engine thread
+        with self._lock:
+            self._pending.append((queue, item))
+            if len(self._pending) > 1:  # a flush is on its way and takes this one too
+                return
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the server is shutting down
+            self._loop.call_soon_threadsafe(self._flush)
+
+    def _flush(self) -> None:  # event loop
+        with self._lock:
+            pending, self._pending = self._pending, []
+        for queue, item in pending:
+            queue.put_nowait(item)
 
 
 class OpenAIServer:
@@ -113,13 +139,11 @@ class OpenAIServer:
                 code="model_not_found",
             )
 
-        loop = asyncio.get_running_loop()
         events: asyncio.Queue[tuple[float, TokenEvent]] = asyncio.Queue()
+        relay = self._relay
 
         def on_event(event: TokenEvent) -> None:  # engine thread
-            t = time.perf_counter()
-            with contextlib.suppress(RuntimeError):  # the loop is closed: the server is shutting down
-                loop.call_soon_threadsafe(events.put_nowait, (t, event))
+            relay.post(events, (time.perf_counter(), event))
 
         request_id = protocol.new_request_id(kind)
         try:
@@ -246,6 +270,7 @@ class OpenAIServer:
             return self._error(500, "internal server error", None, err_type="server_error")
 
     async def _background(self, app: web.Application):
+        self._relay = _Relay(asyncio.get_running_loop())
         task = asyncio.create_task(self._sample_batch_size())
         yield
         task.cancel()
