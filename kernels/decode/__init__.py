@@ -40,12 +40,9 @@ def resolve(impl: str) -> str:
     return impl
 
 
-def _dispatch(name: str, module, args, check_args, impl: str, **kernel_options):
-    """`module.write_attend_reference(*args)`, or its kernel (`module.write_attend`) where `impl` resolves to one;
-    a ValueError naming `name` when `module.check(*check_args)` finds shapes the kernel cannot take."""
-    impl = resolve(impl)
-    if impl == "reference":
-        return module.write_attend_reference(*args)
+def _kernel(name: str, module, args, check_args, impl: str, **kernel_options):
+    """`module.write_attend(*args)` for a resolved `impl` ("pallas" or "interpret"); a ValueError naming `name` when
+    `module.check(*check_args)` finds shapes the kernel cannot take."""
     reason = module.check(*check_args)
     if reason:
         raise ValueError(f"{name}: {reason}")
@@ -74,9 +71,10 @@ def write_attend(
     int32 [layers, b, n] zeros, which comes back zeroed: pass one call's to the next (None: the kernel makes
     one). The reference returns it as given, None included."""
     args = (q_bnh, k_bnh, v_bnh, cos_bh, sin_bh, k_cache, v_cache, layer, positions_b, scale)
-    if resolve(impl) == "reference":
+    impl = resolve(impl)
+    if impl == "reference":
         return (*attention.write_attend_reference(*args), arrivals)
-    return _dispatch("write_attend", attention, args, (q_bnh, k_cache, v_cache), impl, arrivals=arrivals)
+    return _kernel("write_attend", attention, args, (q_bnh, k_cache, v_cache), impl, arrivals=arrivals)
 
 
 def write_attend_latent(
@@ -99,13 +97,14 @@ def write_attend_latent(
     caches in place. `values`: (kv_b_proj's layer stack [layers, c, n, w], the first value column): the output
     also goes through the layer's value up-projection, [b, n, w - that column] (`latent.values_reference`)."""
     args = (q_latent_bnc, q_rope_bnr, latent_bc, rope_br, latent_cache, rope_cache, layer, positions_b, scale)
-    if resolve(impl) == "reference":
+    impl = resolve(impl)
+    if impl == "reference":
         out, latent_cache, rope_cache = latent.write_attend_reference(*args)
         if values is not None:
             out = latent.values_reference(out, values[0], layer, values[1])
         return out, latent_cache, rope_cache
     check_args = (q_latent_bnc, q_rope_bnr, latent_cache, rope_cache)
-    return _dispatch("write_attend_latent", latent, args, check_args, impl, values=values)
+    return _kernel("write_attend_latent", latent, args, check_args, impl, values=values)
 
 
 def route(logits_te: jax.Array, bias_e: jax.Array | None, k: int, scoring: str, impl: str = "auto"):
