@@ -204,9 +204,11 @@ def write_attend(
         interpret=interpret,
         poison=poison,
     )
-    if values is not None and b <= VALUE_ROWS and value_tile(b, values[0].shape[-1] - values[1]):
-        stack, offset = values
-        out = merge_values(o, stats, stack, layer, offset, n, q_bnc.dtype, interpret=interpret, poison=poison)
+    tile = value_tile(b, values[0].shape[-1] - values[1]) if values is not None and b <= VALUE_ROWS else None
+    if tile:  # the merge and the value up-projection in a second launch
+        out = merge_values(
+            o, stats, values[0], layer, values[1], n, q_bnc.dtype, interpret=interpret, poison=poison, tile=tile
+        )
         return out, latent_cache, rope_cache
     out = runtime.merge_chunks(o, stats[:, :, 0], stats[:, :, 1], q_bnc.dtype)[:, :n]
     if values is not None:
