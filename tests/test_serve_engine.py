@@ -186,12 +186,21 @@ def test_one_sequence_decode_matches_full_forward(served, decode_layout):
         loaded, CacheGeometry(1, CONTEXT, CHUNK), compiler_options=FAST, decode_layout=decode_layout
     )
     assert runner.relaid == (("projections", "experts") if decode_layout else ())
-    params = runner.params
-    wo = params["blocks"]["attn"]["wo"] if kind == "dense" else params["moe_blocks"]["self_attn"]["o_proj"]
-    assert wo.format.layout.major_to_minor == ((0, 3, 1, 2) if decode_layout else (0, 1, 2, 3))
+    params, model = runner.params, loaded.params
+    # Re-laid weights are held transposed into their serving order, in the default layout (layout.in_default_layout).
+    wo, wo_model = (
+        (params["blocks"]["attn"]["wo"], model["blocks"]["attn"]["wo"])
+        if kind == "dense"
+        else (params["moe_blocks"]["self_attn"]["o_proj"], model["moe_blocks"]["self_attn"]["o_proj"])
+    )
+    assert wo.format.layout.major_to_minor == (0, 1, 2, 3)
+    order = (0, 3, 1, 2) if decode_layout else (0, 1, 2, 3)
+    np.testing.assert_array_equal(np.asarray(wo), np.asarray(wo_model).transpose(order))
     if kind == "deepseek":  # the router's [embed, experts] weight too: one token's logits are row reductions
         router = params["moe_blocks"]["mlp"]["gate"]["weight"]
-        assert router.format.layout.major_to_minor == ((0, 2, 1) if decode_layout else (0, 1, 2))
+        assert router.shape == tuple(
+            np.asarray(model["moe_blocks"]["mlp"]["gate"]["weight"].shape)[[0, 2, 1] if decode_layout else [0, 1, 2]]
+        )
         ds, experts = loaded.cfg.model.deepseek, params["moe_blocks"]["mlp"]["experts"]["gate_up_proj"]
         stacked = [e.shape[0] for e in experts] if decode_layout else [experts.shape[1]]
         assert set(stacked) == {ds.n_routed_experts + (ds.n_shared_experts if decode_layout else 0)}
@@ -216,13 +225,15 @@ def test_grouped_kernel_reads_the_relaid_experts_in_place():
     runner = ModelRunner.from_loaded(loaded, CacheGeometry(2, CONTEXT, CHUNK), compiler_options=FAST)
     assert runner.relaid == ("projections", "experts")
     gate_up = runner.params["moe_blocks"]["mlp"]["experts"]["gate_up_proj"]  # per layer (layout.split_layers)
-    assert len(gate_up) == 2 and all(g.format.layout.major_to_minor == (0, 2, 3, 1) for g in gate_up)  # d minor
+    # each held as its serving order [E, 2, f, d] (d minor) in the default layout (layout.in_default_layout)
+    assert len(gate_up) == 2 and all(g.format.layout.major_to_minor == (0, 1, 2, 3) for g in gate_up)
+    gate_up = [np.asarray(g).transpose(0, 3, 1, 2) for g in gate_up]  # back to [E, d, 2, f]
     stacked = loaded.params["moe_blocks"]["mlp"]["experts"]["gate_up_proj"]
     n_routed = stacked.shape[1]  # the shared experts follow the routed ones (layout.with_shared_experts)
-    np.testing.assert_array_equal(np.stack([np.asarray(g)[:n_routed] for g in gate_up]), np.asarray(stacked))
+    np.testing.assert_array_equal(np.stack([g[:n_routed] for g in gate_up]), np.asarray(stacked))
     shared_gate = np.asarray(loaded.params["moe_blocks"]["mlp"]["shared_experts"]["gate_proj"])  # [L, d, n_s * f]
     f = stacked.shape[-1]
-    np.testing.assert_array_equal(np.asarray(gate_up[1])[n_routed, :, 0], shared_gate[1][:, :f])
+    np.testing.assert_array_equal(gate_up[1][n_routed, :, 0], shared_gate[1][:, :f])
     unsplit = ModelRunner.from_loaded(loaded, CacheGeometry(2, CONTEXT, CHUNK), decode_layout=False)
     assert unsplit.params["moe_blocks"]["mlp"]["experts"]["gate_up_proj"] is stacked  # the caller's: never twice
     prompt = _prompt(10, 9)

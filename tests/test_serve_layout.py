@@ -11,6 +11,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 from jaxdeep.model.matmul import project, serving_layout, single_row_product
 from jaxdeep.serve.layout import (
     decode_formats,
+    from_default_layout,
+    in_default_layout,
     inputs_minor,
     relaid_groups,
     split_layers,
@@ -216,3 +218,32 @@ def test_split_layers_gives_each_layer_its_experts_in_their_own_buffer():
     want = product(jax.tree.map(np.asarray, tree))
     got = jax.jit(product, in_shardings=(split_formats,))(split)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want))
+
+
+def test_in_default_layout_holds_the_same_bytes_transposed_and_a_step_gets_them_back():
+    """Re-laid weights become their transposes into the serving order, in the default layout (a jitted call then
+    checks no layout on the host), split layers included; a step transposes them back and computes the same."""
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("x",))
+    tree = {
+        "blocks": {
+            "attn": {"wq": jnp.arange(2 * 4 * 3 * 2.0).reshape(2, 4, 3, 2)},
+            "norm": {"scale": jnp.ones((2, 4))},
+        },
+        "moe_blocks": {"mlp": {"experts": {"down_proj": jnp.arange(3 * 2 * 4 * 5.0).reshape(3, 2, 4, 5)}}},
+    }
+    tree = jax.device_put(tree, NamedSharding(mesh, PartitionSpec("x")))
+    relaid, formats = to_decode_layout(tree)
+    relaid, formats = split_layers(relaid, formats)
+    caller = tree["blocks"]["norm"]["scale"]
+    held, shardings, perms = in_default_layout(relaid, formats, keep={id(caller)})
+    wq = held["blocks"]["attn"]["wq"]
+    assert wq.format.layout.major_to_minor == (0, 1, 2, 3) and wq.shape == (2, 3, 2, 4)  # [L, n, h, d]: d minor
+    assert wq.sharding.spec == PartitionSpec("x", None, None, None) == shardings["blocks"]["attn"]["wq"].spec
+    np.testing.assert_array_equal(np.asarray(wq), np.asarray(tree["blocks"]["attn"]["wq"]).transpose(0, 2, 3, 1))
+    assert perms["blocks"]["attn"]["wq"] == (0, 3, 1, 2) and perms["blocks"]["norm"]["scale"] is None
+    assert held["blocks"]["norm"]["scale"] is caller and not caller.is_deleted()
+    assert relaid["blocks"]["attn"]["wq"].is_deleted()  # the re-laid copy is freed once held
+    assert [p for p in perms["moe_blocks"]["mlp"]["experts"]["down_proj"]] == [(0, 2, 1)] * 3
+    logical = jax.jit(lambda t: stacked_layers(from_default_layout(t, perms)), in_shardings=(shardings,))(held)
+    for got, want in zip(jax.tree.leaves(logical), jax.tree.leaves(tree), strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

@@ -144,6 +144,39 @@ def stacked_layers(params):
     return jax.tree.map(lambda a: jnp.stack(a) if _is_layers(a) else a, params, is_leaf=_is_layers)
 
 
+def in_default_layout(params, formats, keep=frozenset()):
+    """(params, in_shardings, perms) with each leaf in a layout other than the default replaced by its transpose
+    into that layout's dimension order: the same bytes, now in the default layout, sharded alike. `perms` holds, for
+    `from_default_layout` inside a jitted step, each such leaf's permutation back (None elsewhere). JAX's dispatch
+    calls back into Python for every argument in another layout, on every call (about 1 µs each on an H200's host,
+    JAX 0.11.2: experiments/benchmarks/RESULTS.md); in the default layout it does not. Each original is freed,
+    but those in `keep` (ids of arrays the caller still owns)."""
+
+    def one(leaf, fmt):
+        order = tuple(leaf.format.layout.major_to_minor)
+        if order == tuple(range(leaf.ndim)):
+            return leaf, fmt, None
+        sharding = leaf.sharding
+        if isinstance(sharding, NamedSharding):
+            spec = tuple(sharding.spec) + (None,) * (leaf.ndim - len(sharding.spec))
+            sharding = NamedSharding(sharding.mesh, PartitionSpec(*(spec[d] for d in order)))
+        stored = jax.jit(lambda a: jnp.transpose(a, order), out_shardings=sharding)(leaf)
+        if id(leaf) not in keep:
+            leaf.delete()
+        return stored, sharding, tuple(order.index(d) for d in range(leaf.ndim))
+
+    triples = jax.tree.map(one, params, formats)
+    is_triple = lambda x: isinstance(x, tuple) and len(x) == 3 and isinstance(x[0], jax.Array)  # noqa: E731
+    return tuple(jax.tree.map(lambda t, i=i: t[i], triples, is_leaf=is_triple) for i in range(3))
+
+
+def from_default_layout(params, perms):
+    """`in_default_layout`'s params in their logical order again (inside a jitted step XLA folds these transposes
+    into the layout, so no weight moves)."""
+    back = lambda perm, a: a if perm is None else jnp.transpose(a, perm)  # noqa: E731
+    return jax.tree.map(back, perms, params, is_leaf=lambda x: x is None or isinstance(x, tuple))
+
+
 def with_shared_experts(params, formats, n_shared: int):
     """(params, formats) with each MoE layer's shared experts appended to its routed experts' stack as `n_shared`
     more experts (the shared hidden units cut into n_shared experts' widths; SwiGLU acts unit by unit, so the sum

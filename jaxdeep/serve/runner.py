@@ -24,7 +24,15 @@ from jaxdeep.model import KernelChoice
 from jaxdeep.model.matmul import decode_kernels, serving_layout
 from jaxdeep.serve import cache as kv
 from jaxdeep.serve.extend import latent_kernel_reason, model_functions
-from jaxdeep.serve.layout import relaid_groups, split_layers, stacked_layers, to_decode_layout, with_shared_experts
+from jaxdeep.serve.layout import (
+    from_default_layout,
+    in_default_layout,
+    relaid_groups,
+    split_layers,
+    stacked_layers,
+    to_decode_layout,
+    with_shared_experts,
+)
 from jaxdeep.serve.sampling import MODES, sample, sample_rows
 from jaxdeep.sharding import use_rules
 from kernels.decode import resolve
@@ -147,6 +155,9 @@ class ModelRunner:
             params, param_sh = split_layers(params, param_sh, keep=callers)
             if "experts" in self.relaid and cfg.model.kind == "deepseek" and mesh.size == 1:
                 params, param_sh = with_shared_experts(params, param_sh, cfg.model.deepseek.n_shared_experts)
+        # Held in the default layout, so that no launch pays for their layout on the host (layout.py).
+        params, param_sh, perms = in_default_layout(params, param_sh, keep=callers)
+        logical = lambda params: stacked_layers(from_default_layout(params, perms))  # noqa: E731
         self.params, self.model_state = params, model_state
         self.layout = kv.cache_layout(cfg.model, geometry.num_slots, geometry.max_context)
         self.cache_shardings = kv.cache_shardings(self.layout, self.rules, mesh)
@@ -159,7 +170,7 @@ class ModelRunner:
 
         def prefill(params, model_state, cache, tokens_pt, slot_p, start_p, n_valid_p):
             with use_rules(pre_rules, mesh), serving_layout(self.relaid):
-                model = merge(stacked_layers(params), model_state)
+                model = merge(logical(params), model_state)
                 positions_pt = start_p[:, None] + jnp.arange(chunk, dtype=jnp.int32)
                 x_ptd, cache = extend(
                     model, cache, tokens_pt, positions_pt, slot_p, leading_slots=False, unroll=unroll_layers
@@ -170,7 +181,7 @@ class ModelRunner:
 
         def decode(params, model_state, cache, tokens_b, positions_b):
             with use_rules(self.rules, mesh), serving_layout(self.relaid), decode_kernels(self.decode_kernels):
-                model = merge(stacked_layers(params), model_state)
+                model = merge(logical(params), model_state)
                 slot_b = jnp.arange(tokens_b.shape[0], dtype=jnp.int32)
                 x_btd, cache = extend(
                     model,
