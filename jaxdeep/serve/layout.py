@@ -8,7 +8,9 @@ shardings and the model code stay as they are, and XLA adapts its prefill GEMMs 
 experts' grouped Triton matmul reads them transposed, in place. FP8 weights, which other kernels read row-major,
 are left as they are (`relaid_groups`). The routed experts may also be split into one array per layer
 (`split_layers`), which the serving runner stacks again inside its jitted steps, and the shared experts appended
-to them for one token's decode (`with_shared_experts`).
+to them for one token's decode (`with_shared_experts`). The runner finally holds every re-laid weight transposed
+into its physical order, in the default layout (`in_default_layout`), which JAX dispatches without a call into
+Python per weight; its steps transpose them back (`from_default_layout`) and XLA folds that into the layout.
 """
 
 from __future__ import annotations
