@@ -403,6 +403,31 @@ def test_engine_greedy_is_argmax_of_full_forward(served):
         assert argmax.tolist() == generated
 
 
+def test_runner_holds_no_mtp_weights_and_decodes_as_the_model():
+    """A DeepSeek model with an MTP module: serving never runs it, so the runner neither holds nor passes its weights
+    (`runner.serving_params`); handed over, they are freed; greedy decode is still the full forward's argmax."""
+    cfg = load_config(EXPERIMENTS / "deepseek_tiny.yaml", [*DEEPSEEK, "model.deepseek.num_nextn_predict_layers=1"])
+    loaded = from_config(cfg, compiler_options=FAST)
+    mtp = jax.tree.leaves(loaded.params["mtp"])
+    assert mtp
+    forward = jax.jit(lambda p, s, t: loaded.merge(p, s)(t), compiler_options=FAST)
+    prompt = _prompt(6, 21)
+    engine = _engine(loaded)
+    try:
+        assert "mtp" not in engine.runner.params and not any(a.is_deleted() for a in mtp)  # the caller's still
+        out = engine.generate(GenerationRequest("m", prompt, _greedy(8)), timeout=120)
+    finally:
+        engine.close()
+    generated = out.tokens + ([0] if out.finish_reason == "stop" else [])
+    full = np.asarray(forward(loaded.params, loaded.model_state, np.asarray([prompt + generated])))[0]
+    assert full[len(prompt) - 1 : len(prompt) - 1 + len(generated)].argmax(-1).tolist() == generated
+    owned = _engine(loaded, own_params=True)  # the engine takes the tree over
+    try:
+        assert all(a.is_deleted() for a in mtp)
+    finally:
+        owned.close()
+
+
 def test_chunked_prefill_equals_one_shot(served):
     _, loaded, engine, _ = served
     prompt = _prompt(21, 4)
