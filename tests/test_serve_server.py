@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 from types import SimpleNamespace
 from urllib.parse import urlparse
 
@@ -19,9 +20,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from jaxdeep import cli
-from jaxdeep.serve.api import EngineStats
+from jaxdeep.serve.api import EngineStats, GenerationRequest, SamplingParams
 from jaxdeep.serve.metrics import ServerMetrics
 from jaxdeep.serve.protocol import apply_chat_template
+from jaxdeep.serve.server import BackgroundServer, OpenAIServer
 from tests.helpers import TINY
 from tests.serve_fixtures import (
     MAX_CONTEXT,
@@ -254,6 +256,31 @@ def test_client_that_disconnects_frees_its_slot(server, model, stream):
     sock.close()
     wait_for(lambda: engine.stats().running == 0, timeout=10, what="the slot to be freed")
     assert scrape(server)["jaxdeep:request_success_total{finished_reason=abort}"] == aborts + 1
+
+
+def test_a_waiting_request_whose_client_goes_leaves_the_queue_without_handler_cancellation(server, model):
+    """With aiohttp's handler cancellation off, nothing cancels a handler whose client has gone: a request waiting for
+    a slot gets no events, and only its watchdog (`server._watch`) notices and cancels it in the engine."""
+    engine = server.server.engine
+    _wait_idle(engine)
+    plain = BackgroundServer(OpenAIServer(engine), handler_cancellation=False)
+    host, port = urlparse(plain.url).hostname, urlparse(plain.url).port
+    held = threading.Event()
+    holders = [GenerationRequest(f"holder{i}", [1, 2, 3], SamplingParams(max_tokens=8)) for i in range(NUM_SLOTS)]
+    try:
+        for r in holders:  # the engine's thread waits in their first token's callback: the slots stay taken
+            engine.submit(r, lambda event: held.wait(30))
+        wait_for(lambda: engine.stats().running == NUM_SLOTS, what="every slot taken")
+        waiting = _request(host, port, _long(model))
+        wait_for(lambda: engine.stats().waiting == 1, what="a waiting request")
+        waiting.close()
+        wait_for(lambda: engine.stats().waiting == 0, timeout=5, what="the waiting request cancelled")
+    finally:
+        held.set()
+        for r in holders:
+            engine.cancel(r.request_id)
+        _wait_idle(engine)
+        plain.close()
 
 
 def test_full_queue_answers_429(server, model):
