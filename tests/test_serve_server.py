@@ -471,7 +471,6 @@ def test_relay_delivers_every_event_in_order_with_one_wakeup_per_burst():
     """Events posted from another thread reach their queues on the loop in order, and a burst of them posted while
     the loop is busy (a decode step's tokens for many requests, while the loop serves others) wakes it once."""
     import asyncio
-    import threading
 
     from jaxdeep.serve.server import _Relay
 

@@ -196,8 +196,7 @@ class OpenAIServer:
         if event is _GONE:
             raise ConnectionResetError("the client disconnected")
         tracker.record(t, event)
-        transport = request.transport
-        if transport is None or transport.is_closing():
+        if _client_gone(request):
             raise ConnectionResetError("the client disconnected")
         return event
 
@@ -296,10 +295,14 @@ async def _watch(request: web.Request, events: asyncio.Queue) -> None:
     queue, which wakes its handler."""
     while True:
         await asyncio.sleep(DISCONNECT_POLL_S)
-        transport = request.transport
-        if transport is None or transport.is_closing():
+        if _client_gone(request):
             events.put_nowait((time.perf_counter(), _GONE))
             return
+
+
+def _client_gone(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
 
 
 class _Tracker:
