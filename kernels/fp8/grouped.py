@@ -27,11 +27,12 @@ GEMM (`reference.scaled_matmul`) only approximates on hardware with a narrower a
 float32 rounding (~1e-7 relative), far under E4M3's 2^-4.
 
 `impl` (as `kernels.fp8.fp8_linear`: "auto" takes the Triton kernels on a CUDA GPU with jax-triton): with the
-kernels, Fprop and Dgrad run on the grouped block-scaled GEMM `launch.scaled_gmm`, which keeps the FP8 operands
-and applies the scales per 128-chunk (the same products; sums in another order). Both read the weight K-major:
-Fprop a transposed copy [E, N, K], Dgrad the saved wq [E, K, N] as stored (it reduces over N). The Wgrad runs
-on kernels.gmm's weight-gradient kernel in bf16 over the same FP8-rounded operands (`scaled_gmm` has no
-token-contracting form; the bf16 copy rounds each value once more, by at most 2^-8 relative).
+kernels every GEMM keeps its FP8 operands and applies the scales per 128-chunk (the same products; sums in
+another order). Fprop and Dgrad run on the grouped block-scaled GEMM `launch.scaled_gmm`, both reading the
+weight K-major: Fprop a transposed copy [E, N, K], Dgrad the saved wq [E, K, N] as stored (it reduces over N).
+The Wgrad runs on `launch.scaled_gmm_wgrad`, which reduces over each group's tokens with both operands tiled and
+stored along the tokens, as the linear layer's quantisers write them (`requantize_cols` from the saved FP8 x,
+`quantize_rows_and_cols` for dy in both layouts from one read).
 
 Saved for the backward: the FP8 activation and its tile scales, the FP8 weights and their block scales, and
 the group sizes; never the high-precision activation. `fp8_cached_gmm(fn, xs, rhs, group_sizes)` is
@@ -54,7 +55,6 @@ import jax.numpy as jnp
 from kernels.fp8 import _runner, cached, launch
 from kernels.fp8.cached import times_rows
 from kernels.fp8.quantize import dequantize_blocks, dequantize_tiles, quantize_blocks, quantize_tiles
-from kernels.gmm import launch as gmm_launch
 from kernels.gmm.batching import mapped
 from kernels.gmm.ops import check_shapes
 from kernels.triton_runtime import varying_like
@@ -62,7 +62,6 @@ from kernels.triton_runtime import varying_like
 __all__ = ["fp8_cached_gmm", "fp8_gmm", "quantize_expert_blocks", "dequantize_expert_blocks"]
 
 F32 = jnp.float32
-BF16 = jnp.bfloat16
 HIGHEST = jax.lax.Precision.HIGHEST
 
 # Wgrad: contract the (ragged) token axis of lhs [T, K] with dy [T, N]; the result gets a group axis [E, K, N].
@@ -101,12 +100,6 @@ def _scaled_by_group(runner: str, out_dtype):
     `out_dtype`, rounded from the float32 sums by the kernel (to nearest on a GPU; a float32 result and a cast
     would write and read it twice more)."""
     return mapped(partial(launch.scaled_gmm, out_dtype=out_dtype, rhs_transposed=True, runner=runner))
-
-
-def _wgrad_by_group(a_tk, b_tn, group_sizes, runner: str):
-    """Sum over each group's rows of a^T b: [T, K] and [T, N] bf16 -> float32 [E, K, N] (kernels.gmm's kernel)."""
-    wgrad = partial(gmm_launch.gmm_drhs, groups=group_sizes.shape[0], out_dtype=F32, runner=runner)
-    return mapped(wgrad)(a_tk, b_tn, group_sizes)
 
 
 def fp8_gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, out_dtype=None, impl: str = "auto") -> jax.Array:
@@ -151,32 +144,44 @@ def _forward(lhs, rhs, group_sizes, dtypes, runner):
 def _backward(dtypes, runner, residuals, dy):
     x_dtype, w_dtype, _ = dtypes
     xq, x_scales, wq, w_scales, group_sizes = residuals
-    x_hat = dequantize_tiles(xq, x_scales)  # re-tiled along the tokens by `_grads`: a second rounding
-    dx, dw = _grads(x_hat, wq, w_scales, group_sizes, dy, x_dtype, runner)
+    if runner is None:  # x re-tiled along the tokens by `_reference_grads`: a second rounding
+        dx, dw = _reference_grads(dequantize_tiles(xq, x_scales), wq, w_scales, group_sizes, dy)
+    else:
+        dx, dw = _kernel_grads(launch.requantize_cols, (xq, x_scales), wq, w_scales, group_sizes, dy, x_dtype, runner)
     return dx.astype(x_dtype), dw.astype(w_dtype), None
 
 
-def _grads(x, wq, w_scales, group_sizes, dy, dx_dtype, runner):
-    """(dx, float32 dw) of the grouped product from dy, the forward's FP8 weight, and its input x [T, K] in high
-    precision, which the Wgrad quantises in 128 x 1 tiles along the tokens."""
+def _reference_grads(x, wq, w_scales, group_sizes, dy):
+    """(dx, float32 dw) of the grouped product in pure JAX, from dy, the forward's FP8 weight, and its input x
+    [T, K] in high precision, which the Wgrad quantises in 128 x 1 tiles along the tokens."""
     dy = dy.astype(F32)
-
     # Dgrad: reduce over N, the forward's FP8 weight transposed (what 128 x 128 blocks of w_e^T would give).
     dyq, dy_scales = quantize_tiles(dy)  # 1 x 128 tiles along N
-    if runner is None:
-        w_t_hat = dequantize_expert_blocks(wq, w_scales).transpose(0, 2, 1)
-        dx = _rows_by_group(dequantize_tiles(dyq, dy_scales), w_t_hat, group_sizes)
-    else:  # wq [E, K, N] as stored is already K-major for this GEMM (it reduces over N), and so are its scales
-        dx = _scaled_by_group(runner, jnp.dtype(dx_dtype))(dyq, dy_scales, wq, w_scales, group_sizes)
-
+    w_t_hat = dequantize_expert_blocks(wq, w_scales).transpose(0, 2, 1)
+    dx = _rows_by_group(dequantize_tiles(dyq, dy_scales), w_t_hat, group_sizes)
     # Wgrad: reduce over each group's tokens, both operands in 128 x 1 tiles along the tokens of the whole buffer.
     xt_hat = dequantize_tiles(*quantize_tiles(x.T)).T  # [T, K], scales per 128 tokens per column
     dyt_hat = dequantize_tiles(*quantize_tiles(dy.T)).T  # [T, N]
-    if runner is None:
-        dw = _tokens_by_group(xt_hat, dyt_hat, group_sizes)
-    else:  # no FP8 kernel reduces over tokens yet: the bf16 grouped kernel on the FP8-rounded values (README.md)
-        dw = _wgrad_by_group(xt_hat.astype(BF16), dyt_hat.astype(BF16), group_sizes, runner)
-    return dx, dw
+    return dx, _tokens_by_group(xt_hat, dyt_hat, group_sizes)
+
+
+def _kernel_grads(retile, x_parts, wq, w_scales, group_sizes, dy, dx_dtype, runner: str):
+    """`_reference_grads` on the kernels, with the same quantised operands (bit for bit): `retile(*x_parts)` gives
+    the forward's input in 128 x 1 tiles along the tokens, stored transposed [K, T] (`launch.requantize_cols`
+    from its FP8 1 x 128 tiles, `launch.quantize_cols` from high precision); dy is quantised in both layouts from
+    one read. Dgrad runs on `scaled_gmm` (wq [E, K, N] as stored is K-major for a reduction over N), Wgrad on
+    `scaled_gmm_wgrad`: every GEMM in FP8."""
+
+    def grads(*args):
+        *x_args, wq, w_scales, group_sizes, dy = args
+        xtq, xts = retile(*x_args, runner=runner)
+        dyq, dy_scales, dytq, dyt_scales = launch.quantize_rows_and_cols(dy, runner=runner)
+        dx = launch.scaled_gmm(
+            dyq, dy_scales, wq, w_scales, group_sizes, out_dtype=dx_dtype, rhs_transposed=True, runner=runner
+        )
+        return dx, launch.scaled_gmm_wgrad(xtq, xts, dytq, dyt_scales, group_sizes, runner=runner)
+
+    return mapped(grads)(*x_parts, wq, w_scales, group_sizes, dy)
 
 
 _fp8_gmm.defvjp(_forward, _backward)
@@ -229,7 +234,11 @@ def _cached_gmm_backward(fn, dtypes, out_dtype, runner, saved, dy):
     x_dtypes, a_dtype, w_dtype = dtypes
     quantized, scale, wq, w_scales, group_sizes = saved
     a32, vjp = cached.dequantized_vjp(fn, quantized, scale)
-    da, dw = _grads(a32.astype(a_dtype), wq, w_scales, group_sizes, dy, a_dtype, runner)
+    a = a32.astype(a_dtype)
+    if runner is None:
+        da, dw = _reference_grads(a, wq, w_scales, group_sizes, dy)
+    else:
+        da, dw = _kernel_grads(launch.quantize_cols, (a,), wq, w_scales, group_sizes, dy, a_dtype, runner)
     dxs, dscale = cached.input_grads(vjp, da.astype(a_dtype), x_dtypes, scale)
     return dxs, dscale, dw.astype(w_dtype), None
 

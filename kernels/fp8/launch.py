@@ -54,6 +54,7 @@ class QuantConfig:
 # warps. The grouped GEMM keeps 128 x 128 x 128, 8 warps, 4 stages (not tuned).
 DEFAULT_GEMM = GemmConfig(block_m=64, group_m=16, num_warps=4)
 DEFAULT_GMM = GemmConfig()
+DEFAULT_GMM_WGRAD = GemmConfig(block_m=64, group_m=16, num_warps=4)  # as the dense GEMM's (not tuned)
 DEFAULT_QUANT = QuantConfig()
 DEFAULT_QUANT_2D = QuantConfig(block_r=TILE, num_warps=8)
 # Measured on an H200 at 16384 x 2048 and 16384 x 8192 (experiments/benchmarks/RESULTS.md): both layouts of dy
@@ -267,3 +268,29 @@ def scaled_gmm(
     inputs = [lhs, lhs_scales, rhs, rhs_scales, offsets, tile_starts]
     out = [_shape((t, n), out_dtype)]
     return _run("scaled_gmm", inputs, out, (programs,), cfg.num_warps, cfg.num_stages, meta, runner, poison)[0]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Grouped block-scaled GEMM over each group's tokens (weight gradient)
+# ----------------------------------------------------------------------------------------------------
+def scaled_gmm_wgrad(xtq, xts, dytq, dyts, group_sizes, *, runner="triton", poison=False, config=None):
+    """dw [E, K, N] float32: for each group e, the sum over its tokens of x^T dy, from both operands tiled
+    128 x 1 along the tokens and stored transposed, as `requantize_cols`, `quantize_cols` and
+    `quantize_rows_and_cols` write them: xtq [K, T] with scales xts [K, ceil(T/128)], dytq [N, T] with dyts
+    [N, ceil(T/128)]. Tokens sorted by group; those past sum(group_sizes) take no part; a group without tokens
+    gets zeros. The chunks are those of the whole buffer, so a chunk shared by two groups has one scale per line
+    for both (kernels/fp8/grouped.py says why that is sound)."""
+    cfg = config or DEFAULT_GMM_WGRAD
+    (k, t), n, e = xtq.shape, dytq.shape[0], group_sizes.shape[0]
+    if dytq.shape[1] != t or xts.shape != (k, _cdiv(t, TILE)) or dyts.shape != (n, _cdiv(t, TILE)):
+        raise ValueError(
+            f"scaled_gmm_wgrad needs xtq [K, T], xts [K, ceil(T/128)], dytq [N, T], dyts [N, ceil(T/128)]; got "
+            f"{xtq.shape}, {xts.shape}, {dytq.shape}, {dyts.shape}"
+        )
+    block_k, block_n = _fit(cfg.block_m, k), _fit(cfg.block_n, n)
+    offsets, _ = schedule(group_sizes, t, TILE)
+    grid = (e * _cdiv(k, block_k) * _cdiv(n, block_n),)
+    meta = dict(T=t, K=k, N=n, BLOCK_K=block_k, BLOCK_N=block_n, GROUP_M=cfg.group_m)
+    inputs = [xtq, xts, dytq, dyts, offsets]
+    out = [_shape((e, k, n), F32)]
+    return _run("scaled_gmm_wgrad", inputs, out, grid, cfg.num_warps, cfg.num_stages, meta, runner, poison)[0]

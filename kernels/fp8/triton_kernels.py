@@ -22,7 +22,9 @@ with both operands FP8 on the tensor cores and a float32 accumulator (`kernels.f
 - `scaled_mm`: a [M, K] with per-row chunk scales, b [K, N] with scales per chunk per B_SCALE_N columns
   (128: weight blocks; 1: per-column tiles, the weight gradient), both read through compile-time strides;
 - `scaled_gmm`: the grouped version for MoE experts (rows of a sorted by group, b [E, K, N] with per-expert
-  128 x 128 block scales), on the persistent schedule of `kernels.gmm` (see kernels/gmm/README.md).
+  128 x 128 block scales), on the persistent schedule of `kernels.gmm` (see kernels/gmm/README.md);
+- `scaled_gmm_wgrad`: the experts' weight gradient, dw[e] = x_e^T dy_e, a reduction over each group's tokens with
+  both operands tiled 128 x 1 along the tokens of the whole buffer and stored transposed ([K, T] and [N, T]).
 
 Operand layout: on Hopper the FP8 `wgmma` takes both operands K-major (the reduction axis contiguous in shared
 memory); Triton transposes any other layout through registers and then does not pipeline that load. The
@@ -479,3 +481,82 @@ def scaled_gmm_poisoned(
         LHS, LS, RHS, RS, OFFSETS, TILE_STARTS, OUT, M, K, N, E, S_RE, S_RK, S_RN, S_RSE, S_RSK, S_RSN,
         NUM_PROGRAMS, BLOCK_M, BLOCK_N, GROUP_M, BLOCK_E,
     )  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------------
+# Grouped block-scaled GEMM over each group's tokens (the experts' weight gradient): out[e] = xt_e @ dyt_e^T
+# ----------------------------------------------------------------------------------------------------
+@triton.jit
+def _token_chunk(a_ptrs, b_ptrs, as_ptrs, bs_ptrs, c, acc, tokens, ok, MASKED: tl.constexpr):
+    """acc plus the products of token chunk c, scaled by both operands' per-line scales of that chunk; with
+    MASKED, only the tokens where `ok` holds take part (the others load as zeros)."""
+    offset = c * TILE
+    if MASKED:
+        a = tl.load(a_ptrs + offset, mask=ok[None, :], other=0.0)
+        b = tl.load(b_ptrs + offset, mask=ok[:, None], other=0.0)
+    else:
+        a = tl.load(a_ptrs + offset)
+        b = tl.load(b_ptrs + offset)
+    return _promote(acc, _dot_fp8(a, b), tl.load(as_ptrs + c), tl.load(bs_ptrs + c), False)
+
+
+@triton.jit
+def _scaled_gmm_wgrad_body(
+    XT, XS, DYT, DYS, OFFSETS, OUT,
+    T: tl.constexpr, K: tl.constexpr, N: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
+    # One program per (group, tile of K, tile of N). Group g owns tokens [OFFSETS[g], OFFSETS[g + 1]); the scales
+    # belong to 128-token chunks of the whole buffer, so a chunk the group only partly covers is read masked:
+    # the chunks wholly inside run unmasked (vectorised, pipelined), then at most two edge chunks.
+    K_TILES: tl.constexpr = (K + BLOCK_K - 1) // BLOCK_K
+    N_TILES: tl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
+    T_CHUNKS: tl.constexpr = (T + TILE - 1) // TILE
+    pid = tl.program_id(0)
+    group = pid // (K_TILES * N_TILES)
+    tile_k, tile_n = _band_order(pid - group * (K_TILES * N_TILES), K_TILES, N_TILES, GROUP_M)
+    start = tl.load(OFFSETS + group)
+    end = tl.load(OFFSETS + group + 1)
+    rows = tile_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows_in = (rows % K).to(tl.int64)  # lanes past the edge reread a valid line and are never stored
+    cols_in = (cols % N).to(tl.int64)
+    ts = tl.arange(0, TILE)
+    a_ptrs = XT + rows_in[:, None] * T + ts[None, :]  # [BLOCK_K, TILE]: the tokens contiguous (K-major)
+    b_ptrs = DYT + cols_in[None, :] * T + ts[:, None]  # [TILE, BLOCK_N]: likewise
+    as_ptrs = XS + rows_in * T_CHUNKS
+    bs_ptrs = DYS + cols_in * T_CHUNKS
+    acc = tl.full([BLOCK_K, BLOCK_N], 0.0, tl.float32)
+    first_whole = (start + TILE - 1) // TILE
+    end_whole = end // TILE
+    for c in range(first_whole, end_whole):
+        acc = _token_chunk(a_ptrs, b_ptrs, as_ptrs, bs_ptrs, c, acc, ts, ts < TILE, False)
+    head = start // TILE  # partly covered when the group starts inside it
+    has_head = (start < end) & (head < first_whole)
+    has_tail = (start < end) & (end_whole * TILE < end) & ~(has_head & (end_whole == head))
+    for edge in range(0, 2):
+        c = tl.where(edge == 0, head, end_whole)
+        if tl.where(edge == 0, has_head, has_tail):
+            tokens = c * TILE + ts
+            ok = (tokens >= start) & (tokens < end)
+            acc = _token_chunk(a_ptrs, b_ptrs, as_ptrs, bs_ptrs, c, acc, tokens, ok, True)
+    out_ptrs = OUT + group.to(tl.int64) * K * N + rows.to(tl.int64)[:, None] * N + cols[None, :]
+    tl.store(out_ptrs, acc, mask=(rows < K)[:, None] & (cols < N)[None, :])
+
+
+@triton.jit
+def scaled_gmm_wgrad(
+    XT, XS, DYT, DYS, OFFSETS, OUT,
+    T: tl.constexpr, K: tl.constexpr, N: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
+    _scaled_gmm_wgrad_body(XT, XS, DYT, DYS, OFFSETS, OUT, T, K, N, BLOCK_K, BLOCK_N, GROUP_M)
+
+
+@triton.jit
+def scaled_gmm_wgrad_poisoned(
+    XT, XS, DYT, DYS, OFFSETS, OUT_FILL, OUT,
+    T: tl.constexpr, K: tl.constexpr, N: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
+    _scaled_gmm_wgrad_body(XT, XS, DYT, DYS, OFFSETS, OUT, T, K, N, BLOCK_K, BLOCK_N, GROUP_M)
