@@ -176,6 +176,41 @@ def test_quantize_cols_is_the_reference_column_tiling(shape, block_c, dtype):
         launch.quantize_cols(x[None], **RUN)
 
 
+def rounded_cols(x) -> np.ndarray:
+    """x quantised in 128 x 1 tiles along its rows and dequantised (float32): what a GEMM over the rows multiplies."""
+    return np.asarray(fp8.dequantize_tiles(*fp8.quantize_tiles(jnp.asarray(x, F32).T)).T)
+
+
+@needs_triton_interpreter
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("shape", [(150, 260), (6, 3)], ids=str)
+def test_rounding_quantisers_are_the_reference_values(shape, dtype):
+    # The kernels' dequantised values, bit for bit the reference's, then rounded to `dtype` to nearest even.
+    x = with_edge_cases(heavy_tailed(5, shape))
+    x[4, -1] = 7.0  # no infinity: re-tiled, its NaN tile meets the reference's backend-dependent NaN amax
+    xq, xs = fp8.quantize_tiles(jnp.asarray(x))
+    config = launch.QuantConfig(block_r=TILE, num_warps=4, block_c=32)
+    q, s, x_cols = launch.quantize_rows_and_rounded_cols(jnp.asarray(x), dtype, **RUN)
+    assert_fp8_equal(q, xq, "q")
+    assert_scales_equal(s, xs, "s")
+    got = {
+        "quantize_rows_and_rounded_cols": (x_cols, rounded_cols(x)),
+        "quantize_rounded_cols": (
+            launch.quantize_rounded_cols(jnp.asarray(x), dtype, config=config, **RUN),
+            rounded_cols(x),
+        ),
+        "requantize_rounded_cols": (
+            launch.requantize_rounded_cols(xq, xs, dtype, config=config, **RUN),
+            rounded_cols(fp8.dequantize_tiles(xq, xs)),
+        ),
+    }
+    for name, (a, want) in got.items():
+        assert a.shape == x.shape and a.dtype == dtype, name
+        want = np.asarray(jnp.asarray(want).astype(dtype), np.float32)
+        np.testing.assert_array_equal(np.asarray(a, np.float32), want, err_msg=name)
+    assert not np.array_equal(rounded_cols(x), x), "the values must really be rounded"
+
+
 @needs_triton_interpreter
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("shape", [(1, 1), (130, 257), (300, 64)], ids=str)
@@ -372,70 +407,6 @@ def test_scaled_gmm_tolerance_catches_a_row_given_to_the_wrong_group():
     assert relnorm(wrong, right) > 1e3 * 1e-6
 
 
-def wgrad_operands(t, k, n, seed):
-    """x [T, K] and dy [T, N] quantised in 128 x 1 tiles along the tokens and stored transposed, as the backward's
-    quantisers write them for the weight gradient."""
-    x, dy = jnp.asarray(heavy_tailed(seed, (t, k))), jnp.asarray(heavy_tailed(seed + 1, (t, n)))
-    xtq, xts = fp8.quantize_tiles(x.T)
-    dytq, dyts = fp8.quantize_tiles(dy.T)
-    return xtq, xts, dytq, dyts
-
-
-def wgrad_oracle(xtq, xts, dytq, dyts, sizes) -> np.ndarray:
-    """Float64 loop over groups of the dequantised operands: dw[e] = x_e^T dy_e."""
-    x = np.asarray(fp8.dequantize_tiles(xtq, xts), np.float64).T
-    dy = np.asarray(fp8.dequantize_tiles(dytq, dyts), np.float64).T
-    out, start = np.zeros((len(sizes), x.shape[1], dy.shape[1])), 0
-    for g, size in enumerate(sizes):
-        out[g] = x[start : start + size].T @ dy[start : start + size]
-        start += size
-    return out
-
-
-WGRAD_CASES = [
-    # (sizes, T, K, N): groups starting and ending inside 128-token chunks, a group inside one chunk, a group
-    # spanning whole chunks, empty groups, padding tokens, T, K and N not multiples of 128
-    ([60, 0, 1, 70], 150, 200, 140),
-    ([130, 126, 0, 300], 600, 64, 20),
-    ([128, 256, 5], 389, 48, 130),  # boundaries on the chunk grid, then a short last group
-    ([0, 0, 50, 0], 53, 128, 48),
-    ([0, 0, 0], 9, 256, 20),  # no tokens at all: everything zero
-]
-
-
-@needs_triton_interpreter
-@pytest.mark.parametrize("sizes,t,k,n", WGRAD_CASES, ids=str)
-def test_scaled_gmm_wgrad_matches_float64(sizes, t, k, n):
-    xtq, xts, dytq, dyts = wgrad_operands(t, k, n, seed=t + k + n)
-    want = wgrad_oracle(xtq, xts, dytq, dyts, sizes)
-    gs = jnp.asarray(sizes, jnp.int32)
-    for cfg in (SMALL, launch.GemmConfig(block_m=64, block_n=32)):
-        got = launch.scaled_gmm_wgrad(xtq, xts, dytq, dyts, gs, config=cfg, poison=True, **RUN)
-        assert got.shape == (len(sizes), k, n) and got.dtype == F32
-        got = np.asarray(got, np.float64)
-        assert np.all(np.isfinite(got)), "non-finite values (NaN: an unwritten element)"
-        for g, size in enumerate(sizes):
-            if size == 0:
-                assert not np.any(got[g]), f"group {g} has no tokens and must get zeros"
-        if np.any(want):
-            assert relnorm(got, want) < 1e-6, cfg
-        else:
-            assert not np.any(got)
-
-
-def test_scaled_gmm_wgrad_tolerance_catches_a_token_given_to_the_wrong_group():
-    xtq, xts, dytq, dyts = wgrad_operands(150, 64, 32, seed=7)
-    right = wgrad_oracle(xtq, xts, dytq, dyts, [60, 0, 1, 70])
-    wrong = wgrad_oracle(xtq, xts, dytq, dyts, [61, 0, 0, 70])
-    assert relnorm(wrong, right) > 1e3 * 1e-6
-
-
-def test_scaled_gmm_wgrad_refuses_operands_of_other_layouts():
-    xtq, xts, dytq, dyts = wgrad_operands(150, 64, 32, seed=7)
-    with pytest.raises(ValueError, match=r"xtq \[K, T\]"):
-        launch.scaled_gmm_wgrad(xtq.T, xts, dytq, dyts, jnp.asarray([150], jnp.int32), **RUN)
-
-
 # ----------------------------------------------------------------------------------------------------
 # The FP8 linear layer on the kernels
 # ----------------------------------------------------------------------------------------------------
@@ -516,8 +487,13 @@ def test_fp8_cached_linear_interpret_matches_reference():
 
 
 # ----------------------------------------------------------------------------------------------------
-# The FP8 grouped matmul (MoE experts) on the kernels: Fprop and Dgrad on scaled_gmm, Wgrad on scaled_gmm_wgrad
+# The FP8 grouped matmul (MoE experts) on the kernels: Fprop and Dgrad on scaled_gmm, Wgrad on the bf16 gmm kernel
 # ----------------------------------------------------------------------------------------------------
+# The kernels' expert weight gradient multiplies the FP8-rounded operands held in bf16 (kernels/fp8/README.md):
+# each operand rounded once more by at most 2^-8 relative, a product by at most about 2^-7; ~2e-3 normwise on this data.
+WGRAD_BF16_TOL = 5e-3
+
+
 def gmm_and_grads(x, w, group_sizes, dy, impl):
     y, vjp = jax.vjp(lambda x, w: fp8_gmm(x, w, group_sizes, impl=impl), x, w)
     return (y, *vjp(dy.astype(y.dtype)))
@@ -532,12 +508,12 @@ def test_fp8_gmm_interpret_matches_reference():
     dy, gs = jnp.asarray(heavy_tailed(32, (t, n))), jnp.asarray(sizes, jnp.int32)
     got = jax.jit(gmm_and_grads, static_argnums=4)(x, w, gs, dy, "interpret")
     want = gmm_and_grads(x, w, gs, dy, "reference")
-    # The same quantised operands and products; only the order of the float32 sums differs (per-128-chunk scaling
-    # in the kernels, one float32 ragged_dot in the reference): ~1e-7 normwise. (Operands rounded to bf16 on the
-    # way, as the weight gradient once was, give ~2e-3 for dw.)
+    # y, dx: the same quantised operands and products; only the order of the float32 sums differs (per-128-chunk
+    # scaling in the kernel, one float32 ragged_dot in the reference): ~1e-7 normwise. dw: the kernels take the
+    # FP8-rounded operands in bf16 (each rounded once more, by at most 2^-8 relative): ~2e-3 normwise.
     for name, g, r in zip(("y", "dx", "dw"), got, want, strict=True):
         assert g.dtype == r.dtype and g.shape == r.shape, name
-        assert relnorm(g, r) < 1e-6, (name, relnorm(g, r))
+        assert relnorm(g, r) < WGRAD_BF16_TOL if name == "dw" else relnorm(g, r) < 1e-6, (name, relnorm(g, r))
     y, dx, dw = (np.asarray(a) for a in got)
     assert not np.any(y[sum(sizes) :]) and not np.any(dx[sum(sizes) :]), "padding rows must be zero"
     assert not np.any(dw[1]), "an expert without tokens gets no gradient"
@@ -561,7 +537,7 @@ def test_fp8_gmm_interpret_under_vmap_and_in_bf16():
         for name, m, g, r in zip(("y", "dx", "dw"), mapped, one, want, strict=True):
             np.testing.assert_array_equal(np.asarray(m[i], np.float32), np.asarray(g, np.float32), err_msg=name)
             # bf16 outputs: one rounding apart at most (the interpreter rounds float32 to bf16 toward zero)
-            assert relnorm(g, r) < (2.0**-7 if g.dtype == BF16 else 1e-6), name
+            assert relnorm(g, r) < (2.0**-7 if g.dtype == BF16 else WGRAD_BF16_TOL), name
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -666,6 +642,36 @@ def test_gpu_quantizers_are_bitwise_the_host_oracle(shape, dtype):
     assert_fp8_equal(q, q_ref, "blocks q")
     assert_scales_equal(s, s_ref, "blocks s")
     assert_fp8_equal(qt, q_ref.T, "blocks q^T")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape,dtype", [((4096, 1408), BF16), ((1000, 1100), F32)], ids=str)
+def test_gpu_rounding_quantisers_are_bitwise_the_reference_in_bf16(shape, dtype):
+    # Against the host oracle (XLA's GPU conversion to float8 may round differently in rare cases), dequantised
+    # in float32 and rounded to bf16 on the host; the kernels round to bf16 themselves.
+    x = _gpu_data(6, shape, dtype)
+    q_ref, s_ref = np_quantize_tiles(np.asarray(x, np.float32))
+
+    def want(v):
+        qt, st = np_quantize_tiles(v.T)
+        values = qt.astype(np.float32) * np.repeat(st, TILE, axis=1)[:, : v.shape[0]]
+        return values.T.astype(ml_dtypes.bfloat16).astype(np.float32)
+
+    q, s, x_cols = launch.quantize_rows_and_rounded_cols(x, **GPU)
+    assert_fp8_equal(q, q_ref, "q")
+    assert_scales_equal(s, s_ref, "s")
+    q_saved, s_saved = jnp.asarray(q_ref), jnp.asarray(s_ref)
+    got = {
+        "quantize_rows_and_rounded_cols": (x_cols, want(np.asarray(x, np.float32))),
+        "quantize_rounded_cols": (launch.quantize_rounded_cols(x, **GPU), want(np.asarray(x, np.float32))),
+        "requantize_rounded_cols": (
+            launch.requantize_rounded_cols(q_saved, s_saved, **GPU),
+            want(np.asarray(fp8.dequantize_tiles(q_saved, s_saved), np.float32)),
+        ),
+    }
+    for name, (a, b) in got.items():
+        assert a.dtype == BF16, name
+        np.testing.assert_array_equal(np.asarray(a, np.float32), b, err_msg=name)
 
 
 @pytest.mark.gpu
@@ -856,18 +862,6 @@ def test_gpu_scaled_gmm_matches_reference(e, t, k, n):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("e,t,k,n", [(64, 8192, 2048, 1408), (16, 3000, 1000, 700)], ids=str)
-def test_gpu_scaled_gmm_wgrad_matches_float64(e, t, k, n):
-    sizes = skewed_group_sizes(e, t)
-    xtq, xts, dytq, dyts = wgrad_operands(t, k, n, seed=k)
-    want = wgrad_oracle(xtq, xts, dytq, dyts, sizes)
-    got = launch.scaled_gmm_wgrad(xtq, xts, dytq, dyts, jnp.asarray(sizes, jnp.int32), **GPU)
-    assert relnorm(got, want) < GPU_GEMM_TOL
-    empty = [g for g, size in enumerate(sizes) if size == 0]
-    assert empty and not np.any(np.asarray(got)[empty]), "experts without tokens get zeros"
-
-
-@pytest.mark.gpu
 def test_gpu_scaled_gmm_rounds_to_bf16_like_a_cast():
     """The grouped kernel writes bf16 itself (the FP8 grouped forward and Dgrad): the same bits as its float32
     result cast afterwards, with an empty group and rows past the last group."""
@@ -890,7 +884,7 @@ def test_gpu_fp8_gmm_matches_reference_under_jit(e, t, k, n):
     got = fn(x, w, gs, dy, "triton")
     want = fn(x, w, gs, dy, "reference")
     errors = {name: relnorm(g, r) for name, g, r in zip(("y", "dx", "dw"), got, want, strict=True)}
-    tols = {"y": 1e-2, "dx": 1e-2, "dw": GPU_GEMM_TOL}  # y and dx come back in x's dtype (bf16), dw in float32
+    tols = {"y": 1e-2, "dx": 1e-2, "dw": WGRAD_BF16_TOL}  # y and dx come back in x's dtype (bf16); dw: bf16 operands
     assert all(errors[name] < tols[name] for name in errors), errors
     assert not np.any(np.asarray(got[0][sum(sizes) :], np.float32))
     for a, b in zip(fn(x, w, gs, dy, "auto"), got, strict=True):  # "auto" takes the kernels here
@@ -915,7 +909,8 @@ def test_fp8_cached_gmm_interpret_matches_reference():
     got, want = jax.jit(run, static_argnums=0)("interpret"), run("reference")
     for name, a, b in zip(("y", "dg", "du", "ds", "dw"), got, want, strict=True):
         assert a.dtype == b.dtype and a.shape == b.shape, name
-        assert relnorm(a, b) < 1e-5, (name, relnorm(a, b))  # the same quantised products, summed in another order
+        # dw: the kernels' Wgrad takes the FP8-rounded operands in bf16 (WGRAD_BF16_TOL); the rest ~1e-7
+        assert relnorm(a, b) < (WGRAD_BF16_TOL if name == "dw" else 1e-5), (name, relnorm(a, b))
 
 
 @needs_triton_interpreter

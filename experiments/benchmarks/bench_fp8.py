@@ -12,9 +12,8 @@ In one run:
   (XLA, uint8 x + 1) moving the same number of bytes.
 - Grouped GEMM (MoE experts, E=64, T=65536, D=2048, F=1408, equal groups): FP8 `scaled_gmm` (rhs K-major and
   as stored) against the bf16 Triton grouped GEMM of kernels/gmm.
-- Grouped weight gradient (`grouped_wgrad`, the same shape, skewed groups too): FP8 `scaled_gmm_wgrad` against
-  the bf16 Triton kernel of kernels/gmm (`gmm_drhs`), the GEMMs alone and with their operands' quantisers: the
-  Triton quantisers against the XLA re-tiling the FP8 grouped layer ran before.
+- Grouped weight gradient (`grouped_wgrad`, the same shape, skewed groups too): the bf16 Triton kernel of
+  kernels/gmm (`gmm_drhs`) alone, and with its FP8-rounded operands prepared by XLA or by the Triton quantisers.
 Times are medians of several samples after warm-up, each sample the mean of back-to-back calls synchronised
 once with `jax.block_until_ready`.
 
@@ -233,57 +232,41 @@ def bench_grouped(runner: str, reps: int, tiny: bool, config=None) -> None:
     print_rows(f"Grouped GEMM forward (E={e}, T={t}, D={d}, F={f}, equal groups)", "impl | time | TFLOP/s", rows)
 
 
-WGRAD_CONFIGS = (
-    launch.DEFAULT_GMM_WGRAD,
-    launch.GemmConfig(block_m=128, block_n=128, num_warps=8, num_stages=4),
-    launch.GemmConfig(block_m=128, block_n=128, num_warps=4, num_stages=4),
-    launch.GemmConfig(block_m=64, block_n=128, num_warps=4, num_stages=6),
-    launch.GemmConfig(block_m=128, block_n=64, num_warps=4, num_stages=4),
-)
-
-
 def bench_grouped_wgrad(runner: str, reps: int, tiny: bool) -> None:
-    """The experts' weight gradient dw[e] = x_e^T dy_e: GEMMs alone, then with the quantisers in front of them
-    (from the saved FP8 x and a bf16 dy, as the backward has them; both paths also quantise dy for the Dgrad)."""
+    """The experts' weight gradient dw[e] = x_e^T dy_e: the bf16 kernel alone, then with its operands prepared as
+    the FP8 grouped layer's backward prepares them, from the saved FP8 x and a bf16 dy (both paths also quantise
+    dy for the Dgrad): by XLA (the layer before) and by the Triton rounding quantisers (now)."""
     e, t, d, f = (4, 512, 256, 176) if tiny else (64, 65536, 2048, 1408)
     k1, k2 = jax.random.split(jax.random.PRNGKey(4))
     x = jax.random.normal(k1, (t, d), F32).astype(BF16)
     dy = jax.random.normal(k2, (t, f), F32).astype(BF16)
     xq, xs = fp8.quantize_tiles(x)
-    xtq, xts = launch.requantize_cols(xq, xs, runner=runner)
-    _, _, dytq, dyts = launch.quantize_rows_and_cols(dy, runner=runner)
     flops = 2.0 * t * d * f
-
-    def xla_retiled_bf16(xq, xs, dy):  # the FP8 grouped layer's Wgrad operands before `scaled_gmm_wgrad`
-        dy32 = dy.astype(F32)
-        dyq, dys = fp8.quantize_tiles(dy32)
-        xt = fp8.dequantize_tiles(*fp8.quantize_tiles(fp8.dequantize_tiles(xq, xs).T)).T.astype(BF16)
-        return dyq, dys, xt, fp8.dequantize_tiles(*fp8.quantize_tiles(dy32.T)).T.astype(BF16)
 
     def drhs(a, b, g):
         return gmm_launch.gmm_drhs(a, b, g, e, out_dtype=F32, runner=runner)
+
+    def xla(xq, xs, dy, g):
+        dy32 = dy.astype(F32)
+        dyq, dys = fp8.quantize_tiles(dy32)
+        xt = fp8.dequantize_tiles(*fp8.quantize_tiles(fp8.dequantize_tiles(xq, xs).T)).T.astype(BF16)
+        dyt = fp8.dequantize_tiles(*fp8.quantize_tiles(dy32.T)).T.astype(BF16)
+        return dyq, dys, drhs(xt, dyt, g)
+
+    def triton(xq, xs, dy, g):
+        xt = launch.requantize_rounded_cols(xq, xs, runner=runner)
+        dyq, dys, dyt = launch.quantize_rows_and_rounded_cols(dy, runner=runner)
+        return dyq, dys, drhs(xt, dyt, g)
 
     zipf = np.random.default_rng(0).zipf(1.5, e).astype(np.float64)
     skewed = np.floor(zipf / zipf.sum() * (t - 37)).astype(np.int32)  # 37 padding tokens at the end
     for label, sizes in (("equal groups", np.full(e, t // e, np.int32)), ("Zipf-skewed groups", skewed)):
         gs = jnp.asarray(sizes)
-        rows = [("bf16 gmm_drhs (kernels.gmm)", try_time(jax.jit(drhs), x, dy, gs, reps=reps))]
-        for cfg in WGRAD_CONFIGS:
-            fn = jax.jit(lambda *a, cfg=cfg: launch.scaled_gmm_wgrad(*a, runner=runner, config=cfg))
-            tiles = f"{cfg.block_m} x {cfg.block_n}, {cfg.num_warps} warps, {cfg.num_stages} stages"
-            rows.append((f"fp8 scaled_gmm_wgrad ({tiles})", try_time(fn, xtq, xts, dytq, dyts, gs, reps=reps)))
-
-        def before(xq, xs, dy, g):
-            dyq, dys, xt, dyt = xla_retiled_bf16(xq, xs, dy)
-            return dyq, dys, drhs(xt, dyt, g)
-
-        def after(xq, xs, dy, g):
-            xtq, xts = launch.requantize_cols(xq, xs, runner=runner)
-            dyq, dys, dytq, dyts = launch.quantize_rows_and_cols(dy, runner=runner)
-            return dyq, dys, launch.scaled_gmm_wgrad(xtq, xts, dytq, dyts, g, runner=runner)
-
-        rows.append(("XLA re-tiling + bf16 gmm_drhs (before)", try_time(jax.jit(before), xq, xs, dy, gs, reps=reps)))
-        rows.append(("Triton quantisers + fp8 scaled_gmm_wgrad", try_time(jax.jit(after), xq, xs, dy, gs, reps=reps)))
+        rows = [
+            ("bf16 gmm_drhs alone (kernels.gmm)", try_time(jax.jit(drhs), x, dy, gs, reps=reps)),
+            ("operands by XLA's re-tiling + gmm_drhs (before)", try_time(jax.jit(xla), xq, xs, dy, gs, reps=reps)),
+            ("operands by the Triton quantisers + gmm_drhs", try_time(jax.jit(triton), xq, xs, dy, gs, reps=reps)),
+        ]
         print_rows(
             f"Grouped weight gradient (E={e}, T={t}, D={d}, F={f}, {label})",
             "impl | time | TFLOP/s",

@@ -55,6 +55,7 @@ import jax.numpy as jnp
 from kernels.fp8 import _runner, cached, launch
 from kernels.fp8.cached import times_rows
 from kernels.fp8.quantize import dequantize_blocks, dequantize_tiles, quantize_blocks, quantize_tiles
+from kernels.gmm import launch as gmm_launch
 from kernels.gmm.batching import mapped
 from kernels.gmm.ops import check_shapes
 from kernels.triton_runtime import varying_like
@@ -147,7 +148,8 @@ def _backward(dtypes, runner, residuals, dy):
     if runner is None:  # x re-tiled along the tokens by `_reference_grads`: a second rounding
         dx, dw = _reference_grads(dequantize_tiles(xq, x_scales), wq, w_scales, group_sizes, dy)
     else:
-        dx, dw = _kernel_grads(launch.requantize_cols, (xq, x_scales), wq, w_scales, group_sizes, dy, x_dtype, runner)
+        retile = launch.requantize_rounded_cols
+        dx, dw = _kernel_grads(retile, (xq, x_scales), wq, w_scales, group_sizes, dy, x_dtype, runner)
     return dx.astype(x_dtype), dw.astype(w_dtype), None
 
 
@@ -166,20 +168,21 @@ def _reference_grads(x, wq, w_scales, group_sizes, dy):
 
 
 def _kernel_grads(retile, x_parts, wq, w_scales, group_sizes, dy, dx_dtype, runner: str):
-    """`_reference_grads` on the kernels, with the same quantised operands (bit for bit): `retile(*x_parts)` gives
-    the forward's input in 128 x 1 tiles along the tokens, stored transposed [K, T] (`launch.requantize_cols`
-    from its FP8 1 x 128 tiles, `launch.quantize_cols` from high precision); dy is quantised in both layouts from
-    one read. Dgrad runs on `scaled_gmm` (wq [E, K, N] as stored is K-major for a reduction over N), Wgrad on
-    `scaled_gmm_wgrad`: every GEMM in FP8."""
+    """`_reference_grads` on the kernels, with the same quantised values (bit for bit): `retile(*x_parts)` gives
+    the forward's input quantised in 128 x 1 tiles along the tokens and dequantised to bf16 [T, K]
+    (`launch.requantize_rounded_cols` from its FP8 1 x 128 tiles, `launch.quantize_rounded_cols` from high
+    precision); dy is quantised in both layouts from one read. Dgrad runs on `scaled_gmm` (wq [E, K, N] as
+    stored is K-major for a reduction over N); Wgrad on kernels.gmm's bf16 weight-gradient kernel (deviation 7)."""
 
     def grads(*args):
         *x_args, wq, w_scales, group_sizes, dy = args
-        xtq, xts = retile(*x_args, runner=runner)
-        dyq, dy_scales, dytq, dyt_scales = launch.quantize_rows_and_cols(dy, runner=runner)
+        x_cols = retile(*x_args, runner=runner)
+        dyq, dy_scales, dy_cols = launch.quantize_rows_and_rounded_cols(dy, runner=runner)
         dx = launch.scaled_gmm(
             dyq, dy_scales, wq, w_scales, group_sizes, out_dtype=dx_dtype, rhs_transposed=True, runner=runner
         )
-        return dx, launch.scaled_gmm_wgrad(xtq, xts, dytq, dyt_scales, group_sizes, runner=runner)
+        groups = group_sizes.shape[0]
+        return dx, gmm_launch.gmm_drhs(x_cols, dy_cols, group_sizes, groups, out_dtype=F32, runner=runner)
 
     return mapped(grads)(*x_parts, wq, w_scales, group_sizes, dy)
 
@@ -238,7 +241,7 @@ def _cached_gmm_backward(fn, dtypes, out_dtype, runner, saved, dy):
     if runner is None:
         da, dw = _reference_grads(a, wq, w_scales, group_sizes, dy)
     else:
-        da, dw = _kernel_grads(launch.quantize_cols, (a,), wq, w_scales, group_sizes, dy, a_dtype, runner)
+        da, dw = _kernel_grads(launch.quantize_rounded_cols, (a,), wq, w_scales, group_sizes, dy, a_dtype, runner)
     dxs, dscale = cached.input_grads(vjp, da.astype(a_dtype), x_dtypes, scale)
     return dxs, dscale, dw.astype(w_dtype), None
 

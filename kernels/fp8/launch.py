@@ -54,7 +54,6 @@ class QuantConfig:
 # warps. The grouped GEMM keeps 128 x 128 x 128, 8 warps, 4 stages (not tuned).
 DEFAULT_GEMM = GemmConfig(block_m=64, group_m=16, num_warps=4)
 DEFAULT_GMM = GemmConfig()
-DEFAULT_GMM_WGRAD = GemmConfig(block_m=64, group_m=16, num_warps=4)  # as the dense GEMM's (not tuned)
 DEFAULT_QUANT = QuantConfig()
 DEFAULT_QUANT_2D = QuantConfig(block_r=TILE, num_warps=8)
 # Measured on an H200 at 16384 x 2048 and 16384 x 8192 (experiments/benchmarks/RESULTS.md): both layouts of dy
@@ -107,39 +106,68 @@ def quantize_rows(x, *, runner="triton", poison=False, config: QuantConfig | Non
 def quantize_rows_and_cols(x, *, runner="triton", poison=False, config: QuantConfig | None = None):
     """x [R, C] -> (q [R, C], s [R, ceil(C/128)], qt [C, R], st [C, ceil(R/128)]) from one read of x:
     (q, s) = quantize_tiles(x) and (qt, st) = quantize_tiles(x.T), bit for bit."""
+    r, c = x.shape
+    cols = [_shape((c, r), E4M3), _shape((c, _cdiv(r, TILE)), F32)]
+    return _rows_and_cols("quantize_rows_and_cols", x, cols, runner, poison, config)
+
+
+def quantize_rows_and_rounded_cols(x, dtype=jnp.bfloat16, *, runner="triton", poison=False, config=None):
+    """x [R, C] -> (q [R, C], s [R, ceil(C/128)], x_cols [R, C]) from one read of x: (q, s) = quantize_tiles(x), and
+    x_cols = x quantised in 128 x 1 tiles along R and dequantised, in `dtype` (the values a GEMM over R would
+    multiply, for a kernel that takes them in high precision): dequantize_tiles(*quantize_tiles(x.T)).T."""
+    cols = [_shape(x.shape, dtype)]
+    return _rows_and_cols("quantize_rows_and_rounded_cols", x, cols, runner, poison, config)
+
+
+def _rows_and_cols(name, x, col_outs, runner, poison, config):
     cfg = config or DEFAULT_QUANT_BOTH
     r, c = x.shape
-    outs = [
-        _shape((r, c), E4M3), _shape((r, _cdiv(c, TILE)), F32),
-        _shape((c, r), E4M3), _shape((c, _cdiv(r, TILE)), F32),
-    ]  # fmt: skip
+    outs = [_shape((r, c), E4M3), _shape((r, _cdiv(c, TILE)), F32), *col_outs]
     grid = (_cdiv(r, TILE) * _cdiv(c, TILE),)
-    return tuple(_run("quantize_rows_and_cols", [x], outs, grid, cfg.num_warps, 1, dict(R=r, C=c), runner, poison))
+    return tuple(_run(name, [x], outs, grid, cfg.num_warps, 1, dict(R=r, C=c), runner, poison))
 
 
 def requantize_cols(xq, xs, *, runner="triton", poison=False, config: QuantConfig | None = None):
     """FP8 xq [R, C] with 1 x 128 tile scales xs -> quantize_tiles(dequantize_tiles(xq, xs).T), bit for bit."""
-    cfg = config or DEFAULT_REQUANT
-    _check_block_c("requantize_cols", cfg)
     r, c = xq.shape
     outs = [_shape((c, r), E4M3), _shape((c, _cdiv(r, TILE)), F32)]
-    grid = (_cdiv(r, TILE) * _cdiv(c, cfg.block_c),)
-    meta = dict(R=r, C=c, BLOCK_C=cfg.block_c)
-    return tuple(_run("requantize_cols", [xq, xs], outs, grid, cfg.num_warps, 1, meta, runner, poison))
+    return tuple(_slabs("requantize_cols", [xq, xs], (r, c), outs, runner, poison, config))
+
+
+def requantize_rounded_cols(xq, xs, dtype=jnp.bfloat16, *, runner="triton", poison=False, config=None):
+    """FP8 xq [R, C] with 1 x 128 tile scales xs -> its values re-tiled along R and dequantised, in `dtype` [R, C]:
+    dequantize_tiles(*quantize_tiles(dequantize_tiles(xq, xs).T)).T."""
+    return _slabs("requantize_rounded_cols", [xq, xs], xq.shape, [_shape(xq.shape, dtype)], runner, poison, config)[0]
 
 
 def quantize_cols(x, *, runner="triton", poison=False, config: QuantConfig | None = None):
     """x [R, C] -> quantize_tiles(x.T): (qt E4M3 [C, R], st float32 [C, ceil(R/128)]), bit for bit; launched as
     `requantize_cols` (128 rows x `block_c` columns per program)."""
-    cfg = config or DEFAULT_REQUANT
-    _check_block_c("quantize_cols", cfg)
-    if x.ndim != 2 or x.size == 0:
-        raise ValueError(f"quantize_cols needs a non-empty [R, C] array, got shape {x.shape}")
+    _check_2d("quantize_cols", x)
     r, c = x.shape
     outs = [_shape((c, r), E4M3), _shape((c, _cdiv(r, TILE)), F32)]
+    return tuple(_slabs("quantize_cols", [x], (r, c), outs, runner, poison, config))
+
+
+def quantize_rounded_cols(x, dtype=jnp.bfloat16, *, runner="triton", poison=False, config=None):
+    """x [R, C] -> dequantize_tiles(*quantize_tiles(x.T)).T in `dtype` [R, C]."""
+    _check_2d("quantize_rounded_cols", x)
+    return _slabs("quantize_rounded_cols", [x], x.shape, [_shape(x.shape, dtype)], runner, poison, config)[0]
+
+
+def _check_2d(name, x):
+    if x.ndim != 2 or x.size == 0:
+        raise ValueError(f"{name} needs a non-empty [R, C] array, got shape {x.shape}")
+
+
+def _slabs(name, inputs, shape, outs, runner, poison, config):
+    """Launch a column re-tiler: 128 rows x `block_c` columns per program."""
+    cfg = config or DEFAULT_REQUANT
+    _check_block_c(name, cfg)
+    r, c = shape
     grid = (_cdiv(r, TILE) * _cdiv(c, cfg.block_c),)
     meta = dict(R=r, C=c, BLOCK_C=cfg.block_c)
-    return tuple(_run("quantize_cols", [x], outs, grid, cfg.num_warps, 1, meta, runner, poison))
+    return _run(name, inputs, outs, grid, cfg.num_warps, 1, meta, runner, poison)
 
 
 def quantize_blocks(w, *, transposed=False, runner="triton", poison=False, config: QuantConfig | None = None):
@@ -268,29 +296,3 @@ def scaled_gmm(
     inputs = [lhs, lhs_scales, rhs, rhs_scales, offsets, tile_starts]
     out = [_shape((t, n), out_dtype)]
     return _run("scaled_gmm", inputs, out, (programs,), cfg.num_warps, cfg.num_stages, meta, runner, poison)[0]
-
-
-# ----------------------------------------------------------------------------------------------------
-# Grouped block-scaled GEMM over each group's tokens (weight gradient)
-# ----------------------------------------------------------------------------------------------------
-def scaled_gmm_wgrad(xtq, xts, dytq, dyts, group_sizes, *, runner="triton", poison=False, config=None):
-    """dw [E, K, N] float32: for each group e, the sum over its tokens of x^T dy, from both operands tiled
-    128 x 1 along the tokens and stored transposed, as `requantize_cols`, `quantize_cols` and
-    `quantize_rows_and_cols` write them: xtq [K, T] with scales xts [K, ceil(T/128)], dytq [N, T] with dyts
-    [N, ceil(T/128)]. Tokens sorted by group; those past sum(group_sizes) take no part; a group without tokens
-    gets zeros. The chunks are those of the whole buffer, so a chunk shared by two groups has one scale per line
-    for both (kernels/fp8/grouped.py says why that is sound)."""
-    cfg = config or DEFAULT_GMM_WGRAD
-    (k, t), n, e = xtq.shape, dytq.shape[0], group_sizes.shape[0]
-    if dytq.shape[1] != t or xts.shape != (k, _cdiv(t, TILE)) or dyts.shape != (n, _cdiv(t, TILE)):
-        raise ValueError(
-            f"scaled_gmm_wgrad needs xtq [K, T], xts [K, ceil(T/128)], dytq [N, T], dyts [N, ceil(T/128)]; got "
-            f"{xtq.shape}, {xts.shape}, {dytq.shape}, {dyts.shape}"
-        )
-    block_k, block_n = _fit(cfg.block_m, k), _fit(cfg.block_n, n)
-    offsets, _ = schedule(group_sizes, t, TILE)
-    grid = (e * _cdiv(k, block_k) * _cdiv(n, block_n),)
-    meta = dict(T=t, K=k, N=n, BLOCK_K=block_k, BLOCK_N=block_n, GROUP_M=cfg.group_m)
-    inputs = [xtq, xts, dytq, dyts, offsets]
-    out = [_shape((e, k, n), F32)]
-    return _run("scaled_gmm_wgrad", inputs, out, grid, cfg.num_warps, cfg.num_stages, meta, runner, poison)[0]

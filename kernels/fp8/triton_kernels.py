@@ -22,9 +22,7 @@ with both operands FP8 on the tensor cores and a float32 accumulator (`kernels.f
 - `scaled_mm`: a [M, K] with per-row chunk scales, b [K, N] with scales per chunk per B_SCALE_N columns
   (128: weight blocks; 1: per-column tiles, the weight gradient), both read through compile-time strides;
 - `scaled_gmm`: the grouped version for MoE experts (rows of a sorted by group, b [E, K, N] with per-expert
-  128 x 128 block scales), on the persistent schedule of `kernels.gmm` (see kernels/gmm/README.md);
-- `scaled_gmm_wgrad`: the experts' weight gradient, dw[e] = x_e^T dy_e, a reduction over each group's tokens with
-  both operands tiled 128 x 1 along the tokens of the whole buffer and stored transposed ([K, T] and [N, T]).
+  128 x 128 block scales), on the persistent schedule of `kernels.gmm` (see kernels/gmm/README.md).
 
 Operand layout: on Hopper the FP8 `wgmma` takes both operands K-major (the reduction axis contiguous in shared
 memory); Triton transposes any other layout through registers and then does not pipeline that load. The
@@ -95,6 +93,15 @@ def _to_e4m3(v):
     else:
         q = v.to(tl.float8e4nv, fp_downcast_rounding="rtne")
     return q
+
+
+@triton.jit
+def _round_bf16_interpreted(v):
+    """float32 v rounded to the nearest-even bf16 value, kept in float32 (the interpreter's own conversion
+    truncates); infinities and NaN stay."""
+    bits = v.to(tl.int32, bitcast=True)
+    bits = bits + 0x7FFF + ((bits >> 16) & 1)  # carries into the upper half exactly when rounding up
+    return (bits & -65536).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -178,6 +185,21 @@ def _store_cols_t(q, scale, QT, ST, rows, cols, row_ok, col_ok, tile_r, R: tl.co
 
 
 @triton.jit
+def _store_retiled(q, scale, QT, ST, rows, cols, row_ok, col_ok, tile_r, R: tl.constexpr, C: tl.constexpr,
+                   ROUNDED: tl.constexpr):  # fmt: skip
+    """Column-tiled q [TILE, BLOCK_C] with its scales: stored transposed as FP8 (`_store_cols_t`), or, ROUNDED, as
+    its dequantised values in QT's dtype in the input's own layout [R, C] (ST unused)."""
+    if ROUNDED:
+        x = _widen(q) * scale[None, :]
+        if _INTERPRETED and QT.dtype.element_ty == tl.bfloat16:
+            x = _round_bf16_interpreted(x)
+        mask = row_ok[:, None] & col_ok[None, :]
+        tl.store(QT + rows.to(tl.int64)[:, None] * C + cols[None, :], x.to(QT.dtype.element_ty), mask=mask)
+    else:
+        _store_cols_t(q, scale, QT, ST, rows, cols, row_ok, col_ok, tile_r, R)
+
+
+@triton.jit
 def _quantize_rows_body(X, Q, S, R: tl.constexpr, C: tl.constexpr, BLOCK_R: tl.constexpr):
     C_TILES: tl.constexpr = (C + TILE - 1) // TILE
     pid = tl.program_id(0)
@@ -198,7 +220,7 @@ def quantize_rows_poisoned(X, Q_FILL, S_FILL, Q, S, R: tl.constexpr, C: tl.const
 
 
 @triton.jit
-def _quantize_rows_and_cols_body(X, Q, S, QT, ST, R: tl.constexpr, C: tl.constexpr):
+def _quantize_rows_and_cols_body(X, Q, S, QT, ST, R: tl.constexpr, C: tl.constexpr, ROUNDED: tl.constexpr):
     C_TILES: tl.constexpr = (C + TILE - 1) // TILE
     pid = tl.program_id(0)
     tile_r, tile_c = pid // C_TILES, pid % C_TILES
@@ -206,19 +228,29 @@ def _quantize_rows_and_cols_body(X, Q, S, QT, ST, R: tl.constexpr, C: tl.constex
     q, scale = _quantize_along(x, 1)
     _store_rows(q, scale, Q, S, rows, cols, row_ok, col_ok, tile_c, C)
     qt, scale_t = _quantize_along(x, 0)
-    _store_cols_t(qt, scale_t, QT, ST, rows, cols, row_ok, col_ok, tile_r, R)
+    _store_retiled(qt, scale_t, QT, ST, rows, cols, row_ok, col_ok, tile_r, R, C, ROUNDED)
 
 
 @triton.jit
 def quantize_rows_and_cols(X, Q, S, QT, ST, R: tl.constexpr, C: tl.constexpr):
-    _quantize_rows_and_cols_body(X, Q, S, QT, ST, R, C)
+    _quantize_rows_and_cols_body(X, Q, S, QT, ST, R, C, False)
 
 
 @triton.jit
 def quantize_rows_and_cols_poisoned(
     X, Q_FILL, S_FILL, QT_FILL, ST_FILL, Q, S, QT, ST, R: tl.constexpr, C: tl.constexpr
 ):  # fmt: skip
-    _quantize_rows_and_cols_body(X, Q, S, QT, ST, R, C)
+    _quantize_rows_and_cols_body(X, Q, S, QT, ST, R, C, False)
+
+
+@triton.jit
+def quantize_rows_and_rounded_cols(X, Q, S, OUT, R: tl.constexpr, C: tl.constexpr):
+    _quantize_rows_and_cols_body(X, Q, S, OUT, OUT, R, C, True)
+
+
+@triton.jit
+def quantize_rows_and_rounded_cols_poisoned(X, Q_FILL, S_FILL, OUT_FILL, Q, S, OUT, R: tl.constexpr, C: tl.constexpr):
+    _quantize_rows_and_cols_body(X, Q, S, OUT, OUT, R, C, True)
 
 
 @triton.jit
@@ -234,7 +266,9 @@ def _slab(R: tl.constexpr, C: tl.constexpr, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
-def _requantize_cols_body(XQ, XS, QT, ST, R: tl.constexpr, C: tl.constexpr, BLOCK_C: tl.constexpr):
+def _requantize_cols_body(
+    XQ, XS, QT, ST, R: tl.constexpr, C: tl.constexpr, BLOCK_C: tl.constexpr, ROUNDED: tl.constexpr
+):  # fmt: skip
     # A program re-tiles 128 rows x BLOCK_C columns: the columns are independent here, and narrower programs
     # hold fewer registers, so more of them keep loads in flight on each SM.
     C_TILES: tl.constexpr = (C + TILE - 1) // TILE
@@ -244,36 +278,56 @@ def _requantize_cols_body(XQ, XS, QT, ST, R: tl.constexpr, C: tl.constexpr, BLOC
     s = tl.load(XS + rows.to(tl.int64) * C_TILES + block_c * BLOCK_C // TILE, mask=row_ok, other=1.0)
     x = _widen(q) * s[:, None]  # `dequantize_tiles`: one float32 product per element
     qt, scale_t = _quantize_along(x, 0)
-    _store_cols_t(qt, scale_t, QT, ST, rows, cols, row_ok, col_ok, tile_r, R)
+    _store_retiled(qt, scale_t, QT, ST, rows, cols, row_ok, col_ok, tile_r, R, C, ROUNDED)
 
 
 @triton.jit
 def requantize_cols(XQ, XS, QT, ST, R: tl.constexpr, C: tl.constexpr, BLOCK_C: tl.constexpr):
-    _requantize_cols_body(XQ, XS, QT, ST, R, C, BLOCK_C)
+    _requantize_cols_body(XQ, XS, QT, ST, R, C, BLOCK_C, False)
 
 
 @triton.jit
 def requantize_cols_poisoned(XQ, XS, QT_FILL, ST_FILL, QT, ST, R: tl.constexpr, C: tl.constexpr, BLOCK_C: tl.constexpr):
-    _requantize_cols_body(XQ, XS, QT, ST, R, C, BLOCK_C)
+    _requantize_cols_body(XQ, XS, QT, ST, R, C, BLOCK_C, False)
 
 
 @triton.jit
-def _quantize_cols_body(X, QT, ST, R: tl.constexpr, C: tl.constexpr, BLOCK_C: tl.constexpr):
+def requantize_rounded_cols(XQ, XS, OUT, R: tl.constexpr, C: tl.constexpr, BLOCK_C: tl.constexpr):
+    _requantize_cols_body(XQ, XS, OUT, OUT, R, C, BLOCK_C, True)
+
+
+@triton.jit
+def requantize_rounded_cols_poisoned(XQ, XS, OUT_FILL, OUT, R: tl.constexpr, C: tl.constexpr, BLOCK_C: tl.constexpr):
+    _requantize_cols_body(XQ, XS, OUT, OUT, R, C, BLOCK_C, True)
+
+
+@triton.jit
+def _quantize_cols_body(X, QT, ST, R: tl.constexpr, C: tl.constexpr, BLOCK_C: tl.constexpr, ROUNDED: tl.constexpr):
     # 128 rows x BLOCK_C columns per program, as `requantize_cols`, from values in any float dtype.
     tile_r, _, rows, cols, row_ok, col_ok = _slab(R, C, BLOCK_C)
     x = tl.load(X + rows.to(tl.int64)[:, None] * C + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
     qt, scale_t = _quantize_along(x.to(tl.float32), 0)
-    _store_cols_t(qt, scale_t, QT, ST, rows, cols, row_ok, col_ok, tile_r, R)
+    _store_retiled(qt, scale_t, QT, ST, rows, cols, row_ok, col_ok, tile_r, R, C, ROUNDED)
 
 
 @triton.jit
 def quantize_cols(X, QT, ST, R: tl.constexpr, C: tl.constexpr, BLOCK_C: tl.constexpr):
-    _quantize_cols_body(X, QT, ST, R, C, BLOCK_C)
+    _quantize_cols_body(X, QT, ST, R, C, BLOCK_C, False)
 
 
 @triton.jit
 def quantize_cols_poisoned(X, QT_FILL, ST_FILL, QT, ST, R: tl.constexpr, C: tl.constexpr, BLOCK_C: tl.constexpr):
-    _quantize_cols_body(X, QT, ST, R, C, BLOCK_C)
+    _quantize_cols_body(X, QT, ST, R, C, BLOCK_C, False)
+
+
+@triton.jit
+def quantize_rounded_cols(X, OUT, R: tl.constexpr, C: tl.constexpr, BLOCK_C: tl.constexpr):
+    _quantize_cols_body(X, OUT, OUT, R, C, BLOCK_C, True)
+
+
+@triton.jit
+def quantize_rounded_cols_poisoned(X, OUT_FILL, OUT, R: tl.constexpr, C: tl.constexpr, BLOCK_C: tl.constexpr):
+    _quantize_cols_body(X, OUT, OUT, R, C, BLOCK_C, True)
 
 
 @triton.jit
@@ -481,82 +535,3 @@ def scaled_gmm_poisoned(
         LHS, LS, RHS, RS, OFFSETS, TILE_STARTS, OUT, M, K, N, E, S_RE, S_RK, S_RN, S_RSE, S_RSK, S_RSN,
         NUM_PROGRAMS, BLOCK_M, BLOCK_N, GROUP_M, BLOCK_E,
     )  # fmt: skip
-
-
-# ----------------------------------------------------------------------------------------------------
-# Grouped block-scaled GEMM over each group's tokens (the experts' weight gradient): out[e] = xt_e @ dyt_e^T
-# ----------------------------------------------------------------------------------------------------
-@triton.jit
-def _token_chunk(a_ptrs, b_ptrs, as_ptrs, bs_ptrs, c, acc, tokens, ok, MASKED: tl.constexpr):
-    """acc plus the products of token chunk c, scaled by both operands' per-line scales of that chunk; with
-    MASKED, only the tokens where `ok` holds take part (the others load as zeros)."""
-    offset = c * TILE
-    if MASKED:
-        a = tl.load(a_ptrs + offset, mask=ok[None, :], other=0.0)
-        b = tl.load(b_ptrs + offset, mask=ok[:, None], other=0.0)
-    else:
-        a = tl.load(a_ptrs + offset)
-        b = tl.load(b_ptrs + offset)
-    return _promote(acc, _dot_fp8(a, b), tl.load(as_ptrs + c), tl.load(bs_ptrs + c), False)
-
-
-@triton.jit
-def _scaled_gmm_wgrad_body(
-    XT, XS, DYT, DYS, OFFSETS, OUT,
-    T: tl.constexpr, K: tl.constexpr, N: tl.constexpr,
-    BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
-):  # fmt: skip
-    # One program per (group, tile of K, tile of N). Group g owns tokens [OFFSETS[g], OFFSETS[g + 1]); the scales
-    # belong to 128-token chunks of the whole buffer, so a chunk the group only partly covers is read masked:
-    # the chunks wholly inside run unmasked (vectorised, pipelined), then at most two edge chunks.
-    K_TILES: tl.constexpr = (K + BLOCK_K - 1) // BLOCK_K
-    N_TILES: tl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
-    T_CHUNKS: tl.constexpr = (T + TILE - 1) // TILE
-    pid = tl.program_id(0)
-    group = pid // (K_TILES * N_TILES)
-    tile_k, tile_n = _band_order(pid - group * (K_TILES * N_TILES), K_TILES, N_TILES, GROUP_M)
-    start = tl.load(OFFSETS + group)
-    end = tl.load(OFFSETS + group + 1)
-    rows = tile_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows_in = (rows % K).to(tl.int64)  # lanes past the edge reread a valid line and are never stored
-    cols_in = (cols % N).to(tl.int64)
-    ts = tl.arange(0, TILE)
-    a_ptrs = XT + rows_in[:, None] * T + ts[None, :]  # [BLOCK_K, TILE]: the tokens contiguous (K-major)
-    b_ptrs = DYT + cols_in[None, :] * T + ts[:, None]  # [TILE, BLOCK_N]: likewise
-    as_ptrs = XS + rows_in * T_CHUNKS
-    bs_ptrs = DYS + cols_in * T_CHUNKS
-    acc = tl.full([BLOCK_K, BLOCK_N], 0.0, tl.float32)
-    first_whole = (start + TILE - 1) // TILE
-    end_whole = end // TILE
-    for c in range(first_whole, end_whole):
-        acc = _token_chunk(a_ptrs, b_ptrs, as_ptrs, bs_ptrs, c, acc, ts, ts < TILE, False)
-    head = start // TILE  # partly covered when the group starts inside it
-    has_head = (start < end) & (head < first_whole)
-    has_tail = (start < end) & (end_whole * TILE < end) & ~(has_head & (end_whole == head))
-    for edge in range(0, 2):
-        c = tl.where(edge == 0, head, end_whole)
-        if tl.where(edge == 0, has_head, has_tail):
-            tokens = c * TILE + ts
-            ok = (tokens >= start) & (tokens < end)
-            acc = _token_chunk(a_ptrs, b_ptrs, as_ptrs, bs_ptrs, c, acc, tokens, ok, True)
-    out_ptrs = OUT + group.to(tl.int64) * K * N + rows.to(tl.int64)[:, None] * N + cols[None, :]
-    tl.store(out_ptrs, acc, mask=(rows < K)[:, None] & (cols < N)[None, :])
-
-
-@triton.jit
-def scaled_gmm_wgrad(
-    XT, XS, DYT, DYS, OFFSETS, OUT,
-    T: tl.constexpr, K: tl.constexpr, N: tl.constexpr,
-    BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
-):  # fmt: skip
-    _scaled_gmm_wgrad_body(XT, XS, DYT, DYS, OFFSETS, OUT, T, K, N, BLOCK_K, BLOCK_N, GROUP_M)
-
-
-@triton.jit
-def scaled_gmm_wgrad_poisoned(
-    XT, XS, DYT, DYS, OFFSETS, OUT_FILL, OUT,
-    T: tl.constexpr, K: tl.constexpr, N: tl.constexpr,
-    BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
-):  # fmt: skip
-    _scaled_gmm_wgrad_body(XT, XS, DYT, DYS, OFFSETS, OUT, T, K, N, BLOCK_K, BLOCK_N, GROUP_M)
