@@ -15,6 +15,9 @@ tiles are the one place the two may differ, in the tile's other values only:
   them (an activation recomputed in the backward, quantised for the weight gradient);
 - `quantize_blocks` / `quantize_blocks_t`: w [K, N] -> q [K, N], scales [ceil(K/128), ceil(N/128)], and with
   `_t` also q^T [N, K] (the forward GEMM wants the weight K-major, see below).
+- `quantize_rows_and_rounded_cols`, `requantize_rounded_cols`, `quantize_rounded_cols`: as the three above, but
+  the 128 x 1 tiles along R are written dequantised in the output's dtype, in the input's layout [R, C] (the
+  values a bf16 GEMM over R multiplies: the MoE experts' weight gradient, kernels/fp8/README.md deviation 7).
 
 GEMMs, promotion every 128 reduction elements (DeepSeek-V3): for each 128-chunk c of the reduction,
     acc += dot(a_c, b_c) * (a_scale[m, c] * b_scale[c, n // B_SCALE_N])
