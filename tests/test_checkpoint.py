@@ -2,6 +2,7 @@
 
 import jax
 import numpy as np
+import pytest
 
 from jaxdeep.train.checkpoint import Checkpointer
 from jaxdeep.train.loop import mesh_from_config, train
@@ -47,3 +48,29 @@ def test_interrupted_and_resumed_run_is_bitwise_identical(tmp_path):
     # The run really trained (a resume that silently restarted or froze would still be "equal" to itself).
     initial = init_train_state(build_setup(cfg, mesh_from_config(cfg)[0]))
     assert max_rel_error(full.state["params"], initial["params"]) > 1e-3
+
+
+def test_restore_can_leave_subtrees_on_disk(tmp_path):
+    """A server reads the parameters alone: the skipped subtrees (the optimizer moments, a parameter group) are
+    absent from the result, everything else is restored exactly, and the caller's abstract tree is untouched."""
+    cfg, mesh = layout(fsdp=2)
+    setup = build_setup(cfg, mesh)
+    state = init_train_state(setup)
+    ckpt = Checkpointer(tmp_path, async_save=False)
+    try:
+        ckpt.save(2, state, {"position": 3})
+        abstract = setup.abstract_train_state
+        restored, data = ckpt.restore(abstract, skip=[("opt_state",), ("rng",), ("params", "blocks")])
+        assert data == {"position": 3}
+        assert set(restored) == set(state) - {"opt_state", "rng"}
+        assert set(restored["params"]) == set(state["params"]) - {"blocks"} and restored["params"]
+        want = {k: v for k, v in state.items() if k not in ("opt_state", "rng")}
+        want["params"] = {k: v for k, v in state["params"].items() if k != "blocks"}
+        _assert_bitwise_equal(restored, want)
+        assert "opt_state" in abstract and "blocks" in abstract["params"]
+        with pytest.raises(KeyError, match="params/nothing"):
+            ckpt.restore(abstract, skip=[("params", "nothing")])
+        with pytest.raises(ValueError, match="at least one key"):
+            ckpt.restore(abstract, skip=[()])
+    finally:
+        ckpt.close()

@@ -87,6 +87,31 @@ def test_mtp_layers_round_trip_in_deepseek_layout(reference_dir, tmp_path):
     _assert_trees_equal(back.model_state, model.model_state)
 
 
+def test_load_can_leave_the_mtp_modules_unread(reference_dir, tmp_path, monkeypatch):
+    # Serving never runs the MTP modules: `skip` reads none of their tensors, and the model without them gives the
+    # same logits as with them.
+    _, directory = reference_dir
+    config = json.loads((directory / "config.json").read_text())
+    cfg = model_config_from_hf({**config, "num_nextn_predict_layers": 1})
+    shapes = ModelStructure(cfg, single_device_mesh(), default_rules()).shapes()
+    rng = np.random.default_rng(4)
+    params, state = jax.tree.map(lambda s: rng.normal(size=s.shape).astype(np.float32) * 0.05, shapes)
+    hf.save(hf.HFModel(cfg, params, state), tmp_path)
+    full, _ = hf.load(tmp_path)
+    read = []
+    read_block = convert._read_block
+    monkeypatch.setattr(convert, "_read_block", lambda leaf, *a: read.append(leaf.path) or read_block(leaf, *a))
+    lean, _ = hf.load(tmp_path, skip=["mtp"])
+    assert read and not [path for path in read if path[0] == "mtp"]
+    assert "mtp" not in lean.params and "mtp" not in lean.model_state and "mtp" in full.params
+    _assert_trees_equal(lean.params, {k: v for k, v in full.params.items() if k != "mtp"})
+    _assert_trees_equal(lean.model_state, {k: v for k, v in full.model_state.items() if k != "mtp"})
+    ids = tokens(shape=(2, 9))
+    np.testing.assert_array_equal(np.asarray(lean(ids)), np.asarray(full(ids)))
+    with pytest.raises(ValueError, match="no parameter group"):
+        hf.load(tmp_path, skip=["mpt"])
+
+
 def test_bfloat16_files(reference_dir, tmp_path):
     _, directory = reference_dir
     model, _ = hf.load(directory)

@@ -1119,6 +1119,41 @@ def test_run_directory_restores_the_checkpoint(tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_run_directory_of_a_deepseek_run_serves_without_reading_its_mtp_or_optimizer_state(tmp_path):
+    """Serving restores only the weights it runs: not the optimizer moments, not the MTP modules (`runner.UNUSED`).
+    The rest is the checkpoint's, bit for bit, and greedy decode is the full forward's argmax."""
+    from jaxdeep.config import save_config
+    from jaxdeep.serve.loading import load_model
+    from jaxdeep.train.checkpoint import Checkpointer
+    from jaxdeep.train.loop import mesh_from_config
+    from jaxdeep.train.state import build_setup, init_train_state
+
+    cfg = load_config(EXPERIMENTS / "deepseek_tiny.yaml", [*DEEPSEEK, "model.deepseek.num_nextn_predict_layers=1"])
+    mesh, _ = mesh_from_config(cfg, jax.devices()[:1])
+    state = init_train_state(build_setup(cfg, mesh))
+    state["params"] = jax.tree.map(lambda p: p * 1.5, state["params"])  # not what a fresh init gives
+    assert "mtp" in state["params"] and jax.tree.leaves(state["opt_state"])
+    save_config(cfg, tmp_path / "config.yaml")
+    ckpt = Checkpointer(tmp_path / "checkpoints", async_save=False)
+    ckpt.save(4, state, {})
+    ckpt.close()
+    loaded = load_model(tmp_path)
+    assert "mtp" not in loaded.params and "mtp" not in loaded.model_state and "mtp" in state["model_state"]
+    want = {k: v for k, v in state["params"].items() if k != "mtp"}
+    for a, b in zip(jax.tree.leaves(loaded.params), jax.tree.leaves(want), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    forward = jax.jit(lambda p, s, t: loaded.merge(p, s)(t), compiler_options=FAST)
+    prompt = _prompt(5, 31)
+    engine = _engine(loaded)
+    try:
+        out = engine.generate(GenerationRequest("m", prompt, _greedy(6)), timeout=120)
+    finally:
+        engine.close()
+    generated = out.tokens + ([0] if out.finish_reason == "stop" else [])
+    full = np.asarray(forward(loaded.params, loaded.model_state, np.asarray([prompt + generated])))[0]
+    assert full[len(prompt) - 1 : len(prompt) - 1 + len(generated)].argmax(-1).tolist() == generated
+
+
 def test_hugging_face_directory_serves_the_same_tokens(models, tmp_path):
     import json
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import jax
@@ -101,11 +102,17 @@ def _place(leaves: list[Leaf], shardings: dict, reader: TensorReader, dtype) -> 
 
 
 def load(
-    path: str | Path, mesh: Mesh | None = None, rules: Rules | None = None, dtype: str | None = None
+    path: str | Path,
+    mesh: Mesh | None = None,
+    rules: Rules | None = None,
+    dtype: str | None = None,
+    skip: Sequence[str] = (),
 ) -> tuple[HFModel, ModelConfig]:
     """Read a DeepSeek-V3 (or V2) format directory; returns (model, our ModelConfig).
 
     dtype: parameter and compute dtype ("float32" or "bfloat16"); default: the checkpoint's dtype.
+    skip: top-level groups left unread (e.g. "mtp" to serve, which never runs the MTP modules): the model then has
+    neither their weights nor their routing biases, and its forward cannot run them.
     """
     path = Path(path)
     config_file = path / "config.json"
@@ -122,9 +129,13 @@ def load(
     structure = ModelStructure(cfg, mesh, rules or default_rules())
     param_shapes, state_shapes = structure.shapes()
     param_leaves, state_leaves = hf_leaves(cfg, param_shapes), hf_leaves(cfg, state_shapes)
+    if unknown := set(skip) - set(param_shapes):
+        raise ValueError(f"skip: no parameter group {sorted(unknown)}; the model has {sorted(param_shapes)}")
     reader = TensorReader(path)
     try:
         _check_tensors(param_leaves + state_leaves, reader, set(mtp_shared_names(cfg)))
+        param_leaves = [leaf for leaf in param_leaves if leaf.path[0] not in skip]
+        state_leaves = [leaf for leaf in state_leaves if leaf.path[0] not in skip]
         params = _place(param_leaves, structure.param_shardings, reader, DTYPES[dtype])
         # The selection bias stays float32 whatever the parameter dtype (as in the reference).
         model_state = _place(state_leaves, structure.model_state_shardings, reader, np.float32)

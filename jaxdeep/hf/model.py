@@ -58,9 +58,11 @@ class HFModel:
         self.mesh = mesh or single_device_mesh()
         self.rules = dict(rules or default_rules())
         self.structure = ModelStructure(config, self.mesh, self.rules)
-        # Arrays already in place stay where they are; anything else (e.g. host arrays) moves to its sharding.
-        self.params = jax.device_put(params, self.structure.param_shardings)
-        self.model_state = jax.device_put(model_state, self.structure.model_state_shardings)
+        # Arrays already in place stay where they are; anything else (e.g. host arrays) moves to its sharding. A
+        # parameter group may be missing (`load(skip=...)`).
+        shardings, state_shardings = self.structure.param_shardings, self.structure.model_state_shardings
+        self.params = jax.device_put(params, {k: shardings[k] for k in params})
+        self.model_state = jax.device_put(model_state, {k: state_shardings[k] for k in model_state})
 
         def forward(params, model_state, tokens_bt, with_mtp: bool) -> ModelOutput:
             with use_rules(self.rules, self.mesh):

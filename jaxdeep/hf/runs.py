@@ -73,7 +73,7 @@ def export_hf(
     setup = build_setup(cfg, mesh)
     ckpt = Checkpointer(Path(run_dir) / "checkpoints", async_save=False)
     try:
-        state, _ = ckpt.restore(setup.abstract_train_state, step)
+        state, _ = ckpt.restore(setup.abstract_train_state, step, skip=[("opt_state",), ("rng",)])
     finally:
         ckpt.close()
     save(HFModel(cfg.model, state["params"], state["model_state"], mesh, cfg.sharding.rules), out_dir, dtype=dtype)

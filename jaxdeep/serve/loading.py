@@ -16,6 +16,7 @@ from flax import nnx
 from jaxdeep.config import MESH_AXES, ConfigError, ExperimentConfig, load_config, save_config
 from jaxdeep.model import KernelChoice, RoutingBias, build_model
 from jaxdeep.serve.api import Tokenizer
+from jaxdeep.serve.runner import UNUSED
 from jaxdeep.serve.tokenizers import ByteTokens, HFTokens
 
 HF_DEFAULT_CONTEXT = 4096  # default max_context for Hugging Face models (at most their max_position_embeddings)
@@ -118,10 +119,13 @@ def from_run_dir(run_dir: Path, overrides: Sequence[str], devices: Sequence | No
     cfg = serving_config(load_config(run_dir / "config.yaml", list(overrides)))
     mesh = _mesh(cfg, devices)
     setup = build_setup(cfg, mesh)
+    # Only what serving reads comes off the disk: not the optimizer moments, nor the modules serving never runs.
+    abstract = setup.abstract_train_state
+    skip = [("opt_state",), ("rng",)]
+    skip += [(tree, k) for k in UNUSED for tree in ("params", "model_state") if k in abstract.get(tree, {})]
     ckpt = Checkpointer(run_dir / "checkpoints", async_save=False)
     try:
-        # Orbax restores the whole train state; the optimizer moments are dropped right after.
-        state, _ = ckpt.restore(setup.abstract_train_state)
+        state, _ = ckpt.restore(abstract, skip=skip)
     finally:
         ckpt.close()
     merge = _merge_fn(setup.graphdef, setup.abstract_state, setup.abstract_model_state)
@@ -144,7 +148,9 @@ def from_hf_dir(hf_dir: Path, overrides: Sequence[str], devices: Sequence | None
         cfg = serving_config(load_config(Path(tmp) / "config.yaml", list(overrides)))
     mesh = _mesh(cfg, devices)
     dtype = cfg.model.dtype if any(o.startswith("model.dtype=") for o in overrides) else None
-    model, model_cfg = hf.load(hf_dir, mesh=mesh, rules=cfg.sharding.rules, dtype=dtype)
+    # Serving never runs the MTP modules (runner.UNUSED): their weights stay unread.
+    skip = ["mtp"] if cfg.model.deepseek.num_nextn_predict_layers else []
+    model, model_cfg = hf.load(hf_dir, mesh=mesh, rules=cfg.sharding.rules, dtype=dtype, skip=skip)
     cfg.model = serving_config(ExperimentConfig(model=model_cfg)).model
     structure = ModelStructure(cfg.model, mesh, cfg.sharding.rules, KernelChoice.from_config(cfg))
     merge = _merge_fn(structure.graphdef, structure.abstract_params, structure.abstract_model_state)
