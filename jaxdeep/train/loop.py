@@ -212,7 +212,7 @@ def evaluate_checkpoint(cfg: ExperimentConfig, run_dir: str | Path, n_batches: i
     data = make_data(cfg)
     ckpt = Checkpointer(Path(run_dir) / "checkpoints", async_save=False)
     try:
-        state, _ = ckpt.restore(setup.abstract_train_state, step)
+        state, _ = ckpt.restore(setup.abstract_train_state, step, skip=[("opt_state",), ("rng",)])  # weights alone
     finally:
         ckpt.close()
     n = n_batches or cfg.train.eval_batches
