@@ -403,6 +403,15 @@ def test_engine_greedy_is_argmax_of_full_forward(served):
         assert argmax.tolist() == generated
 
 
+def _assert_greedy_is_the_forward_argmax(loaded, engine, prompt: list[int], n: int) -> None:
+    """A greedy request of n tokens through `engine` gives the full forward's argmax at every position."""
+    out = engine.generate(GenerationRequest("m", prompt, _greedy(n)), timeout=120)
+    generated = out.tokens + ([0] if out.finish_reason == "stop" else [])
+    forward = jax.jit(lambda p, s, t: loaded.merge(p, s)(t), compiler_options=FAST)
+    full = np.asarray(forward(loaded.params, loaded.model_state, np.asarray([prompt + generated])))[0]
+    assert full[len(prompt) - 1 : len(prompt) - 1 + len(generated)].argmax(-1).tolist() == generated
+
+
 def test_runner_holds_no_mtp_weights_and_decodes_as_the_model():
     """A DeepSeek model with an MTP module: serving never runs it, so the runner neither holds nor passes its weights
     (`runner.serving_params`); handed over, they are freed; greedy decode is still the full forward's argmax."""
@@ -410,17 +419,12 @@ def test_runner_holds_no_mtp_weights_and_decodes_as_the_model():
     loaded = from_config(cfg, compiler_options=FAST)
     mtp = jax.tree.leaves(loaded.params["mtp"])
     assert mtp
-    forward = jax.jit(lambda p, s, t: loaded.merge(p, s)(t), compiler_options=FAST)
-    prompt = _prompt(6, 21)
     engine = _engine(loaded)
     try:
         assert "mtp" not in engine.runner.params and not any(a.is_deleted() for a in mtp)  # the caller's still
-        out = engine.generate(GenerationRequest("m", prompt, _greedy(8)), timeout=120)
+        _assert_greedy_is_the_forward_argmax(loaded, engine, _prompt(6, 21), 8)
     finally:
         engine.close()
-    generated = out.tokens + ([0] if out.finish_reason == "stop" else [])
-    full = np.asarray(forward(loaded.params, loaded.model_state, np.asarray([prompt + generated])))[0]
-    assert full[len(prompt) - 1 : len(prompt) - 1 + len(generated)].argmax(-1).tolist() == generated
     owned = _engine(loaded, own_params=True)  # the engine takes the tree over
     try:
         assert all(a.is_deleted() for a in mtp)
@@ -1119,7 +1123,7 @@ def test_run_directory_restores_the_checkpoint(tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_run_directory_of_a_deepseek_run_serves_without_reading_its_mtp_or_optimizer_state(tmp_path):
+def test_run_directory_of_a_deepseek_run_serves_without_reading_its_mtp_or_optimizer_state(tmp_path, monkeypatch):
     """Serving restores only the weights it runs: not the optimizer moments, not the MTP modules (`runner.UNUSED`).
     The rest is the checkpoint's, bit for bit, and greedy decode is the full forward's argmax."""
     from jaxdeep.config import save_config
@@ -1137,21 +1141,20 @@ def test_run_directory_of_a_deepseek_run_serves_without_reading_its_mtp_or_optim
     ckpt = Checkpointer(tmp_path / "checkpoints", async_save=False)
     ckpt.save(4, state, {})
     ckpt.close()
+    restores = []
+    restore = Checkpointer.restore
+    monkeypatch.setattr(Checkpointer, "restore", lambda self, *a, **kw: restores.append(kw) or restore(self, *a, **kw))
     loaded = load_model(tmp_path)
+    assert len(restores) == 1 and {("opt_state",), ("params", "mtp")} <= set(restores[0]["skip"])
     assert "mtp" not in loaded.params and "mtp" not in loaded.model_state and "mtp" in state["model_state"]
     want = {k: v for k, v in state["params"].items() if k != "mtp"}
     for a, b in zip(jax.tree.leaves(loaded.params), jax.tree.leaves(want), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    forward = jax.jit(lambda p, s, t: loaded.merge(p, s)(t), compiler_options=FAST)
-    prompt = _prompt(5, 31)
     engine = _engine(loaded)
     try:
-        out = engine.generate(GenerationRequest("m", prompt, _greedy(6)), timeout=120)
+        _assert_greedy_is_the_forward_argmax(loaded, engine, _prompt(5, 31), 6)
     finally:
         engine.close()
-    generated = out.tokens + ([0] if out.finish_reason == "stop" else [])
-    full = np.asarray(forward(loaded.params, loaded.model_state, np.asarray([prompt + generated])))[0]
-    assert full[len(prompt) - 1 : len(prompt) - 1 + len(generated)].argmax(-1).tolist() == generated
 
 
 def test_hugging_face_directory_serves_the_same_tokens(models, tmp_path):
