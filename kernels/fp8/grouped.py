@@ -27,12 +27,14 @@ GEMM (`reference.scaled_matmul`) only approximates on hardware with a narrower a
 float32 rounding (~1e-7 relative), far under E4M3's 2^-4.
 
 `impl` (as `kernels.fp8.fp8_linear`: "auto" takes the Triton kernels on a CUDA GPU with jax-triton): with the
-kernels every GEMM keeps its FP8 operands and applies the scales per 128-chunk (the same products; sums in
-another order). Fprop and Dgrad run on the grouped block-scaled GEMM `launch.scaled_gmm`, both reading the
-weight K-major: Fprop a transposed copy [E, N, K], Dgrad the saved wq [E, K, N] as stored (it reduces over N).
-The Wgrad runs on `launch.scaled_gmm_wgrad`, which reduces over each group's tokens with both operands tiled and
-stored along the tokens, as the linear layer's quantisers write them (`requantize_cols` from the saved FP8 x,
-`quantize_rows_and_cols` for dy in both layouts from one read).
+kernels, Fprop and Dgrad run on the grouped block-scaled GEMM `launch.scaled_gmm`, which keeps the FP8 operands
+and applies the scales per 128-chunk (the same products; sums in another order). Both read the weight K-major:
+Fprop a transposed copy [E, N, K], Dgrad the saved wq [E, K, N] as stored (it reduces over N). The Wgrad runs
+on kernels.gmm's weight-gradient kernel in bf16 over the same FP8-rounded operands (the bf16 copy rounds each
+value once more, by at most 2^-8 relative; an FP8 kernel reducing over each group's tokens measured slower, see
+README.md, deviation 7). Triton quantisers write those operands in one pass each: `requantize_rounded_cols` from
+the saved FP8 x (`quantize_rounded_cols` from a recomputed one), and `quantize_rows_and_rounded_cols` dy's 1 x 128
+FP8 tiles for the Dgrad with its rounded 128 x 1 values for the Wgrad, from one read.
 
 Saved for the backward: the FP8 activation and its tile scales, the FP8 weights and their block scales, and
 the group sizes; never the high-precision activation. `fp8_cached_gmm(fn, xs, rhs, group_sizes)` is
