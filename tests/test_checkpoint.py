@@ -74,3 +74,26 @@ def test_restore_can_leave_subtrees_on_disk(tmp_path):
             ckpt.restore(abstract, skip=[()])
     finally:
         ckpt.close()
+
+
+def test_checkpoints_written_through_orbax_standard_handler_still_restore(tmp_path):
+    """Runs saved before checkpoints went through Orbax's general pytree handler (StandardSave, the same files)
+    restore whole and in part."""
+    import orbax.checkpoint as ocp
+
+    cfg, mesh = layout(fsdp=2)
+    setup = build_setup(cfg, mesh)
+    state = init_train_state(setup)
+    options = ocp.CheckpointManagerOptions(enable_async_checkpointing=False, create=True)
+    manager = ocp.CheckpointManager(tmp_path, options=options, item_names=("state", "data"))
+    manager.save(1, args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave({"p": 1})))
+    manager.close()
+    ckpt = Checkpointer(tmp_path, async_save=False)
+    try:
+        restored, data = ckpt.restore(setup.abstract_train_state)
+        part, _ = ckpt.restore(setup.abstract_train_state, skip=[("opt_state",)])
+    finally:
+        ckpt.close()
+    assert data == {"p": 1} and "opt_state" not in part
+    _assert_bitwise_equal(restored, state)
+    _assert_bitwise_equal(part["params"], state["params"])

@@ -32,9 +32,9 @@ and applies the scales per 128-chunk (the same products; sums in another order).
 Fprop a transposed copy [E, N, K], Dgrad the saved wq [E, K, N] as stored (it reduces over N). The Wgrad runs
 on kernels.gmm's weight-gradient kernel in bf16 over the same FP8-rounded operands (the bf16 copy rounds each
 value once more, by at most 2^-8 relative; an FP8 kernel reducing over each group's tokens measured slower, see
-README.md, deviation 7). Triton quantisers write those operands in one pass each: `requantize_rounded_cols` from
-the saved FP8 x (`quantize_rounded_cols` from a recomputed one), and `quantize_rows_and_rounded_cols` dy's 1 x 128
-FP8 tiles for the Dgrad with its rounded 128 x 1 values for the Wgrad, from one read.
+README.md, deviation 7). Triton quantisers write those operands in one pass each, after the Dgrad (so they never
+occupy memory during it): `requantize_rounded_cols` from the saved FP8 x, `quantize_rounded_cols` from a
+recomputed x and from dy (whose 1 x 128 FP8 tiles for the Dgrad come from `quantize_rows`).
 
 Saved for the backward: the FP8 activation and its tile scales, the FP8 weights and their block scales, and
 the group sizes; never the high-precision activation. `fp8_cached_gmm(fn, xs, rhs, group_sizes)` is
@@ -173,16 +173,19 @@ def _kernel_grads(retile, x_parts, wq, w_scales, group_sizes, dy, dx_dtype, runn
     """`_reference_grads` on the kernels, with the same quantised values (bit for bit): `retile(*x_parts)` gives
     the forward's input quantised in 128 x 1 tiles along the tokens and dequantised to bf16 [T, K]
     (`launch.requantize_rounded_cols` from its FP8 1 x 128 tiles, `launch.quantize_rounded_cols` from high
-    precision); dy is quantised in both layouts from one read. Dgrad runs on `scaled_gmm` (wq [E, K, N] as
-    stored is K-major for a reduction over N); Wgrad on kernels.gmm's bf16 weight-gradient kernel (deviation 7)."""
+    precision), and dy likewise after its 1 x 128 tiles for the Dgrad. Dgrad runs on `scaled_gmm` (wq [E, K, N]
+    as stored is K-major for a reduction over N); Wgrad on kernels.gmm's bf16 weight-gradient kernel (deviation 7)."""
 
     def grads(*args):
         *x_args, wq, w_scales, group_sizes, dy = args
-        x_cols = retile(*x_args, runner=runner)
-        dyq, dy_scales, dy_cols = launch.quantize_rows_and_rounded_cols(dy, runner=runner)
+        dyq, dy_scales = launch.quantize_rows(dy, runner=runner)
         dx = launch.scaled_gmm(
             dyq, dy_scales, wq, w_scales, group_sizes, out_dtype=dx_dtype, rhs_transposed=True, runner=runner
         )
+        # The Wgrad's bf16 operands are made after the Dgrad, so they never live during it (dy is read twice).
+        dx, dy, *x_args = jax.lax.optimization_barrier((dx, dy, *x_args))
+        x_cols = retile(*x_args, runner=runner)
+        dy_cols = launch.quantize_rounded_cols(dy, runner=runner)
         groups = group_sizes.shape[0]
         return dx, gmm_launch.gmm_drhs(x_cols, dy_cols, group_sizes, groups, out_dtype=F32, runner=runner)
 

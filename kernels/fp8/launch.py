@@ -106,25 +106,14 @@ def quantize_rows(x, *, runner="triton", poison=False, config: QuantConfig | Non
 def quantize_rows_and_cols(x, *, runner="triton", poison=False, config: QuantConfig | None = None):
     """x [R, C] -> (q [R, C], s [R, ceil(C/128)], qt [C, R], st [C, ceil(R/128)]) from one read of x:
     (q, s) = quantize_tiles(x) and (qt, st) = quantize_tiles(x.T), bit for bit."""
-    r, c = x.shape
-    cols = [_shape((c, r), E4M3), _shape((c, _cdiv(r, TILE)), F32)]
-    return _rows_and_cols("quantize_rows_and_cols", x, cols, runner, poison, config)
-
-
-def quantize_rows_and_rounded_cols(x, dtype=jnp.bfloat16, *, runner="triton", poison=False, config=None):
-    """x [R, C] -> (q [R, C], s [R, ceil(C/128)], x_cols [R, C]) from one read of x: (q, s) = quantize_tiles(x), and
-    x_cols = x quantised in 128 x 1 tiles along R and dequantised, in `dtype` (the values a GEMM over R would
-    multiply, for a kernel that takes them in high precision): dequantize_tiles(*quantize_tiles(x.T)).T."""
-    cols = [_shape(x.shape, dtype)]
-    return _rows_and_cols("quantize_rows_and_rounded_cols", x, cols, runner, poison, config)
-
-
-def _rows_and_cols(name, x, col_outs, runner, poison, config):
     cfg = config or DEFAULT_QUANT_BOTH
     r, c = x.shape
-    outs = [_shape((r, c), E4M3), _shape((r, _cdiv(c, TILE)), F32), *col_outs]
+    outs = [
+        _shape((r, c), E4M3), _shape((r, _cdiv(c, TILE)), F32),
+        _shape((c, r), E4M3), _shape((c, _cdiv(r, TILE)), F32),
+    ]  # fmt: skip
     grid = (_cdiv(r, TILE) * _cdiv(c, TILE),)
-    return tuple(_run(name, [x], outs, grid, cfg.num_warps, 1, dict(R=r, C=c), runner, poison))
+    return tuple(_run("quantize_rows_and_cols", [x], outs, grid, cfg.num_warps, 1, dict(R=r, C=c), runner, poison))
 
 
 def requantize_cols(xq, xs, *, runner="triton", poison=False, config: QuantConfig | None = None):

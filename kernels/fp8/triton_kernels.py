@@ -15,9 +15,9 @@ tiles are the one place the two may differ, in the tile's other values only:
   them (an activation recomputed in the backward, quantised for the weight gradient);
 - `quantize_blocks` / `quantize_blocks_t`: w [K, N] -> q [K, N], scales [ceil(K/128), ceil(N/128)], and with
   `_t` also q^T [N, K] (the forward GEMM wants the weight K-major, see below).
-- `quantize_rows_and_rounded_cols`, `requantize_rounded_cols`, `quantize_rounded_cols`: as the three above, but
-  the 128 x 1 tiles along R are written dequantised in the output's dtype, in the input's layout [R, C] (the
-  values a bf16 GEMM over R multiplies: the MoE experts' weight gradient, kernels/fp8/README.md deviation 7).
+- `requantize_rounded_cols`, `quantize_rounded_cols`: as `requantize_cols` and `quantize_cols`, but the 128 x 1
+  tiles along R are written dequantised in the output's dtype, in the input's layout [R, C] (the values a bf16
+  GEMM over R multiplies: the MoE experts' weight gradient, kernels/fp8/README.md deviation 7).
 
 GEMMs, promotion every 128 reduction elements (DeepSeek-V3): for each 128-chunk c of the reduction,
     acc += dot(a_c, b_c) * (a_scale[m, c] * b_scale[c, n // B_SCALE_N])
@@ -223,7 +223,7 @@ def quantize_rows_poisoned(X, Q_FILL, S_FILL, Q, S, R: tl.constexpr, C: tl.const
 
 
 @triton.jit
-def _quantize_rows_and_cols_body(X, Q, S, QT, ST, R: tl.constexpr, C: tl.constexpr, ROUNDED: tl.constexpr):
+def _quantize_rows_and_cols_body(X, Q, S, QT, ST, R: tl.constexpr, C: tl.constexpr):
     C_TILES: tl.constexpr = (C + TILE - 1) // TILE
     pid = tl.program_id(0)
     tile_r, tile_c = pid // C_TILES, pid % C_TILES
@@ -231,29 +231,19 @@ def _quantize_rows_and_cols_body(X, Q, S, QT, ST, R: tl.constexpr, C: tl.constex
     q, scale = _quantize_along(x, 1)
     _store_rows(q, scale, Q, S, rows, cols, row_ok, col_ok, tile_c, C)
     qt, scale_t = _quantize_along(x, 0)
-    _store_retiled(qt, scale_t, QT, ST, rows, cols, row_ok, col_ok, tile_r, R, C, ROUNDED)
+    _store_cols_t(qt, scale_t, QT, ST, rows, cols, row_ok, col_ok, tile_r, R)
 
 
 @triton.jit
 def quantize_rows_and_cols(X, Q, S, QT, ST, R: tl.constexpr, C: tl.constexpr):
-    _quantize_rows_and_cols_body(X, Q, S, QT, ST, R, C, False)
+    _quantize_rows_and_cols_body(X, Q, S, QT, ST, R, C)
 
 
 @triton.jit
 def quantize_rows_and_cols_poisoned(
     X, Q_FILL, S_FILL, QT_FILL, ST_FILL, Q, S, QT, ST, R: tl.constexpr, C: tl.constexpr
 ):  # fmt: skip
-    _quantize_rows_and_cols_body(X, Q, S, QT, ST, R, C, False)
-
-
-@triton.jit
-def quantize_rows_and_rounded_cols(X, Q, S, OUT, R: tl.constexpr, C: tl.constexpr):
-    _quantize_rows_and_cols_body(X, Q, S, OUT, OUT, R, C, True)
-
-
-@triton.jit
-def quantize_rows_and_rounded_cols_poisoned(X, Q_FILL, S_FILL, OUT_FILL, Q, S, OUT, R: tl.constexpr, C: tl.constexpr):
-    _quantize_rows_and_cols_body(X, Q, S, OUT, OUT, R, C, True)
+    _quantize_rows_and_cols_body(X, Q, S, QT, ST, R, C)
 
 
 @triton.jit
