@@ -265,11 +265,26 @@ def test_a_waiting_request_whose_client_goes_leaves_the_queue_without_handler_ca
     _wait_idle(engine)
     plain = BackgroundServer(OpenAIServer(engine), handler_cancellation=False)
     host, port = urlparse(plain.url).hostname, urlparse(plain.url).port
-    held = threading.Event()
-    holders = [GenerationRequest(f"holder{i}", [1, 2, 3], SamplingParams(max_tokens=8)) for i in range(NUM_SLOTS)]
+    held, started, lock = threading.Event(), set(), threading.Lock()
+    holders = [
+        GenerationRequest(f"holder{i}", [1, 2, 3], SamplingParams(max_tokens=MAX_CONTEXT - 8)) for i in range(NUM_SLOTS)
+    ]
+
+    def hold(request_id: str):
+        # Once every holder has had a token, the engine's thread waits in a callback: the slots stay taken. (Waiting
+        # at the first token would stall the engine before it admits holders that arrive in a later step.)
+        def callback(event) -> None:
+            with lock:
+                started.add(request_id)
+                all_started = len(started) == NUM_SLOTS
+            if all_started:
+                held.wait(30)
+
+        return callback
+
     try:
-        for r in holders:  # the engine's thread waits in their first token's callback: the slots stay taken
-            engine.submit(r, lambda event: held.wait(30))
+        for r in holders:
+            engine.submit(r, hold(r.request_id))
         wait_for(lambda: engine.stats().running == NUM_SLOTS, what="every slot taken")
         waiting = _request(host, port, _long(model))
         wait_for(lambda: engine.stats().waiting == 1, what="a waiting request")
