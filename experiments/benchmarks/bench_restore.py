@@ -5,7 +5,7 @@
 Saves the config's freshly initialised train state (params, AdamW moments filled with random values as a trained
 run's would be, step, RNG) as a checkpoint, then
 restores it in fresh processes, alternating: the whole train state, and the parameters alone
-(`Checkpointer.restore(skip=[("opt_state",), ("rng",)])`, what `jaxdeep serve RUN_DIR` does). Each prints the
+(`Checkpointer.restore(skip=TRAINING_ONLY)`, what `jaxdeep serve RUN_DIR` does). Each prints the
 restore's wall time and the process's peak resident memory; on a CPU the restored arrays live in that memory.
 """
 
@@ -20,7 +20,9 @@ import tempfile
 import time
 from pathlib import Path
 
-MODES = {"whole train state": [], "parameters alone": [["opt_state"], ["rng"]]}
+from jaxdeep.train.checkpoint import TRAINING_ONLY
+
+MODES = {"whole train state": [], "parameters alone": [list(p) for p in TRAINING_ONLY]}
 
 
 def _setup(config: str, overrides: list[str]):

@@ -63,7 +63,7 @@ def export_hf(
     cfg: ExperimentConfig, run_dir: str | Path, out_dir: str | Path, step: int | None = None, dtype: str | None = None
 ) -> int:
     """Write a run's checkpoint (the latest, or `step`) as a HF directory; returns the step written."""
-    from jaxdeep.train.checkpoint import Checkpointer
+    from jaxdeep.train.checkpoint import TRAINING_ONLY, Checkpointer
     from jaxdeep.train.loop import mesh_from_config
     from jaxdeep.train.state import build_setup
 
@@ -73,7 +73,7 @@ def export_hf(
     setup = build_setup(cfg, mesh)
     ckpt = Checkpointer(Path(run_dir) / "checkpoints", async_save=False)
     try:
-        state, _ = ckpt.restore(setup.abstract_train_state, step, skip=[("opt_state",), ("rng",)])
+        state, _ = ckpt.restore(setup.abstract_train_state, step, skip=TRAINING_ONLY)
     finally:
         ckpt.close()
     save(HFModel(cfg.model, state["params"], state["model_state"], mesh, cfg.sharding.rules), out_dir, dtype=dtype)

@@ -113,7 +113,7 @@ def from_config(
 
 def from_run_dir(run_dir: Path, overrides: Sequence[str], devices: Sequence | None = None) -> LoadedModel:
     """The latest checkpoint of a `jaxdeep train` run (its config.yaml, then `overrides`, e.g. another mesh)."""
-    from jaxdeep.train.checkpoint import Checkpointer
+    from jaxdeep.train.checkpoint import TRAINING_ONLY, Checkpointer
     from jaxdeep.train.state import build_setup
 
     cfg = serving_config(load_config(run_dir / "config.yaml", list(overrides)))
@@ -121,8 +121,8 @@ def from_run_dir(run_dir: Path, overrides: Sequence[str], devices: Sequence | No
     setup = build_setup(cfg, mesh)
     # Only what serving reads comes off the disk: not the optimizer moments, nor the modules serving never runs.
     abstract = setup.abstract_train_state
-    skip = [("opt_state",), ("rng",)]
-    skip += [(tree, k) for k in UNUSED for tree in ("params", "model_state") if k in abstract.get(tree, {})]
+    unused = [(tree, k) for k in UNUSED for tree in ("params", "model_state") if k in abstract.get(tree, {})]
+    skip = [*TRAINING_ONLY, *unused]
     ckpt = Checkpointer(run_dir / "checkpoints", async_save=False)
     try:
         state, _ = ckpt.restore(abstract, skip=skip)

@@ -15,6 +15,9 @@ import orbax.checkpoint as ocp
 
 from jaxdeep.train.state import TrainState
 
+# Subtrees of the train state only training reads: a restore for serving, evaluation or export skips them.
+TRAINING_ONLY = (("opt_state",), ("rng",))
+
 
 class Checkpointer:
     def __init__(self, directory: str | Path, keep: int = 3, async_save: bool = True):

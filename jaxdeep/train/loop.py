@@ -17,7 +17,7 @@ import meshes
 from jaxdeep.config import MESH_AXES, ConfigError, ExperimentConfig, check_splits, save_config
 from jaxdeep.data import TokenBatches, load_tokens, split_train_eval, to_global_array
 from jaxdeep.model import flops_per_token
-from jaxdeep.train.checkpoint import Checkpointer
+from jaxdeep.train.checkpoint import TRAINING_ONLY, Checkpointer
 from jaxdeep.train.metrics import MetricsWriter, device_peak_flops, peak_memory_bytes, plot_loss_curve
 from jaxdeep.train.optimizer import learning_rate_schedule
 from jaxdeep.train.state import ModelSetup, TrainState, build_setup, init_train_state
@@ -212,7 +212,7 @@ def evaluate_checkpoint(cfg: ExperimentConfig, run_dir: str | Path, n_batches: i
     data = make_data(cfg)
     ckpt = Checkpointer(Path(run_dir) / "checkpoints", async_save=False)
     try:
-        state, _ = ckpt.restore(setup.abstract_train_state, step, skip=[("opt_state",), ("rng",)])  # weights alone
+        state, _ = ckpt.restore(setup.abstract_train_state, step, skip=TRAINING_ONLY)
     finally:
         ckpt.close()
     n = n_batches or cfg.train.eval_batches
